@@ -1,0 +1,232 @@
+"""Building Talk2SAM: architectures from a config, strict CPU-safe loading of the official weight
+files, freezing by the paper's regime, and the small checkpoint of Talk2SAM's own trained parts."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from talk2sam import weights
+from talk2sam.configs import ModelConfig, get_config
+from talk2sam.errors import ConfigError, WeightsError, WeightsMismatchError
+from talk2sam.model import Talk2Sam
+from talk2sam.projection import Projection, rename_psi_keys
+from talk2sam.sam_hq import build_sam_hq
+from talk2sam.text import TextEncoder, build_clip
+from talk2sam.vision import DinoEncoder, build_dino
+
+CHECKPOINT_FORMAT = "talk2sam-trained-parts/1"
+# keys OpenAI's CLIP files carry beside the weights
+_OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
+TINY_SEED = 0  # tiny architectures are random but identical in every process
+
+
+def count_params(module: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def load_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """torch.load on CPU, tensors only; unwraps {"model": ...}/{"state_dict": ...} containers."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
+        raise WeightsError(f"cannot read {path}: {exc}") from exc
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise WeightsError(f"{path} does not hold a state dict (got {type(state).__name__})")
+    return state
+
+
+def load_strict(module: nn.Module, state: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Load every key or nothing: missing, unexpected or mis-shaped keys raise."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    bad = [f"{k} {tuple(state[k].shape)} != {tuple(own[k].shape)}" for k in own
+           if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or bad:
+        raise WeightsMismatchError(str(path), missing, unexpected,
+                                   f"{len(bad)} shape mismatches: {bad[:3]}" if bad else "")
+    module.load_state_dict(state, strict=True)
+
+
+def load_clip_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """OpenAI's CLIP files are TorchScript archives; plain state dicts are accepted too."""
+    try:
+        state = torch.jit.load(path, map_location="cpu").state_dict()
+    except RuntimeError:
+        state = load_file(path)
+    return {k: v for k, v in state.items() if k not in _OPENAI_EXTRA_KEYS}
+
+
+def _weights_path(cfg_file: str | None, weights_dir: str | os.PathLike | None) -> Path | None:
+    return weights.resolve(cfg_file, weights_dir) if cfg_file else None
+
+
+def build_model(
+    config: str | ModelConfig = "tiny",
+    weights_dir: str | os.PathLike | None = None,
+    use_text: bool = True,
+    random_init: bool = False,
+) -> Talk2Sam:
+    """Build Talk2SAM (or, with use_text=False, box-only SAM-HQ) on CPU, in eval mode, all frozen.
+
+    Args:
+        config: a name from `configs.CONFIGS` or a ModelConfig.
+        weights_dir: where the official files are (see `weights.weights_dir`).
+        use_text: False builds the plain SAM-HQ baseline (no CLIP, DINOv2 or psi).
+        random_init: skip every weight file (parameter counts, benchmarks). Tiny configs have no
+            files and are always seeded random.
+    Raises:
+        WeightsMissingError / WeightsMismatchError: a file is absent or does not fit.
+    """
+    cfg = get_config(config) if isinstance(config, str) else config
+    files = not random_init
+    if cfg.sam.variant == "tiny":
+        torch.manual_seed(TINY_SEED)
+    sam = build_sam_hq(cfg.sam)
+    if files and cfg.sam_weights:
+        path = _weights_path(cfg.sam_weights, weights_dir)
+        load_strict(sam, load_file(path), path)
+    dino = text = psi = None
+    if use_text:
+        dino_file = _weights_path(cfg.dino_weights, weights_dir) if files else None
+        try:
+            vit = build_dino(cfg.dino, str(dino_file) if dino_file else None)
+        except RuntimeError as exc:  # timm's strict load_state_dict
+            raise WeightsMismatchError(str(dino_file), [], [], str(exc)[:500]) from exc
+        dino = DinoEncoder(vit, cfg.dino.image_size)
+        clip = build_clip(cfg.clip)
+        if files and cfg.clip_weights:
+            path = _weights_path(cfg.clip_weights, weights_dir)
+            load_strict(clip, load_clip_file(path), path)
+        text = TextEncoder(clip, cfg.prompt_templates)
+        psi = Projection(cfg.text_dim, cfg.psi_dim)
+        if files and cfg.psi_weights:
+            path = _weights_path(cfg.psi_weights, weights_dir)
+            load_strict(psi, rename_psi_keys(load_file(path)), path)
+    model = Talk2Sam(cfg, sam, dino, text, psi)
+    kind = "talk2sam" if use_text else "samhq"
+    model.version = f"{kind}-{cfg.name}-" + ("random" if random_init or not cfg.sam_weights
+                                             else "base")
+    set_trainable(model, clip_mode="frozen")
+    return model.eval()
+
+
+def trainable_modules(model: Talk2Sam, clip_mode: str = "frozen") -> dict[str, nn.Module]:
+    """The paper's trained parts: the whole SAM-HQ mask decoder, plus (with text) psi and the
+    mask-prompt encoder; `clip_mode="partial"` adds CLIP's last text block, final norm and
+    projection (the projection is a bare Parameter, kept with its owner module)."""
+    if clip_mode not in ("frozen", "partial"):
+        raise ConfigError(f"clip_mode must be 'frozen' or 'partial', got {clip_mode!r}")
+    parts: dict[str, nn.Module] = {"sam.mask_decoder": model.sam.mask_decoder}
+    if model.uses_text:
+        parts["psi"] = model.psi
+        parts["sam.prompt_encoder.mask_downscaling"] = model.sam.prompt_encoder.mask_downscaling
+    return parts
+
+
+def set_trainable(model: Talk2Sam, clip_mode: str = "frozen") -> list[nn.Parameter]:
+    """Freeze everything, then unfreeze the trained parts. Returns the trainable parameters."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = [p for m in trainable_modules(model, clip_mode).values() for p in m.parameters()]
+    if model.uses_text and clip_mode == "partial":
+        params += model.text.partial_parameters()
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def trained_state(model: Talk2Sam, clip_mode: str = "frozen") -> dict[str, torch.Tensor]:
+    """State of the trained parts, keyed by their path in the model."""
+    state: dict[str, torch.Tensor] = {}
+    for prefix, module in trainable_modules(model, clip_mode).items():
+        state.update({f"{prefix}.{k}": v.detach().cpu() for k, v in module.state_dict().items()})
+    if model.uses_text and clip_mode == "partial":
+        clip = model.text.clip
+        names = {id(p) for p in model.text.partial_parameters()}
+        state.update({f"text.clip.{k}": p.detach().cpu() for k, p in clip.named_parameters()
+                      if id(p) in names})
+    if model.cfg.sam.variant == "tiny":
+        # tiny backbones are not downloadable files: a checkpoint carries all of the model
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return state
+
+
+def save_checkpoint(model: Talk2Sam, path: str | os.PathLike, version: str,
+                    clip_mode: str = "frozen", metrics: dict[str, Any] | None = None,
+                    extra: dict[str, Any] | None = None) -> Path:
+    """Write the trained parts with metadata, atomically (temp file + rename in the same dir)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cfg = model.cfg
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "version": version,
+        "config": cfg.to_dict(),
+        "uses_text": model.uses_text,
+        "clip_mode": clip_mode,
+        "base_weights": [f for f in (cfg.sam_weights, cfg.dino_weights, cfg.psi_weights,
+                                     cfg.clip_weights) if f] if model.uses_text
+        else [f for f in (cfg.sam_weights,) if f],
+        "metrics": metrics or {},
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "extra": extra or {},
+        "state": trained_state(model, clip_mode),
+    }
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """The checkpoint's payload; raises WeightsError if it is not a Talk2SAM checkpoint."""
+    if not Path(path).is_file():
+        raise weights.WeightsMissingError(Path(path).name, str(path), None,
+                                          "a Talk2SAM training run (talk2sam train)")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
+        raise WeightsError(f"cannot read checkpoint {path}: {exc}") from exc
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise WeightsError(f"{path} is not a Talk2SAM checkpoint ({CHECKPOINT_FORMAT})")
+    return payload
+
+
+def load_checkpoint(path: str | os.PathLike, weights_dir: str | os.PathLike | None = None,
+                    model: Talk2Sam | None = None) -> Talk2Sam:
+    """Build the checkpoint's architecture (or reuse `model`) and load its trained parts strictly."""
+    payload = read_checkpoint(path)
+    cfg = ModelConfig.from_dict(payload["config"])
+    if model is None:
+        model = build_model(cfg, weights_dir, use_text=payload["uses_text"])
+    elif model.cfg != cfg or model.uses_text != payload["uses_text"]:
+        raise ConfigError(f"checkpoint {path} was trained for config {cfg.name!r}"
+                          f" (text={payload['uses_text']}), not {model.cfg.name!r}")
+    state = payload["state"]
+    own = model.state_dict()
+    expected = set(trained_state(model, payload["clip_mode"]))
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    bad = [k for k in expected & set(state) if tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or bad:
+        raise WeightsMismatchError(str(path), missing, unexpected,
+                                   f"shape mismatches: {bad[:3]}" if bad else "")
+    model.load_state_dict(state, strict=False)  # coverage of the trained parts checked above
+    model.version = payload["version"]
+    return model.eval()

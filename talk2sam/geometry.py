@@ -1,0 +1,104 @@
+"""Stage 6: frames and the maps between them.
+
+Frames: the *original* image (H, W) pixels; SAM's *padded canvas* (longest side resized to
+S = 1024, zero padding bottom/right, S x S); SAM's *low-res mask frame* (S/4 x S/4, the same
+canvas at a quarter scale); DINOv2's *square frame* (the whole image squashed to 518 x 518, 37 x 37
+patches). Boxes are XYXY float pixels; shapes are (H, W)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from talk2sam.errors import InvalidPromptError
+
+
+def resized_hw(height: int, width: int, long_side: int) -> tuple[int, int]:
+    """Size of the image after SAM's longest-side resize (same rounding as ResizeLongestSide)."""
+    scale = long_side / max(height, width)
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+def check_boxes(boxes_xyxy: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Validate boxes in the original frame and clip them to the image.
+
+    Args:
+        boxes_xyxy: (N, 4) or (4,) pixel boxes, XYXY.
+    Returns:
+        (N, 4) float64 boxes clipped to [0, W] x [0, H].
+    Raises:
+        InvalidPromptError: NaN/inf, x1 <= x0 or y1 <= y0, or no overlap with the image.
+    """
+    boxes = np.asarray(boxes_xyxy, dtype=np.float64)
+    if boxes.ndim == 1:
+        boxes = boxes[None]
+    if boxes.ndim != 2 or boxes.shape[1] != 4 or len(boxes) == 0:
+        raise InvalidPromptError(f"boxes must have shape (N, 4) XYXY, got {boxes.shape}")
+    for i, (x0, y0, x1, y1) in enumerate(boxes):
+        if not np.all(np.isfinite(boxes[i])):
+            raise InvalidPromptError(f"box {i} has a non-finite coordinate: {boxes[i].tolist()}")
+        if x1 <= x0 or y1 <= y0:
+            raise InvalidPromptError(
+                f"box {i} has zero or negative size: {boxes[i].tolist()} (XYXY pixels)")
+        if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
+            raise InvalidPromptError(
+                f"box {i} {boxes[i].tolist()} lies outside the {width}x{height} image")
+    clipped = boxes.copy()
+    clipped[:, [0, 2]] = clipped[:, [0, 2]].clip(0, width)
+    clipped[:, [1, 3]] = clipped[:, [1, 3]].clip(0, height)
+    return clipped
+
+
+def canvas_scale(height: int, width: int, long_side: int) -> tuple[float, float, float, float]:
+    """Per-coordinate XYXY factors from the original frame to SAM's padded canvas (the resize only
+    scales; the padding is added after, bottom/right)."""
+    new_h, new_w = resized_hw(height, width, long_side)
+    return new_w / width, new_h / height, new_w / width, new_h / height
+
+
+def boxes_to_canvas(boxes_xyxy: np.ndarray, height: int, width: int, long_side: int) -> np.ndarray:
+    """Original-frame boxes (N, 4) -> SAM padded-canvas boxes (N, 4), XYXY."""
+    return np.asarray(boxes_xyxy, dtype=np.float64) * np.array(
+        canvas_scale(height, width, long_side))
+
+
+def map_to_mask_frame(sim: torch.Tensor, height: int, width: int, long_side: int) -> torch.Tensor:
+    """DINOv2 square-frame map -> SAM low-res mask frame.
+
+    DINOv2 saw the whole image squashed to a square, so the map covers exactly the unpadded part
+    of SAM's canvas: resize it bilinearly to (h'/4, w'/4) and zero-pad to (S/4, S/4). Stretching it
+    over the whole S/4 square would misalign it on any non-square image.
+
+    Args:
+        sim: (N, gh, gw) float map.
+    Returns:
+        (N, 1, S/4, S/4) float map, zero in the padding.
+    """
+    new_h, new_w = resized_hw(height, width, long_side)
+    low = long_side // 4
+    mh, mw = max(1, math.ceil(new_h / 4)), max(1, math.ceil(new_w / 4))
+    resized = F.interpolate(sim[:, None].float(), size=(mh, mw), mode="bilinear",
+                            align_corners=False)
+    return F.pad(resized, (0, low - mw, 0, low - mh))
+
+
+def mask_frame_to_original(logits: torch.Tensor, height: int, width: int,
+                           long_side: int) -> torch.Tensor:
+    """SAM low-res logits (N, 1, S/4, S/4) -> (N, H, W) logits in the original frame
+    (upsample to the canvas, crop the padding, resize to the original size), as SAM does."""
+    new_h, new_w = resized_hw(height, width, long_side)
+    canvas = F.interpolate(logits.float(), size=(long_side, long_side), mode="bilinear",
+                           align_corners=False)
+    canvas = canvas[..., :new_h, :new_w]
+    return F.interpolate(canvas, size=(height, width), mode="bilinear", align_corners=False)[:, 0]
+
+
+def mask_to_box(mask: np.ndarray) -> tuple[float, float, float, float] | None:
+    """Tight XYXY box (pixel edges) of a boolean (H, W) mask; None when empty."""
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return None
+    return float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)

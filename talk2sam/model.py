@@ -1,0 +1,128 @@
+"""Talk2SAM: the stages composed (constructor injection, as SAM's `Sam` composes its parts).
+
+`encode_image` runs everything that depends only on the image (SAM-HQ encoder, DINOv2); `decode`
+runs what depends on the prompts (text, psi, map, mask-prompt encoder, decoder) for N boxes of one
+image in one decoder call. With no text branch the same object is the box-only SAM-HQ baseline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from talk2sam import geometry, sam_hq
+from talk2sam.configs import ModelConfig
+from talk2sam.projection import Projection
+from talk2sam.similarity import similarity_map, text_image_score
+from talk2sam.text import TextEncoder
+from talk2sam.vision import DinoEncoder
+
+
+@dataclass
+class ImageFeatures:
+    """Everything per image, computed once.
+
+    sam_embedding: (1, C, S/16, S/16); sam_interm: (1, S/16, S/16, Cv) early ViT features;
+    dino_patches: (gh, gw, D) or None; dino_cls_attn: (heads, gh, gw) or None;
+    height, width: original image size.
+    """
+
+    sam_embedding: torch.Tensor
+    sam_interm: torch.Tensor
+    dino_patches: torch.Tensor | None
+    dino_cls_attn: torch.Tensor | None
+    height: int
+    width: int
+
+    def to(self, device: torch.device | str) -> "ImageFeatures":
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        for key, value in moved.items():
+            if isinstance(value, torch.Tensor):
+                moved[key] = value.to(device)
+        return ImageFeatures(**moved)
+
+    def nbytes(self) -> int:
+        return sum(v.numel() * v.element_size() for v in vars(self).values()
+                   if isinstance(v, torch.Tensor))
+
+
+@dataclass
+class DecoderOutput:
+    """low_res_logits: (N, 1, S/4, S/4) in SAM's padded mask frame; iou: (N,) predicted IoU;
+    sim_maps: (N, gh, gw) DINOv2 frame or None; text_scores: (N,) eq. 4 score or None."""
+
+    low_res_logits: torch.Tensor
+    iou: torch.Tensor
+    sim_maps: torch.Tensor | None
+    text_scores: torch.Tensor | None
+
+
+class Talk2Sam(nn.Module):
+    def __init__(self, cfg: ModelConfig, sam: nn.Module, dino: DinoEncoder | None = None,
+                 text: TextEncoder | None = None, psi: Projection | None = None):
+        super().__init__()
+        if (dino is None) != (text is None) or (text is None) != (psi is None):
+            raise ValueError("the text branch needs DINOv2, the text encoder and psi together")
+        self.cfg = cfg
+        self.sam = sam
+        self.dino = dino
+        self.text = text
+        self.psi = psi
+        self.version = f"{cfg.name}-unversioned"  # set by build.py from the weights it loaded
+
+    @property
+    def uses_text(self) -> bool:
+        return self.text is not None
+
+    @property
+    def device(self) -> torch.device:
+        return self.sam.pixel_mean.device
+
+    @property
+    def long_side(self) -> int:
+        return self.cfg.sam.image_size
+
+    def encode_image(self, rgb: torch.Tensor) -> ImageFeatures:
+        """rgb: (H, W, 3) uint8 tensor, original frame -> ImageFeatures."""
+        height, width = rgb.shape[:2]
+        x = rgb.to(self.device).permute(2, 0, 1)[None].float()
+        new_hw = geometry.resized_hw(height, width, self.long_side)
+        embedding, interm = sam_hq.encode_image(self.sam, sam_hq.preprocess(self.sam, x, new_hw))
+        patches = cls_attn = None
+        if self.dino is not None:
+            dino = self.dino(self.dino.preprocess(x / 255.0))
+            patches, cls_attn = dino.patches[0], dino.cls_attn[0]
+        return ImageFeatures(embedding, interm, patches, cls_attn, height, width)
+
+    def project_words(self, words: Sequence[str]) -> torch.Tensor:
+        """Words -> psi(t), (N, D) not normalised."""
+        if self.text is None or self.psi is None:
+            raise ValueError("this model has no text branch (box-only SAM-HQ)")
+        return self.psi(self.text(words))
+
+    def decode(self, feats: ImageFeatures, boxes_xyxy: torch.Tensor,
+               words: Sequence[str] | None) -> DecoderOutput:
+        """N boxes (N, 4) XYXY original-frame pixels (already validated) and N words (or None
+        for box only) of one image -> DecoderOutput."""
+        scale = geometry.canvas_scale(feats.height, feats.width, self.long_side)
+        boxes_canvas = boxes_xyxy.to(self.device).float() * torch.tensor(scale, device=self.device)
+        mask_prompt = sim = scores = None
+        if words is not None and self.uses_text:
+            if len(words) != len(boxes_xyxy):
+                raise ValueError(f"{len(boxes_xyxy)} boxes but {len(words)} words")
+            psi_t = self.project_words(words)
+            sim = similarity_map(feats.dino_patches, feats.dino_cls_attn, psi_t,
+                                 self.cfg.map_variant, self.cfg.map_scaling,
+                                 self.cfg.background_weight)
+            scores = text_image_score(feats.dino_patches, feats.dino_cls_attn, psi_t)
+            mask_prompt = geometry.map_to_mask_frame(sim, feats.height, feats.width,
+                                                     self.long_side)
+        logits, iou = sam_hq.decode(self.sam, feats.sam_embedding, feats.sam_interm, boxes_canvas,
+                                    mask_prompt)
+        return DecoderOutput(logits, iou, sim, scores)
+
+    def upscale(self, logits: torch.Tensor, feats: ImageFeatures) -> torch.Tensor:
+        """(N, 1, S/4, S/4) -> (N, H, W) logits in the original frame."""
+        return geometry.mask_frame_to_original(logits, feats.height, feats.width, self.long_side)

@@ -1,0 +1,151 @@
+"""The predictor: per-image state computed once, then many (box, word) prompts answered cheaply.
+
+Like SAM's `SamPredictor`: `set_image` runs the SAM-HQ and DINOv2 encoders once; `predict` runs the
+text branch (cached per word), the map and one decoder call for all boxes. Not thread-safe: one
+predictor per worker process."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from talk2sam import geometry
+from talk2sam.errors import ImageNotSetError, InvalidImageError, InvalidPromptError
+from talk2sam.model import ImageFeatures, Talk2Sam
+
+MAX_PIXELS_DEFAULT = 100_000_000
+
+
+@dataclass
+class Prediction:
+    """masks: (N, H, W) bool, original frame; logits: (N, S/4, S/4) float32, SAM's low-res padded
+    frame; scores: (N,) float32 predicted IoU in [0, 1]-ish (the decoder's confidence);
+    text_scores: (N,) float32 eq. 4 max-head similarity, or None (box only);
+    sim_maps: (N, gh, gw) float32, DINOv2 square frame, or None."""
+
+    masks: np.ndarray
+    logits: np.ndarray
+    scores: np.ndarray
+    text_scores: np.ndarray | None
+    sim_maps: np.ndarray | None
+
+
+def normalize_image(image: np.ndarray, max_pixels: int = MAX_PIXELS_DEFAULT) -> np.ndarray:
+    """Bring an image to (H, W, 3) uint8 RGB, deliberately: grayscale is repeated to 3 channels,
+    RGBA drops alpha (no compositing: Label Studio shows the RGB), 16-bit and float [0, 1] images
+    are rescaled to 8 bits. Anything else raises InvalidImageError."""
+    img = np.asarray(image)
+    if img.ndim == 2:
+        img = img[..., None]
+    if img.ndim != 3 or img.shape[2] not in (1, 3, 4) or min(img.shape[:2]) < 1:
+        raise InvalidImageError(f"expected an (H, W), (H, W, 3) or (H, W, 4) image, "
+                                f"got shape {img.shape}")
+    if img.shape[0] * img.shape[1] > max_pixels:
+        raise InvalidImageError(f"image of {img.shape[1]}x{img.shape[0]} pixels exceeds the "
+                                f"limit of {max_pixels:,} pixels")
+    if img.dtype == np.uint16:
+        img = (img.astype(np.float32) / 257.0 + 0.5).astype(np.uint8)
+    elif img.dtype in (np.float32, np.float64):
+        if not np.all(np.isfinite(img)) or img.min() < 0 or img.max() > 1:
+            raise InvalidImageError("float images must be finite and in [0, 1]")
+        img = (img * 255.0 + 0.5).astype(np.uint8)
+    elif img.dtype == np.bool_:
+        img = img.astype(np.uint8) * 255
+    elif img.dtype != np.uint8:
+        raise InvalidImageError(f"unsupported image dtype {img.dtype}")
+    if img.shape[2] == 1:
+        img = np.repeat(img, 3, axis=2)
+    return np.ascontiguousarray(img[..., :3])
+
+
+class Talk2SamPredictor:
+    def __init__(self, model: Talk2Sam, max_pixels: int = MAX_PIXELS_DEFAULT):
+        self.model = model.eval()
+        self.max_pixels = max_pixels
+        self.features: ImageFeatures | None = None
+
+    @property
+    def model_version(self) -> str:
+        return self.model.version
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    @torch.inference_mode()
+    def set_image(self, image: np.ndarray) -> None:
+        """Compute everything that depends only on the image. image: (H, W[, C]) array."""
+        rgb = normalize_image(image, self.max_pixels)
+        with self._autocast():
+            feats = self.model.encode_image(torch.from_numpy(rgb))
+        self.features = feats
+
+    def set_features(self, features: ImageFeatures) -> None:
+        """Reuse features computed earlier (e.g. from a worker's cache)."""
+        self.features = features.to(self.device)
+
+    def reset_image(self) -> None:
+        self.features = None
+
+    @torch.inference_mode()
+    def predict(self, boxes_xyxy: np.ndarray | Sequence[Sequence[float]],
+                words: Sequence[str] | str | None = None) -> Prediction:
+        """Segment N boxes of the current image in one decoder call.
+
+        Args:
+            boxes_xyxy: (N, 4) or (4,) XYXY float pixels in the original frame; boxes partly
+                outside are clipped, boxes wholly outside, empty or NaN raise.
+            words: N words (or one word for all boxes); None runs box-only SAM-HQ.
+        Raises:
+            ImageNotSetError, InvalidPromptError.
+        """
+        if self.features is None:
+            raise ImageNotSetError("call set_image(image) before predict(...)")
+        feats = self.features
+        boxes = geometry.check_boxes(np.asarray(boxes_xyxy), feats.height, feats.width)
+        if isinstance(words, str):
+            words = [words] * len(boxes)
+        if words is not None:
+            words = list(words)
+            if len(words) != len(boxes):
+                raise InvalidPromptError(f"{len(boxes)} boxes but {len(words)} words")
+            if not self.model.uses_text:
+                words = None  # box-only model: the word cannot steer it
+        with self._autocast():
+            out = self.model.decode(feats, torch.from_numpy(boxes).float(), words)
+            logits = self.model.upscale(out.low_res_logits.float(), feats)
+
+        def numpy(t: torch.Tensor | None) -> np.ndarray | None:
+            return None if t is None else t.float().cpu().numpy()
+
+        return Prediction(
+            masks=(logits > 0).cpu().numpy(),
+            logits=numpy(out.low_res_logits[:, 0]),
+            scores=numpy(out.iou),
+            text_scores=numpy(out.text_scores),
+            sim_maps=numpy(out.sim_maps),
+        )
+
+
+def build_predictor(config: str = "tiny", weights_dir: str | None = None,
+                    checkpoint: str | None = None, device: str | None = None,
+                    use_text: bool = True, random_init: bool = False) -> Talk2SamPredictor:
+    """The one entry point for serving: build (or load a checkpoint), move to the device.
+    device None -> CUDA when available, else CPU."""
+    from talk2sam.build import build_model, load_checkpoint
+
+    if checkpoint:
+        model = load_checkpoint(checkpoint, weights_dir)
+    else:
+        model = build_model(config, weights_dir, use_text=use_text, random_init=random_init)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return Talk2SamPredictor(model.to(device))

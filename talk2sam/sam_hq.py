@@ -1,0 +1,111 @@
+"""Stages 7-8: SAM-HQ with a box and a dense map prompt (the only importer of segment_anything_hq).
+
+The dense map goes through SAM's `prompt_encoder.mask_downscaling` (trainable in Talk2SAM) and
+replaces SAM's "no mask" embedding; the decoder is SAM-HQ's, fed SAM's image embedding and the
+early ViT features (`interm_embeddings[0]`, output of the first global-attention block)."""
+
+from __future__ import annotations
+
+import warnings
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from talk2sam.configs import SamSpec
+
+with warnings.catch_warnings():
+    # segment_anything_hq imports deprecated timm paths and re-registers TinyViT names in timm.
+    warnings.simplefilter("ignore")
+    from segment_anything_hq.modeling import (
+        ImageEncoderViT,
+        MaskDecoderHQ,
+        PromptEncoder,
+        Sam,
+        TwoWayTransformer,
+    )
+    from segment_anything_hq.build_sam import build_sam_vit_t
+
+# SAM's pixel statistics on the 0-255 scale
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+def build_sam_hq(spec: SamSpec) -> Sam:
+    """SAM-HQ architecture at random init, in eval mode and with nothing frozen (freezing is
+    `build.set_trainable`'s job). Weights are loaded strictly by `build.py`."""
+    if spec.variant == "vit_tiny":
+        sam = build_sam_vit_t(checkpoint=None)  # TinyViT encoder; the builder freezes: undo below
+    else:
+        grid = spec.image_size // 16
+        sam = Sam(
+            image_encoder=ImageEncoderViT(
+                depth=spec.encoder_depth, embed_dim=spec.encoder_dim, img_size=spec.image_size,
+                mlp_ratio=4, norm_layer=partial(nn.LayerNorm, eps=1e-6),
+                num_heads=spec.encoder_heads, patch_size=16, qkv_bias=True, use_rel_pos=True,
+                global_attn_indexes=spec.global_attn_indexes, window_size=spec.window_size,
+                out_chans=spec.prompt_dim,
+            ),
+            prompt_encoder=PromptEncoder(
+                embed_dim=spec.prompt_dim, image_embedding_size=(grid, grid),
+                input_image_size=(spec.image_size, spec.image_size),
+                mask_in_chans=spec.mask_in_chans,
+            ),
+            mask_decoder=MaskDecoderHQ(
+                num_multimask_outputs=3,
+                transformer=TwoWayTransformer(depth=2, embedding_dim=spec.prompt_dim,
+                                              mlp_dim=spec.decoder_mlp_dim,
+                                              num_heads=spec.decoder_heads),
+                transformer_dim=spec.prompt_dim, iou_head_depth=3,
+                iou_head_hidden_dim=spec.prompt_dim, vit_dim=spec.encoder_dim,
+            ),
+            pixel_mean=list(PIXEL_MEAN), pixel_std=list(PIXEL_STD),
+        )
+    for p in sam.parameters():
+        p.requires_grad_(True)
+    return sam.eval()
+
+
+def preprocess(sam: Sam, rgb255: torch.Tensor, new_hw: tuple[int, int]) -> torch.Tensor:
+    """(1, 3, H, W) float 0-255 -> (1, 3, S, S): longest side to S, normalised, zero-padded."""
+    x = F.interpolate(rgb255, size=new_hw, mode="bilinear", align_corners=False, antialias=True)
+    return sam.preprocess(x.clamp(0, 255))
+
+
+def encode_image(sam: Sam, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 3, S, S) preprocessed -> image embedding (B, C, S/16, S/16) and early ViT features
+    (B, S/16, S/16, Cv)."""
+    embedding, interm = sam.image_encoder(x)
+    return embedding, interm[0]
+
+
+def decode(
+    sam: Sam,
+    embedding: torch.Tensor,
+    interm: torch.Tensor,
+    boxes_canvas: torch.Tensor,
+    mask_prompt: torch.Tensor | None,
+    hq_token_only: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode N boxes of ONE image in one call.
+
+    Args:
+        embedding: (1, C, g, g) image embedding; interm: (1, g, g, Cv) early ViT features.
+        boxes_canvas: (N, 4) XYXY boxes in SAM's padded canvas.
+        mask_prompt: (N, 1, S/4, S/4) dense map in the low-res mask frame, or None (box only).
+        hq_token_only: False sums SAM's and the HQ logits (SAM-HQ's default for thin objects).
+    Returns:
+        low-res logits (N, 1, S/4, S/4) and predicted IoU (N,).
+    """
+    sparse, dense = sam.prompt_encoder(points=None, boxes=boxes_canvas, masks=mask_prompt)
+    logits, iou = sam.mask_decoder(
+        image_embeddings=embedding,
+        image_pe=sam.prompt_encoder.get_dense_pe(),
+        sparse_prompt_embeddings=sparse,
+        dense_prompt_embeddings=dense,
+        multimask_output=False,
+        hq_token_only=hq_token_only,
+        interm_embeddings=[interm],
+    )
+    return logits, iou[:, 0]
