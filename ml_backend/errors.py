@@ -1,0 +1,80 @@
+"""Typed errors of the ML backend.
+
+Each error has one meaning; ``app.py`` maps them to HTTP status codes in one table. Errors that
+a worker expects (a bad prompt, an image that cannot be fetched) cross Redis as data
+(``schemas.JobError``: the class name and message) and the queue client raises them again by
+name through :func:`error_from_name`.
+"""
+
+from __future__ import annotations
+
+
+class BackendError(Exception):
+    """Base of every error the backend raises on purpose; its message is safe to show."""
+
+
+class InvalidRequestError(BackendError):
+    """The request from Label Studio is malformed or does not fit the label config."""
+
+
+class UnauthorizedError(BackendError):
+    """Basic auth is on and the request's credentials are missing or wrong."""
+
+
+class ImageFetchError(BackendError):
+    """The task's image could not be downloaded (network, HTTP status, missing token)."""
+
+
+class InvalidImageError(BackendError):
+    """The downloaded bytes are not a decodable image, or the image is too large."""
+
+
+class NoWorkerError(BackendError):
+    """No live worker is listening, so a job would never run."""
+
+
+class QueueFullError(BackendError):
+    """The shared queue holds more jobs than QUEUE_MAX_DEPTH."""
+
+
+class JobTimeoutError(BackendError):
+    """A job did not finish before the request's deadline."""
+
+
+class JobFailedError(BackendError):
+    """A job raised an unexpected error in the worker (details are in the worker's log)."""
+
+
+class WorkerDiedError(JobFailedError):
+    """The worker running a job stopped sending heartbeats (killed, crashed, out of memory)."""
+
+
+class ModelError(JobFailedError):
+    """The model could not be built or run (missing weights, device errors)."""
+
+
+_BY_NAME: dict[str, type[BackendError]] = {
+    cls.__name__: cls
+    for cls in (
+        InvalidRequestError,
+        ImageFetchError,
+        InvalidImageError,
+        JobTimeoutError,
+        JobFailedError,
+        WorkerDiedError,
+        ModelError,
+    )
+}
+
+
+def error_from_name(name: str, message: str) -> BackendError:
+    """Rebuild an error that crossed Redis as data.
+
+    Args:
+        name: the class name sent by the worker.
+        message: its message.
+
+    Returns:
+        An instance of the named class; an unknown name gives a :class:`JobFailedError`.
+    """
+    return _BY_NAME.get(name, JobFailedError)(message)

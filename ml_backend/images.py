@@ -1,0 +1,332 @@
+"""Task images: URL resolution, Label Studio authentication, download cache and decoding.
+
+URLs as Label Studio puts them in task data:
+
+- ``/data/upload/<project>/<file>`` (uploaded) and ``/data/local-files/?d=<path>`` (local
+  storage): relative to Label Studio, downloaded with its token;
+- ``s3://``, ``gs://``, ``azure-blob://`` (cloud storage): resolved by Label Studio at
+  ``/tasks/<id>/presign/?fileuri=<base64 URI>`` (the SDK's encoding), which redirects to a
+  presigned URL;
+- ``http(s)://``: downloaded directly; the token is sent only to Label Studio's own host.
+
+Tokens: a legacy token is sent as ``Authorization: Token <key>``; a personal access token (a
+JWT refresh token) is exchanged at ``/api/token/refresh/`` for an access token sent as
+``Authorization: Bearer <access>`` and cached until shortly before it expires.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import json
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from urllib.parse import urljoin, urlparse
+
+import httpx
+import numpy as np
+from label_studio_sdk._extensions.label_studio_tools.core.utils.io import encode_presign_fileuri
+from PIL import Image, UnidentifiedImageError
+
+from ml_backend.errors import ImageFetchError, InvalidImageError
+
+log = logging.getLogger(__name__)
+
+CLOUD_SCHEMES = ("s3://", "gs://", "azure-blob://")
+_ACCESS_TOKEN_MARGIN_S = 30.0
+
+
+def resolve_image_url(url: str, ls_url: str | None, task_id: int | None) -> str:
+    """Absolute URL to download a task image from.
+
+    Args:
+        url: the image URL from task data.
+        ls_url: Label Studio's base URL, or None.
+        task_id: the task id (cloud storage URIs are resolved per task).
+
+    Returns:
+        An http(s) URL.
+
+    Raises:
+        ImageFetchError: when the URL needs Label Studio (relative or cloud) and none is known,
+            or has an unsupported scheme.
+    """
+    if url.startswith(("http://", "https://")):
+        return url
+    if url.startswith(CLOUD_SCHEMES):
+        if task_id is None:
+            raise ImageFetchError(f"cloud storage URL {url!r} needs a task id to be resolved")
+        return _join(ls_url, f"/tasks/{task_id}/presign/?fileuri={encode_presign_fileuri(url)}")
+    if url.startswith("/"):
+        return _join(ls_url, url)
+    if url.startswith("upload/"):  # older exports store the upload key without /data
+        return _join(ls_url, "/data/" + url)
+    raise ImageFetchError(f"unsupported image URL {url!r}")
+
+
+def _join(ls_url: str | None, path: str) -> str:
+    if not ls_url:
+        raise ImageFetchError(
+            f"image {path!r} is served by Label Studio but its URL is unknown: "
+            "set LABEL_STUDIO_URL (or let Label Studio call /setup first)"
+        )
+    return urljoin(ls_url.rstrip("/") + "/", path.lstrip("/"))
+
+
+def _jwt_claims(token: str) -> dict | None:
+    """Claims of an unverified JWT, or None when ``token`` is not one (a legacy token)."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        payload = base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4))
+        claims = json.loads(payload)
+    except (binascii.Error, ValueError):
+        return None
+    return claims if isinstance(claims, dict) else None
+
+
+class LabelStudioAuth:
+    """Authorization header for one Label Studio and token; thread-safe.
+
+    Args:
+        ls_url: Label Studio's base URL.
+        token: legacy token or personal access token (JWT refresh token).
+        client: HTTP client used for the token exchange.
+    """
+
+    def __init__(self, ls_url: str, token: str, client: httpx.Client):
+        self._ls_url = ls_url
+        self._token = token
+        self._client = client
+        self._lock = threading.Lock()
+        self._access: str | None = None
+        self._access_expires_at = 0.0
+        claims = _jwt_claims(token)
+        self._kind = "legacy" if claims is None else claims.get("token_type", "access")
+
+    def header(self, force_refresh: bool = False) -> dict[str, str]:
+        """The ``Authorization`` header.
+
+        Raises:
+            ImageFetchError: when a personal access token cannot be exchanged.
+        """
+        if self._kind == "legacy":
+            return {"Authorization": f"Token {self._token}"}
+        if self._kind != "refresh":
+            return {"Authorization": f"Bearer {self._token}"}
+        with self._lock:
+            if force_refresh or self._access is None or time.time() >= self._access_expires_at:
+                self._exchange()
+            return {"Authorization": f"Bearer {self._access}"}
+
+    def _exchange(self) -> None:
+        url = _join(self._ls_url, "/api/token/refresh/")
+        try:
+            response = self._client.post(url, json={"refresh": self._token})
+        except httpx.HTTPError as exc:
+            raise ImageFetchError(f"cannot reach Label Studio to refresh the token: {exc}") from None
+        if response.status_code != 200:
+            raise ImageFetchError(
+                f"Label Studio refused the personal access token at {url} "
+                f"(HTTP {response.status_code}); check LABEL_STUDIO_API_KEY"
+            )
+        access = response.json().get("access") if response.headers.get(
+            "content-type", "").startswith("application/json") else None
+        if not isinstance(access, str) or not access:
+            raise ImageFetchError(f"token refresh at {url} returned no access token")
+        expires = (_jwt_claims(access) or {}).get("exp")
+        self._access = access
+        self._access_expires_at = (float(expires) - _ACCESS_TOKEN_MARGIN_S
+                                   if isinstance(expires, (int, float)) else time.time() + 60)
+
+
+class _BytesLRU:
+    """In-memory LRU of downloaded bytes bounded by their total size."""
+
+    def __init__(self, max_bytes: int):
+        self._max = max_bytes
+        self._items: OrderedDict[str, bytes] = OrderedDict()
+        self._size = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> bytes | None:
+        with self._lock:
+            data = self._items.get(key)
+            if data is not None:
+                self._items.move_to_end(key)
+            return data
+
+    def put(self, key: str, data: bytes) -> None:
+        if len(data) > self._max:
+            return
+        with self._lock:
+            old = self._items.pop(key, None)
+            self._size += len(data) - (len(old) if old else 0)
+            self._items[key] = data
+            while self._size > self._max:
+                _, dropped = self._items.popitem(last=False)
+                self._size -= len(dropped)
+
+
+@dataclass(frozen=True)
+class FetchConfig:
+    """Download and decode limits (from ``Settings``)."""
+
+    timeout_s: float = 20.0
+    memory_cache_bytes: int = 256 * 2**20
+    disk_cache_dir: str | None = None
+    max_pixels: int = 100_000_000
+    max_bytes: int = 512 * 2**20
+
+
+class ImageFetcher:
+    """Downloads task images with the right credentials and caches the bytes by URL.
+
+    Args:
+        config: limits and cache locations.
+        default_ls_url: Label Studio URL from the settings (wins over per-job ones).
+        default_token: token from the settings (wins over the one /setup handed over).
+        transport: optional httpx transport (tests).
+    """
+
+    def __init__(
+        self,
+        config: FetchConfig,
+        default_ls_url: str | None = None,
+        default_token: str | None = None,
+        transport: httpx.BaseTransport | None = None,
+    ):
+        self._config = config
+        self._default_ls_url = default_ls_url
+        self._default_token = default_token
+        self._client = httpx.Client(timeout=config.timeout_s, follow_redirects=True,
+                                    transport=transport)
+        self._memory = _BytesLRU(config.memory_cache_bytes)
+        self._auths: dict[tuple[str, str], LabelStudioAuth] = {}
+        self._auth_lock = threading.Lock()
+
+    def close(self) -> None:
+        self._client.close()
+
+    def fetch(self, url: str, ls_url: str | None, token: str | None,
+              task_id: int | None = None) -> bytes:
+        """Bytes of a task image, from the cache or downloaded.
+
+        Args:
+            url: the image URL from task data.
+            ls_url: Label Studio URL known to the caller (from /setup), used when the settings
+                have none.
+            token: token known to the caller, used when the settings have none.
+            task_id: the task id, for cloud storage URIs.
+
+        Raises:
+            ImageFetchError: on a network error, an HTTP error status or a missing token.
+        """
+        ls_url = self._default_ls_url or ls_url
+        token = self._default_token or token
+        absolute = resolve_image_url(url, ls_url, task_id)
+        cache_key = hashlib.sha256(absolute.encode()).hexdigest()
+        cached = self._memory.get(cache_key) or self._read_disk(cache_key)
+        if cached is not None:
+            self._memory.put(cache_key, cached)
+            return cached
+        data = self._download(absolute, ls_url, token)
+        self._memory.put(cache_key, data)
+        self._write_disk(cache_key, data)
+        return data
+
+    def _download(self, url: str, ls_url: str | None, token: str | None) -> bytes:
+        to_label_studio = bool(ls_url) and urlparse(url).netloc == urlparse(ls_url).netloc
+        auth = None
+        if to_label_studio:
+            if not token:
+                raise ImageFetchError(
+                    f"{url} needs a Label Studio token: set LABEL_STUDIO_API_KEY "
+                    "(or let Label Studio call /setup first)"
+                )
+            auth = self._auth(ls_url, token)
+        status, body = self._get(url, auth.header() if auth else {})
+        if status == 401 and auth is not None:
+            status, body = self._get(url, auth.header(force_refresh=True))
+        if status != 200:
+            hint = " (check the token; personal access tokens need /api/token/refresh)" \
+                if status in (401, 403) else ""
+            raise ImageFetchError(f"downloading {url} gave HTTP {status}{hint}")
+        return body
+
+    def _get(self, url: str, headers: dict[str, str]) -> tuple[int, bytes]:
+        """(status, body) of a GET, refusing bodies over ``max_bytes`` while they stream."""
+        try:
+            with self._client.stream("GET", url, headers=headers) as response:
+                chunks, size = [], 0
+                for chunk in response.iter_bytes():
+                    size += len(chunk)
+                    if size > self._config.max_bytes:
+                        raise ImageFetchError(f"{url} is larger than {self._config.max_bytes} bytes")
+                    chunks.append(chunk)
+                return response.status_code, b"".join(chunks)
+        except httpx.HTTPError as exc:
+            raise ImageFetchError(f"cannot download {url}: {exc}") from None
+
+    def _auth(self, ls_url: str, token: str) -> LabelStudioAuth:
+        with self._auth_lock:
+            key = (ls_url, token)
+            if key not in self._auths:
+                self._auths[key] = LabelStudioAuth(ls_url, token, self._client)
+            return self._auths[key]
+
+    def _read_disk(self, cache_key: str) -> bytes | None:
+        if not self._config.disk_cache_dir:
+            return None
+        try:
+            with open(os.path.join(self._config.disk_cache_dir, cache_key), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    def _write_disk(self, cache_key: str, data: bytes) -> None:
+        if not self._config.disk_cache_dir:
+            return
+        os.makedirs(self._config.disk_cache_dir, exist_ok=True)
+        path = os.path.join(self._config.disk_cache_dir, cache_key)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)  # atomic: concurrent workers never read half a file
+
+
+def decode_rgb(data: bytes, max_pixels: int) -> np.ndarray:
+    """Decode image bytes to RGB.
+
+    EXIF orientation is not applied: Label Studio draws boxes on the image as stored.
+
+    Args:
+        data: encoded image (PNG, JPEG, WebP, ...).
+        max_pixels: larger images are refused before decoding their pixels.
+
+    Returns:
+        (H, W, 3) uint8 RGB array.
+
+    Raises:
+        InvalidImageError: when the bytes are not a decodable image or it is too large.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise InvalidImageError(
+                    f"image of {width}x{height} pixels exceeds MAX_IMAGE_PIXELS={max_pixels}"
+                )
+            rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    except InvalidImageError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise InvalidImageError(f"image cannot be decoded: {exc}") from None
+    return rgb

@@ -1,0 +1,397 @@
+"""Label Studio's side of the protocol: request parsing, geometry and brush results.
+
+Label Studio sends rectangles in percent of the original image (XYWH, rotation in degrees about
+the top-left corner); the model wants XYXY float pixels in the original image. The label config
+is parsed with ``label_studio_sdk.label_interface.LabelInterface``: controls are found by type and
+target, never by hard-coded names. Masks become brush results through
+``label_studio_sdk.converter.brush.mask2rle``.
+
+Box policy: a rectangle that sticks out of the image (the editor allows tiny float overshoots)
+is clipped to the image; one that is NaN/infinite, has a non-positive width or height, or has no
+area left inside the image after clipping is refused with :class:`InvalidRequestError`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+from label_studio_sdk.converter.brush import mask2rle
+from label_studio_sdk.label_interface import LabelInterface
+
+from ml_backend.errors import InvalidRequestError
+
+BoxXYXY = tuple[float, float, float, float]
+
+
+# ---------------------------------------------------------------- geometry (pure)
+
+
+def box_pct_to_xyxy(
+    x_pct: float, y_pct: float, w_pct: float, h_pct: float, width_px: int, height_px: int
+) -> BoxXYXY:
+    """Label Studio rectangle (percent of the original image, XYWH) -> XYXY float pixels."""
+    return (
+        x_pct * width_px / 100,
+        y_pct * height_px / 100,
+        (x_pct + w_pct) * width_px / 100,
+        (y_pct + h_pct) * height_px / 100,
+    )
+
+
+def box_xyxy_to_pct(box_xyxy: BoxXYXY, width_px: int, height_px: int) -> tuple[float, ...]:
+    """Inverse of :func:`box_pct_to_xyxy`: XYXY pixels -> (x, y, width, height) percent."""
+    x0, y0, x1, y1 = box_xyxy
+    return (
+        x0 * 100 / width_px,
+        y0 * 100 / height_px,
+        (x1 - x0) * 100 / width_px,
+        (y1 - y0) * 100 / height_px,
+    )
+
+
+def rotated_box_pct_to_xyxy(
+    x_pct: float,
+    y_pct: float,
+    w_pct: float,
+    h_pct: float,
+    rotation_deg: float,
+    width_px: int,
+    height_px: int,
+) -> BoxXYXY:
+    """Axis-aligned pixel bounds of a Label Studio rectangle rotated about its top-left corner.
+
+    Rotation is clockwise on screen (y points down), as Label Studio draws it; 0 degrees gives
+    exactly :func:`box_pct_to_xyxy`.
+    """
+    if rotation_deg % 360 == 0:
+        return box_pct_to_xyxy(x_pct, y_pct, w_pct, h_pct, width_px, height_px)
+    x0, y0 = x_pct * width_px / 100, y_pct * height_px / 100
+    w, h = w_pct * width_px / 100, h_pct * height_px / 100
+    cos, sin = math.cos(math.radians(rotation_deg)), math.sin(math.radians(rotation_deg))
+    corners = [(x0 + dx * cos - dy * sin, y0 + dx * sin + dy * cos)
+               for dx, dy in ((0, 0), (w, 0), (0, h), (w, h))]
+    xs, ys = [c[0] for c in corners], [c[1] for c in corners]
+    return (min(xs), min(ys), max(xs), max(ys))
+
+
+def clip_box_xyxy(box_xyxy: BoxXYXY, width_px: int, height_px: int) -> BoxXYXY:
+    """Clip an XYXY pixel box to the image ``[0, width] x [0, height]``.
+
+    Raises:
+        InvalidRequestError: when no area is left inside the image.
+    """
+    x0, y0, x1, y1 = box_xyxy
+    clipped = (min(max(x0, 0.0), width_px), min(max(y0, 0.0), height_px),
+               min(max(x1, 0.0), width_px), min(max(y1, 0.0), height_px))
+    if clipped[2] - clipped[0] <= 0 or clipped[3] - clipped[1] <= 0:
+        raise InvalidRequestError(
+            f"box {_fmt_box(box_xyxy)} px lies outside the {width_px}x{height_px} image"
+        )
+    return clipped
+
+
+def _fmt_box(box: Sequence[float]) -> str:
+    return "(" + ", ".join(f"{v:.1f}" for v in box) + ")"
+
+
+# ---------------------------------------------------------------- label config
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    """What the backend needs from a project's label config.
+
+    Attributes:
+        image_name: name of the ``<Image>`` tag the brush control targets.
+        image_data_key: key of the image URL in ``task["data"]`` (``value="$image"`` -> "image").
+        brush_name: name of the ``<BrushLabels>`` control our masks go to.
+        brush_labels: its labels.
+        rectangle_names: names of the ``<RectangleLabels>`` controls on the same image.
+        prompt_name: name of a ``<TextArea>`` on the same image whose text overrides the
+            label as prompt, or None.
+        control_names: names of every control in the config.
+    """
+
+    image_name: str
+    image_data_key: str
+    brush_name: str
+    brush_labels: tuple[str, ...]
+    rectangle_names: tuple[str, ...]
+    prompt_name: str | None
+    control_names: frozenset[str]
+
+
+@lru_cache(maxsize=64)
+def parse_label_config(xml: str) -> LabelConfig:
+    """Find the BrushLabels control, its Image, and the rectangle and prompt controls on it.
+
+    Args:
+        xml: the project's label config.
+
+    Returns:
+        The parsed config (cached per config text).
+
+    Raises:
+        InvalidRequestError: when the XML is malformed, has no BrushLabels control, has several
+            (ambiguous), or the Image has no RectangleLabels to prompt with.
+    """
+    try:
+        interface = LabelInterface(xml)
+    except Exception as exc:  # noqa: BLE001 - the SDK's XML errors derive from Exception only
+        raise InvalidRequestError(f"label config cannot be parsed: {exc}") from None
+    controls = list(interface.controls)
+    brushes = [c for c in controls if c.tag == "BrushLabels"]
+    if len(brushes) != 1:
+        raise InvalidRequestError(
+            f"label config must have exactly one BrushLabels control, found {len(brushes)}"
+        )
+    brush = brushes[0]
+    if len(brush.to_name) != 1:
+        raise InvalidRequestError(f"BrushLabels {brush.name!r} must target exactly one Image")
+    image_name = brush.to_name[0]
+    images = {o.name: o for o in interface.objects if o.tag == "Image"}
+    if image_name not in images:
+        raise InvalidRequestError(f"BrushLabels {brush.name!r} targets {image_name!r}, not an Image")
+    value = images[image_name].value or ""
+    if not value.startswith("$") or len(value) < 2:
+        raise InvalidRequestError(f"Image {image_name!r} must take its URL from task data ($key)")
+
+    def on_image(tag: str) -> list[str]:
+        return [c.name for c in controls if c.tag == tag and image_name in c.to_name]
+
+    rectangles = on_image("RectangleLabels")
+    if not rectangles:
+        raise InvalidRequestError(f"label config has no RectangleLabels on Image {image_name!r}")
+    prompts = on_image("TextArea")
+    return LabelConfig(
+        image_name=image_name,
+        image_data_key=value[1:],
+        brush_name=brush.name,
+        brush_labels=tuple(brush.labels or ()),
+        rectangle_names=tuple(rectangles),
+        prompt_name=prompts[0] if prompts else None,
+        control_names=frozenset(c.name for c in controls),
+    )
+
+
+# ---------------------------------------------------------------- requests
+
+
+@dataclass(frozen=True)
+class PredictRequest:
+    """A parsed POST /predict body.
+
+    Attributes:
+        tasks: the tasks, as sent.
+        label_config: the config text (from the request, else the one given to /setup).
+        project: Label Studio's project string ("id.timestamp"), or None.
+        context: ``params.context`` in interactive mode, None in batch mode.
+    """
+
+    tasks: list[dict[str, Any]]
+    label_config: str
+    project: str | None
+    context: dict[str, Any] | None
+
+
+def parse_predict_request(body: Any, fallback_config: str | None = None) -> PredictRequest:
+    """Validate the shape of a /predict body.
+
+    Raises:
+        InvalidRequestError: naming the first field that is missing or of the wrong type.
+    """
+    if not isinstance(body, dict):
+        raise InvalidRequestError("request body must be a JSON object")
+    tasks = body.get("tasks")
+    if not isinstance(tasks, list) or not tasks or not all(isinstance(t, dict) for t in tasks):
+        raise InvalidRequestError("'tasks' must be a non-empty list of objects")
+    config = body.get("label_config") or fallback_config
+    if not isinstance(config, str):
+        raise InvalidRequestError("'label_config' is missing and /setup gave no schema")
+    params = body.get("params") or {}
+    if not isinstance(params, dict):
+        raise InvalidRequestError("'params' must be an object")
+    context = params.get("context", body.get("context"))
+    if context is not None and not isinstance(context, dict):
+        raise InvalidRequestError("'params.context' must be an object or null")
+    project = body.get("project")
+    return PredictRequest(tasks=tasks, label_config=config,
+                          project=str(project) if project is not None else None, context=context)
+
+
+def image_url_of(task: Mapping[str, Any], config: LabelConfig) -> str:
+    """The task's image URL under the Image tag's data key.
+
+    Raises:
+        InvalidRequestError: when it is missing or not a string.
+    """
+    data = task.get("data")
+    url = data.get(config.image_data_key) if isinstance(data, dict) else None
+    if not isinstance(url, str) or not url.strip():
+        raise InvalidRequestError(
+            f"task {task.get('id')}: data[{config.image_data_key!r}] must be an image URL"
+        )
+    return url.strip()
+
+
+@dataclass(frozen=True)
+class BoxPrompt:
+    """One rectangle turned into a model prompt.
+
+    Attributes:
+        label: its RectangleLabels label (also the brush label of the answer).
+        box_xyxy: XYXY float pixels in the original image, clipped to it.
+        width, height: the original image size the rectangle was drawn on.
+    """
+
+    label: str
+    box_xyxy: BoxXYXY
+    width: int
+    height: int
+
+
+def boxes_from_results(
+    results: Any, config: LabelConfig, *, strict: bool, where: str
+) -> list[BoxPrompt]:
+    """Rectangles of ``results`` (a Label Studio result list) on the config's image.
+
+    Args:
+        results: ``context.result`` or an annotation's/prediction's ``result``.
+        config: the parsed label config.
+        strict: interactive mode: an item from a control unknown to the config is an error.
+            Batch mode (False) ignores items it does not use.
+        where: what to name in error messages ("context", "task 4").
+
+    Returns:
+        Every rectangle, in order (not only the last one).
+
+    Raises:
+        InvalidRequestError: on a malformed rectangle, an unknown control (strict), a label not
+            among the BrushLabels labels, or a box with no area inside the image.
+    """
+    if not isinstance(results, list):
+        raise InvalidRequestError(f"{where}: 'result' must be a list")
+    boxes = []
+    for item in results:
+        if not isinstance(item, dict):
+            raise InvalidRequestError(f"{where}: every result item must be an object")
+        from_name = item.get("from_name")
+        if strict and from_name not in config.control_names:
+            raise InvalidRequestError(f"{where}: from_name {from_name!r} is not in the label config")
+        if item.get("type") != "rectanglelabels" or from_name not in config.rectangle_names:
+            continue
+        boxes.append(_box_prompt(item, config, where))
+    return boxes
+
+
+def _box_prompt(item: Mapping[str, Any], config: LabelConfig, where: str) -> BoxPrompt:
+    width, height = (_positive_int(item, key, where) for key in ("original_width", "original_height"))
+    value = item.get("value")
+    if not isinstance(value, dict):
+        raise InvalidRequestError(f"{where}: rectangle has no 'value' object")
+    x, y, w, h, rotation = (_finite(value, key, where, default)
+                            for key, default in (("x", None), ("y", None), ("width", None),
+                                                 ("height", None), ("rotation", 0.0)))
+    if w <= 0 or h <= 0:
+        raise InvalidRequestError(f"{where}: rectangle width and height must be positive")
+    labels = value.get("rectanglelabels")
+    if not isinstance(labels, list) or len(labels) != 1 or not isinstance(labels[0], str):
+        raise InvalidRequestError(f"{where}: rectangle must carry exactly one rectanglelabels label")
+    label = labels[0]
+    if label not in config.brush_labels:
+        raise InvalidRequestError(
+            f"{where}: label {label!r} is not a label of BrushLabels {config.brush_name!r} "
+            f"({', '.join(config.brush_labels)})"
+        )
+    box = rotated_box_pct_to_xyxy(x, y, w, h, rotation, width, height)
+    return BoxPrompt(label=label, box_xyxy=clip_box_xyxy(box, width, height),
+                     width=width, height=height)
+
+
+def _positive_int(item: Mapping[str, Any], key: str, where: str) -> int:
+    value = item.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) \
+            or value <= 0:
+        raise InvalidRequestError(f"{where}: rectangle needs a positive integer {key!r}")
+    return int(value)
+
+
+def _finite(value: Mapping[str, Any], key: str, where: str, default: float | None) -> float:
+    raw = value.get(key, default)
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not math.isfinite(raw):
+        raise InvalidRequestError(f"{where}: rectangle {key!r} must be a finite number, got {raw!r}")
+    return float(raw)
+
+
+def text_prompt_from_results(results: Any, config: LabelConfig) -> str | None:
+    """Free text of the config's TextArea prompt in ``results``, or None when absent or empty."""
+    if config.prompt_name is None or not isinstance(results, list):
+        return None
+    for item in results:
+        if isinstance(item, dict) and item.get("from_name") == config.prompt_name:
+            texts = (item.get("value") or {}).get("text")
+            if isinstance(texts, str):
+                texts = [texts]
+            if isinstance(texts, list):
+                text = " ".join(t.strip() for t in texts if isinstance(t, str)).strip()
+                if text:
+                    return text
+    return None
+
+
+def task_boxes(task: Mapping[str, Any], config: LabelConfig) -> list[BoxPrompt]:
+    """Batch mode: rectangles of the newest annotation holding some, else the newest prediction.
+
+    Cancelled (skipped) annotations are ignored; so are drafts.
+    """
+    where = f"task {task.get('id')}"
+    for source in ("annotations", "predictions"):
+        entries = task.get(source) or []
+        if not isinstance(entries, list):
+            raise InvalidRequestError(f"{where}: {source!r} must be a list")
+        for entry in reversed(entries):
+            if not isinstance(entry, dict) or entry.get("was_cancelled"):
+                continue
+            boxes = boxes_from_results(entry.get("result") or [], config, strict=False, where=where)
+            if boxes:
+                return boxes
+    return []
+
+
+def word_for_label(label: str, label_prompts: Mapping[str, str]) -> str:
+    """Text prompt of a label: its LABEL_PROMPTS entry, else the label itself."""
+    return label_prompts.get(label, label)
+
+
+# ---------------------------------------------------------------- answers
+
+
+def brush_result(mask: np.ndarray, label: str, config: LabelConfig, score: float) -> dict[str, Any]:
+    """One Label Studio brush result for a mask.
+
+    Args:
+        mask: (H, W) bool, the original image's frame.
+        label: the BrushLabels label.
+        config: the parsed label config (names of the control and image).
+        score: the model's confidence for this mask (decoder-predicted IoU).
+
+    Returns:
+        A ``brushlabels`` result item with RLE made by ``mask2rle``.
+    """
+    height, width = mask.shape
+    rle = mask2rle(np.where(mask, 255, 0).astype(np.uint8))
+    return {
+        "from_name": config.brush_name,
+        "to_name": config.image_name,
+        "type": "brushlabels",
+        "original_width": int(width),
+        "original_height": int(height),
+        "image_rotation": 0,
+        "value": {"format": "rle", "rle": [int(v) for v in rle], "brushlabels": [label]},
+        "score": float(score),
+    }

@@ -1,0 +1,198 @@
+"""The Label Studio ML backend model, in the label-studio-ml convention.
+
+``Talk2SamBackend`` has ``setup()``, ``predict(tasks, context=None, **kwargs)`` and
+``fit(event, data, **kwargs)``. It holds no model: ``predict`` turns tasks and context into job
+specs (one per image, all its boxes together) and hands them to the queue client; GPU workers
+answer.
+
+Scores: each brush result carries ``score``, the decoder's predicted IoU for that mask (the
+model's own confidence); a task's ``score`` is the mean over its masks, 0.0 when it has none.
+``model_version`` is always the one /setup reports: MODEL_VERSION when set, else the version the
+live workers report (learned from heartbeats and job results), else ``talk2sam-<MODEL_CONFIG>``
+until a worker has been seen.
+
+Text prompts: a rectangle's label goes through LABEL_PROMPTS (an unmapped label is its own
+prompt); a TextArea of the label config on the same image, when present in the interactive
+context with text, overrides the word for every box of that request.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from ml_backend.errors import InvalidRequestError
+from ml_backend.ls_protocol import (
+    BoxPrompt,
+    LabelConfig,
+    boxes_from_results,
+    brush_result,
+    image_url_of,
+    parse_label_config,
+    task_boxes,
+    text_prompt_from_results,
+    word_for_label,
+)
+from ml_backend.queue_client import QueueClient
+from ml_backend.schemas import PredictJobResult, PredictJobSpec, decode_mask
+from ml_backend.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ProjectSetup:
+    """What /setup told us about a project (kept in memory; a restart forgets it)."""
+
+    schema: str | None
+    hostname: str | None
+    access_token: str | None
+
+
+class Talk2SamBackend:
+    """Label Studio model class: prompts in, brush results out, inference on the workers.
+
+    Args:
+        settings: backend settings.
+        queue: the queue client.
+    """
+
+    def __init__(self, settings: Settings, queue: QueueClient):
+        self.settings = settings
+        self.queue = queue
+        self._projects: dict[str, ProjectSetup] = {}
+        self._last_setup: ProjectSetup | None = None
+        self._lock = threading.Lock()
+        self._model_version = settings.model_version or (
+            "noop" if settings.model == "noop" else f"talk2sam-{settings.model_config}"
+        )
+
+    @property
+    def model_version(self) -> str:
+        return self._model_version
+
+    def observe_worker_version(self, version: str) -> None:
+        """Adopt the workers' model version unless MODEL_VERSION pins one."""
+        if self.settings.model_version is None and version and version != self._model_version:
+            log.info("model_version is now %s (reported by the workers)", version)
+            self._model_version = version
+
+    # ------------------------------------------------------------ label-studio-ml API
+
+    def setup(self, project: str | None = None, schema: str | None = None,
+              hostname: str | None = None, access_token: str | None = None,
+              **kwargs: Any) -> dict[str, str]:
+        """Remember the project's schema and Label Studio credentials; answer from memory."""
+        entry = ProjectSetup(schema=schema, hostname=(hostname or "").rstrip("/") or None,
+                             access_token=access_token or None)
+        with self._lock:
+            if project:
+                self._projects[_project_id(project)] = entry
+            self._last_setup = entry
+        return {"model_version": self.model_version}
+
+    def predict(self, tasks: list[dict[str, Any]], context: dict[str, Any] | None = None, *,
+                label_config: str, project: str | None = None, request_id: str = "-",
+                **kwargs: Any) -> list[dict[str, Any]]:
+        """One prediction per task, in order.
+
+        Interactive mode (``context`` set): every rectangle of ``context.result`` of the single
+        task goes to the worker in one job. Batch mode (``context`` None): each task's boxes come
+        from its newest annotation with rectangles, else its newest prediction; tasks without
+        boxes answer empty at once (and may warm the worker's cache).
+
+        Raises:
+            InvalidRequestError and the queue client's errors.
+        """
+        config = parse_label_config(label_config)
+        ls_url, token = self._label_studio_access(project)
+        if context is not None:
+            if len(tasks) != 1:
+                raise InvalidRequestError(
+                    f"an interactive request carries one task, this one has {len(tasks)}"
+                )
+            results = context.get("result") or []
+            boxes = boxes_from_results(results, config, strict=True, where="context")
+            text = text_prompt_from_results(results, config)
+            per_task = [(tasks[0], boxes, text)]
+        else:
+            per_task = [(task, task_boxes(task, config), None) for task in tasks]
+
+        specs: list[PredictJobSpec] = []
+        for task, boxes, text in per_task:
+            spec = self._spec(task, boxes, text, config, ls_url, token, request_id)
+            if boxes:
+                specs.append(spec)
+            elif context is None and self.settings.warm_on_open:
+                self.queue.enqueue_warm(spec)
+        answers = iter(self.queue.predict(specs)) if specs else iter(())
+
+        predictions = []
+        for _, boxes, _ in per_task:
+            if not boxes:
+                predictions.append(self._empty())
+                continue
+            answer = next(answers)
+            self.observe_worker_version(answer.model_version)
+            predictions.append(self._task_prediction(answer, boxes, config))
+        return predictions
+
+    def fit(self, event: str, data: dict[str, Any], **kwargs: Any) -> dict[str, str]:
+        """Webhook events: acknowledged and ignored for now (training comes later)."""
+        log.info("webhook %s ignored", event)
+        return {"status": "ignored", "event": str(event)}
+
+    # ------------------------------------------------------------ helpers
+
+    def _label_studio_access(self, project: str | None) -> tuple[str | None, str | None]:
+        """Label Studio URL and token for image downloads: settings first, then /setup's."""
+        with self._lock:
+            entry = self._projects.get(_project_id(project)) if project else None
+            entry = entry or self._last_setup
+        hostname = entry.hostname if entry else None
+        token = entry.access_token if entry else None
+        return (self.settings.label_studio_url or hostname,
+                self.settings.label_studio_api_key or token)
+
+    def _spec(self, task: dict[str, Any], boxes: list[BoxPrompt], text: str | None,
+              config: LabelConfig, ls_url: str | None, token: str | None,
+              request_id: str) -> PredictJobSpec:
+        sizes = {(b.width, b.height) for b in boxes}
+        if len(sizes) > 1:
+            raise InvalidRequestError(
+                f"task {task.get('id')}: rectangles disagree on original_width/height {sorted(sizes)}"
+            )
+        width, height = sizes.pop() if sizes else (0, 0)
+        task_id = task.get("id")
+        return PredictJobSpec(
+            request_id=request_id,
+            task_id=task_id if isinstance(task_id, int) else None,
+            image_url=image_url_of(task, config),
+            ls_url=ls_url,
+            ls_token=token,
+            width=width,
+            height=height,
+            boxes_xyxy=[list(b.box_xyxy) for b in boxes],
+            words=[text or word_for_label(b.label, self.settings.label_prompts) for b in boxes],
+        )
+
+    def _task_prediction(self, answer: PredictJobResult, boxes: list[BoxPrompt],
+                         config: LabelConfig) -> dict[str, Any]:
+        results = [
+            brush_result(decode_mask(p.mask, answer.height, answer.width), box.label, config,
+                         p.score)
+            for box, p in zip(boxes, answer.predictions)
+        ]
+        scores = [p.score for p in answer.predictions]
+        return {"result": results, "score": float(sum(scores) / len(scores)) if scores else 0.0,
+                "model_version": self.model_version}
+
+    def _empty(self) -> dict[str, Any]:
+        return {"result": [], "score": 0.0, "model_version": self.model_version}
+
+
+def _project_id(project: str) -> str:
+    """Label Studio sends "19.1795635706" (id.timestamp); the id part names the project."""
+    return str(project).split(".", 1)[0]

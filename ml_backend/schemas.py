@@ -1,0 +1,207 @@
+"""Data that crosses Redis between the web process and the workers.
+
+Everything here is a JSON-able frozen dataclass (rq's ``JSONSerializer`` carries ``to_dict()``
+as job kwargs and return values; nothing is pickled), plus the names of our Redis keys and the
+compact mask encoding, so that both sides agree without importing each other. This module
+imports nothing of ours.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import zlib
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+PREDICT_JOB = "ml_backend.worker.predict_job"
+WARM_JOB = "ml_backend.worker.warm_job"
+
+
+@dataclass(frozen=True)
+class RedisKeys:
+    """Names of our queues and keys; all start with the configured prefix (``talk2sam:``)."""
+
+    prefix: str = "talk2sam:"
+
+    @property
+    def predict_queue(self) -> str:
+        """Shared queue any worker takes jobs from."""
+        return f"{self.prefix}predict"
+
+    @property
+    def warm_queue(self) -> str:
+        """Low-priority queue of cache-warming jobs."""
+        return f"{self.prefix}warm"
+
+    def worker_queue(self, worker: str) -> str:
+        """Queue only ``worker`` listens to (sticky routing: jobs for images it holds)."""
+        return f"{self.prefix}worker-queue:{worker}"
+
+    @property
+    def workers(self) -> str:
+        """Set of worker names that have announced themselves (dead ones are pruned lazily)."""
+        return f"{self.prefix}workers"
+
+    def heartbeat(self, worker: str) -> str:
+        """JSON :class:`WorkerHeartbeat` of ``worker``, expiring when it stops refreshing it."""
+        return f"{self.prefix}heartbeat:{worker}"
+
+    def metrics(self, worker: str) -> str:
+        """Hash of counters of ``worker`` (see ``worker.WorkerMetrics``)."""
+        return f"{self.prefix}metrics:{worker}"
+
+
+def image_key(image_url: str, ls_url: str | None) -> str:
+    """Cache key of a task image: same URL on the same Label Studio, same image.
+
+    Args:
+        image_url: the task's image URL as Label Studio sent it (may be relative).
+        ls_url: Label Studio's base URL that resolves a relative one, or None.
+
+    Returns:
+        16 hex digits.
+    """
+    raw = f"{ls_url or ''}|{image_url}".encode()
+    return hashlib.sha1(raw, usedforsecurity=False).hexdigest()[:16]
+
+
+def encode_mask(mask: np.ndarray) -> str:
+    """(H, W) bool mask -> base64 of zlib-compressed ``np.packbits`` (row-major)."""
+    packed = np.packbits(np.ascontiguousarray(mask, dtype=bool), axis=None)
+    return base64.b64encode(zlib.compress(packed.tobytes(), 1)).decode("ascii")
+
+
+def decode_mask(data: str, height: int, width: int) -> np.ndarray:
+    """Inverse of :func:`encode_mask`: returns an (height, width) bool array."""
+    packed = np.frombuffer(zlib.decompress(base64.b64decode(data)), dtype=np.uint8)
+    bits = np.unpackbits(packed, count=height * width)
+    return bits.reshape(height, width).astype(bool)
+
+
+@dataclass(frozen=True)
+class PredictJobSpec:
+    """One image and all its boxes: one job, one decoder call.
+
+    Attributes:
+        request_id: id of the HTTP request, for logs.
+        task_id: Label Studio task id (needed to resolve cloud-storage URLs), or None.
+        image_url: the task's image URL as Label Studio sent it.
+        ls_url: Label Studio base URL for relative URLs, or None.
+        ls_token: Label Studio token to download with, or None (the worker's own
+            LABEL_STUDIO_API_KEY wins when set).
+        width, height: original image size in pixels that the boxes refer to.
+        boxes_xyxy: N boxes, XYXY float pixels in that frame, already clipped to it.
+        words: N text prompts, or None for plain SAM-HQ (box only).
+    """
+
+    request_id: str
+    task_id: int | None
+    image_url: str
+    ls_url: str | None
+    ls_token: str | None
+    width: int
+    height: int
+    boxes_xyxy: list[list[float]] = field(default_factory=list)
+    words: list[str] | None = None
+
+    @property
+    def image_key(self) -> str:
+        return image_key(self.image_url, self.ls_url)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PredictJobSpec:
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class BoxPrediction:
+    """The model's answer for one box.
+
+    Attributes:
+        mask: :func:`encode_mask` of the (height, width) bool mask of the job's result.
+        score: the decoder's predicted IoU (confidence), in [0, 1] for a trained model.
+        text_score: max-head text/image similarity, or None without a text prompt.
+    """
+
+    mask: str
+    score: float
+    text_score: float | None = None
+
+
+@dataclass(frozen=True)
+class JobError:
+    """An expected failure sent back as data: the ``ml_backend.errors`` class name and message."""
+
+    type: str
+    message: str
+
+
+@dataclass(frozen=True)
+class PredictJobResult:
+    """What ``predict_job`` returns.
+
+    Attributes:
+        worker: name of the worker that ran it.
+        model_version: the worker's predictor version.
+        width, height: size of the decoded image, which is the size of every mask.
+        cache_hit: whether the image's features were already cached in the worker.
+        predictions: one per box, in the spec's order.
+        error: set instead of predictions when the job failed in an expected way.
+        elapsed_s: time spent in the worker.
+    """
+
+    worker: str
+    model_version: str
+    width: int = 0
+    height: int = 0
+    cache_hit: bool = False
+    predictions: list[BoxPrediction] = field(default_factory=list)
+    error: JobError | None = None
+    elapsed_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PredictJobResult:
+        fields = dict(data)
+        fields["predictions"] = [BoxPrediction(**p) for p in fields.get("predictions", [])]
+        error = fields.get("error")
+        fields["error"] = JobError(**error) if error else None
+        return cls(**fields)
+
+
+@dataclass(frozen=True)
+class WorkerHeartbeat:
+    """What a worker publishes about itself every second (JSON under ``RedisKeys.heartbeat``).
+
+    Attributes:
+        name: the rq worker name.
+        pid: its process id.
+        model_version: its predictor version.
+        busy: whether it is running a job now.
+        job_id: the job it runs, or None.
+        images: image keys whose features it holds, most recent last.
+        seen_at: UNIX time of this heartbeat.
+    """
+
+    name: str
+    pid: int
+    model_version: str
+    busy: bool = False
+    job_id: str | None = None
+    images: list[str] = field(default_factory=list)
+    seen_at: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> WorkerHeartbeat:
+        return cls(**data)

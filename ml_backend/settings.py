@@ -1,0 +1,269 @@
+"""Backend settings: the one place that reads the environment.
+
+Every setting has one environment variable; Label Studio's own names are kept where it has one
+(``LABEL_STUDIO_URL``, ``LABEL_STUDIO_API_KEY``, ``MODEL_DIR``, ``BASIC_AUTH_USER``,
+``BASIC_AUTH_PASS``). ``Settings.from_env(os.environ)`` validates everything at start-up and
+raises :class:`SettingsError` naming the first bad variable. The object is frozen and passed
+down explicitly; no other module reads ``os.environ``.
+
+| variable | default | meaning |
+|---|---|---|
+| LABEL_STUDIO_URL | unset | base URL of Label Studio, used to download task images; when unset the ``hostname`` sent to /setup is used |
+| LABEL_STUDIO_API_KEY | unset | legacy token or personal access token (JWT refresh token); when unset the ``access_token`` sent to /setup is used |
+| MODEL_DIR | ``.cache/talk2sam`` | directory of model weights (``weights_dir`` of the predictor) |
+| BASIC_AUTH_USER / BASIC_AUTH_PASS | unset | HTTP basic auth on every route but /health and /webhook; both or neither |
+| REDIS_URL | ``redis://127.0.0.1:6379/1`` | Redis for the job queue; database 0 is refused (Label Studio keeps its own rq queues there) |
+| KEY_PREFIX | ``talk2sam:`` | prefix of every queue name and key of ours |
+| JOB_TIMEOUT_S | 90 | longest a /predict waits for its jobs; below Label Studio's 100 s predict timeout |
+| QUEUE_MAX_DEPTH | 64 | jobs waiting in the shared queue above which /predict answers 503 at once |
+| LABEL_PROMPTS | empty | label -> text prompt, JSON object or ``"Power line=wire;Fence=fence"``; unmapped labels are their own prompt |
+| MODEL | ``talk2sam`` | ``talk2sam`` (the real predictor) or ``noop`` (rectangles, score 1.0: queue-overhead benchmarks and tests only) |
+| MODEL_CONFIG | ``tiny`` | predictor config name (``tiny``, ``vit_b``, ``vit_l``, ``vit_h``, ``vit_tiny``) |
+| MODEL_CHECKPOINT | unset | path of a Talk2SAM checkpoint of trained parts |
+| MODEL_VERSION | unset | model_version reported to Label Studio; unset: the one the workers report |
+| DEVICE | unset | torch device of the workers; unset: CUDA when available, else CPU |
+| IMAGE_CACHE_SIZE | 8 | images whose features a worker keeps (LRU) |
+| IMAGE_DOWNLOAD_CACHE_MB | 256 | downloaded image bytes a worker keeps in memory, by URL |
+| IMAGE_DOWNLOAD_DIR | unset | when set, downloaded images are also cached on disk there |
+| IMAGE_FETCH_TIMEOUT_S | 20 | timeout of one image download |
+| MAX_IMAGE_PIXELS | 100000000 | larger images are refused (decompression-bomb guard) |
+| WORKER_HEARTBEAT_TTL_S | 5 | a worker that has not refreshed its heartbeat for this long counts as dead |
+| STICKY_WAIT_S | 2.0 | how long a job routed to the worker holding its image may wait before it moves to the shared queue |
+| WARM_ON_OPEN | true | batch tasks with no box enqueue a low-priority job that caches their image's features |
+| LOG_LEVEL | ``INFO`` | Python logging level |
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TypeVar
+from urllib.parse import parse_qs, urlparse
+
+T = TypeVar("T")
+
+MODELS = ("talk2sam", "noop")
+LABEL_STUDIO_PREDICT_TIMEOUT_S = 100
+
+
+class SettingsError(ValueError):
+    """An environment variable has a value the backend cannot use.
+
+    Args:
+        variable: the variable's name.
+        message: what is wrong with its value.
+    """
+
+    def __init__(self, variable: str, message: str):
+        super().__init__(f"{variable}: {message}")
+        self.variable = variable
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated configuration of the app and the workers (see the module docstring)."""
+
+    label_studio_url: str | None = None
+    label_studio_api_key: str | None = None
+    model_dir: str = ".cache/talk2sam"
+    basic_auth_user: str | None = None
+    basic_auth_pass: str | None = None
+    redis_url: str = "redis://127.0.0.1:6379/1"
+    key_prefix: str = "talk2sam:"
+    job_timeout_s: int = 90
+    queue_max_depth: int = 64
+    label_prompts: Mapping[str, str] = field(default_factory=dict)
+    model: str = "talk2sam"
+    model_config: str = "tiny"
+    model_checkpoint: str | None = None
+    model_version: str | None = None
+    device: str | None = None
+    image_cache_size: int = 8
+    image_download_cache_mb: int = 256
+    image_download_dir: str | None = None
+    image_fetch_timeout_s: float = 20.0
+    max_image_pixels: int = 100_000_000
+    worker_heartbeat_ttl_s: int = 5
+    sticky_wait_s: float = 2.0
+    warm_on_open: bool = True
+    log_level: str = "INFO"
+
+    @property
+    def basic_auth_enabled(self) -> bool:
+        return self.basic_auth_user is not None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Settings:
+        """Build and validate settings from an environment mapping.
+
+        Args:
+            env: usually ``os.environ``; empty values count as unset.
+
+        Returns:
+            The settings.
+
+        Raises:
+            SettingsError: naming the first variable whose value is invalid.
+        """
+        d = cls()
+        get = _Reader(env)
+        settings = cls(
+            label_studio_url=get.opt("LABEL_STUDIO_URL", _http_url),
+            label_studio_api_key=get.opt("LABEL_STUDIO_API_KEY", str),
+            model_dir=get("MODEL_DIR", str, d.model_dir),
+            basic_auth_user=get.opt("BASIC_AUTH_USER", str),
+            basic_auth_pass=get.opt("BASIC_AUTH_PASS", str),
+            redis_url=get("REDIS_URL", _redis_url, d.redis_url),
+            key_prefix=get("KEY_PREFIX", _key_prefix, d.key_prefix),
+            job_timeout_s=get("JOB_TIMEOUT_S", _int_in(1, LABEL_STUDIO_PREDICT_TIMEOUT_S - 1),
+                              d.job_timeout_s),
+            queue_max_depth=get("QUEUE_MAX_DEPTH", _int_in(1, 100_000), d.queue_max_depth),
+            label_prompts=get("LABEL_PROMPTS", parse_label_prompts, {}),
+            model=get("MODEL", _one_of(MODELS), d.model),
+            model_config=get("MODEL_CONFIG", str, d.model_config),
+            model_checkpoint=get.opt("MODEL_CHECKPOINT", str),
+            model_version=get.opt("MODEL_VERSION", str),
+            device=get.opt("DEVICE", str),
+            image_cache_size=get("IMAGE_CACHE_SIZE", _int_in(1, 1024), d.image_cache_size),
+            image_download_cache_mb=get("IMAGE_DOWNLOAD_CACHE_MB", _int_in(0, 1_000_000),
+                                        d.image_download_cache_mb),
+            image_download_dir=get.opt("IMAGE_DOWNLOAD_DIR", str),
+            image_fetch_timeout_s=get("IMAGE_FETCH_TIMEOUT_S", _float_in(0.1, 600.0),
+                                      d.image_fetch_timeout_s),
+            max_image_pixels=get("MAX_IMAGE_PIXELS", _int_in(1, 10**10), d.max_image_pixels),
+            worker_heartbeat_ttl_s=get("WORKER_HEARTBEAT_TTL_S", _int_in(2, 600),
+                                       d.worker_heartbeat_ttl_s),
+            sticky_wait_s=get("STICKY_WAIT_S", _float_in(0.0, 60.0), d.sticky_wait_s),
+            warm_on_open=get("WARM_ON_OPEN", _bool, d.warm_on_open),
+            log_level=get("LOG_LEVEL", _log_level, d.log_level),
+        )
+        if (settings.basic_auth_user is None) != (settings.basic_auth_pass is None):
+            missing = "BASIC_AUTH_PASS" if settings.basic_auth_pass is None else "BASIC_AUTH_USER"
+            raise SettingsError(missing, "BASIC_AUTH_USER and BASIC_AUTH_PASS go together")
+        return settings
+
+
+class _Reader:
+    """Reads one variable, converts it and names the variable when conversion fails."""
+
+    def __init__(self, env: Mapping[str, str]):
+        self._env = env
+
+    def __call__(self, name: str, convert: Callable[[str], T], default: T) -> T:
+        value = self.opt(name, convert)
+        return default if value is None else value
+
+    def opt(self, name: str, convert: Callable[[str], T]) -> T | None:
+        raw = self._env.get(name, "").strip()
+        if not raw:
+            return None
+        try:
+            return convert(raw)
+        except (ValueError, TypeError) as exc:
+            raise SettingsError(name, f"{exc} (got {raw!r})") from None
+
+
+def parse_label_prompts(raw: str) -> dict[str, str]:
+    """Parse the label -> text prompt mapping.
+
+    Args:
+        raw: a JSON object of strings, or ``"label=prompt;label=prompt"``.
+
+    Returns:
+        The mapping; labels and prompts are stripped and must be non-empty.
+
+    Raises:
+        ValueError: on malformed input.
+    """
+    if raw.lstrip().startswith("{"):
+        parsed = json.loads(raw)
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in parsed.items()):
+            raise ValueError("the JSON object must map strings to strings")
+        pairs = list(parsed.items())
+    else:
+        pairs = []
+        for item in filter(None, (part.strip() for part in raw.split(";"))):
+            label, sep, prompt = item.partition("=")
+            if not sep:
+                raise ValueError(f"expected label=prompt, got {item!r}")
+            pairs.append((label, prompt))
+    mapping = {label.strip(): prompt.strip() for label, prompt in pairs}
+    if any(not label or not prompt for label, prompt in mapping.items()):
+        raise ValueError("labels and prompts must be non-empty")
+    return mapping
+
+
+def _int_in(low: int, high: int) -> Callable[[str], int]:
+    def convert(raw: str) -> int:
+        value = int(raw)
+        if not low <= value <= high:
+            raise ValueError(f"must be between {low} and {high}")
+        return value
+
+    return convert
+
+
+def _float_in(low: float, high: float) -> Callable[[str], float]:
+    def convert(raw: str) -> float:
+        value = float(raw)
+        if not low <= value <= high:  # also rejects NaN
+            raise ValueError(f"must be between {low} and {high}")
+        return value
+
+    return convert
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[str], str]:
+    def convert(raw: str) -> str:
+        if raw not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+        return raw
+
+    return convert
+
+
+def _bool(raw: str) -> bool:
+    lowered = raw.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
+def _http_url(raw: str) -> str:
+    parsed = urlparse(raw)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise ValueError("must be an http:// or https:// URL")
+    return raw.rstrip("/")
+
+
+def _redis_url(raw: str) -> str:
+    parsed = urlparse(raw)
+    if parsed.scheme not in ("redis", "rediss", "unix"):
+        raise ValueError("must be a redis://, rediss:// or unix:// URL")
+    db_text = parse_qs(parsed.query).get("db", [None])[0]
+    if db_text is None and parsed.scheme != "unix":
+        db_text = parsed.path.lstrip("/") or None
+    db = int(db_text) if db_text is not None else 0
+    if db == 0:
+        raise ValueError(
+            "must select a database other than 0 (Label Studio keeps its rq queues in 0), "
+            "e.g. redis://127.0.0.1:6379/1"
+        )
+    return raw
+
+
+def _key_prefix(raw: str) -> str:
+    if any(ch.isspace() for ch in raw):
+        raise ValueError("must not contain whitespace")
+    return raw
+
+
+def _log_level(raw: str) -> str:
+    level = raw.upper()
+    if level not in logging.getLevelNamesMapping():
+        raise ValueError("must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    return level

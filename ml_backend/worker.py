@@ -1,0 +1,483 @@
+"""GPU worker: one predictor per process, loaded once, fed by rq.
+
+``python -m ml_backend.worker`` builds the model (:func:`build_model`, the one factory), then runs
+a :class:`Talk2SamWorker`, an rq ``SimpleWorker`` that executes jobs in its own process: no
+``fork()``, so the CUDA context and the warm predictor survive from job to job. It listens to its
+own queue (sticky jobs for images it holds) first, then the shared predict queue, then the warm
+queue.
+
+Per-image features are kept in an LRU (IMAGE_CACHE_SIZE): a second box on the same image skips
+the download, decoding and ``set_image``. A heartbeat thread publishes every
+``WORKER_HEARTBEAT_TTL_S / 3`` seconds which images the worker holds and whether it is busy
+(rq's SimpleWorker sends no heartbeat of its own while a job runs). Counters (jobs, cache
+hits/misses, latency histogram) are kept in a Redis hash per worker for /metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+import numpy as np
+from redis import Redis
+from redis.exceptions import RedisError
+from rq import SimpleWorker
+from rq.job import Job
+from rq.queue import Queue
+from rq.serializers import JSONSerializer
+
+from ml_backend.errors import (
+    BackendError,
+    InvalidImageError,
+    InvalidRequestError,
+    ModelError,
+)
+from ml_backend.images import FetchConfig, ImageFetcher, decode_rgb
+from ml_backend.schemas import (
+    BoxPrediction,
+    JobError,
+    PredictJobResult,
+    PredictJobSpec,
+    RedisKeys,
+    WorkerHeartbeat,
+    encode_mask,
+)
+from ml_backend.settings import Settings, SettingsError
+
+log = logging.getLogger(__name__)
+
+LATENCY_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 90.0)
+
+
+# ---------------------------------------------------------------- models
+
+
+@dataclass(frozen=True)
+class ModelOutput:
+    """masks: (N, H, W) bool, original frame; scores: (N,) float32 confidence (predicted IoU);
+    text_scores: (N,) float32 text/image similarity, or None."""
+
+    masks: np.ndarray
+    scores: np.ndarray
+    text_scores: np.ndarray | None
+
+
+class SegmentationModel(Protocol):
+    """What a worker needs from a model: per-image state with an LRU cache, then boxes."""
+
+    model_version: str
+
+    def use_image(self, key: str, load_rgb: Callable[[], np.ndarray]) -> tuple[bool, int, int]:
+        """Make ``key`` the current image; returns (cache_hit, height, width)."""
+
+    def predict(self, boxes_xyxy: np.ndarray, words: Sequence[str] | None) -> ModelOutput:
+        """Segment (N, 4) XYXY pixel boxes of the current image."""
+
+    def cached_images(self) -> list[str]:
+        """Keys of the images held, least recently used first."""
+
+
+class _LRU:
+    """Key -> value, bounded, least recently used evicted first."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.items: OrderedDict[str, Any] = OrderedDict()
+
+    def get(self, key: str) -> Any | None:
+        if key in self.items:
+            self.items.move_to_end(key)
+            return self.items[key]
+        return None
+
+    def put(self, key: str, value: Any) -> None:
+        self.items[key] = value
+        self.items.move_to_end(key)
+        while len(self.items) > self.size:
+            self.items.popitem(last=False)
+
+
+class Talk2SamModel:
+    """The real predictor, with an LRU of per-image ``ImageFeatures``.
+
+    Args:
+        predictor: a ``talk2sam.predictor.Talk2SamPredictor``.
+        cache_size: images whose features are kept (on the predictor's device).
+    """
+
+    def __init__(self, predictor: Any, cache_size: int):
+        self._predictor = predictor
+        self._features = _LRU(cache_size)
+        self._current: str | None = None
+        self.model_version: str = predictor.model_version
+
+    def use_image(self, key: str, load_rgb: Callable[[], np.ndarray]) -> tuple[bool, int, int]:
+        cached = self._features.get(key)
+        if cached is not None:
+            if self._current != key:
+                self._predictor.set_features(cached)
+                self._current = key
+            return True, cached.height, cached.width
+        self._current = None
+        self._predictor.set_image(load_rgb())
+        features = self._predictor.features
+        self._features.put(key, features)
+        self._current = key
+        return False, features.height, features.width
+
+    def predict(self, boxes_xyxy: np.ndarray, words: Sequence[str] | None) -> ModelOutput:
+        pred = self._predictor.predict(boxes_xyxy, None if words is None else list(words))
+        return ModelOutput(masks=pred.masks, scores=pred.scores, text_scores=pred.text_scores)
+
+    def cached_images(self) -> list[str]:
+        return list(self._features.items)
+
+
+class NoopModel:
+    """NOT a model: fills each box with a rectangle, score 1.0.
+
+    For measuring queue overhead in benchmarks and for tests of the plumbing only (MODEL=noop).
+    It still downloads and decodes each new image, and caches its size like features.
+    """
+
+    model_version = "noop"
+
+    def __init__(self, cache_size: int):
+        self._sizes = _LRU(cache_size)
+        self._current: tuple[int, int] = (0, 0)
+
+    def use_image(self, key: str, load_rgb: Callable[[], np.ndarray]) -> tuple[bool, int, int]:
+        size = self._sizes.get(key)
+        hit = size is not None
+        if size is None:
+            size = load_rgb().shape[:2]
+            self._sizes.put(key, size)
+        self._current = size
+        return hit, size[0], size[1]
+
+    def predict(self, boxes_xyxy: np.ndarray, words: Sequence[str] | None) -> ModelOutput:
+        height, width = self._current
+        masks = np.zeros((len(boxes_xyxy), height, width), dtype=bool)
+        for mask, (x0, y0, x1, y1) in zip(masks, boxes_xyxy):
+            mask[round(y0):round(y1), round(x0):round(x1)] = True
+        scores = np.ones(len(boxes_xyxy), dtype=np.float32)
+        return ModelOutput(masks=masks, scores=scores, text_scores=None)
+
+    def cached_images(self) -> list[str]:
+        return list(self._sizes.items)
+
+
+def build_model(settings: Settings) -> SegmentationModel:
+    """The one model factory of the workers.
+
+    Raises:
+        ModelError: when the predictor cannot be built (unknown config, missing weights).
+    """
+    if settings.model == "noop":
+        return NoopModel(settings.image_cache_size)
+    from talk2sam.errors import Talk2SamError  # the model layer; only workers import torch
+    from talk2sam.predictor import build_predictor
+
+    try:
+        predictor = build_predictor(
+            config=settings.model_config,
+            weights_dir=settings.model_dir,
+            checkpoint=settings.model_checkpoint,
+            device=settings.device,
+        )
+    except Talk2SamError as exc:
+        raise ModelError(f"cannot build the model: {exc}") from exc
+    return Talk2SamModel(predictor, settings.image_cache_size)
+
+
+# ---------------------------------------------------------------- metrics and heartbeat
+
+
+class WorkerMetrics:
+    """Counters of one worker in the Redis hash ``RedisKeys.metrics(name)``.
+
+    Fields: jobs, job_errors, warm_jobs, boxes, cache_hits, cache_misses, latency_sum_s,
+    latency_count and cumulative ``latency_le_<bucket>`` counts (a Prometheus histogram).
+    """
+
+    def __init__(self, redis: Redis, key: str):
+        self._redis = redis
+        self._key = key
+
+    def record(self, *, job: str, ok: bool, hit: bool | None, boxes: int, latency_s: float) -> None:
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.hincrby(self._key, "warm_jobs" if job == "warm" else "jobs", 1)
+        if not ok:
+            pipe.hincrby(self._key, "job_errors", 1)
+        if hit is not None:
+            pipe.hincrby(self._key, "cache_hits" if hit else "cache_misses", 1)
+        if job == "predict":
+            pipe.hincrby(self._key, "boxes", boxes)
+            pipe.hincrbyfloat(self._key, "latency_sum_s", latency_s)
+            pipe.hincrby(self._key, "latency_count", 1)
+            for bound in LATENCY_BUCKETS_S:
+                if latency_s <= bound:
+                    pipe.hincrby(self._key, f"latency_le_{bound}", 1)
+        try:
+            pipe.execute()
+        except RedisError as exc:
+            log.warning("metrics not recorded: %s", exc)
+
+
+class Heartbeat:
+    """Publishes this worker's :class:`WorkerHeartbeat` from a daemon thread.
+
+    Args:
+        redis: connection (its own; redis-py clients are thread-safe).
+        keys: key names.
+        name: worker name.
+        ttl_s: the heartbeat expires this long after the last refresh.
+        state: returns the current heartbeat fields.
+    """
+
+    def __init__(self, redis: Redis, keys: RedisKeys, name: str, ttl_s: int,
+                 state: Callable[[], WorkerHeartbeat]):
+        self._redis, self._keys, self._name, self._ttl_s = redis, keys, name, ttl_s
+        self._state = state
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self.publish()
+        self._thread.start()
+
+    def publish(self) -> None:
+        beat = self._state()
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.set(self._keys.heartbeat(self._name), json.dumps(beat.to_dict()), ex=self._ttl_s)
+            pipe.sadd(self._keys.workers, self._name)
+            pipe.execute()
+        except RedisError as exc:
+            log.warning("heartbeat not published: %s", exc)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._ttl_s / 3):
+            self.publish()
+
+    def stop(self) -> None:
+        self._stop.set()
+        try:
+            self._redis.delete(self._keys.heartbeat(self._name))
+            self._redis.srem(self._keys.workers, self._name)
+        except RedisError:
+            pass
+
+
+# ---------------------------------------------------------------- runtime and jobs
+
+
+class WorkerRuntime:
+    """Everything a worker process holds: model, image fetcher, metrics, busy state.
+
+    Args:
+        settings: backend settings.
+        model: from :func:`build_model`.
+        name: the worker's name.
+        redis: connection for metrics and heartbeat.
+    """
+
+    def __init__(self, settings: Settings, model: SegmentationModel, name: str, redis: Redis):
+        self.settings = settings
+        self.model = model
+        self.name = name
+        self.keys = RedisKeys(settings.key_prefix)
+        self.fetcher = ImageFetcher(
+            FetchConfig(
+                timeout_s=settings.image_fetch_timeout_s,
+                memory_cache_bytes=settings.image_download_cache_mb * 2**20,
+                disk_cache_dir=settings.image_download_dir,
+                max_pixels=settings.max_image_pixels,
+            ),
+            default_ls_url=settings.label_studio_url,
+            default_token=settings.label_studio_api_key,
+        )
+        self.metrics = WorkerMetrics(redis, self.keys.metrics(name))
+        self.heartbeat = Heartbeat(redis, self.keys, name, settings.worker_heartbeat_ttl_s,
+                                   self.heartbeat_state)
+        self._job_id: str | None = None
+
+    def heartbeat_state(self) -> WorkerHeartbeat:
+        return WorkerHeartbeat(name=self.name, pid=os.getpid(),
+                               model_version=self.model.model_version,
+                               busy=self._job_id is not None, job_id=self._job_id,
+                               images=self.model.cached_images(), seen_at=time.time())
+
+    def set_busy(self, job_id: str | None) -> None:
+        self._job_id = job_id
+        self.heartbeat.publish()
+
+    def _load_rgb(self, spec: PredictJobSpec) -> np.ndarray:
+        data = self.fetcher.fetch(spec.image_url, spec.ls_url, spec.ls_token, spec.task_id)
+        return decode_rgb(data, self.settings.max_image_pixels)
+
+    def predict(self, spec: PredictJobSpec) -> PredictJobResult:
+        """Run one predict job; expected failures come back as ``error`` data."""
+        started = time.perf_counter()
+        hit: bool | None = None
+        try:
+            hit, height, width = self.model.use_image(spec.image_key, lambda: self._load_rgb(spec))
+            boxes = _boxes_in_image_frame(spec, height, width)
+            output = self.model.predict(boxes, spec.words)
+            predictions = [
+                BoxPrediction(mask=encode_mask(mask), score=float(score),
+                              text_score=None if output.text_scores is None
+                              else float(output.text_scores[i]))
+                for i, (mask, score) in enumerate(zip(output.masks, output.scores))
+            ]
+            result = PredictJobResult(worker=self.name, model_version=self.model.model_version,
+                                      width=width, height=height, cache_hit=hit,
+                                      predictions=predictions)
+        except Exception as exc:  # job boundary: expected errors become data, the rest re-raise
+            error = _expected_error(exc)
+            if error is None:
+                self.metrics.record(job="predict", ok=False, hit=hit, boxes=0,
+                                    latency_s=time.perf_counter() - started)
+                raise
+            log.info("job for task %s refused: %s: %s", spec.task_id, error.type, error.message)
+            result = PredictJobResult(worker=self.name, model_version=self.model.model_version,
+                                      error=error)
+        elapsed = time.perf_counter() - started
+        self.metrics.record(job="predict", ok=result.error is None, hit=hit,
+                            boxes=len(spec.boxes_xyxy), latency_s=elapsed)
+        return replace(result, elapsed_s=elapsed)
+
+    def warm(self, spec: PredictJobSpec) -> dict[str, Any]:
+        """Cache an image's features without predicting."""
+        try:
+            hit, _, _ = self.model.use_image(spec.image_key, lambda: self._load_rgb(spec))
+        except Exception as exc:  # job boundary, as in predict
+            if _expected_error(exc) is None:
+                raise
+            log.info("warm job for task %s skipped: %s", spec.task_id, exc)
+            return {"cached": False}
+        self.metrics.record(job="warm", ok=True, hit=hit, boxes=0, latency_s=0.0)
+        return {"cached": True}
+
+
+def _boxes_in_image_frame(spec: PredictJobSpec, height: int, width: int) -> np.ndarray:
+    """(N, 4) float64 XYXY boxes rescaled from the frame Label Studio declared to the image's."""
+    boxes = np.asarray(spec.boxes_xyxy, dtype=np.float64).reshape(-1, 4)
+    if (spec.width, spec.height) != (width, height):
+        log.warning("task %s: Label Studio says %dx%d, image is %dx%d; rescaling boxes",
+                    spec.task_id, spec.width, spec.height, width, height)
+        boxes = boxes * np.array([width / spec.width, height / spec.height] * 2)
+    return boxes
+
+
+def _expected_error(exc: Exception) -> JobError | None:
+    """The data form of an error the worker expects, or None for a bug."""
+    if isinstance(exc, BackendError):
+        return JobError(type(exc).__name__, str(exc))
+    try:
+        from talk2sam import errors as model_errors
+    except ImportError:  # noop workers may run without the model package
+        return None
+    if isinstance(exc, model_errors.InvalidPromptError):
+        return JobError(InvalidRequestError.__name__, str(exc))
+    if isinstance(exc, model_errors.InvalidImageError):
+        return JobError(InvalidImageError.__name__, str(exc))
+    if isinstance(exc, model_errors.Talk2SamError):
+        return JobError(ModelError.__name__, str(exc))
+    return None
+
+
+# The runtime of this worker process, set by main() before it takes jobs (never at import).
+# rq calls job functions by dotted path, so they reach the warm model through it.
+_runtime: WorkerRuntime | None = None
+
+
+def _current_runtime() -> WorkerRuntime:
+    if _runtime is None:
+        raise RuntimeError("predict_job runs only inside `python -m ml_backend.worker`")
+    return _runtime
+
+
+def predict_job(spec: dict[str, Any]) -> dict[str, Any]:
+    """rq job: segment the boxes of one image. Takes and returns JSON-able dicts."""
+    return _current_runtime().predict(PredictJobSpec.from_dict(spec)).to_dict()
+
+
+def warm_job(spec: dict[str, Any]) -> dict[str, Any]:
+    """rq job: cache the features of one image."""
+    return _current_runtime().warm(PredictJobSpec.from_dict(spec))
+
+
+class Talk2SamWorker(SimpleWorker):
+    """SimpleWorker that marks the runtime busy while a job runs (for routing)."""
+
+    runtime: WorkerRuntime | None = None
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        if self.runtime is not None:
+            self.runtime.set_busy(job.id)
+        try:
+            super().execute_job(job, queue)
+        finally:
+            if self.runtime is not None:
+                self.runtime.set_busy(None)
+
+
+# ---------------------------------------------------------------- command
+
+
+def main(argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -> int:
+    """``python -m ml_backend.worker [--name NAME] [--burst]``; settings come from the environment."""
+    parser = argparse.ArgumentParser(prog="python -m ml_backend.worker", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--name", default=f"{socket.gethostname()}-{os.getpid()}",
+                        help="worker name (default: host-pid)")
+    parser.add_argument("--burst", action="store_true", help="quit when the queues are empty")
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env(os.environ if env is None else env)
+    except SettingsError as exc:
+        print(f"invalid setting {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    global _runtime
+    redis = Redis.from_url(settings.redis_url)
+    t0 = time.perf_counter()
+    try:
+        model = build_model(settings)
+    except ModelError as exc:
+        log.error("%s", exc)
+        return 3
+    log.info("model %s loaded in %.1f s", model.model_version, time.perf_counter() - t0)
+    _runtime = WorkerRuntime(settings, model, args.name, redis)
+    keys = RedisKeys(settings.key_prefix)
+    queues = [Queue(name, connection=redis, serializer=JSONSerializer)
+              for name in (keys.worker_queue(args.name), keys.predict_queue, keys.warm_queue)]
+    worker = Talk2SamWorker(queues, name=args.name, connection=redis, serializer=JSONSerializer)
+    worker.runtime = _runtime
+    _runtime.heartbeat.start()
+    try:
+        worker.work(burst=args.burst, logging_level=settings.log_level, with_scheduler=False)
+    finally:
+        _runtime.heartbeat.stop()
+        _runtime.fetcher.close()
+    return 0
+
+
+if __name__ == "__main__":
+    # Run main() in the importable module, not in __main__: rq resolves
+    # "ml_backend.worker.predict_job" by import, and must find the runtime set here.
+    import importlib
+
+    sys.exit(importlib.import_module("ml_backend.worker").main())
