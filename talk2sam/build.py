@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import pickle
+import struct
 import tempfile
 import zipfile
 from pathlib import Path
@@ -23,9 +25,13 @@ from talk2sam.text import TextEncoder, build_clip
 from talk2sam.vision import DinoEncoder, build_dino
 
 CHECKPOINT_FORMAT = "talk2sam-trained-parts/1"
-# keys OpenAI's CLIP files carry beside the weights
-_OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
-TINY_SEED = 0  # tiny architectures are random but identical in every process
+# entries of CLIP files that are not weights: OpenAI's metadata, and a TorchScript export's
+# non-persistent causal-mask buffer
+_CLIP_NON_WEIGHT_KEYS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
+TINY_SEED = 0
+# what torch.load raises on a file that is not a (tensors-only) checkpoint
+_READ_ERRORS = (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile,
+                pickle.UnpicklingError, struct.error)  # tiny architectures are random but identical in every process
 
 
 def count_params(module: nn.Module, trainable_only: bool = False) -> int:
@@ -36,7 +42,7 @@ def load_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """torch.load on CPU, tensors only; unwraps {"model": ...}/{"state_dict": ...} containers."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
+    except _READ_ERRORS as exc:
         raise WeightsError(f"cannot read {path}: {exc}") from exc
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
@@ -65,7 +71,7 @@ def load_clip_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         state = torch.jit.load(path, map_location="cpu").state_dict()
     except RuntimeError:
         state = load_file(path)
-    return {k: v for k, v in state.items() if k not in _OPENAI_EXTRA_KEYS}
+    return {k: v for k, v in state.items() if k not in _CLIP_NON_WEIGHT_KEYS}
 
 
 def _weights_path(cfg_file: str | None, weights_dir: str | os.PathLike | None) -> Path | None:
@@ -202,7 +208,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
                                           "a Talk2SAM training run (talk2sam train)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
+    except _READ_ERRORS as exc:
         raise WeightsError(f"cannot read checkpoint {path}: {exc}") from exc
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise WeightsError(f"{path} is not a Talk2SAM checkpoint ({CHECKPOINT_FORMAT})")

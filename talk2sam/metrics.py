@@ -106,7 +106,7 @@ def boundary_dilation(height: int, width: int, ratio: float = BOUNDARY_DILATION_
 
     Python's `round` (half to even) on purpose: SAM-HQ's reference uses `int(round(...))`.
     """
-    return max(1, int(round(ratio * math.sqrt(height**2 + width**2))))
+    return max(1, round(ratio * math.sqrt(height**2 + width**2)))
 
 
 def _erode_square(mask: np.ndarray, radius: int) -> np.ndarray:

@@ -59,7 +59,7 @@ def normalize_image(image: np.ndarray, max_pixels: int = MAX_PIXELS_DEFAULT) -> 
         raise InvalidImageError(f"unsupported image dtype {img.dtype}")
     if img.shape[2] == 1:
         img = np.repeat(img, 3, axis=2)
-    return np.ascontiguousarray(img[..., :3])
+    return np.array(img[..., :3], dtype=np.uint8, order="C", copy=True)
 
 
 class Talk2SamPredictor:

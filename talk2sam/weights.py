@@ -73,7 +73,7 @@ def resolve(name: str, directory: str | os.PathLike | None = None) -> Path:
         WeightsMissingError: the file is absent (message names it, its size and its source).
         WeightsError: the file has the wrong size (truncated download).
     """
-    entry = WEIGHT_FILES[name]
+    entry = WEIGHT_FILES.get(name) or WeightFile(name, name, None, None, None, "your own files")
     path = weights_dir(directory) / name
     if not path.is_file():
         raise WeightsMissingError(name, str(path), entry.size_bytes, entry.source)

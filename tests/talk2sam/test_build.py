@@ -1,0 +1,182 @@
+"""Official checkpoint layouts, written by the tests at tiny sizes, load strictly; bad files fail
+with errors naming the file."""
+
+import numpy as np
+import pytest
+import torch
+
+from talk2sam import weights
+from talk2sam.build import (
+    build_model,
+    count_params,
+    load_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+    set_trainable,
+)
+from talk2sam.configs import get_config
+from talk2sam.errors import ConfigError, WeightsError, WeightsMismatchError, WeightsMissingError
+from talk2sam.projection import Projection, rename_psi_keys
+from talk2sam.sam_hq import build_sam_hq
+from talk2sam.text import build_clip
+from talk2sam.vision import build_dino
+
+FILES = dict(sam_weights="tiny_sam_hq.pth", dino_weights="tiny_dinov2_reg4_pretrain.pth",
+             psi_weights="tiny_mlp_infonce.pth", clip_weights="tiny_clip.pt")
+
+
+def tiny_files_config():
+    return get_config("tiny").with_changes(name="tiny-files", **FILES)
+
+
+def official_dinov2_state(timm_state):
+    """Invert timm's DINOv2 filter: the facebookresearch layout (register_tokens, mask_token, a
+    CLS slot in pos_embed)."""
+    state = dict(timm_state)
+    dim = state["cls_token"].shape[-1]
+    state["register_tokens"] = state.pop("reg_token")
+    state["pos_embed"] = torch.cat([torch.zeros(1, 1, dim), state["pos_embed"]], dim=1)
+    state["mask_token"] = torch.zeros(1, dim)
+    return state
+
+
+@pytest.fixture()
+def official_files(tmp_path):
+    """Write every component in its official layout; return (dir, the written modules)."""
+    cfg = tiny_files_config()
+    torch.manual_seed(123)
+    sam = build_sam_hq(cfg.sam)
+    torch.save(sam.state_dict(), tmp_path / FILES["sam_weights"])
+    vit = build_dino(cfg.dino)
+    torch.save(official_dinov2_state(vit.state_dict()), tmp_path / FILES["dino_weights"])
+    psi = Projection(cfg.text_dim, cfg.psi_dim)
+    legacy = {k.replace("hidden_layers.0.", "linear_layer2."): v for k, v in psi.state_dict().items()}
+    torch.save(legacy, tmp_path / FILES["psi_weights"])  # the older Talk2DINO key names
+    clip = build_clip(cfg.clip)
+    torch.jit.script(clip).save(str(tmp_path / FILES["clip_weights"]))  # OpenAI ships TorchScript
+    return tmp_path, dict(sam=sam, vit=vit, psi=psi, clip=clip)
+
+
+def test_official_layouts_round_trip(official_files):
+    directory, written = official_files
+    model = build_model(tiny_files_config(), weights_dir=directory)
+    for key, value in written["sam"].state_dict().items():
+        assert torch.equal(model.sam.state_dict()[key], value), key
+    for key, value in written["psi"].state_dict().items():
+        assert torch.equal(model.psi.state_dict()[key], value), key
+    vit_state = model.dino.vit.state_dict()
+    for key, value in written["vit"].state_dict().items():
+        assert torch.allclose(vit_state[key], value), key
+    clip_state = model.text.clip.state_dict()
+    for key, value in written["clip"].state_dict().items():
+        if not key.startswith("visual."):  # the vision tower is dropped after loading
+            assert torch.equal(clip_state[key], value), key
+    assert model.version == "talk2sam-tiny-files-base"
+
+
+def test_clip_plain_state_dict_with_openai_metadata_loads(official_files):
+    directory, written = official_files
+    state = written["clip"].state_dict()
+    state.update(input_resolution=torch.tensor(32), context_length=torch.tensor(77),
+                 vocab_size=torch.tensor(49408))
+    torch.save(state, directory / FILES["clip_weights"])
+    model = build_model(tiny_files_config(), weights_dir=directory)
+    assert torch.equal(model.text.clip.ln_final.weight, written["clip"].ln_final.weight)
+
+
+def test_missing_file_names_file_size_and_source(tmp_path):
+    with pytest.raises(WeightsMissingError) as err:
+        build_model("vit_b", weights_dir=tmp_path)
+    message = str(err.value)
+    assert "sam_hq_vit_b.pth" in message and "379,335,069" in message and "lkeab/hq-sam" in message
+
+
+def test_truncated_official_file_is_refused(tmp_path):
+    (tmp_path / "sam_hq_vit_b.pth").write_bytes(b"\0" * 1000)
+    with pytest.raises(WeightsError, match="truncated"):
+        weights.resolve("sam_hq_vit_b.pth", tmp_path)
+
+
+def test_wrong_architecture_fails_without_loading(official_files):
+    directory, _ = official_files
+    torch.save(Projection(16, 48).state_dict(), directory / FILES["psi_weights"])
+    with pytest.raises(WeightsMismatchError, match="tiny_mlp_infonce.pth"):
+        build_model(tiny_files_config(), weights_dir=directory)
+    state = torch.load(directory / FILES["sam_weights"])
+    state.pop("mask_decoder.hf_token.weight")
+    state["extra.key"] = torch.zeros(1)
+    torch.save(state, directory / FILES["sam_weights"])
+    with pytest.raises(WeightsMismatchError) as err:
+        build_model(tiny_files_config(), weights_dir=directory)
+    assert "mask_decoder.hf_token.weight" in str(err.value) and "extra.key" in str(err.value)
+
+
+def test_corrupt_file_gives_clear_error(official_files):
+    directory, _ = official_files
+    (directory / FILES["psi_weights"]).write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsError, match="cannot read"):
+        build_model(tiny_files_config(), weights_dir=directory)
+
+
+def test_psi_key_renaming_is_pure():
+    state = {"linear_layer2.weight": 1, "linear_layer.bias": 2, "module.hidden_layers.0.bias": 3}
+    assert rename_psi_keys(state) == {"hidden_layers.0.weight": 1, "linear_layer.bias": 2,
+                                      "hidden_layers.0.bias": 3}
+
+
+def test_parameter_counts_of_real_parts():
+    assert count_params(Projection(512, 1024)) == 1_574_912
+    sam_b = build_sam_hq(get_config("vit_b").sam)
+    assert count_params(sam_b.mask_decoder) == 5_129_444
+    assert count_params(sam_b.prompt_encoder.mask_downscaling) == 4_684
+
+
+def test_trained_parts_checkpoint_round_trip(tmp_path, tiny_model):
+    path = save_checkpoint(tiny_model, tmp_path / "v1.pt", version="v1", metrics={"miou": 0.5})
+    payload = read_checkpoint(path)
+    assert payload["version"] == "v1" and payload["metrics"] == {"miou": 0.5}
+    assert payload["config"]["name"] == "tiny"
+    loaded = load_checkpoint(path)
+    assert loaded.version == "v1"
+    for key, value in tiny_model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    assert not list(tmp_path.glob("*.tmp"))  # atomic write leaves no temp file
+
+
+def test_checkpoint_for_another_config_is_refused(tmp_path, tiny_model):
+    path = save_checkpoint(tiny_model, tmp_path / "v1.pt", version="v1")
+    other = build_model("tiny", use_text=False)
+    with pytest.raises(ConfigError, match="trained for config"):
+        load_checkpoint(path, model=other)
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(WeightsError):
+        read_checkpoint(tmp_path / "junk.pt")
+
+
+def test_freezing_follows_the_paper(tiny_model):
+    model = build_model("tiny")
+    params = set_trainable(model, clip_mode="frozen")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("sam.mask_decoder.", "psi.",
+                                           "sam.prompt_encoder.mask_downscaling."))
+                             for n in trainable)
+    partial = set_trainable(model, clip_mode="partial")
+    assert len(partial) > len(params)
+    assert model.text.clip.ln_final.weight.requires_grad
+    assert not model.text.clip.token_embedding.weight.requires_grad
+
+
+def test_gradients_reach_only_trainable_parts():
+    model = build_model("tiny")
+    set_trainable(model, clip_mode="partial")
+    model.train()
+    rgb = torch.from_numpy(np.random.default_rng(0).integers(0, 255, (64, 80, 3), dtype=np.uint8))
+    feats = model.encode_image(rgb)
+    out = model.decode(feats, torch.tensor([[5.0, 5.0, 60.0, 50.0]]), ["wire"])
+    (out.low_res_logits.mean() + out.iou.mean()).backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None, f"trainable {name} got no gradient"
+        else:
+            assert p.grad is None, f"frozen {name} got a gradient"
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.psi.parameters())

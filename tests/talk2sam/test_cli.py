@@ -1,0 +1,24 @@
+import numpy as np
+from PIL import Image
+
+from talk2sam.cli import main
+
+
+def test_segment_writes_mask_and_overlay(tmp_path, capsys):
+    image = tmp_path / "wires.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 80, 3), np.uint8)).save(image)
+    assert main(["segment", str(image), "--box", "10", "10", "70", "40", "--text", "wire"]) == 0
+    mask = np.asarray(Image.open(tmp_path / "wires_mask.png"))
+    assert mask.shape == (60, 80) and set(np.unique(mask)) <= {0, 255}
+    overlay = Image.open(tmp_path / "wires_overlay.png")
+    assert overlay.size[0] > 300
+    assert "wires_overlay.png" in capsys.readouterr().out
+
+
+def test_segment_reports_missing_weights(tmp_path, capsys):
+    image = tmp_path / "a.png"
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(image)
+    code = main(["segment", str(image), "--box", "1", "1", "9", "9", "--text", "wire",
+                 "--config", "vit_b", "--weights-dir", str(tmp_path)])
+    assert code == 2
+    assert "sam_hq_vit_b.pth" in capsys.readouterr().err

@@ -1,0 +1,91 @@
+import numpy as np
+import pytest
+
+from talk2sam.build import build_model
+from talk2sam.errors import ImageNotSetError, InvalidImageError, InvalidPromptError
+from talk2sam.predictor import Talk2SamPredictor, normalize_image
+
+
+def test_predictions_at_original_resolution_for_several_boxes(tiny_predictor, rgb_300x400):
+    tiny_predictor.set_image(rgb_300x400)
+    pred = tiny_predictor.predict([[100, 49, 280, 85], [10, 10, 120, 200], [0, 0, 400, 300]],
+                                  ["wire", "fence", "bicycle"])
+    assert pred.masks.shape == (3, 300, 400) and pred.masks.dtype == np.bool_
+    assert pred.logits.shape == (3, 64, 64) and pred.logits.dtype == np.float32
+    assert pred.scores.shape == (3,) and pred.scores.dtype == np.float32
+    assert pred.text_scores.shape == (3,)
+    assert pred.sim_maps.shape == (3, 16, 16)
+
+
+def test_batched_boxes_equal_one_by_one(tiny_predictor, rgb_300x400):
+    tiny_predictor.set_image(rgb_300x400)
+    boxes, words = [[100, 49, 280, 85], [10, 10, 120, 200]], ["wire", "fence"]
+    together = tiny_predictor.predict(boxes, words)
+    for i in range(2):
+        alone = tiny_predictor.predict([boxes[i]], [words[i]])
+        np.testing.assert_allclose(alone.logits[0], together.logits[i], atol=1e-4)
+
+
+def test_text_changes_the_map_and_the_logits(tiny_predictor, rgb_300x400):
+    tiny_predictor.set_image(rgb_300x400)
+    box = [[100, 49, 280, 85]]
+    wire, fence = tiny_predictor.predict(box, "wire"), tiny_predictor.predict(box, "fence")
+    assert not np.allclose(wire.sim_maps, fence.sim_maps)
+    assert not np.allclose(wire.logits, fence.logits)
+    again = tiny_predictor.predict(box, "wire")  # cached text embedding, same answer
+    np.testing.assert_array_equal(again.logits, wire.logits)
+
+
+def test_box_only_mode_runs_through_the_same_predictor(rgb_300x400):
+    predictor = Talk2SamPredictor(build_model("tiny", use_text=False))
+    predictor.set_image(rgb_300x400)
+    pred = predictor.predict([[100, 49, 280, 85]])
+    assert pred.masks.shape == (1, 300, 400)
+    assert pred.sim_maps is None and pred.text_scores is None
+    assert predictor.model_version.startswith("samhq-tiny")
+
+
+def test_predict_before_set_image(tiny_predictor):
+    tiny_predictor.reset_image()
+    with pytest.raises(ImageNotSetError):
+        tiny_predictor.predict([[0, 0, 10, 10]], "wire")
+
+
+@pytest.mark.parametrize("box, word, message", [
+    ([500, 10, 600, 50], "wire", "outside"),
+    ([10, 10, 10, 50], "wire", "zero or negative"),
+    ([10, 10, 50, 50], "", "empty"),
+    ([10, 10, 50, 50], "   ", "empty"),
+    ([10, 10, 50, 50], "x" * 500, "characters"),
+])
+def test_bad_prompts_get_clear_errors(tiny_predictor, rgb_300x400, box, word, message):
+    tiny_predictor.set_image(rgb_300x400)
+    with pytest.raises(InvalidPromptError, match=message):
+        tiny_predictor.predict([box], [word])
+
+
+def test_word_count_must_match_boxes(tiny_predictor, rgb_300x400):
+    tiny_predictor.set_image(rgb_300x400)
+    with pytest.raises(InvalidPromptError, match="2 boxes but 1 words"):
+        tiny_predictor.predict([[0, 0, 10, 10], [5, 5, 20, 20]], ["wire"])
+
+
+def test_image_normalisation_is_deliberate():
+    gray = np.full((20, 30), 100, np.uint8)
+    assert normalize_image(gray).shape == (20, 30, 3)
+    rgba = np.zeros((20, 30, 4), np.uint8)
+    rgba[..., 3] = 7
+    assert normalize_image(rgba).shape == (20, 30, 3) and normalize_image(rgba).max() == 0
+    deep = np.full((20, 30, 3), 65535, np.uint16)
+    assert normalize_image(deep).dtype == np.uint8 and normalize_image(deep).max() == 255
+    with pytest.raises(InvalidImageError, match="shape"):
+        normalize_image(np.zeros((20, 30, 2), np.uint8))
+    with pytest.raises(InvalidImageError, match="dtype"):
+        normalize_image(np.zeros((20, 30, 3), np.int64))
+    with pytest.raises(InvalidImageError, match="limit"):
+        normalize_image(np.zeros((200, 300, 3), np.uint8), max_pixels=1000)
+
+
+def test_grayscale_and_16_bit_images_segment(tiny_predictor):
+    tiny_predictor.set_image(np.random.default_rng(0).integers(0, 65535, (90, 70), np.uint16))
+    assert tiny_predictor.predict([[5, 5, 60, 80]], "wire").masks.shape == (1, 90, 70)
