@@ -1,0 +1,358 @@
+"""End-to-end harness: start a real Label Studio, the backend web app and its workers.
+
+The fixtures in ``conftest.py`` use these pieces; every process is started in its own process
+group and stopped (the whole group) at the end of the session. Nothing needs to run beforehand
+except Redis.
+
+Label Studio lives in its own virtual environment (it pins rq < 2.7 and redis < 5.3, which the
+backend's environment must not get): ``python3 -m venv .venv-labelstudio &&
+.venv-labelstudio/bin/pip install label-studio==1.23.2``.
+
+| variable | default | meaning |
+|---|---|---|
+| LABEL_STUDIO_BIN | ``.venv-labelstudio/bin/label-studio`` | the ``label-studio`` executable |
+| E2E_ALLOW_SKIP | unset | ``1``: skip (instead of fail) when that executable is missing |
+| E2E_REDIS_URL | ``redis://127.0.0.1:6379/13`` | Redis database of the e2e tests, flushed before and after |
+| E2E_CACHE_DIR | ``.cache/e2e`` | where a migrated Label Studio database is kept between sessions |
+| E2E_START_TIMEOUT_S | 600 | how long Label Studio and the backend may take to become ready |
+
+A first Label Studio start spends about a minute on database migrations; the migrated empty
+database is kept in ``E2E_CACHE_DIR`` (keyed by the Label Studio version) and copied into each
+session's fresh data directory, so later sessions start in about ten seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+LABELING_CONFIGS = REPO_ROOT / "labeling_configs"
+LABEL_STUDIO_VERSION = "1.23.2"
+
+# Label Studio prints this once it listens; it may have moved to another port (see start_label_studio).
+_LISTENING = re.compile(r"Starting development server at http://[^:/]+:(\d+)/")
+# Variables of the caller's environment that must not leak into a child of another venv.
+_FOREIGN_ENV = ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME", "DJANGO_SETTINGS_MODULE")
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def start_timeout_s() -> float:
+    return float(os.environ.get("E2E_START_TIMEOUT_S", "600"))
+
+
+def free_port() -> int:
+    """A TCP port that was free on 127.0.0.1 a moment ago (callers verify what they got)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def child_env(extra: Mapping[str, str]) -> dict[str, str]:
+    """The environment of a child process: ours without venv leaks, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k not in _FOREIGN_ENV}
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Service:
+    """A child process started in its own process group, with its output in a log file."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    @classmethod
+    def start(cls, name: str, argv: Sequence[str], env: Mapping[str, str], log_path: Path,
+              cwd: Path = REPO_ROOT) -> Service:
+        log = log_path.open("wb")
+        try:
+            process = subprocess.Popen(list(argv), env=dict(env), cwd=cwd, stdout=log,
+                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                       start_new_session=True)
+        finally:
+            log.close()  # the child holds its own copy
+        return cls(name=name, process=process, log_path=log_path)
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def check_alive(self) -> None:
+        """Fail the test run, showing the log, when the process has exited."""
+        code = self.process.poll()
+        if code is not None:
+            pytest.fail(f"{self.name} exited with code {code}; last lines of {self.log_path}:\n"
+                        f"{self.log_tail()}", pytrace=False)
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        """SIGTERM the whole process group, then SIGKILL what is left after ``grace_s``."""
+        pgid = self.process.pid  # start_new_session: the child leads its own group
+        for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.process.wait(timeout=wait_s)
+            except subprocess.TimeoutExpired:
+                continue
+            if not _group_alive(pgid):
+                break
+        if self.process.poll() is None:
+            self.process.wait(timeout=5)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def wait_until(ready: Callable[[], bool], what: str, timeout_s: float, services: Sequence[Service] = (),
+               interval_s: float = 0.5) -> None:
+    """Poll ``ready()`` until it returns true; fail naming ``what`` on timeout or a dead service."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for service in services:
+            service.check_alive()
+        if ready():
+            return
+        if time.monotonic() > deadline:
+            tails = "\n".join(f"--- {s.name} ({s.log_path}):\n{s.log_tail()}" for s in services)
+            pytest.fail(f"{what} not ready after {timeout_s:.0f} s\n{tails}", pytrace=False)
+        time.sleep(interval_s)
+
+
+def http_ok(url: str, headers: Mapping[str, str] | None = None) -> bool:
+    try:
+        return httpx.get(url, headers=dict(headers or {}), timeout=2.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+# ---------------------------------------------------------------- Label Studio
+
+
+@dataclass(frozen=True)
+class LabelStudioServer:
+    """A running Label Studio.
+
+    Attributes:
+        url: base URL, ``http://127.0.0.1:<port>``.
+        token: the admin's legacy API token (``Authorization: Token ...``).
+        username, password: the admin's credentials.
+        data_dir: Label Studio's data directory (database, uploads).
+        files_root: LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT: files under it are served as
+            ``/data/local-files/?d=<path relative to it>``.
+        service: the process.
+    """
+
+    url: str
+    token: str
+    username: str
+    password: str
+    data_dir: Path
+    files_root: Path
+    service: Service
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Token {self.token}"}
+
+    def local_file_url(self, path: Path) -> str:
+        """Task URL of a file under ``files_root``."""
+        return f"/data/local-files/?d={path.relative_to(self.files_root).as_posix()}"
+
+
+def label_studio_bin() -> Path:
+    """The ``label-studio`` executable (LABEL_STUDIO_BIN), skipping or failing when missing."""
+    path = Path(os.environ.get("LABEL_STUDIO_BIN")
+                or REPO_ROOT / ".venv-labelstudio" / "bin" / "label-studio")
+    if path.is_file() and os.access(path, os.X_OK):
+        return path
+    reason = (f"Label Studio executable {path} not found: create it with `python3 -m venv "
+              f".venv-labelstudio && .venv-labelstudio/bin/pip install "
+              f"label-studio=={LABEL_STUDIO_VERSION}` or set LABEL_STUDIO_BIN")
+    if _env_flag("E2E_ALLOW_SKIP"):
+        pytest.skip(reason)
+    pytest.fail(reason + " (set E2E_ALLOW_SKIP=1 to skip instead)", pytrace=False)
+
+
+def _installed_version(bin_path: Path) -> str:
+    python = bin_path.parent / "python"
+    out = subprocess.run([str(python), "-c", "import importlib.metadata as m;"
+                          "print(m.version('label-studio'))"],
+                         env=child_env({}), capture_output=True, text=True, timeout=60)
+    if out.returncode != 0:
+        pytest.fail(f"cannot read the Label Studio version with {python}:\n{out.stderr}",
+                    pytrace=False)
+    return out.stdout.strip()
+
+
+def _label_studio_env(data_dir: Path, files_root: Path, credentials: Mapping[str, str]
+                      ) -> dict[str, str]:
+    return child_env({
+        "LABEL_STUDIO_BASE_DATA_DIR": str(data_dir),
+        "LABEL_STUDIO_USERNAME": credentials["username"],
+        "LABEL_STUDIO_PASSWORD": credentials["password"],
+        "LABEL_STUDIO_USER_TOKEN": credentials["token"],
+        # Since 1.23.1 ML backends on local addresses are refused unless both are off.
+        "LABEL_STUDIO_ML_BLOCK_LOCAL_IP": "false",
+        "LABEL_STUDIO_SSRF_PROTECTION_ENABLED": "false",
+        "LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED": "true",
+        "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(files_root),
+        # Offline and quiet: no PyPI version check, no analytics.
+        "LATEST_VERSION_CHECK": "false",
+        "COLLECT_ANALYTICS": "false",
+    })
+
+
+def migrated_database(bin_path: Path, work_dir: Path) -> Path:
+    """A migrated, empty Label Studio database, made once per version and kept in the cache.
+
+    ``label-studio version`` applies the migrations and exits without creating any user.
+    """
+    version = _installed_version(bin_path)
+    cache_dir = Path(os.environ.get("E2E_CACHE_DIR") or REPO_ROOT / ".cache" / "e2e")
+    cached = cache_dir / f"label-studio-{version}-migrated.sqlite3"
+    if cached.is_file():
+        return cached
+    scratch = work_dir / "migrate"
+    scratch.mkdir()
+    env = child_env({"LABEL_STUDIO_BASE_DATA_DIR": str(scratch), "LATEST_VERSION_CHECK": "false",
+                     "COLLECT_ANALYTICS": "false"})
+    log_path = work_dir / "label-studio-migrate.log"
+    with log_path.open("wb") as log:
+        done = subprocess.run([str(bin_path), "version"], env=env, cwd=work_dir, stdout=log,
+                              stderr=subprocess.STDOUT, timeout=start_timeout_s())
+    database = scratch / "label_studio.sqlite3"
+    if done.returncode != 0 or not database.is_file():
+        pytest.fail(f"Label Studio migrations failed (code {done.returncode}):\n"
+                    f"{log_path.read_text(errors='replace')[-4000:]}", pytrace=False)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    partial = cache_dir / f".{cached.name}.{os.getpid()}.tmp"
+    shutil.copyfile(database, partial)
+    os.replace(partial, cached)  # atomic: concurrent sessions never see half a file
+    return cached
+
+
+def start_label_studio(work_dir: Path, attempts: int = 3) -> LabelStudioServer:
+    """Start Label Studio on a free port with a fresh data dir and a random admin token.
+
+    Label Studio moves to the next port, silently, when the one asked for is taken by the time it
+    binds; the port it prints is checked and a mismatch is retried on a new port, so the URL
+    given to the backend (``--host``) is always the real one.
+    """
+    bin_path = label_studio_bin()
+    template = migrated_database(bin_path, work_dir)
+    credentials = {"username": "e2e@talk2sam.test", "password": secrets.token_urlsafe(12),
+                   "token": secrets.token_hex(20)}
+    files_root = work_dir / "files"
+    files_root.mkdir()
+    for attempt in range(1, attempts + 1):
+        data_dir = work_dir / f"label-studio-data-{attempt}"
+        data_dir.mkdir()
+        shutil.copyfile(template, data_dir / "label_studio.sqlite3")
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        service = Service.start(
+            "label-studio",
+            [str(bin_path), "start", "--no-browser", "--internal-host", "127.0.0.1",
+             "--port", str(port), "--host", url, "--data-dir", str(data_dir),
+             "--enable-legacy-api-token"],
+            _label_studio_env(data_dir, files_root, credentials),
+            work_dir / f"label-studio-{attempt}.log", cwd=work_dir)
+        try:
+            bound = _wait_for_listen_line(service)
+            if bound != port:
+                service.stop()
+                continue
+            server = LabelStudioServer(url=url, token=credentials["token"],
+                                       username=credentials["username"],
+                                       password=credentials["password"], data_dir=data_dir,
+                                       files_root=files_root, service=service)
+            # The random token proves that this port answers for our process, not another one.
+            wait_until(lambda: http_ok(f"{url}/api/current-user/whoami", server.headers),
+                       "Label Studio API with our token", 60, [service])
+            return server
+        except BaseException:
+            service.stop()
+            raise
+    pytest.fail(f"Label Studio moved off its port {attempts} times in a row", pytrace=False)
+
+
+def _wait_for_listen_line(service: Service) -> int:
+    bound: list[int] = []
+
+    def listening() -> bool:
+        match = _LISTENING.search(service.log_path.read_text(errors="replace"))
+        if match:
+            bound.append(int(match.group(1)))
+        return bool(match)
+
+    wait_until(listening, "Label Studio", start_timeout_s(), [service])
+    return bound[0]
+
+
+
+# ---------------------------------------------------------------- Redis, backend, worker
+
+
+@dataclass(frozen=True)
+class Backend:
+    """The backend web app and its inference workers.
+
+    Attributes:
+        url: base URL of the web app, as Label Studio reaches it.
+        env: the environment both were started with (settings of ``ml_backend.settings``).
+        app: the web app process.
+        workers: the worker processes.
+    """
+
+    url: str
+    env: Mapping[str, str]
+    app: Service
+    workers: tuple[Service, ...]
+
+
+def backend_env(label_studio: LabelStudioServer, redis_url: str) -> dict[str, str]:
+    """Settings for the app and the workers: the tiny random-weights model on CPU."""
+    return child_env({
+        "REDIS_URL": redis_url,
+        "KEY_PREFIX": f"talk2sam-e2e-{secrets.token_hex(4)}:",
+        "LABEL_STUDIO_URL": label_studio.url,
+        "LABEL_STUDIO_API_KEY": label_studio.token,
+        "MODEL": "talk2sam",
+        "MODEL_CONFIG": "tiny",
+        "DEVICE": "cpu",
+        "JOB_TIMEOUT_S": "90",
+        "LABEL_PROMPTS": json.dumps({"Power line": "wire"}),
+        "LOG_LEVEL": "INFO",
+        "PYTHONUNBUFFERED": "1",
+    })
