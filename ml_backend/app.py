@@ -135,11 +135,13 @@ def create_app(settings: Settings, queue: QueueClient | None = None) -> FastAPI:
 
     async def refresh_loop() -> None:
         while True:
-            await run_in_threadpool(refresh_workers)
             await asyncio.sleep(WORKER_REFRESH_S)
+            await run_in_threadpool(refresh_workers)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # Learn the workers' model_version before the first /setup is answered.
+        await run_in_threadpool(refresh_workers)
         task = asyncio.create_task(refresh_loop())
         try:
             yield

@@ -1,0 +1,245 @@
+"""Fixtures of the ML backend tests: real Redis (a database of our own), a fake Label Studio
+file server, real worker processes, the app through Starlette's httpx-based TestClient.
+
+Redis: database 14 of the local server (override with TALK2SAM_TEST_REDIS_URL) under the prefix
+``t2s-test:``; each test starts from a database holding nothing but the live workers' own
+registration (queues, jobs, results and counters are deleted around every test).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+import pytest
+import redis
+from PIL import Image, ImageDraw
+
+from ml_backend.schemas import RedisKeys
+
+REPO = Path(__file__).resolve().parents[2]
+FIXTURES = Path(os.environ.get("TALK2SAM_LS_FIXTURES",
+                               "/work/shared/fixtures/label-studio-1.23.2"))
+REDIS_URL = os.environ.get("TALK2SAM_TEST_REDIS_URL", "redis://127.0.0.1:6379/14")
+PREFIX = "t2s-test:"
+LEGACY_TOKEN = "harness-token-0123456789abcdef"
+WORKER_START_TIMEOUT_S = 60
+
+
+def load_fixture(name: str) -> dict:
+    """A captured Label Studio 1.23.2 request (deep copy, safe to modify)."""
+    with open(FIXTURES / name) as f:
+        return copy.deepcopy(json.load(f))
+
+
+def synthetic_png(width: int, height: int) -> bytes:
+    """A sky-blue PNG crossed by a dark 3-pixel 'wire' and a fence-like grid at the bottom."""
+    image = Image.new("RGB", (width, height), (150, 190, 235))
+    draw = ImageDraw.Draw(image)
+    draw.line([(0, height * 0.2), (width, height * 0.25)], fill=(30, 30, 30), width=3)
+    for x in range(0, width, 12):
+        draw.line([(x, height * 0.75), (x, height)], fill=(80, 60, 40), width=2)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@dataclass
+class FakeLabelStudio:
+    """Serves ``/data/upload/<project>/<name>_<W>x<H>.png`` as synthetic PNGs behind a token.
+
+    ``/slow/<seconds>/...`` delays the answer (to keep a worker busy mid-job); ``/corrupt/...``
+    answers bytes that are not an image. Every request is recorded in ``requests``.
+    """
+
+    url: str = ""
+    token: str = LEGACY_TOKEN
+    requests: list[tuple[str, str]] = field(default_factory=list)
+    refresh_token: str | None = None
+    access_token: str | None = None
+
+
+def _start_fake_ls() -> tuple[ThreadingHTTPServer, FakeLabelStudio]:
+    state = FakeLabelStudio()
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:  # keep test output quiet
+            pass
+
+        def _send(self, status: int, body: bytes, content_type: str = "image/png") -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _authorized(self) -> bool:
+            header = self.headers.get("Authorization", "")
+            return header == f"Token {state.token}" or (
+                state.access_token is not None and header == f"Bearer {state.access_token}")
+
+        def do_POST(self) -> None:  # token refresh
+            length = int(self.headers.get("Content-Length", 0))
+            body = json.loads(self.rfile.read(length) or b"{}")
+            state.requests.append(("POST", self.path))
+            if self.path.rstrip("/") == "/api/token/refresh" and \
+                    body.get("refresh") == state.refresh_token and state.access_token:
+                self._send(200, json.dumps({"access": state.access_token}).encode(),
+                           "application/json")
+            else:
+                self._send(401, b'{"detail": "invalid"}', "application/json")
+
+        def do_GET(self) -> None:
+            state.requests.append(("GET", self.path))
+            path = urlparse(self.path).path
+            if not self._authorized():
+                self._send(401, b'{"detail": "Authentication credentials were not provided."}',
+                           "application/json")
+                return
+            slow = re.match(r"^/slow/([0-9.]+)(/.*)$", path)
+            if slow:
+                time.sleep(float(slow.group(1)))
+                path = slow.group(2)
+            if path.startswith("/corrupt/"):
+                self._send(200, b"\x89PNG\r\n\x1a\nthis is not really a png")
+                return
+            if path.startswith("/data/local-files/"):
+                path = parse_qs(urlparse(self.path).query).get("d", [""])[0]
+            size = re.search(r"_(\d+)x(\d+)\.png$", path)
+            if not size:
+                self._send(404, b"not found", "text/plain")
+                return
+            self._send(200, synthetic_png(int(size.group(1)), int(size.group(2))))
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    state.url = f"http://127.0.0.1:{server.server_address[1]}"
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, state
+
+
+@pytest.fixture(scope="session")
+def fake_ls() -> Iterator[FakeLabelStudio]:
+    server, state = _start_fake_ls()
+    yield state
+    server.shutdown()
+
+
+@pytest.fixture(scope="session")
+def redis_client() -> redis.Redis:
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        client.ping()
+    except redis.ConnectionError as exc:
+        pytest.skip(f"needs a Redis server at {REDIS_URL}: {exc}")
+    return client
+
+
+def _clear_jobs(client: redis.Redis) -> None:
+    """Delete queues, jobs, results, registries and counters; keep live workers' registration."""
+    keep = re.compile(rb"^(rq:worker|rq:workers|t2s-test:heartbeat:|t2s-test:workers$)")
+    doomed = [k for k in client.scan_iter(count=1000) if not keep.match(k)]
+    if doomed:
+        client.delete(*doomed)
+
+
+@pytest.fixture
+def clean_redis(redis_client: redis.Redis) -> Iterator[redis.Redis]:
+    _clear_jobs(redis_client)
+    yield redis_client
+    _clear_jobs(redis_client)
+
+
+def backend_env(fake_ls: FakeLabelStudio, **overrides: str) -> dict[str, str]:
+    """Environment of app and workers under test."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("LABEL_STUDIO_", "BASIC_AUTH_", "MODEL", "IMAGE_"))}
+    env.update({
+        "REDIS_URL": REDIS_URL,
+        "KEY_PREFIX": PREFIX,
+        "LABEL_STUDIO_URL": fake_ls.url,
+        "LABEL_STUDIO_API_KEY": fake_ls.token,
+        "MODEL": "talk2sam",
+        "MODEL_CONFIG": "tiny",
+        "WORKER_HEARTBEAT_TTL_S": "2",
+        "STICKY_WAIT_S": "1",
+        "JOB_TIMEOUT_S": "30",
+        "LOG_LEVEL": "INFO",
+        "PYTHONPATH": str(REPO),
+    })
+    env.update(overrides)
+    return env
+
+
+class WorkerPool:
+    """Real ``python -m ml_backend.worker`` processes."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path):
+        self.env = env
+        self.log_dir = log_dir
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str) -> None:
+        log = open(self.log_dir / f"{name}.log", "wb")
+        self.procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "ml_backend.worker", "--name", name],
+            cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+        )
+
+    def wait_ready(self, client: redis.Redis) -> None:
+        keys = RedisKeys(PREFIX)
+        deadline = time.monotonic() + WORKER_START_TIMEOUT_S
+        for name, proc in self.procs.items():
+            while not client.exists(keys.heartbeat(name)):
+                if proc.poll() is not None:
+                    raise RuntimeError(f"worker {name} exited:\n{self.log(name)}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"worker {name} not ready:\n{self.log(name)}")
+                time.sleep(0.1)
+
+    def log(self, name: str) -> str:
+        return (self.log_dir / f"{name}.log").read_text(errors="replace")[-4000:]
+
+    def kill(self, name: str) -> None:
+        self.procs[name].send_signal(signal.SIGKILL)
+        self.procs[name].wait(10)
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+
+@pytest.fixture(scope="module")
+def model_workers(fake_ls: FakeLabelStudio, redis_client: redis.Redis,
+                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerPool]:
+    """Two workers with the real tiny predictor (random weights), shared by a test module."""
+    redis_client.flushdb()
+    pool = WorkerPool(backend_env(fake_ls), tmp_path_factory.mktemp("workers"))
+    for name in ("tiny-a", "tiny-b"):
+        pool.start(name)
+    try:
+        pool.wait_ready(redis_client)
+        yield pool
+    finally:
+        pool.stop()
+        redis_client.flushdb()

@@ -1,0 +1,219 @@
+"""The app end to end on the captured Label Studio 1.23.2 requests: real Redis, two real worker
+processes running the tiny Talk2SAM predictor (random weights), a fake Label Studio serving the
+400x300 (and batch-sized) synthetic PNGs behind a token."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from label_studio_sdk.converter.brush import decode_rle
+
+from ml_backend.app import create_app
+from ml_backend.settings import Settings
+from tests.ml_backend.conftest import REPO, backend_env, load_fixture
+
+pytestmark = pytest.mark.usefixtures("model_workers")
+
+SETUP = load_fixture("setup_request.json")
+
+
+@pytest.fixture
+def client(fake_ls, clean_redis):
+    settings = Settings.from_env(backend_env(fake_ls))
+    with TestClient(create_app(settings)) as test_client:
+        yield test_client
+
+
+def worker_totals(client: TestClient) -> dict[str, float]:
+    return client.get("/metrics", params={"format": "json"}).json()["worker_totals"]
+
+
+def assert_brush(item: dict, label: str, width: int, height: int) -> np.ndarray:
+    assert item["from_name"] == "mask" and item["to_name"] == "image"
+    assert item["type"] == "brushlabels"
+    assert (item["original_width"], item["original_height"]) == (width, height)
+    assert item["image_rotation"] == 0
+    assert item["value"]["format"] == "rle" and item["value"]["brushlabels"] == [label]
+    assert 0.0 <= item["score"] <= 1.0 or np.isfinite(item["score"])
+    alpha = decode_rle(item["value"]["rle"]).reshape(height, width, 4)[:, :, 3]
+    assert set(np.unique(alpha)) <= {0, 255}
+    return alpha > 0
+
+
+def test_health_and_setup_answer_from_memory(client):
+    started = time.perf_counter()
+    health = client.get("/health")
+    setup = client.post("/setup", json=SETUP)
+    assert time.perf_counter() - started < 0.5
+    assert health.status_code == 200 and health.json()["status"] == "UP"
+    assert setup.status_code == 200
+    assert setup.json()["model_version"] == "talk2sam-tiny-random"
+
+
+def test_interactive_fixture_gives_one_brush_per_rectangle(client):
+    version = client.post("/setup", json=SETUP).json()["model_version"]
+    response = client.post("/predict", json=load_fixture("predict_interactive_request.json"))
+    assert response.status_code == 200, response.text
+    (prediction,) = response.json()["results"]
+    assert prediction["model_version"] == version
+    (item,) = prediction["result"]
+    mask = assert_brush(item, "wire", 400, 300)
+    assert prediction["score"] == pytest.approx(item["score"])
+    assert mask.shape == (300, 400)
+
+
+def test_second_box_on_the_same_image_hits_the_worker_cache(client):
+    before = worker_totals(client)
+    first = client.post("/predict", json=load_fixture("predict_interactive_request.json"))
+    second = client.post("/predict", json=load_fixture("predict_interactive_request_2.json"))
+    assert first.status_code == second.status_code == 200
+    assert second.json()["results"][0]["result"][0]["value"]["brushlabels"] == ["fence"]
+    after = worker_totals(client)
+    assert after.get("cache_hits", 0) - before.get("cache_hits", 0) >= 1
+    assert after.get("jobs", 0) - before.get("jobs", 0) == 2
+
+
+def test_all_rectangles_of_the_context_go_in_one_job(client):
+    body = load_fixture("predict_interactive_request.json")
+    other = load_fixture("predict_interactive_request_2.json")["params"]["context"]["result"][0]
+    body["params"]["context"]["result"].append(other)
+    before = worker_totals(client)
+    response = client.post("/predict", json=body)
+    assert response.status_code == 200, response.text
+    items = response.json()["results"][0]["result"]
+    assert [i["value"]["brushlabels"] for i in items] == [["wire"], ["fence"]]
+    after = worker_totals(client)
+    assert after["jobs"] - before.get("jobs", 0) == 1
+    assert after["boxes"] - before.get("boxes", 0) == 2
+
+
+def test_text_area_prompt_overrides_the_label(client):
+    body = load_fixture("predict_interactive_request.json")
+    body["label_config"] = body["label_config"].replace(
+        "</View>", '<TextArea name="prompt" toName="image"/></View>')
+    body["params"]["context"]["result"].append(
+        {"from_name": "prompt", "to_name": "image", "type": "textarea",
+         "value": {"text": ["power line"]}})
+    response = client.post("/predict", json=body)
+    assert response.status_code == 200, response.text
+    assert response.json()["results"][0]["result"][0]["value"]["brushlabels"] == ["wire"]
+
+
+def test_batch_fixture_answers_every_task_in_order(client):
+    response = client.post("/predict", json=load_fixture("predict_batch_request.json"))
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert len(results) == 3
+    for prediction, (w, h) in zip(results, [(480, 320), (320, 400), (640, 360)]):
+        (item,) = prediction["result"]
+        assert_brush(item, "wire", w, h)
+
+
+def test_task_without_boxes_answers_empty_at_once(client):
+    started = time.perf_counter()
+    response = client.post("/predict", json=load_fixture("predict_on_open_request.json"))
+    assert time.perf_counter() - started < 2.0
+    assert response.status_code == 200
+    (prediction,) = response.json()["results"]
+    assert prediction["result"] == [] and prediction["score"] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("edit", "fragment"),
+    [
+        (lambda r: r.update(from_name="nope"), "from_name 'nope'"),
+        (lambda r: r["value"].update(x=float("nan")), "finite"),
+        (lambda r: r["value"].update(width=-5.0), "positive"),
+        (lambda r: r["value"].update(x=150.0), "outside"),
+        (lambda r: r.pop("original_width"), "original_width"),
+        (lambda r: r["value"].update(rectanglelabels=["tree"]), "'tree'"),
+    ],
+    ids=["unknown-from-name", "nan", "negative-width", "outside", "no-original-width",
+         "unknown-label"],
+)
+def test_bad_rectangles_are_400_with_a_message(client, edit, fragment):
+    body = load_fixture("predict_interactive_request.json")
+    edit(body["params"]["context"]["result"][0])
+    response = client.post("/predict", content=json.dumps(body, allow_nan=True))
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "InvalidRequestError" and fragment in error["message"]
+    assert error["request_id"] == response.headers["x-request-id"]
+
+
+def test_malformed_json_is_400(client):
+    response = client.post("/predict", content=b"{not json")
+    assert response.status_code == 400
+    assert "not valid JSON" in response.json()["error"]["message"]
+
+
+def test_missing_image_is_502_naming_the_url(client):
+    body = load_fixture("predict_interactive_request.json")
+    body["tasks"][0]["data"]["image"] = "/data/upload/19/missing.png"
+    response = client.post("/predict", json=body)
+    assert response.status_code == 502
+    assert "HTTP 404" in response.json()["error"]["message"]
+
+
+def test_corrupt_image_is_422(client):
+    body = load_fixture("predict_interactive_request.json")
+    body["tasks"][0]["data"]["image"] = "/corrupt/x_400x300.png"
+    response = client.post("/predict", json=body)
+    assert response.status_code == 422
+    assert response.json()["error"]["type"] == "InvalidImageError"
+
+
+def test_webhook_is_acknowledged(client):
+    response = client.post("/webhook", json=load_fixture("webhook_annotation_created.json"))
+    assert response.status_code == 200
+    assert response.json()["event"] == "ANNOTATION_CREATED"
+
+
+def test_metrics_prometheus_text(client):
+    client.post("/predict", json=load_fixture("predict_interactive_request.json"))
+    text = client.get("/metrics").text
+    assert "talk2sam_workers_live 2" in text
+    assert 'talk2sam_worker_jobs_total{worker="tiny-a"}' in text
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_served_by_uvicorn_command(fake_ls, clean_redis, tmp_path):
+    port = _free_port()
+    log = open(tmp_path / "app.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ml_backend.app", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=REPO, env=backend_env(fake_ls), stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                health = httpx.get(f"{url}/health", timeout=1)
+                break
+            except httpx.TransportError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise AssertionError((tmp_path / "app.log").read_text()) from None
+                time.sleep(0.2)
+        assert health.status_code == 200
+        assert health.elapsed.total_seconds() < 1.0
+        response = httpx.post(f"{url}/predict", timeout=30,
+                              json=load_fixture("predict_interactive_request.json"))
+        assert response.status_code == 200, response.text
+        assert len(response.json()["results"][0]["result"]) == 1
+    finally:
+        proc.terminate()
+        proc.wait(10)
