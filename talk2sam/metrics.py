@@ -162,7 +162,8 @@ def boundary_iou(
         MetricInputError: not bool, not 2-D, or shapes differ.
     """
     pred, gt = _check_pair(pred, gt)
-    d = boundary_dilation(*gt.shape, ratio=dilation_ratio)
+    height, width = gt.shape
+    d = boundary_dilation(height, width, ratio=dilation_ratio)
     return _iou(mask_boundary(pred, d), mask_boundary(gt, d))
 
 

@@ -1,0 +1,480 @@
+"""Benchmark and annotation loaders (METHOD.md section 4): every one yields `Item` dicts.
+
+File datasets pair an image with a ground-truth mask by file stem; the text prompt comes from the
+file name, the box is the mask's tight box (`talk2sam.data.items.mask_box_xyxy`):
+
+- ThinObject5K: `images/<name>.jpg`, `masks/<name>.png`, optional `list/<split>.txt`;
+  `<category>_PNG<number>` -> the category.
+- DIS5K: `DIS-TR`, `DIS-VD`, `DIS-TE1`..`DIS-TE4`, each with `im/*.jpg` and `gt/*.png`;
+  `<group#>#<Group>#<class#>#<Class>#<name>` -> `split('#')[3]`; scene / action classes dropped.
+- BIG: `<name>_im.jpg` with `<name>_gt.png` in one folder; the word is parsed from `<name>`.
+- Generic folder: `images/<name>.<ext>`, `masks/<name>.png`, `words.json` or `words.csv`.
+- Label Studio JSON export: brush masks paired with rectangles of the same label.
+
+Underscores in words become spaces (the word is a CLIP text prompt). Files are read lazily, one
+item per `__getitem__`, so building a dataset only lists folders.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from talk2sam.data.errors import AnnotationError, DatasetLayoutError, ImageFormatError
+from talk2sam.data.items import Item, ItemDataset, load_mask, load_rgb, make_item, to_rgb_uint8
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+DIS5K_SPLITS = ("DIS-TR", "DIS-VD", "DIS-TE1", "DIS-TE2", "DIS-TE3", "DIS-TE4")
+
+# Our choice, not the paper's: the paper drops DIS5K files "whose names are scenes or actions"
+# (e.g. "skiing") but does not publish its list. These class names denote an activity or a place
+# rather than one object; matched case-insensitively with "-", "_" and spaces treated alike.
+# It was not checked against the real DIS5K class list: compare the kept counts with the paper's
+# (2,777 DIS-TR / 457 DIS-VD) before reporting. Override with `dis5k(..., drop_classes=...)`;
+# pass `()` to keep every class.
+DIS5K_DROPPED_CLASSES: tuple[str, ...] = (
+    "skiing", "snowboarding", "skating", "skateboarding", "surfing", "windsurfing", "kitesurfing",
+    "paragliding", "parachuting", "hang gliding", "climbing", "rock climbing", "diving",
+    "swimming", "dancing", "cycling", "running", "jumping", "fishing", "sailing", "rowing",
+    "riding", "horse riding", "playing", "juggling", "acrobatics", "gymnastics", "yoga",
+    "landscape", "scene", "scenery", "street", "city", "cityscape", "forest", "mountain",
+    "beach", "garden", "park", "playground", "indoor", "outdoor",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class MaskRecord:
+    """One image / mask file pair and its word."""
+
+    name: str
+    image_path: Path
+    mask_path: Path
+    word: str
+
+
+class MaskFileDataset:
+    """Torch-style dataset over image / mask file pairs (`len`, integer `getitem`).
+
+    Items: see `talk2sam.data.items.Item`; the box is the mask's tight box.
+    """
+
+    def __init__(self, records: Sequence[MaskRecord]):
+        self.records = list(records)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> Item:
+        rec = self.records[index]
+        return make_item(load_rgb(rec.image_path), load_mask(rec.mask_path), rec.word, rec.name)
+
+    @property
+    def words(self) -> list[str]:
+        """The distinct words, sorted."""
+        return sorted({rec.word for rec in self.records})
+
+
+def _clean_word(word: str) -> str:
+    return " ".join(word.replace("_", " ").split())
+
+
+def _require_dir(path: Path, what: str) -> Path:
+    if not path.is_dir():
+        raise DatasetLayoutError(f"{what}: folder {path} not found")
+    return path
+
+
+def _files_by_stem(folder: Path, extensions: Iterable[str]) -> dict[str, Path]:
+    exts = {e.lower() for e in extensions}
+    found: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.suffix.lower() in exts:
+            if path.stem in found:
+                raise DatasetLayoutError(f"two files for {path.stem!r} in {folder}")
+            found[path.stem] = path
+    return found
+
+
+def _pair_by_stem(image_dir: Path, mask_dir: Path) -> list[tuple[str, Path, Path]]:
+    """(stem, image, mask) for every image; both folders must hold the same stems."""
+    images = _files_by_stem(image_dir, IMAGE_EXTENSIONS)
+    masks = _files_by_stem(mask_dir, (".png",))
+    for missing, have, lacks in (
+        (images.keys() - masks.keys(), image_dir, mask_dir),
+        (masks.keys() - images.keys(), mask_dir, image_dir),
+    ):
+        if missing:
+            names = ", ".join(sorted(missing)[:5])
+            raise DatasetLayoutError(
+                f"{len(missing)} files in {have} have no partner in {lacks}: {names}"
+            )
+    return [(stem, images[stem], masks[stem]) for stem in sorted(images)]
+
+
+def thinobject5k_word(name: str) -> str:
+    """`<category>_PNG<number>` -> category (underscores become spaces).
+
+    Raises:
+        DatasetLayoutError: the name does not follow the pattern.
+    """
+    match = re.fullmatch(r"(.+)_PNG\d+", name)
+    if not match:
+        raise DatasetLayoutError(f"ThinObject5K name {name!r} is not <category>_PNG<number>")
+    return _clean_word(match.group(1))
+
+
+def thinobject5k(root: str | Path, split: str | None = None) -> MaskFileDataset:
+    """ThinObject5K in its published layout.
+
+    Args:
+        root: folder with `images/` (jpg) and `masks/` (png).
+        split: None for every pair, else the name of a list file `list/<split>.txt`
+            (e.g. "train", "test") whose lines name images (extension optional).
+
+    Raises:
+        DatasetLayoutError: missing folders or list file, unpaired files, names off the pattern.
+    """
+    root = Path(root)
+    pairs = _pair_by_stem(
+        _require_dir(root / "images", "ThinObject5K"), _require_dir(root / "masks", "ThinObject5K")
+    )
+    if split is not None:
+        list_file = root / "list" / f"{split}.txt"
+        if not list_file.is_file():
+            raise DatasetLayoutError(f"ThinObject5K split list {list_file} not found")
+        wanted = {Path(line.strip()).stem for line in list_file.read_text().splitlines()}
+        wanted.discard("")
+        unknown = wanted - {stem for stem, _, _ in pairs}
+        if unknown:
+            raise DatasetLayoutError(
+                f"{list_file} names {len(unknown)} images not in {root / 'images'}: "
+                + ", ".join(sorted(unknown)[:5])
+            )
+        pairs = [p for p in pairs if p[0] in wanted]
+    return MaskFileDataset(
+        [MaskRecord(stem, im, gt, thinobject5k_word(stem)) for stem, im, gt in pairs]
+    )
+
+
+def dis5k_word(name: str) -> str:
+    """`<group#>#<Group>#<class#>#<Class>#<name>` -> `<Class>` (`split('#')[3]`).
+
+    Raises:
+        DatasetLayoutError: fewer than five '#'-separated fields.
+    """
+    fields = name.split("#")
+    if len(fields) < 5 or not fields[3].strip():
+        raise DatasetLayoutError(
+            f"DIS5K name {name!r} is not <group#>#<Group>#<class#>#<Class>#<name>"
+        )
+    return _clean_word(fields[3])
+
+
+def _class_key(word: str) -> str:
+    return " ".join(re.split(r"[\s_\-]+", word.lower())).strip()
+
+
+def dis5k(
+    root: str | Path,
+    splits: Sequence[str] = ("DIS-TR",),
+    drop_classes: Iterable[str] = DIS5K_DROPPED_CLASSES,
+) -> MaskFileDataset:
+    """DIS5K in its published layout.
+
+    Args:
+        root: folder holding the split folders (`DIS-TR`, `DIS-VD`, `DIS-TE1`..`DIS-TE4`), each
+            with `im/` and `gt/`.
+        splits: which split folders to read, in order.
+        drop_classes: class names (4th field) to leave out, see `DIS5K_DROPPED_CLASSES`.
+
+    Raises:
+        DatasetLayoutError: unknown split, missing folders, unpaired files, names off the pattern.
+    """
+    root = Path(root)
+    dropped = {_class_key(c) for c in drop_classes}
+    records = []
+    for split in splits:
+        if split not in DIS5K_SPLITS:
+            raise DatasetLayoutError(f"unknown DIS5K split {split!r}; known: {DIS5K_SPLITS}")
+        folder = _require_dir(root / split, "DIS5K")
+        for stem, im, gt in _pair_by_stem(
+            _require_dir(folder / "im", "DIS5K"), _require_dir(folder / "gt", "DIS5K")
+        ):
+            word = dis5k_word(stem)
+            if _class_key(word) not in dropped:
+                records.append(MaskRecord(f"{split}/{stem}", im, gt, word))
+    return MaskFileDataset(records)
+
+
+def big_word(name: str) -> str:
+    """BIG `<name>` -> its leading alphabetic token, e.g. "aeroplane_2008_000037" -> "aeroplane".
+
+    Raises:
+        DatasetLayoutError: the name does not start with a letter.
+    """
+    match = re.match(r"[A-Za-z]+", name)
+    if not match:
+        raise DatasetLayoutError(
+            f"BIG name {name!r} has no leading alphabetic token; pass word_from_name"
+        )
+    return match.group(0)
+
+
+def big(root: str | Path, word_from_name: Callable[[str], str] = big_word) -> MaskFileDataset:
+    """BIG: `<name>_im.jpg` and `<name>_gt.png` side by side in `root`.
+
+    Args:
+        root: the folder (e.g. BIG's `test/` or `val/`).
+        word_from_name: `<name>` -> word; default `big_word`.
+
+    Raises:
+        DatasetLayoutError: missing folder, an image without its mask or the reverse.
+    """
+    root = _require_dir(Path(root), "BIG")
+    images = {p.name[: -len("_im.jpg")]: p for p in sorted(root.glob("*_im.jpg"))}
+    masks = {p.name[: -len("_gt.png")]: p for p in sorted(root.glob("*_gt.png"))}
+    unpaired = images.keys() ^ masks.keys()
+    if unpaired:
+        raise DatasetLayoutError(
+            f"{len(unpaired)} BIG names in {root} lack their _im.jpg or _gt.png: "
+            + ", ".join(sorted(unpaired)[:5])
+        )
+    return MaskFileDataset(
+        [MaskRecord(n, images[n], masks[n], _clean_word(word_from_name(n))) for n in sorted(images)]
+    )
+
+
+def _read_words(root: Path) -> dict[str, str]:
+    json_path, csv_path = root / "words.json", root / "words.csv"
+    if json_path.is_file():
+        words = json.loads(json_path.read_text())
+        if not isinstance(words, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in words.items()
+        ):
+            raise AnnotationError(f"{json_path} must map names to words (a JSON object of strings)")
+        return words
+    if csv_path.is_file():
+        with csv_path.open(newline="") as handle:
+            rows = [row for row in csv.reader(handle) if row]
+        if rows and [c.strip().lower() for c in rows[0]] == ["name", "word"]:
+            rows = rows[1:]
+        bad = [row for row in rows if len(row) != 2]
+        if bad:
+            raise AnnotationError(f"{csv_path}: rows must be name,word; got {bad[0]}")
+        return {name.strip(): word.strip() for name, word in rows}
+    raise DatasetLayoutError(f"no words.json or words.csv in {root}")
+
+
+def folder_dataset(root: str | Path) -> MaskFileDataset:
+    """Generic folder: `images/<name>.<ext>`, `masks/<name>.png`, and `words.json`
+    (`{"<name>": "<word>"}`) or `words.csv` (rows `name,word`, optional header).
+
+    Raises:
+        DatasetLayoutError: missing folders or words file, unpaired files.
+        AnnotationError: malformed words file, or an image with no word.
+    """
+    root = Path(root)
+    pairs = _pair_by_stem(
+        _require_dir(root / "images", "folder dataset"),
+        _require_dir(root / "masks", "folder dataset"),
+    )
+    words = _read_words(root)
+    missing = [stem for stem, _, _ in pairs if not words.get(stem, "").strip()]
+    if missing:
+        raise AnnotationError(f"{len(missing)} images have no word: {', '.join(missing[:5])}")
+    return MaskFileDataset([MaskRecord(s, im, gt, _clean_word(words[s])) for s, im, gt in pairs])
+
+
+def write_folder_dataset(dataset: ItemDataset, root: str | Path) -> Path:
+    """Write a dataset's items in the generic folder layout that `folder_dataset` reads back.
+
+    Images go to `images/<name>.png` (lossless, so a round trip is exact), masks to
+    `masks/<name>.png` as 0/255, words to `words.json`. Names must be unique file stems.
+
+    Returns:
+        `root` as a Path.
+
+    Raises:
+        DatasetLayoutError: a repeated name or one that is not a plain file stem.
+    """
+    root = Path(root)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(parents=True, exist_ok=True)
+    words: dict[str, str] = {}
+    for index in range(len(dataset)):
+        item = dataset[index]
+        name = item["name"]
+        if name in words or not name or Path(name).name != name or name.startswith("."):
+            raise DatasetLayoutError(f"item name {name!r} is repeated or not a plain file stem")
+        Image.fromarray(item["image"]).save(root / "images" / f"{name}.png")
+        Image.fromarray(item["mask"].astype(np.uint8) * 255).save(root / "masks" / f"{name}.png")
+        words[name] = item["word"]
+    (root / "words.json").write_text(json.dumps(words, indent=1, sort_keys=True))
+    return root
+
+
+# --- Label Studio -------------------------------------------------------------------------------
+
+
+def ls_rectangle_xyxy(value: dict[str, Any], width: int, height: int) -> np.ndarray:
+    """Label Studio rectangle (percent of the original image, top-left XYWH, rotation in degrees
+    clockwise about the top-left corner) -> axis-aligned XYXY float32 pixels enclosing it."""
+    x, y = value["x"] * width / 100, value["y"] * height / 100
+    w, h = value["width"] * width / 100, value["height"] * height / 100
+    angle = math.radians(value.get("rotation", 0) or 0)
+    cos, sin = math.cos(angle), math.sin(angle)
+    xs = [x + dx * cos - dy * sin for dx, dy in ((0, 0), (w, 0), (w, h), (0, h))]
+    ys = [y + dx * sin + dy * cos for dx, dy in ((0, 0), (w, 0), (w, h), (0, h))]
+    return np.array([min(xs), min(ys), max(xs), max(ys)], dtype=np.float32)
+
+
+def ls_brush_mask(result: dict[str, Any]) -> np.ndarray:
+    """Decode a Label Studio `brushlabels` result (RLE) to an (H, W) bool mask.
+
+    The RLE encodes an (H, W, 4) RGBA uint8 image; the alpha channel is the painted mask and
+    foreground is alpha > 128, like every ground truth here.
+
+    Raises:
+        AnnotationError: not an RLE brush, or the RLE length does not match the stated size.
+    """
+    # Imported here: label_studio_sdk.converter pulls in nltk and more (about 0.4 s), and only
+    # Label Studio exports need it.
+    from label_studio_sdk.converter.brush import decode_rle
+
+    value = result.get("value", {})
+    if value.get("format", "rle") != "rle" or "rle" not in value:
+        raise AnnotationError(f"brush result {result.get('id')!r} has no RLE")
+    if "original_height" not in result or "original_width" not in result:
+        raise AnnotationError(f"brush result {result.get('id')!r} lacks original_height/width")
+    height, width = int(result["original_height"]), int(result["original_width"])
+    flat = decode_rle(value["rle"])
+    if flat.size != height * width * 4:
+        raise AnnotationError(
+            f"brush result {result.get('id')!r}: RLE holds {flat.size} values, "
+            f"expected {height}x{width}x4"
+        )
+    return flat.reshape(height, width, 4)[:, :, 3] > 128
+
+
+def _pixels_inside(mask: np.ndarray, box: np.ndarray) -> int:
+    """Mask pixels whose centres lie in a continuous XYXY box."""
+    x0, y0 = max(0, math.ceil(box[0] - 0.5)), max(0, math.ceil(box[1] - 0.5))
+    x1, y1 = math.ceil(box[2] - 0.5), math.ceil(box[3] - 0.5)
+    return int(np.count_nonzero(mask[y0 : max(y0, y1), x0 : max(x0, x1)]))
+
+
+def _single_label(result: dict[str, Any], key: str) -> str:
+    labels = result.get("value", {}).get(key) or []
+    if len(labels) != 1:
+        raise AnnotationError(
+            f"{key} result {result.get('id')!r} has {len(labels)} labels; expected exactly one"
+        )
+    return str(labels[0])
+
+
+@dataclass(frozen=True)
+class _LsRegion:
+    name: str
+    image_ref: str
+    word: str
+    brush: dict[str, Any]
+    rectangles: tuple[dict[str, Any], ...]  # same-label rectangles of the same annotation
+
+
+class LabelStudioExportDataset:
+    """Objects annotated in Label Studio, from its JSON export: one item per brush region.
+
+    Pairing rule: a `brushlabels` region's word is its label; its box is the `rectanglelabels`
+    region of the same annotation with the same label (when several, the one holding most mask
+    pixels, then the smallest; when none holds any, or there is none, the mask's tight box).
+    Rectangle boxes are continuous pixels (`ls_rectangle_xyxy`); mask boxes use the inclusive
+    convention of `mask_box_xyxy`. Cancelled annotations (`was_cancelled`) are skipped.
+
+    Args:
+        export: path of the export file, or its parsed list of tasks.
+        load_image: image reference (URL or path as in `task["data"]`) -> image array or PIL
+            image; the result is normalised by `to_rgb_uint8`. The backend plugs in its fetcher.
+        image_key: the `task["data"]` key of the image; default "image", or the only key.
+
+    Raises:
+        AnnotationError: malformed export, a region with several labels, no image reference.
+    """
+
+    def __init__(
+        self,
+        export: str | Path | list[dict[str, Any]],
+        load_image: Callable[[str], np.ndarray | Image.Image],
+        image_key: str | None = None,
+    ):
+        tasks = json.loads(Path(export).read_text()) if isinstance(export, (str, Path)) else export
+        if not isinstance(tasks, list):
+            raise AnnotationError("a Label Studio JSON export must be a list of tasks")
+        self._load_image = load_image
+        self._cache: tuple[str, np.ndarray] | None = None  # last image: regions share images
+        self.regions = [r for task in tasks for r in self._task_regions(task, image_key)]
+
+    @staticmethod
+    def _task_regions(task: dict[str, Any], image_key: str | None) -> list[_LsRegion]:
+        data = task.get("data", {})
+        key = image_key or ("image" if "image" in data else None)
+        if key is None and len(data) == 1:
+            key = next(iter(data))
+        if key is None or not isinstance(data.get(key), str):
+            raise AnnotationError(
+                f"task {task.get('id')!r}: no image reference in data keys {sorted(data)}; "
+                "pass image_key"
+            )
+        regions = []
+        for ann in task.get("annotations", []):
+            if ann.get("was_cancelled"):
+                continue
+            results = ann.get("result", [])
+            rects = [r for r in results if r.get("type") == "rectanglelabels"]
+            for res in results:
+                if res.get("type") != "brushlabels":
+                    continue
+                word = _single_label(res, "brushlabels")
+                same = tuple(r for r in rects if _single_label(r, "rectanglelabels") == word)
+                name = f"task{task.get('id')}_ann{ann.get('id')}_{res.get('id')}"
+                regions.append(_LsRegion(name, data[key], word, res, same))
+        return regions
+
+    def __len__(self) -> int:
+        return len(self.regions)
+
+    def _image(self, ref: str) -> np.ndarray:
+        if self._cache is None or self._cache[0] != ref:
+            self._cache = (ref, to_rgb_uint8(self._load_image(ref)))
+        return self._cache[1]
+
+    def __getitem__(self, index: int) -> Item:
+        region = self.regions[index]
+        mask = ls_brush_mask(region.brush)
+        image = self._image(region.image_ref)
+        if image.shape[:2] != mask.shape:
+            raise ImageFormatError(
+                f"{region.name}: image {region.image_ref!r} is {image.shape[1]}x{image.shape[0]} "
+                f"but the annotation was made on {mask.shape[1]}x{mask.shape[0]}"
+            )
+        box = None
+        if region.rectangles:
+            boxes = [
+                ls_rectangle_xyxy(r["value"], mask.shape[1], mask.shape[0])
+                for r in region.rectangles
+            ]
+            # Most mask pixels inside first, then the smallest rectangle.
+            scores = [
+                (_pixels_inside(mask, b), -float((b[2] - b[0]) * (b[3] - b[1]))) for b in boxes
+            ]
+            best = max(range(len(boxes)), key=scores.__getitem__)
+            box = boxes[best] if scores[best][0] > 0 else None
+        return make_item(image, mask, _clean_word(region.word), region.name, box)
