@@ -19,10 +19,10 @@ from tests.e2e.harness import (
     Service,
     backend_env,
     free_port,
-    http_ok,
     start_label_studio,
     start_timeout_s,
     wait_until,
+    workers_live,
 )
 
 BACKEND_WORKERS = 1
@@ -70,8 +70,9 @@ def backend(label_studio: LabelStudioServer, e2e_redis_url: str,
                                     "--port", str(port)], env, work_dir / "app.log")
     started = Backend(url=f"http://127.0.0.1:{port}", env=env, app=app, workers=tuple(workers))
     try:
-        wait_until(lambda: http_ok(f"{started.url}/health"), "backend /health",
-                   start_timeout_s(), [app, *workers])
+        wait_until(lambda: workers_live(started.url) >= BACKEND_WORKERS,
+                   f"backend /health with {BACKEND_WORKERS} live worker(s)", start_timeout_s(),
+                   [app, *workers])
         yield started
     finally:
         for service in (app, *workers):

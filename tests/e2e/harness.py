@@ -31,10 +31,10 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -156,6 +156,15 @@ def http_ok(url: str, headers: Mapping[str, str] | None = None) -> bool:
         return False
 
 
+def workers_live(backend_url: str) -> int:
+    """Live workers the backend's /health reports (0 while it is not answering)."""
+    try:
+        response = httpx.get(f"{backend_url}/health", timeout=2.0)
+        return int(response.json().get("workers") or 0) if response.status_code == 200 else 0
+    except (httpx.HTTPError, ValueError):
+        return 0
+
+
 # ---------------------------------------------------------------- Label Studio
 
 
@@ -206,9 +215,9 @@ def label_studio_bin() -> Path:
 
 def _installed_version(bin_path: Path) -> str:
     python = bin_path.parent / "python"
-    out = subprocess.run([str(python), "-c", "import importlib.metadata as m;"
-                          "print(m.version('label-studio'))"],
-                         env=child_env({}), capture_output=True, text=True, timeout=60)
+    code = "import importlib.metadata as m; print(m.version('label-studio'))"
+    out = subprocess.run([str(python), "-c", code], env=child_env({}), capture_output=True,
+                         text=True, timeout=60, check=False)
     if out.returncode != 0:
         pytest.fail(f"cannot read the Label Studio version with {python}:\n{out.stderr}",
                     pytrace=False)
@@ -250,7 +259,7 @@ def migrated_database(bin_path: Path, work_dir: Path) -> Path:
     log_path = work_dir / "label-studio-migrate.log"
     with log_path.open("wb") as log:
         done = subprocess.run([str(bin_path), "version"], env=env, cwd=work_dir, stdout=log,
-                              stderr=subprocess.STDOUT, timeout=start_timeout_s())
+                              stderr=subprocess.STDOUT, timeout=start_timeout_s(), check=False)
     database = scratch / "label_studio.sqlite3"
     if done.returncode != 0 or not database.is_file():
         pytest.fail(f"Label Studio migrations failed (code {done.returncode}):\n"
@@ -298,7 +307,7 @@ def start_label_studio(work_dir: Path, attempts: int = 3) -> LabelStudioServer:
                                        password=credentials["password"], data_dir=data_dir,
                                        files_root=files_root, service=service)
             # The random token proves that this port answers for our process, not another one.
-            wait_until(lambda: http_ok(f"{url}/api/current-user/whoami", server.headers),
+            wait_until(partial(http_ok, f"{url}/api/current-user/whoami", server.headers),
                        "Label Studio API with our token", 60, [service])
             return server
         except BaseException:

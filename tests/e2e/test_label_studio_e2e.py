@@ -194,7 +194,7 @@ def predict_interactive(client: LabelStudio, ml_id: int, task_id: int,
 
 def test_backend_is_connected(ls_client: LabelStudio, wires_project: tuple[ImageProject, int]
                               ) -> None:
-    project, ml_id = wires_project
+    _, ml_id = wires_project
     ml = ls_client.ml.get(ml_id)
     assert ml.state in ("CO", "CONNECTED"), ml.state
     assert ml.is_interactive
