@@ -103,9 +103,10 @@ class Talk2Sam(nn.Module):
         return self.psi(self.text(words))
 
     def decode(self, feats: ImageFeatures, boxes_xyxy: torch.Tensor,
-               words: Sequence[str] | None) -> DecoderOutput:
+               words: Sequence[str] | None, output: str = "sam+hq") -> DecoderOutput:
         """N boxes (N, 4) XYXY original-frame pixels (already validated) and N words (or None
-        for box only) of one image -> DecoderOutput."""
+        for box only) of one image -> DecoderOutput. `output` picks the decoder's logits
+        (see `sam_hq.decode`)."""
         scale = geometry.canvas_scale(feats.height, feats.width, self.long_side)
         boxes_canvas = boxes_xyxy.to(self.device).float() * torch.tensor(scale, device=self.device)
         mask_prompt = sim = scores = None
@@ -120,7 +121,7 @@ class Talk2Sam(nn.Module):
             mask_prompt = geometry.map_to_mask_frame(sim, feats.height, feats.width,
                                                      self.long_side)
         logits, iou = sam_hq.decode(self.sam, feats.sam_embedding, feats.sam_interm, boxes_canvas,
-                                    mask_prompt)
+                                    mask_prompt, output)
         return DecoderOutput(logits, iou, sim, scores)
 
     def upscale(self, logits: torch.Tensor, feats: ImageFeatures) -> torch.Tensor:

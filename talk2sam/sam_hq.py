@@ -80,13 +80,16 @@ def encode_image(sam: Sam, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return embedding, interm[0]
 
 
+DECODER_OUTPUTS = ("sam+hq", "hq", "sam")
+
+
 def decode(
     sam: Sam,
     embedding: torch.Tensor,
     interm: torch.Tensor,
     boxes_canvas: torch.Tensor,
     mask_prompt: torch.Tensor | None,
-    hq_token_only: bool = False,
+    output: str = "sam+hq",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode N boxes of ONE image in one call.
 
@@ -94,18 +97,26 @@ def decode(
         embedding: (1, C, g, g) image embedding; interm: (1, g, g, Cv) early ViT features.
         boxes_canvas: (N, 4) XYXY boxes in SAM's padded canvas.
         mask_prompt: (N, 1, S/4, S/4) dense map in the low-res mask frame, or None (box only).
-        hq_token_only: False sums SAM's and the HQ logits (SAM-HQ's default for thin objects).
+        output: "sam+hq" sums SAM's and the HQ token's logits (SAM-HQ's `hq_token_only=False`,
+            its choice for thin objects); "hq" is the HQ token alone; "sam" is SAM's own
+            single-mask output (the plain-SAM baseline of the paper's tables).
     Returns:
         low-res logits (N, 1, S/4, S/4) and predicted IoU (N,).
     """
+    if output not in DECODER_OUTPUTS:
+        raise ValueError(f"decoder output must be one of {DECODER_OUTPUTS}, got {output!r}")
+    decoder = sam.mask_decoder
     sparse, dense = sam.prompt_encoder(points=None, boxes=boxes_canvas, masks=mask_prompt)
-    logits, iou = sam.mask_decoder(
+    # as MaskDecoderHQ.forward does, but keeping SAM's and the HQ logits apart
+    hq_features = decoder.embedding_encoder(embedding) + decoder.compress_vit_feat(
+        interm.permute(0, 3, 1, 2))
+    masks, iou = decoder.predict_masks(
         image_embeddings=embedding,
         image_pe=sam.prompt_encoder.get_dense_pe(),
         sparse_prompt_embeddings=sparse,
         dense_prompt_embeddings=dense,
-        multimask_output=False,
-        hq_token_only=hq_token_only,
-        interm_embeddings=[interm],
+        hq_features=hq_features,
     )
+    sam_logits, hq_logits = masks[:, 0:1], masks[:, -1:]
+    logits = {"sam+hq": sam_logits + hq_logits, "hq": hq_logits, "sam": sam_logits}[output]
     return logits, iou[:, 0]
