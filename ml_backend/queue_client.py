@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 RESULT_TTL_S = 60
 FAILURE_TTL_S = 600
 WARM_JOB_TIMEOUT_S = 60
+QUEUED_TTL_MARGIN_S = 10
 
 
 class RedisUnavailableError(NoWorkerError):
@@ -174,12 +175,14 @@ class QueueClient:
             own = self._queue(self.keys.worker_queue(holder.name))
             if own.count == 0:
                 queue = own
-        remaining = max(1, math.floor(deadline - time.monotonic()))
+        remaining = max(1, math.ceil(deadline - time.monotonic()))
         job = queue.enqueue(
             PREDICT_JOB,
             kwargs={"spec": spec.to_dict()},
             job_timeout=remaining,
-            ttl=remaining,  # a job nobody started before the deadline is dropped
+            # Outlives the wait by a margin (the waiter drops it when it gives up); a job
+            # whose waiter died is dropped by Redis unstarted.
+            ttl=remaining + QUEUED_TTL_MARGIN_S,
             result_ttl=RESULT_TTL_S,
             failure_ttl=FAILURE_TTL_S,
             description=f"predict {spec.request_id} task {spec.task_id}",
@@ -240,7 +243,7 @@ class QueueClient:
         """Drop a job still waiting after its request gave up, so no worker wastes time on it."""
         try:
             if pending.queue.remove(pending.job):
-                pending.job.delete()
+                self.redis.delete(pending.job.key)  # its hash may have expired already
         except RedisError:
             log.warning("could not discard job %s", pending.job.id)
 
