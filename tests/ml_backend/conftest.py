@@ -8,6 +8,7 @@ registration (queues, jobs, results and counters are deleted around every test).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import json
@@ -193,11 +194,11 @@ class WorkerPool:
         self.procs: dict[str, subprocess.Popen] = {}
 
     def start(self, name: str) -> None:
-        log = open(self.log_dir / f"{name}.log", "wb")
-        self.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "ml_backend.worker", "--name", name],
-            cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-        )
+        with open(self.log_dir / f"{name}.log", "wb") as log:  # the child keeps its own fd
+            self.procs[name] = subprocess.Popen(
+                [sys.executable, "-m", "ml_backend.worker", "--name", name],
+                cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            )
 
     def wait_ready(self, client: redis.Redis) -> None:
         keys = RedisKeys(PREFIX)
@@ -229,17 +230,26 @@ class WorkerPool:
                 proc.wait(5)
 
 
+@contextlib.contextmanager
+def running_workers(env: dict[str, str], names: tuple[str, ...], client: redis.Redis,
+                    log_dir: Path) -> Iterator[WorkerPool]:
+    """Start workers on an empty database, wait for their heartbeats, stop them afterwards."""
+    client.flushdb()
+    pool = WorkerPool(env, log_dir)
+    for name in names:
+        pool.start(name)
+    try:
+        pool.wait_ready(client)
+        yield pool
+    finally:
+        pool.stop()
+        client.flushdb()
+
+
 @pytest.fixture(scope="module")
 def model_workers(fake_ls: FakeLabelStudio, redis_client: redis.Redis,
                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerPool]:
     """Two workers with the real tiny predictor (random weights), shared by a test module."""
-    redis_client.flushdb()
-    pool = WorkerPool(backend_env(fake_ls), tmp_path_factory.mktemp("workers"))
-    for name in ("tiny-a", "tiny-b"):
-        pool.start(name)
-    try:
-        pool.wait_ready(redis_client)
+    with running_workers(backend_env(fake_ls), ("tiny-a", "tiny-b"), redis_client,
+                         tmp_path_factory.mktemp("workers")) as pool:
         yield pool
-    finally:
-        pool.stop()
-        redis_client.flushdb()

@@ -155,20 +155,29 @@ def test_malformed_json_is_400(client):
     assert "not valid JSON" in response.json()["error"]["message"]
 
 
-def test_missing_image_is_502_naming_the_url(client):
+@pytest.mark.parametrize(("url", "status", "error_type", "fragment"), [
+    ("/data/upload/19/missing.png", 502, "ImageFetchError", "HTTP 404"),
+    ("/corrupt/x_400x300.png", 422, "InvalidImageError", "cannot be decoded"),
+])
+def test_image_problems_are_typed_errors(client, url, status, error_type, fragment):
     body = load_fixture("predict_interactive_request.json")
-    body["tasks"][0]["data"]["image"] = "/data/upload/19/missing.png"
+    body["tasks"][0]["data"]["image"] = url
     response = client.post("/predict", json=body)
-    assert response.status_code == 502
-    assert "HTTP 404" in response.json()["error"]["message"]
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert error["type"] == error_type and fragment in error["message"]
 
 
-def test_corrupt_image_is_422(client):
-    body = load_fixture("predict_interactive_request.json")
-    body["tasks"][0]["data"]["image"] = "/corrupt/x_400x300.png"
-    response = client.post("/predict", json=body)
-    assert response.status_code == 422
-    assert response.json()["error"]["type"] == "InvalidImageError"
+def test_basic_auth_guards_all_but_health_and_webhook(fake_ls, clean_redis):
+    settings = Settings.from_env(backend_env(fake_ls, BASIC_AUTH_USER="ls",
+                                             BASIC_AUTH_PASS="secret"))
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/health").status_code == 200
+        assert client.post("/webhook", json={"action": "TASKS_CREATED"}).status_code == 200
+        refused = client.post("/setup", json=SETUP)
+        assert refused.status_code == 401 and "WWW-Authenticate" in refused.headers
+        assert client.post("/setup", json=SETUP, auth=("ls", "wrong")).status_code == 401
+        assert client.post("/setup", json=SETUP, auth=("ls", "secret")).status_code == 200
 
 
 def test_webhook_is_acknowledged(client):
@@ -192,11 +201,11 @@ def _free_port() -> int:
 
 def test_served_by_uvicorn_command(fake_ls, clean_redis, tmp_path):
     port = _free_port()
-    log = open(tmp_path / "app.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ml_backend.app", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=REPO, env=backend_env(fake_ls), stdout=log, stderr=subprocess.STDOUT,
-    )
+    with open(tmp_path / "app.log", "wb") as log:  # the child keeps its own fd
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ml_backend.app", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=REPO, env=backend_env(fake_ls), stdout=log, stderr=subprocess.STDOUT,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30

@@ -20,26 +20,20 @@ from ml_backend.errors import (
 from ml_backend.queue_client import PendingJob, QueueClient
 from ml_backend.schemas import PREDICT_JOB, PredictJobSpec, RedisKeys, WorkerHeartbeat
 from ml_backend.settings import Settings
-from tests.ml_backend.conftest import PREFIX, WorkerPool, backend_env, load_fixture
+from tests.ml_backend.conftest import PREFIX, backend_env, load_fixture, running_workers
 
 
 @pytest.fixture
 def noop_workers(fake_ls, clean_redis, tmp_path):
-    clean_redis.flushdb()
-    pool = WorkerPool(backend_env(fake_ls, MODEL="noop"), tmp_path)
-    for name in ("noop-a", "noop-b"):
-        pool.start(name)
-    try:
-        pool.wait_ready(clean_redis)
+    with running_workers(backend_env(fake_ls, MODEL="noop"), ("noop-a", "noop-b"), clean_redis,
+                         tmp_path) as pool:
         yield pool
-    finally:
-        pool.stop()
-        clean_redis.flushdb()
 
 
 def spec(url: str = "/data/upload/19/img_400x300.png", **changes) -> PredictJobSpec:
-    fields = dict(request_id="test", task_id=4, image_url=url, ls_url=None, ls_token=None,
-                  width=400, height=300, boxes_xyxy=[[100.0, 49.0, 280.0, 85.0]], words=["wire"])
+    fields = {"request_id": "test", "task_id": 4, "image_url": url, "ls_url": None,
+              "ls_token": None, "width": 400, "height": 300,
+              "boxes_xyxy": [[100.0, 49.0, 280.0, 85.0]], "words": ["wire"]}
     fields.update(changes)
     return PredictJobSpec(**fields)
 

@@ -1,0 +1,125 @@
+"""Image URLs, Label Studio tokens (legacy and personal access), download cache, decoding."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from ml_backend.errors import ImageFetchError, InvalidImageError
+from ml_backend.images import FetchConfig, ImageFetcher, decode_rgb, resolve_image_url
+from tests.ml_backend.conftest import synthetic_png
+
+LS = "http://ls.example:8080"
+
+
+def jwt(claims: dict) -> str:
+    def part(obj: dict) -> str:
+        return base64.urlsafe_b64encode(json.dumps(obj).encode()).decode().rstrip("=")
+
+    return f"{part({'alg': 'HS256'})}.{part(claims)}.signature"
+
+
+def test_url_resolution():
+    assert resolve_image_url("/data/upload/19/a.png", LS, 4) == f"{LS}/data/upload/19/a.png"
+    assert resolve_image_url("/data/local-files/?d=dir/a.png", LS + "/", None) == \
+        f"{LS}/data/local-files/?d=dir/a.png"
+    assert resolve_image_url("upload/19/a.png", LS, None) == f"{LS}/data/upload/19/a.png"
+    assert resolve_image_url("https://cdn.example/a.png", None, None) == "https://cdn.example/a.png"
+    presign = resolve_image_url("s3://bucket/a.png", LS, 7)
+    assert presign == f"{LS}/tasks/7/presign/?fileuri=" + base64.urlsafe_b64encode(
+        b"s3://bucket/a.png").decode()
+    with pytest.raises(ImageFetchError, match="LABEL_STUDIO_URL"):
+        resolve_image_url("/data/upload/19/a.png", None, 4)
+    with pytest.raises(ImageFetchError, match="task id"):
+        resolve_image_url("gs://b/a.png", LS, None)
+    with pytest.raises(ImageFetchError, match="unsupported"):
+        resolve_image_url("ftp://x/a.png", LS, None)
+
+
+class FakeServer:
+    """httpx MockTransport standing in for Label Studio and a CDN."""
+
+    def __init__(self, refresh: str | None = None, access: str | None = None):
+        self.calls: list[tuple[str, str, str]] = []
+        self.refresh, self.access = refresh, access
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        auth = request.headers.get("authorization", "")
+        self.calls.append((request.method, request.url.path, auth))
+        if request.url.path == "/api/token/refresh/":
+            if json.loads(request.content).get("refresh") == self.refresh:
+                return httpx.Response(200, json={"access": self.access})
+            return httpx.Response(401)
+        if request.url.host == "cdn.example":
+            return httpx.Response(200, content=b"cdn-bytes")
+        if auth in ("Token legacy", f"Bearer {self.access}"):
+            return httpx.Response(200, content=b"ls-bytes")
+        return httpx.Response(401)
+
+
+def fetcher(server: FakeServer, **kwargs) -> ImageFetcher:
+    return ImageFetcher(FetchConfig(**kwargs), transport=httpx.MockTransport(server))
+
+
+def test_legacy_token_is_sent_only_to_label_studio_and_bytes_are_cached():
+    server = FakeServer()
+    f = fetcher(server)
+    assert f.fetch("/data/upload/1/a.png", LS, "legacy") == b"ls-bytes"
+    assert f.fetch("/data/upload/1/a.png", LS, "legacy") == b"ls-bytes"
+    assert f.fetch("https://cdn.example/b.png", LS, "legacy") == b"cdn-bytes"
+    assert server.calls == [("GET", "/data/upload/1/a.png", "Token legacy"),
+                            ("GET", "/b.png", "")]
+
+
+def test_personal_access_token_is_exchanged_once_for_a_bearer_token():
+    access = jwt({"token_type": "access", "exp": time.time() + 3600})
+    server = FakeServer(refresh=jwt({"token_type": "refresh"}), access=access)
+    f = fetcher(server)
+    f.fetch("/data/upload/1/a.png", LS, server.refresh)
+    f.fetch("/data/upload/1/b.png", LS, server.refresh)
+    assert [c[1] for c in server.calls] == ["/api/token/refresh/", "/data/upload/1/a.png",
+                                            "/data/upload/1/b.png"]
+    assert server.calls[1][2] == f"Bearer {access}"
+
+
+def test_refused_token_and_missing_token_are_clear_errors():
+    f = fetcher(FakeServer())
+    with pytest.raises(ImageFetchError, match="HTTP 401.*check the token"):
+        f.fetch("/data/upload/1/a.png", LS, "wrong")
+    with pytest.raises(ImageFetchError, match="needs a Label Studio token"):
+        f.fetch("/data/upload/1/a.png", LS, None)
+    with pytest.raises(ImageFetchError, match="refused the personal access token"):
+        f.fetch("/data/upload/1/a.png", LS, jwt({"token_type": "refresh"}))
+
+
+def test_settings_token_wins_and_disk_cache_is_used(tmp_path):
+    server = FakeServer()
+    first = ImageFetcher(FetchConfig(disk_cache_dir=str(tmp_path)), default_ls_url=LS,
+                         default_token="legacy", transport=httpx.MockTransport(server))
+    assert first.fetch("/data/upload/1/a.png", "http://other", "wrong") == b"ls-bytes"
+    second = ImageFetcher(FetchConfig(disk_cache_dir=str(tmp_path)), default_ls_url=LS,
+                          default_token="legacy", transport=httpx.MockTransport(server))
+    assert second.fetch("/data/upload/1/a.png", None, None) == b"ls-bytes"
+    assert len(server.calls) == 1
+
+
+def test_decode_png_to_rgb_uint8():
+    rgb = decode_rgb(synthetic_png(400, 300), max_pixels=10**6)
+    assert rgb.shape == (300, 400, 3) and rgb.dtype == np.uint8
+    buffer = io.BytesIO()
+    Image.new("LA", (5, 4)).save(buffer, format="PNG")
+    assert decode_rgb(buffer.getvalue(), max_pixels=100).shape == (4, 5, 3)
+
+
+def test_corrupt_and_oversized_images_are_refused():
+    with pytest.raises(InvalidImageError, match="cannot be decoded"):
+        decode_rgb(b"\x89PNG\r\n\x1a\nnot a png", max_pixels=10**6)
+    with pytest.raises(InvalidImageError, match="MAX_IMAGE_PIXELS"):
+        decode_rgb(synthetic_png(400, 300), max_pixels=1000)

@@ -1,0 +1,60 @@
+"""Settings: defaults, validation naming the variable, Label Studio's names."""
+
+from __future__ import annotations
+
+import pytest
+
+from ml_backend.settings import Settings, SettingsError, parse_label_prompts
+
+
+def test_defaults():
+    settings = Settings.from_env({})
+    assert settings.redis_url == "redis://127.0.0.1:6379/1"
+    assert settings.key_prefix == "talk2sam:"
+    assert settings.job_timeout_s == 90  # below Label Studio's 100 s predict timeout
+    assert settings.model == "talk2sam" and settings.model_config == "tiny"
+    assert settings.label_prompts == {} and not settings.basic_auth_enabled
+
+
+def test_label_studio_names_are_read():
+    settings = Settings.from_env({
+        "LABEL_STUDIO_URL": "http://ls:8080/", "LABEL_STUDIO_API_KEY": "abc",
+        "MODEL_DIR": "/models", "BASIC_AUTH_USER": "u", "BASIC_AUTH_PASS": "p",
+    })
+    assert settings.label_studio_url == "http://ls:8080"
+    assert settings.label_studio_api_key == "abc" and settings.model_dir == "/models"
+    assert settings.basic_auth_enabled
+
+
+@pytest.mark.parametrize(("env", "variable"), [
+    ({"REDIS_URL": "redis://127.0.0.1:6379/0"}, "REDIS_URL"),
+    ({"REDIS_URL": "redis://127.0.0.1:6379"}, "REDIS_URL"),
+    ({"REDIS_URL": "http://x"}, "REDIS_URL"),
+    ({"JOB_TIMEOUT_S": "100"}, "JOB_TIMEOUT_S"),
+    ({"JOB_TIMEOUT_S": "soon"}, "JOB_TIMEOUT_S"),
+    ({"QUEUE_MAX_DEPTH": "0"}, "QUEUE_MAX_DEPTH"),
+    ({"MODEL": "sam3"}, "MODEL"),
+    ({"LABEL_STUDIO_URL": "ls:8080"}, "LABEL_STUDIO_URL"),
+    ({"LABEL_PROMPTS": "wire"}, "LABEL_PROMPTS"),
+    ({"WARM_ON_OPEN": "maybe"}, "WARM_ON_OPEN"),
+    ({"STICKY_WAIT_S": "nan"}, "STICKY_WAIT_S"),
+    ({"BASIC_AUTH_USER": "u"}, "BASIC_AUTH_PASS"),
+    ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
+])
+def test_bad_values_name_the_variable(env, variable):
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env(env)
+    assert info.value.variable == variable and str(info.value).startswith(variable)
+
+
+def test_redis_database_other_than_zero_in_path_or_query():
+    assert Settings.from_env({"REDIS_URL": "redis://r:6379/3"}).redis_url.endswith("/3")
+    assert Settings.from_env({"REDIS_URL": "unix:///tmp/r.sock?db=2"}).redis_url
+
+
+def test_label_prompts_in_both_forms():
+    assert parse_label_prompts("Power line=wire; Fence = fence;") == {
+        "Power line": "wire", "Fence": "fence"}
+    assert parse_label_prompts('{"Power line": "thin wire"}') == {"Power line": "thin wire"}
+    with pytest.raises(ValueError, match="non-empty"):
+        parse_label_prompts("Power line=")

@@ -1,0 +1,89 @@
+"""Worker pieces in-process: the feature LRU, the no-op model, error mapping, box frames."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from ml_backend.errors import ImageFetchError
+from ml_backend.schemas import PredictJobSpec
+from ml_backend.worker import (
+    NoopModel,
+    Talk2SamModel,
+    _boxes_in_image_frame,
+    _expected_error,
+)
+
+
+@dataclass
+class Features:
+    height: int
+    width: int
+
+
+class CountingPredictor:
+    """Stands in for Talk2SamPredictor's per-image state API."""
+
+    model_version = "fake"
+
+    def __init__(self) -> None:
+        self.features: Features | None = None
+        self.set_image_calls = 0
+        self.set_features_calls = 0
+
+    def set_image(self, rgb: np.ndarray) -> None:
+        self.set_image_calls += 1
+        self.features = Features(*rgb.shape[:2])
+
+    def set_features(self, features: Features) -> None:
+        self.set_features_calls += 1
+        self.features = features
+
+
+def image(height: int, width: int):
+    return lambda: np.zeros((height, width, 3), np.uint8)
+
+
+def test_feature_cache_skips_set_image_and_evicts_least_recent():
+    predictor = CountingPredictor()
+    model = Talk2SamModel(predictor, cache_size=2)
+    assert model.use_image("a", image(30, 40)) == (False, 30, 40)
+    assert model.use_image("a", image(30, 40)) == (True, 30, 40)
+    assert predictor.set_features_calls == 0  # already the current image
+    model.use_image("b", image(10, 20))
+    assert model.use_image("a", image(30, 40)) == (True, 30, 40)
+    assert predictor.set_features_calls == 1 and predictor.features == Features(30, 40)
+    model.use_image("c", image(5, 5))  # evicts b, the least recently used
+    assert model.cached_images() == ["a", "c"]
+    assert model.use_image("b", image(10, 20))[0] is False
+    assert predictor.set_image_calls == 4
+
+
+def test_noop_model_fills_rectangles_with_score_one():
+    model = NoopModel(cache_size=4)
+    model.use_image("k", image(300, 400))
+    out = model.predict(np.array([[100.0, 49.0, 280.0, 85.0]]), ["wire"])
+    assert out.masks.shape == (1, 300, 400) and out.masks.sum() == 180 * 36
+    assert out.scores.tolist() == [1.0] and out.text_scores is None
+
+
+def test_expected_errors_become_data_and_bugs_do_not():
+    from talk2sam.errors import InvalidPromptError, WeightsError
+
+    assert _expected_error(ImageFetchError("404")).type == "ImageFetchError"
+    assert _expected_error(InvalidPromptError("empty word")).type == "InvalidRequestError"
+    assert _expected_error(WeightsError("missing")).type == "ModelError"
+    assert _expected_error(ZeroDivisionError()) is None
+
+
+@pytest.mark.parametrize(("declared", "actual", "expected"), [
+    ((400, 300), (300, 400), [100.0, 49.0, 280.0, 85.0]),
+    ((400, 300), (600, 800), [200.0, 98.0, 560.0, 170.0]),
+])
+def test_boxes_follow_the_decoded_image_size(declared, actual, expected):
+    spec = PredictJobSpec(request_id="r", task_id=1, image_url="u", ls_url=None, ls_token=None,
+                          width=declared[0], height=declared[1],
+                          boxes_xyxy=[[100.0, 49.0, 280.0, 85.0]], words=None)
+    assert _boxes_in_image_frame(spec, *actual).tolist() == [expected]
