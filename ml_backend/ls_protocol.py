@@ -247,12 +247,14 @@ class BoxPrompt:
         label: its RectangleLabels label (also the brush label of the answer).
         box_xyxy: XYXY float pixels in the original image, clipped to it.
         width, height: the original image size the rectangle was drawn on.
+        text: free-text prompt typed for this box in the config's TextArea, or None.
     """
 
     label: str
     box_xyxy: BoxXYXY
     width: int
     height: int
+    text: str | None = None
 
 
 def boxes_from_results(
@@ -268,7 +270,9 @@ def boxes_from_results(
         where: what to name in error messages ("context", "task 4").
 
     Returns:
-        Every rectangle, in order (not only the last one).
+        Every rectangle, in order (not only the last one), each with its free-text prompt: the
+        TextArea item sharing its region ``id`` (a per-region TextArea), else a TextArea item
+        sharing no rectangle's id (a global one), else None.
 
     Raises:
         InvalidRequestError: on a malformed rectangle, an unknown control (strict), a label not
@@ -276,20 +280,40 @@ def boxes_from_results(
     """
     if not isinstance(results, list):
         raise InvalidRequestError(f"{where}: 'result' must be a list")
-    boxes = []
+    if not all(isinstance(item, dict) for item in results):
+        raise InvalidRequestError(f"{where}: every result item must be an object")
+    texts = _prompt_texts(results, config)
+    rectangles = []
     for item in results:
-        if not isinstance(item, dict):
-            raise InvalidRequestError(f"{where}: every result item must be an object")
         from_name = item.get("from_name")
         if strict and from_name not in config.control_names:
             raise InvalidRequestError(f"{where}: from_name {from_name!r} is not in the label config")
-        if item.get("type") != "rectanglelabels" or from_name not in config.rectangle_names:
+        if item.get("type") == "rectanglelabels" and from_name in config.rectangle_names:
+            rectangles.append(item)
+    region_ids = {item.get("id") for item in rectangles}
+    loose = next((text for rid, text in texts.items() if rid not in region_ids), None)
+    return [_box_prompt(item, config, where, texts.get(item.get("id"), loose))
+            for item in rectangles]
+
+
+def _prompt_texts(results: list[dict[str, Any]], config: LabelConfig) -> dict[Any, str]:
+    """Region id -> non-empty text of the config's TextArea items."""
+    texts: dict[Any, str] = {}
+    if config.prompt_name is None:
+        return texts
+    for item in results:
+        if item.get("from_name") != config.prompt_name:
             continue
-        boxes.append(_box_prompt(item, config, where))
-    return boxes
+        raw = (item.get("value") or {}).get("text")
+        parts = [raw] if isinstance(raw, str) else raw if isinstance(raw, list) else []
+        text = " ".join(p.strip() for p in parts if isinstance(p, str)).strip()
+        if text:
+            texts[item.get("id")] = text
+    return texts
 
 
-def _box_prompt(item: Mapping[str, Any], config: LabelConfig, where: str) -> BoxPrompt:
+def _box_prompt(item: Mapping[str, Any], config: LabelConfig, where: str,
+                text: str | None) -> BoxPrompt:
     width, height = (_positive_int(item, key, where) for key in ("original_width", "original_height"))
     value = item.get("value")
     if not isinstance(value, dict):
@@ -310,7 +334,7 @@ def _box_prompt(item: Mapping[str, Any], config: LabelConfig, where: str) -> Box
         )
     box = rotated_box_pct_to_xyxy(x, y, w, h, rotation, width, height)
     return BoxPrompt(label=label, box_xyxy=clip_box_xyxy(box, width, height),
-                     width=width, height=height)
+                     width=width, height=height, text=text)
 
 
 def _positive_int(item: Mapping[str, Any], key: str, where: str) -> int:
@@ -326,22 +350,6 @@ def _finite(value: Mapping[str, Any], key: str, where: str, default: float | Non
     if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not math.isfinite(raw):
         raise InvalidRequestError(f"{where}: rectangle {key!r} must be a finite number, got {raw!r}")
     return float(raw)
-
-
-def text_prompt_from_results(results: Any, config: LabelConfig) -> str | None:
-    """Free text of the config's TextArea prompt in ``results``, or None when absent or empty."""
-    if config.prompt_name is None or not isinstance(results, list):
-        return None
-    for item in results:
-        if isinstance(item, dict) and item.get("from_name") == config.prompt_name:
-            texts = (item.get("value") or {}).get("text")
-            if isinstance(texts, str):
-                texts = [texts]
-            if isinstance(texts, list):
-                text = " ".join(t.strip() for t in texts if isinstance(t, str)).strip()
-                if text:
-                    return text
-    return None
 
 
 def task_boxes(task: Mapping[str, Any], config: LabelConfig) -> list[BoxPrompt]:

@@ -12,8 +12,9 @@ live workers report (learned from heartbeats and job results), else ``talk2sam-<
 until a worker has been seen.
 
 Text prompts: a rectangle's label goes through LABEL_PROMPTS (an unmapped label is its own
-prompt); a TextArea of the label config on the same image, when present in the interactive
-context with text, overrides the word for every box of that request.
+prompt); text typed in a TextArea of the label config on the same image overrides it: a
+per-region TextArea's text (same region ``id``) for its own box, a global one's for every box
+without its own text. This holds in interactive and in batch mode.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from ml_backend.ls_protocol import (
     image_url_of,
     parse_label_config,
     task_boxes,
-    text_prompt_from_results,
     word_for_label,
 )
 from ml_backend.queue_client import QueueClient
@@ -113,16 +113,15 @@ class Talk2SamBackend:
                 raise InvalidRequestError(
                     f"an interactive request carries one task, this one has {len(tasks)}"
                 )
-            results = context.get("result") or []
-            boxes = boxes_from_results(results, config, strict=True, where="context")
-            text = text_prompt_from_results(results, config)
-            per_task = [(tasks[0], boxes, text)]
+            boxes = boxes_from_results(context.get("result") or [], config, strict=True,
+                                       where="context")
+            per_task = [(tasks[0], boxes)]
         else:
-            per_task = [(task, task_boxes(task, config), None) for task in tasks]
+            per_task = [(task, task_boxes(task, config)) for task in tasks]
 
         specs: list[PredictJobSpec] = []
-        for task, boxes, text in per_task:
-            spec = self._spec(task, boxes, text, config, ls_url, token, request_id)
+        for task, boxes in per_task:
+            spec = self._spec(task, boxes, config, ls_url, token, request_id)
             if boxes:
                 specs.append(spec)
             elif context is None and self.settings.warm_on_open:
@@ -130,7 +129,7 @@ class Talk2SamBackend:
         answers = iter(self.queue.predict(specs)) if specs else iter(())
 
         predictions = []
-        for _, boxes, _ in per_task:
+        for _, boxes in per_task:
             if not boxes:
                 predictions.append(self._empty())
                 continue
@@ -156,8 +155,7 @@ class Talk2SamBackend:
         return (self.settings.label_studio_url or hostname,
                 self.settings.label_studio_api_key or token)
 
-    def _spec(self, task: dict[str, Any], boxes: list[BoxPrompt], text: str | None,
-              config: LabelConfig, ls_url: str | None, token: str | None,
+    def _spec(self, task: dict[str, Any], boxes: list[BoxPrompt], config: LabelConfig, ls_url: str | None, token: str | None,
               request_id: str) -> PredictJobSpec:
         sizes = {(b.width, b.height) for b in boxes}
         if len(sizes) > 1:
@@ -175,7 +173,7 @@ class Talk2SamBackend:
             width=width,
             height=height,
             boxes_xyxy=[list(b.box_xyxy) for b in boxes],
-            words=[text or word_for_label(b.label, self.settings.label_prompts) for b in boxes],
+            words=[b.text or word_for_label(b.label, self.settings.label_prompts) for b in boxes],
         )
 
     def _task_prediction(self, answer: PredictJobResult, boxes: list[BoxPrompt],

@@ -95,18 +95,6 @@ def test_all_rectangles_of_the_context_go_in_one_job(client):
     assert after["boxes"] - before.get("boxes", 0) == 2
 
 
-def test_text_area_prompt_overrides_the_label(client):
-    body = load_fixture("predict_interactive_request.json")
-    body["label_config"] = body["label_config"].replace(
-        "</View>", '<TextArea name="prompt" toName="image"/></View>')
-    body["params"]["context"]["result"].append(
-        {"from_name": "prompt", "to_name": "image", "type": "textarea",
-         "value": {"text": ["power line"]}})
-    response = client.post("/predict", json=body)
-    assert response.status_code == 200, response.text
-    assert response.json()["results"][0]["result"][0]["value"]["brushlabels"] == ["wire"]
-
-
 def test_batch_fixture_answers_every_task_in_order(client):
     response = client.post("/predict", json=load_fixture("predict_batch_request.json"))
     assert response.status_code == 200, response.text

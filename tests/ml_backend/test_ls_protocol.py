@@ -22,7 +22,6 @@ from ml_backend.ls_protocol import (
     parse_predict_request,
     rotated_box_pct_to_xyxy,
     task_boxes,
-    text_prompt_from_results,
     word_for_label,
 )
 from tests.ml_backend.conftest import REPO, load_fixture
@@ -145,14 +144,25 @@ def test_missing_original_size_is_refused():
         boxes_from_results([item], CONFIG, strict=True, where="context")
 
 
-def test_text_prompt_from_textarea():
+def test_per_region_text_prompt_follows_its_box_and_a_global_one_the_rest():
     config = parse_label_config(CONFIG_XML.replace(
-        "</View>", '<TextArea name="prompt" toName="image"/></View>'))
-    results = [rectangle(), {"from_name": "prompt", "type": "textarea",
-                             "value": {"text": ["  power line "]}}]
-    assert text_prompt_from_results(results, config) == "power line"
-    assert text_prompt_from_results([rectangle()], config) is None
-    assert text_prompt_from_results(results, CONFIG) is None
+        "</View>", '<TextArea name="prompt" toName="image" perRegion="true"/></View>'))
+    wire, fence = rectangle(), rectangle(rectanglelabels=["fence"])
+    fence["id"] = "f1"
+
+    def text(region_id, words):
+        return {"id": region_id, "from_name": "prompt", "type": "textarea",
+                "value": {"text": words}}
+
+    boxes = boxes_from_results([wire, fence, text("f1", ["  barbed wire "])], config,
+                               strict=True, where="context")
+    assert [b.text for b in boxes] == [None, "barbed wire"]
+    boxes = boxes_from_results([wire, fence, text("f1", ["mesh"]), text("g", ["cable"])], config,
+                               strict=True, where="context")
+    assert [b.text for b in boxes] == ["cable", "mesh"]
+    boxes = boxes_from_results([wire, text(wire["id"], ["cable"])], CONFIG, strict=False,
+                               where="task 1")
+    assert boxes[0].text is None  # no TextArea in this config
 
 
 def test_label_prompts_mapping():

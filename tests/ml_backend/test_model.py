@@ -1,0 +1,109 @@
+"""The model class turns requests into job specs: one job per image, all its boxes, the right
+words; answers become brush results. The queue is replaced by a recorder here (its real
+behaviour is in test_queue_client.py and test_app.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ml_backend.errors import InvalidRequestError
+from ml_backend.model import Talk2SamBackend
+from ml_backend.schemas import BoxPrediction, PredictJobResult, encode_mask
+from ml_backend.settings import Settings
+from tests.ml_backend.conftest import load_fixture
+
+
+class RecordingQueue:
+    """Answers every box with a full mask of score 0.5 and records specs and warm jobs."""
+
+    def __init__(self) -> None:
+        self.specs = []
+        self.warmed = []
+
+    def predict(self, specs):
+        self.specs.append(specs)
+        return [PredictJobResult(
+            worker="w", model_version="v-worker", width=s.width, height=s.height,
+            predictions=[BoxPrediction(mask=encode_mask(np.ones((s.height, s.width), bool)),
+                                       score=0.5 + 0.1 * i) for i in range(len(s.boxes_xyxy))],
+        ) for s in specs]
+
+    def enqueue_warm(self, spec):
+        self.warmed.append(spec)
+        return True
+
+
+def backend(**env: str) -> tuple[Talk2SamBackend, RecordingQueue]:
+    queue = RecordingQueue()
+    return Talk2SamBackend(Settings.from_env(env), queue), queue
+
+
+def predict(model: Talk2SamBackend, name: str, request_id: str = "r1"):
+    body = load_fixture(name)
+    return model.predict(body["tasks"], body["params"]["context"],
+                         label_config=body["label_config"], project=body["project"],
+                         request_id=request_id)
+
+
+def test_interactive_boxes_go_in_one_spec_with_mapped_words():
+    model, queue = backend(LABEL_PROMPTS="wire=power line", LABEL_STUDIO_URL="http://ls:8080")
+    body = load_fixture("predict_interactive_request.json")
+    second = load_fixture("predict_interactive_request_2.json")["params"]["context"]["result"][0]
+    body["params"]["context"]["result"].append(second)
+    (prediction,) = model.predict(body["tasks"], body["params"]["context"],
+                                  label_config=body["label_config"], request_id="r1")
+    ((spec,),) = queue.specs
+    assert spec.words == ["power line", "fence"] and spec.task_id == 4
+    assert np.allclose(spec.boxes_xyxy, [[100, 49, 280, 85], [40, 222, 200, 291]])
+    assert (spec.width, spec.height, spec.ls_url) == (400, 300, "http://ls:8080")
+    assert prediction["score"] == pytest.approx(0.55)
+    assert [r["value"]["brushlabels"] for r in prediction["result"]] == [["wire"], ["fence"]]
+    assert prediction["model_version"] == model.model_version == "v-worker"
+
+
+def test_setup_credentials_are_used_when_settings_have_none():
+    model, queue = backend()
+    setup = load_fixture("setup_request.json")
+    assert model.setup(**{k: setup[k] for k in ("project", "schema", "hostname",
+                                                "access_token")}) == {
+        "model_version": "talk2sam-tiny"}
+    predict(model, "predict_interactive_request.json")
+    spec = queue.specs[0][0]
+    assert (spec.ls_url, spec.ls_token) == ("http://127.0.0.1:8080", setup["access_token"])
+
+
+def test_model_version_pinned_by_setting():
+    model, _ = backend(MODEL_VERSION="talk2sam-wires-v3")
+    (prediction,) = predict(model, "predict_interactive_request.json")
+    assert prediction["model_version"] == "talk2sam-wires-v3"
+
+
+def test_batch_one_spec_per_task_and_empty_tasks_warm_the_cache():
+    model, queue = backend()
+    body = load_fixture("predict_batch_request.json")
+    body["tasks"].insert(1, load_fixture("predict_on_open_request.json")["tasks"][0])
+    results = model.predict(body["tasks"], None, label_config=body["label_config"])
+    assert [len(r["result"]) for r in results] == [1, 0, 1, 1]
+    assert [s.task_id for s in queue.specs[0]] == [1, 2, 3]
+    assert [s.task_id for s in queue.warmed] == [4]
+
+
+def test_on_open_without_boxes_does_not_wait_for_workers():
+    model, queue = backend(WARM_ON_OPEN="false")
+    (prediction,) = predict(model, "predict_on_open_request.json")
+    assert prediction["result"] == [] and queue.specs == [] and queue.warmed == []
+
+
+def test_interactive_with_several_tasks_is_refused():
+    model, _ = backend()
+    body = load_fixture("predict_interactive_request.json")
+    with pytest.raises(InvalidRequestError, match="one task"):
+        model.predict(body["tasks"] * 2, body["params"]["context"],
+                      label_config=body["label_config"])
+
+
+def test_webhook_is_ignored_politely():
+    model, _ = backend()
+    assert model.fit("START_TRAINING", load_fixture("train_request.json")) == {
+        "status": "ignored", "event": "START_TRAINING"}
