@@ -88,23 +88,32 @@ class SegmentationModel(Protocol):
 
 
 class _LRU:
-    """Key -> value, bounded, least recently used evicted first."""
+    """Key -> value, bounded, least recently used evicted first; the heartbeat thread reads its
+    keys while a job writes it, hence the lock."""
 
     def __init__(self, size: int):
         self.size = size
-        self.items: OrderedDict[str, Any] = OrderedDict()
+        self._items: OrderedDict[str, Any] = OrderedDict()
+        self._lock = threading.Lock()
 
     def get(self, key: str) -> Any | None:
-        if key in self.items:
-            self.items.move_to_end(key)
-            return self.items[key]
-        return None
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+            return None
 
     def put(self, key: str, value: Any) -> None:
-        self.items[key] = value
-        self.items.move_to_end(key)
-        while len(self.items) > self.size:
-            self.items.popitem(last=False)
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+    def keys(self) -> list[str]:
+        """Keys, least recently used first."""
+        with self._lock:
+            return list(self._items)
 
 
 class Talk2SamModel:
@@ -140,7 +149,7 @@ class Talk2SamModel:
         return ModelOutput(masks=pred.masks, scores=pred.scores, text_scores=pred.text_scores)
 
     def cached_images(self) -> list[str]:
-        return list(self._features.items)
+        return self._features.keys()
 
 
 class NoopModel:
@@ -174,7 +183,7 @@ class NoopModel:
         return ModelOutput(masks=masks, scores=scores, text_scores=None)
 
     def cached_images(self) -> list[str]:
-        return list(self._sizes.items)
+        return self._sizes.keys()
 
 
 def build_model(settings: Settings) -> SegmentationModel:
@@ -257,14 +266,16 @@ class Heartbeat:
         self._thread.start()
 
     def publish(self) -> None:
-        beat = self._state()
+        """Write the heartbeat now; failures are logged, never raised (a dead heartbeat thread
+        would make a healthy worker look dead)."""
         try:
+            beat = self._state()
             pipe = self._redis.pipeline(transaction=False)
             pipe.set(self._keys.heartbeat(self._name), json.dumps(beat.to_dict()), ex=self._ttl_s)
             pipe.sadd(self._keys.workers, self._name)
             pipe.execute()
-        except RedisError as exc:
-            log.warning("heartbeat not published: %s", exc)
+        except Exception:  # see the docstring
+            log.exception("heartbeat not published")
 
     def _run(self) -> None:
         while not self._stop.wait(self._ttl_s / 3):
