@@ -69,7 +69,7 @@ def load_compose(path: Path) -> dict[str, Any]:
 
 
 def strip_tags(value: Any) -> Any:
-    """A file on its own, as Compose reads it: ``!reset`` -> its empty value, ``!override`` -> value."""
+    """A file on its own, as Compose reads it: ``!reset`` keys dropped, ``!override`` unwrapped."""
     if isinstance(value, dict):
         return {k: strip_tags(v) for k, v in value.items() if not isinstance(v, Reset)}
     if isinstance(value, list):
@@ -83,8 +83,9 @@ def merge(base: Any, override: Any) -> Any:
     """Compose's merge of two files, for the subset our override uses.
 
     Mappings merge key by key, ``!reset`` removes a key, ``!override`` and scalars replace. Compose
-    merges some sequences (ports, volumes) by key; :func:`test_cpu_override_only_uses_mappings_and_tags`
-    keeps sequences out of the override so that this subset is exact.
+    merges some sequences (ports, volumes) by key;
+    :func:`test_cpu_override_only_uses_mappings_and_tags` keeps sequences out of the override so
+    that this subset is exact.
     """
     if isinstance(override, Override):
         return strip_tags(override.value)

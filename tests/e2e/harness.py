@@ -12,7 +12,7 @@ backend's environment must not get): ``python3 -m venv .venv-labelstudio &&
 |---|---|---|
 | LABEL_STUDIO_BIN | ``.venv-labelstudio/bin/label-studio`` | the ``label-studio`` executable |
 | E2E_ALLOW_SKIP | unset | ``1``: skip (instead of fail) when that executable is missing |
-| E2E_REDIS_URL | ``redis://127.0.0.1:6379/13`` | Redis database of the e2e tests, flushed before and after |
+| E2E_REDIS_URL | ``redis://127.0.0.1:6379/13`` | Redis database of the e2e tests (flushed) |
 | E2E_CACHE_DIR | ``.cache/e2e`` | where a migrated Label Studio database is kept between sessions |
 | E2E_START_TIMEOUT_S | 600 | how long Label Studio and the backend may take to become ready |
 
@@ -44,7 +44,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 LABELING_CONFIGS = REPO_ROOT / "labeling_configs"
 LABEL_STUDIO_VERSION = "1.23.2"
 
-# Label Studio prints this once it listens; it may have moved to another port (see start_label_studio).
+# Label Studio prints this once it listens; it may have moved to another port
+# (see start_label_studio).
 _LISTENING = re.compile(r"Starting development server at http://[^:/]+:(\d+)/")
 # Variables of the caller's environment that must not leak into a child of another venv.
 _FOREIGN_ENV = ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME", "DJANGO_SETTINGS_MODULE")
@@ -134,8 +135,8 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
-def wait_until(ready: Callable[[], bool], what: str, timeout_s: float, services: Sequence[Service] = (),
-               interval_s: float = 0.5) -> None:
+def wait_until(ready: Callable[[], bool], what: str, timeout_s: float,
+               services: Sequence[Service] = (), interval_s: float = 0.5) -> None:
     """Poll ``ready()`` until it returns true; fail naming ``what`` on timeout or a dead service."""
     deadline = time.monotonic() + timeout_s
     while True:
