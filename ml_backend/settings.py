@@ -23,6 +23,7 @@ down explicitly; no other module reads ``os.environ``.
 | MODEL_VERSION | unset | model_version reported to Label Studio; unset: the one the workers report |
 | DEVICE | unset | torch device of the workers; unset: CUDA when available, else CPU |
 | IMAGE_CACHE_SIZE | 8 | images whose features a worker keeps (LRU) |
+| MASK_BOX_MARGIN_PX | 2.0 | mask pixels farther than this outside their box are dropped (-1: keep all) |
 | IMAGE_DOWNLOAD_CACHE_MB | 256 | downloaded image bytes a worker keeps in memory, by URL |
 | IMAGE_DOWNLOAD_DIR | unset | when set, downloaded images are also cached on disk there |
 | IMAGE_FETCH_TIMEOUT_S | 20 | timeout of one image download |
@@ -81,6 +82,7 @@ class Settings:
     model_version: str | None = None
     device: str | None = None
     image_cache_size: int = 8
+    mask_box_margin_px: float = 2.0  # negative: keep the model's mask as it is
     image_download_cache_mb: int = 256
     image_download_dir: str | None = None
     image_fetch_timeout_s: float = 20.0
@@ -127,6 +129,8 @@ class Settings:
             model_version=get.opt("MODEL_VERSION", str),
             device=get.opt("DEVICE", str),
             image_cache_size=get("IMAGE_CACHE_SIZE", _int_in(1, 1024), d.image_cache_size),
+            mask_box_margin_px=get("MASK_BOX_MARGIN_PX", _float_in(-1.0, 10_000.0),
+                                   d.mask_box_margin_px),
             image_download_cache_mb=get("IMAGE_DOWNLOAD_CACHE_MB", _int_in(0, 1_000_000),
                                         d.image_download_cache_mb),
             image_download_dir=get.opt("IMAGE_DOWNLOAD_DIR", str),

@@ -122,10 +122,12 @@ class Talk2SamModel:
     Args:
         predictor: a ``talk2sam.predictor.Talk2SamPredictor``.
         cache_size: images whose features are kept (on the predictor's device).
+        box_margin_px: drop mask pixels farther than this outside their box; None keeps all.
     """
 
-    def __init__(self, predictor: Any, cache_size: int):
+    def __init__(self, predictor: Any, cache_size: int, box_margin_px: float | None = None):
         self._predictor = predictor
+        self.box_margin_px = box_margin_px
         self._features = _LRU(cache_size)
         self._current: str | None = None
         self.model_version: str = predictor.model_version
@@ -145,7 +147,8 @@ class Talk2SamModel:
         return False, features.height, features.width
 
     def predict(self, boxes_xyxy: np.ndarray, words: Sequence[str] | None) -> ModelOutput:
-        pred = self._predictor.predict(boxes_xyxy, None if words is None else list(words))
+        pred = self._predictor.predict(boxes_xyxy, None if words is None else list(words),
+                                       box_margin_px=self.box_margin_px)
         return ModelOutput(masks=pred.masks, scores=pred.scores, text_scores=pred.text_scores)
 
     def cached_images(self) -> list[str]:
@@ -206,7 +209,8 @@ def build_model(settings: Settings) -> SegmentationModel:
         )
     except Talk2SamError as exc:
         raise ModelError(f"cannot build the model: {exc}") from exc
-    return Talk2SamModel(predictor, settings.image_cache_size)
+    margin = settings.mask_box_margin_px
+    return Talk2SamModel(predictor, settings.image_cache_size, margin if margin >= 0 else None)
 
 
 # ---------------------------------------------------------------- metrics and heartbeat

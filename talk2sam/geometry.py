@@ -102,3 +102,14 @@ def mask_to_box(mask: np.ndarray) -> tuple[float, float, float, float] | None:
     if len(xs) == 0:
         return None
     return float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)
+
+
+def box_masks(boxes_xyxy: np.ndarray, height: int, width: int, margin_px: float = 0.0) -> np.ndarray:
+    """(N, H, W) bool: pixels whose centre lies inside each XYXY box grown by `margin_px`."""
+    ys = np.arange(height, dtype=np.float64)[:, None] + 0.5
+    xs = np.arange(width, dtype=np.float64)[None, :] + 0.5
+    out = np.empty((len(boxes_xyxy), height, width), dtype=bool)
+    for i, (x0, y0, x1, y1) in enumerate(np.asarray(boxes_xyxy, dtype=np.float64)):
+        out[i] = ((xs >= x0 - margin_px) & (xs <= x1 + margin_px)
+                  & (ys >= y0 - margin_px) & (ys <= y1 + margin_px))
+    return out

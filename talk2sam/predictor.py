@@ -98,13 +98,16 @@ class Talk2SamPredictor:
 
     @torch.inference_mode()
     def predict(self, boxes_xyxy: np.ndarray | Sequence[Sequence[float]],
-                words: Sequence[str] | str | None = None) -> Prediction:
+                words: Sequence[str] | str | None = None,
+                box_margin_px: float | None = None) -> Prediction:
         """Segment N boxes of the current image in one decoder call.
 
         Args:
             boxes_xyxy: (N, 4) or (4,) XYXY float pixels in the original frame; boxes partly
                 outside are clipped, boxes wholly outside, empty or NaN raise.
             words: N words (or one word for all boxes); None runs box-only SAM-HQ.
+            box_margin_px: if given, mask pixels farther than this outside their box are
+                dropped (an annotator's box says where the object is); None keeps SAM's mask.
         Raises:
             ImageNotSetError, InvalidPromptError.
         """
@@ -127,8 +130,11 @@ class Talk2SamPredictor:
         def numpy(t: torch.Tensor | None) -> np.ndarray | None:
             return None if t is None else t.float().cpu().numpy()
 
+        masks = (logits > 0).cpu().numpy()
+        if box_margin_px is not None:
+            masks &= geometry.box_masks(boxes, feats.height, feats.width, box_margin_px)
         return Prediction(
-            masks=(logits > 0).cpu().numpy(),
+            masks=masks,
             logits=numpy(out.low_res_logits[:, 0]),
             scores=numpy(out.iou),
             text_scores=numpy(out.text_scores),

@@ -70,3 +70,11 @@ def test_mask_to_box():
     mask[1:3, 2:5] = True
     assert geometry.mask_to_box(mask) == (2.0, 1.0, 5.0, 3.0)
     assert geometry.mask_to_box(np.zeros((2, 2), bool)) is None
+
+
+def test_box_masks_cover_pixel_centres_inside_the_grown_box():
+    masks = geometry.box_masks(np.array([[1.0, 1.0, 3.0, 2.0]]), 4, 5, margin_px=0.0)
+    expected = np.zeros((4, 5), bool)
+    expected[1:2, 1:3] = True
+    np.testing.assert_array_equal(masks[0], expected)
+    assert geometry.box_masks(np.array([[1.0, 1.0, 3.0, 2.0]]), 4, 5, 1.0)[0].sum() == 12

@@ -89,3 +89,11 @@ def test_image_normalisation_is_deliberate():
 def test_grayscale_and_16_bit_images_segment(tiny_predictor):
     tiny_predictor.set_image(np.random.default_rng(0).integers(0, 65535, (90, 70), np.uint16))
     assert tiny_predictor.predict([[5, 5, 60, 80]], "wire").masks.shape == (1, 90, 70)
+
+
+def test_masks_can_be_kept_inside_their_boxes(tiny_predictor, rgb_300x400):
+    tiny_predictor.set_image(rgb_300x400)
+    pred = tiny_predictor.predict([[100, 49, 280, 85]], "wire", box_margin_px=2)
+    ys, xs = np.nonzero(pred.masks[0])
+    if len(xs):
+        assert xs.min() >= 98 and xs.max() <= 282 and ys.min() >= 47 and ys.max() <= 87
