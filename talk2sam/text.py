@@ -64,7 +64,7 @@ class TextEncoder(nn.Module):
     def forward(self, words: Sequence[str]) -> torch.Tensor:
         """Embed words; (N, text_dim) float32 on the encoder's device. Templates are averaged."""
         cleaned = [clean_word(w) for w in words]
-        if self.is_frozen() and not self.training:
+        if self.is_frozen():  # CLIP has no dropout: a frozen encoder's answer never changes
             missing = [w for w in dict.fromkeys(cleaned) if w not in self._cache]
             if missing:
                 with torch.no_grad():
