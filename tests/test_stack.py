@@ -1,0 +1,165 @@
+"""The local stack (``python -m ml_backend.stack``): model choice, orphan clean-up, and one real
+run with the embedded server: ready, a brush mask for the captured interactive request, and
+nothing left running after Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from ml_backend import stack
+from tests.ml_backend.conftest import REPO, FakeLabelStudio, fake_ls, load_fixture  # noqa: F401
+
+READY_TIMEOUT_S = 120
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+# ---------------------------------------------------------------- model choice
+
+
+def test_model_from_the_environment_is_kept(tmp_path):
+    choice = stack.choose_model({"MODEL_CONFIG": "vit_b"}, str(tmp_path), tmp_path / "none.pt")
+    assert choice.env == {} and not choice.demo and "MODEL_CONFIG=vit_b" in choice.description
+
+
+def test_real_weights_in_model_dir_are_found(tmp_path):
+    from talk2sam.configs import CONFIGS
+
+    cfg = CONFIGS["vit_b"]
+    for name in (cfg.sam_weights, cfg.dino_weights, cfg.psi_weights, cfg.clip_weights):
+        (tmp_path / name).write_bytes(b"")
+    choice = stack.choose_model({}, str(tmp_path), tmp_path / "none.pt")
+    assert choice.env == {"MODEL_CONFIG": "vit_b"} and not choice.demo
+
+
+def test_demo_checkpoint_then_random_tiny(tmp_path):
+    demo = tmp_path / "demo.pt"
+    demo.write_bytes(b"")
+    with_demo = stack.choose_model({}, str(tmp_path), demo)
+    assert with_demo.env == {"MODEL_CONFIG": "tiny", "MODEL_CHECKPOINT": str(demo)}
+    assert with_demo.demo and "synthetic data" in with_demo.description
+    demo.unlink()
+    random = stack.choose_model({}, str(tmp_path), demo)
+    assert random.env == {"MODEL_CONFIG": "tiny"} and "RANDOM weights" in random.description
+
+
+def test_banner_names_the_url_and_label_studio_settings():
+    text = stack.banner("0.0.0.0", 9090, "redis://127.0.0.1:16379/1", True, Path(".cache/stack"),
+                        {"workers": 1, "model_version": "v"}, stack.ModelChoice({}, "", False))
+    assert "http://localhost:9090" in text and "ready" in text
+    assert "LABEL_STUDIO_ML_BLOCK_LOCAL_IP=false" in text
+    assert "LABEL_STUDIO_SSRF_PROTECTION_ENABLED=false" in text
+
+
+# ---------------------------------------------------------------- leftovers of a killed run
+
+
+def test_orphan_server_of_a_killed_run_is_stopped(tmp_path):
+    server = stack.EmbeddedRedis(tmp_path, free_port())
+    server.start()
+    try:
+        state = stack.StateFile(tmp_path / stack.STATE_FILE)
+        state.write(stack_pid=2**22 + 1, server_pid=server.pid, children=[])
+        state.stop_leftovers()
+        assert not stack.pid_alive(server.pid)
+        assert not state.path.exists()
+    finally:
+        server.stop()
+
+
+def test_a_running_stack_on_the_same_data_dir_is_refused(tmp_path):
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                              "ml_backend.stack"])
+    try:
+        state = stack.StateFile(tmp_path / stack.STATE_FILE)
+        state.write(stack_pid=other.pid, server_pid=None, children=[])
+        with pytest.raises(stack.StackError, match="another stack"):
+            state.stop_leftovers()
+        assert state.path.exists()
+    finally:
+        other.kill()
+        other.wait()
+
+
+# ---------------------------------------------------------------- a real run
+
+
+@pytest.fixture
+def running_stack(fake_ls: FakeLabelStudio, tmp_path):  # noqa: F811 - the imported fixture
+    port, redis_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("REDIS_URL", "LABEL_STUDIO_", "MODEL", "BASIC_AUTH_"))}
+    env.update({"LABEL_STUDIO_URL": fake_ls.url, "LABEL_STUDIO_API_KEY": fake_ls.token,
+                "MODEL_DIR": str(tmp_path / "weights"), "WORKER_HEARTBEAT_TTL_S": "2",
+                "JOB_TIMEOUT_S": "60", "PYTHONPATH": str(REPO)})
+    data_dir = tmp_path / "stack"
+    log_path = tmp_path / "stack.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ml_backend.stack", "--host", "127.0.0.1", "--port", str(port),
+             "--redis-port", str(redis_port), "--data-dir", str(data_dir)],
+            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    run = {"proc": proc, "port": port, "redis_port": redis_port, "data_dir": data_dir,
+           "log": lambda: log_path.read_text(errors="replace")}
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while "ready:" not in run["log"]():
+            assert proc.poll() is None, f"stack exited:\n{run['log']()[-4000:]}"
+            assert time.monotonic() < deadline, f"stack not ready:\n{run['log']()[-4000:]}"
+            time.sleep(0.3)
+        run["state"] = json.loads((data_dir / stack.STATE_FILE).read_text())
+        yield run
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        state = run.get("state") or {}
+        leftovers = [p for p in [state.get("server_pid"), *state.get("children", [])]
+                     if p and stack.pid_alive(p)]
+        stack.stop_pids(leftovers, 5.0)
+
+
+def test_stack_serves_a_brush_and_stops_everything_on_ctrl_c(running_stack):
+    proc, state = running_stack["proc"], running_stack["state"]
+    pids = [state["server_pid"], *state["children"]]
+    assert len(pids) == 3 and all(stack.pid_alive(p) for p in pids)
+    assert "embedded Valkey" in running_stack["log"]()
+
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{running_stack['port']}/predict",
+        data=json.dumps(load_fixture("predict_interactive_request.json")).encode(),
+        headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=90) as response:
+        body = json.loads(response.read())
+    (prediction,) = body["results"]
+    (item,) = prediction["result"]
+    assert item["type"] == "brushlabels" and item["value"]["brushlabels"] == ["wire"]
+    assert item["value"]["format"] == "rle" and len(item["value"]["rle"]) > 0
+    assert (item["original_width"], item["original_height"]) == (400, 300)
+
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(60) == 0, running_stack["log"]()[-4000:]
+    assert not [p for p in pids if stack.pid_alive(p)]
+    assert not port_open(running_stack["port"]) and not port_open(running_stack["redis_port"])
+    assert not (running_stack["data_dir"] / stack.STATE_FILE).exists()
+    assert (running_stack["data_dir"] / "appendonlydir").is_dir()  # AOF persistence was on
