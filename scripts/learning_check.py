@@ -26,8 +26,10 @@ def run(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
-    train_set = SyntheticThinDataset(args.train, seed=args.seed, multi_object=True)
-    test_set = SyntheticThinDataset(args.test, seed=args.seed + 10_000, multi_object=True)
+    train_set = SyntheticThinDataset(args.train, seed=args.seed, multi_object=True,
+                                     stroke_scale=args.stroke_scale)
+    test_set = SyntheticThinDataset(args.test, seed=args.seed + 10_000, multi_object=True,
+                                    stroke_scale=args.stroke_scale)
     results = {}
     for name, use_text in (("SAM-HQ (box only)", False), ("Talk2SAM", True)):
         model = build_model("tiny", use_text=use_text)
@@ -79,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--optimizer", default="adamw", choices=["sgd", "adamw"])
     parser.add_argument("--points", type=int, default=2048, help="loss points per mask")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--stroke-scale", type=float, default=1.0,
+                        help="thicker synthetic structures (the tiny models' masks are coarse)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/learning_check")
     parser.add_argument("--demo-checkpoint", help="save the trained Talk2SAM here")

@@ -253,12 +253,13 @@ def _jitter(region: Region, rng: np.random.Generator, height: int, width: int) -
 
 
 def _draw_mask(
-    word: str, region: Region, rng: np.random.Generator, hw: tuple[int, int]
+    word: str, region: Region, rng: np.random.Generator, hw: tuple[int, int],
+    stroke_scale: float = 1.0,
 ) -> np.ndarray:
     height, width = hw
     canvas = Image.new("L", (width, height), 0)
     style = STYLES[word]
-    stroke = rng.uniform(*style.width_px) * min(height, width) / 256
+    stroke = rng.uniform(*style.width_px) * min(height, width) / 256 * stroke_scale
     DRAWERS[word](ImageDraw.Draw(canvas), region, rng, stroke)
     mask = np.asarray(canvas) > 0
     # Clip to the region so the tight box stays inside it (strokes overhang by half a width).
@@ -275,7 +276,8 @@ def _inside_fraction(mask: np.ndarray, box: np.ndarray) -> float:
 
 
 def _try_layout(
-    rng: np.random.Generator, hw: tuple[int, int], words: Sequence[str], multi_object: bool
+    rng: np.random.Generator, hw: tuple[int, int], words: Sequence[str], multi_object: bool,
+    stroke_scale: float = 1.0,
 ) -> tuple[list[str], list[np.ndarray], list[np.ndarray], int] | None:
     """One attempt: (words, drawn masks, visible masks in depth order, target) or None."""
     height, width = hw
@@ -285,7 +287,8 @@ def _try_layout(
     rx, ry = rng.uniform(0, width - rw), rng.uniform(0, height - rh)
     common = (rx, ry, rx + rw, ry + rh)
     drawn = [
-        _draw_mask(w, common if len(chosen) == 1 else _jitter(common, rng, height, width), rng, hw)
+        _draw_mask(w, common if len(chosen) == 1 else _jitter(common, rng, height, width), rng, hw,
+                   stroke_scale)
         for w in chosen
     ]  # list order is depth order: later objects are drawn on top
     visible, above = [], np.zeros(hw, dtype=bool)
@@ -311,6 +314,7 @@ def generate_sample(
     size: int | tuple[int, int] = 256,
     multi_object: bool = True,
     words: Sequence[str] = CLASS_WORDS,
+    stroke_scale: float = 1.0,
 ) -> SyntheticSample:
     """Draw one synthetic sample.
 
@@ -320,6 +324,8 @@ def generate_sample(
         multi_object: two or three objects of different classes sharing one box region
             (the target is one of them, at random), else a single object.
         words: classes to draw from; keys of `STYLES`.
+        stroke_scale: multiplies every class's stroke width (thicker structures for models whose
+            masks are coarse, e.g. the tiny configurations' 64x64 low-res frame).
 
     Returns:
         The sample; `objects` are in depth order (last on top), `target` indexes them.
@@ -337,7 +343,7 @@ def generate_sample(
         raise DatasetError("multi-object samples need at least two different words")
     hw = (height, width)
     for _ in range(_MAX_TRIES):
-        layout = _try_layout(rng, hw, words, multi_object)
+        layout = _try_layout(rng, hw, words, multi_object, stroke_scale)
         if layout is not None:
             break
     else:  # pragma: no cover - the constraints hold for almost every draw
@@ -365,6 +371,7 @@ class SyntheticThinDataset:
         size: image side, or (height, width).
         multi_object: see `generate_sample`.
         words: classes to draw from.
+        stroke_scale: see `generate_sample`.
     """
 
     def __init__(
@@ -374,11 +381,13 @@ class SyntheticThinDataset:
         size: int | tuple[int, int] = 256,
         multi_object: bool = True,
         words: Sequence[str] = CLASS_WORDS,
+        stroke_scale: float = 1.0,
     ):
         if n < 0:
             raise DatasetError(f"n must be >= 0, got {n}")
         self.n, self.seed, self.size = n, seed, size
         self.multi_object, self.words = multi_object, tuple(words)
+        self.stroke_scale = stroke_scale
 
     def __len__(self) -> int:
         return self.n
@@ -388,7 +397,7 @@ class SyntheticThinDataset:
         if not 0 <= index < self.n:
             raise IndexError(f"index {index} out of range for {self.n} items")
         rng = np.random.default_rng([self.seed, index])
-        return generate_sample(rng, self.size, self.multi_object, self.words)
+        return generate_sample(rng, self.size, self.multi_object, self.words, self.stroke_scale)
 
     def __getitem__(self, index: int) -> Item:
         s = self.sample(index)

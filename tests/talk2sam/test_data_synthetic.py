@@ -130,3 +130,10 @@ def test_write_folder_round_trip_and_preview(tmp_path):
     png = save_preview_grid(ds, tmp_path / "preview.png", count=3, columns=2)
     with Image.open(png) as grid:
         assert grid.size == (2 * 2 * 64, 2 * 64)
+
+
+def test_stroke_scale_thickens_structures():
+    thin = SyntheticThinDataset(6, seed=9)
+    thick = SyntheticThinDataset(6, seed=9, stroke_scale=3.0)
+    assert sum(thick[i]["mask"].sum() for i in range(6)) > 1.5 * sum(
+        thin[i]["mask"].sum() for i in range(6))
