@@ -393,6 +393,8 @@ def banner(host: str, port: int, redis_url: str, embedded: bool, data_dir: Path,
 
 @dataclass
 class StackOptions:
+    """The command-line options of the stack (see :func:`build_parser`)."""
+
     host: str = "0.0.0.0"
     port: int = 9090
     workers: int = 1
