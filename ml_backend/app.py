@@ -5,7 +5,7 @@
 | GET /health | 1 s | from memory: status, model class and version, last known worker count |
 | POST /setup | 3 s | from memory: remembers schema and credentials, returns ``model_version`` |
 | POST /predict | 100 s | the only route that touches the queue |
-| POST /webhook | 1 s | answers 200 at once; events are ignored for now |
+| POST /webhook | 1 s | records annotations for training, START_TRAINING enqueues a fine-tuning job (Redis only) |
 | GET /metrics | - | Prometheus text, or JSON with ``?format=json`` |
 
 Errors: typed errors are mapped to HTTP statuses in :data:`HTTP_STATUS`, the one place; bodies
@@ -41,6 +41,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from redis.exceptions import RedisError
 from starlette.concurrency import run_in_threadpool
 
+from ml_backend.annotations import preload as preload_annotation_decoder
 from ml_backend.errors import (
     BackendError,
     ImageFetchError,
@@ -58,6 +59,7 @@ from ml_backend.ls_protocol import parse_predict_request
 from ml_backend.model import Talk2SamBackend
 from ml_backend.queue_client import QueueClient
 from ml_backend.settings import Settings, SettingsError
+from ml_backend.trainer import ACTIVE_STATES
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +144,7 @@ def create_app(settings: Settings, queue: QueueClient | None = None) -> FastAPI:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         # Learn the workers' model_version before the first /setup is answered.
         await run_in_threadpool(refresh_workers)
+        threading.Thread(target=preload_annotation_decoder, daemon=True).start()
         task = asyncio.create_task(refresh_loop())
         try:
             yield
@@ -200,11 +203,13 @@ def create_app(settings: Settings, queue: QueueClient | None = None) -> FastAPI:
         except ValueError:
             body = {}
         event = body.get("action") if isinstance(body, dict) else None
-        return backend.fit(str(event), body if isinstance(body, dict) else {})
+        return await run_in_threadpool(backend.fit, str(event),
+                                       body if isinstance(body, dict) else {})
 
     @app.get("/metrics")
     async def metrics_route(request: Request) -> Response:
         snapshot = await run_in_threadpool(_metrics_snapshot, queue, metrics)
+        snapshot["training"] = await run_in_threadpool(_training_snapshot, backend)
         if request.query_params.get("format") == "json":
             return JSONResponse(snapshot)
         return PlainTextResponse(_prometheus(snapshot), media_type="text/plain; version=0.0.4")
@@ -291,6 +296,15 @@ def _metrics_snapshot(queue: QueueClient, metrics: AppMetrics) -> dict[str, Any]
     return snapshot
 
 
+def _training_snapshot(backend: Talk2SamBackend) -> dict[str, Any]:
+    """Serving version and the current or last fine-tuning job's progress."""
+    try:
+        return backend.training.status()
+    except RedisError as exc:
+        log.warning("training status unavailable: %s", exc)
+        return {}
+
+
 def _prometheus(snapshot: dict[str, Any]) -> str:
     lines = ["# TYPE talk2sam_http_requests_total counter"]
     for row in snapshot["requests"]:
@@ -324,6 +338,19 @@ def _prometheus(snapshot: dict[str, Any]) -> str:
                      f'{c.get("latency_count", 0):g}')
         lines.append(f"talk2sam_job_seconds_sum{{{label}}} {c.get('latency_sum_s', 0):g}")
         lines.append(f"talk2sam_job_seconds_count{{{label}}} {c.get('latency_count', 0):g}")
+    training = snapshot.get("training") or {}
+    if training.get("serving"):
+        lines += ["# TYPE talk2sam_serving_version gauge",
+                  f'talk2sam_serving_version{{version="{training["serving"]}"}} 1']
+    progress = training.get("progress") or {}
+    if progress:
+        running = progress.get("state") in ACTIVE_STATES
+        lines += ["# TYPE talk2sam_training_running gauge",
+                  f"talk2sam_training_running {int(running)}"]
+        for key in ("epoch", "loss", "eta_s"):
+            if isinstance(progress.get(key), (int, float)):
+                lines += [f"# TYPE talk2sam_training_{key} gauge",
+                          f"talk2sam_training_{key} {progress[key]:g}"]
     return "\n".join(lines) + "\n"
 
 

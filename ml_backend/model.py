@@ -19,11 +19,18 @@ without its own text. This holds in interactive and in batch mode.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from dataclasses import dataclass
 from typing import Any
 
+from ml_backend.annotations import (
+    DELETE_EVENTS,
+    RECORD_EVENTS,
+    TASK_DELETE_EVENTS,
+    AnnotationStore,
+)
 from ml_backend.errors import InvalidRequestError
 from ml_backend.ls_protocol import (
     BoxPrompt,
@@ -38,6 +45,8 @@ from ml_backend.ls_protocol import (
 from ml_backend.queue_client import QueueClient
 from ml_backend.schemas import PredictJobResult, PredictJobSpec, decode_mask
 from ml_backend.settings import Settings
+from ml_backend.trainer import TrainingQueue, TrainRequest
+from ml_backend.versions import utc_now
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +77,16 @@ class Talk2SamBackend:
         self._model_version = settings.model_version or (
             "noop" if settings.model == "noop" else f"talk2sam-{settings.model_config}"
         )
+
+    @functools.cached_property
+    def annotations(self) -> AnnotationStore:
+        """Webhook annotations in the queue's Redis (made on first use)."""
+        return AnnotationStore(self.queue.redis, self.queue.keys)
+
+    @functools.cached_property
+    def training(self) -> TrainingQueue:
+        """The training queue in the queue's Redis (made on first use)."""
+        return TrainingQueue(self.settings, self.queue.redis)
 
     @property
     def model_version(self) -> str:
@@ -138,10 +157,43 @@ class Talk2SamBackend:
             predictions.append(self._task_prediction(answer, boxes, config))
         return predictions
 
-    def fit(self, event: str, data: dict[str, Any], **kwargs: Any) -> dict[str, str]:
-        """Webhook events: acknowledged and ignored for now (training comes later)."""
+    def fit(self, event: str, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        """Webhook events (label-studio-ml's ``fit``): record corrections, start training.
+
+        ANNOTATION_CREATED / ANNOTATION_UPDATED are recorded as training pairs
+        (``ml_backend.annotations``), ANNOTATIONS_DELETED and TASKS_DELETED drop them;
+        START_TRAINING, or TRAIN_EVERY_N recorded annotations of a project, enqueue one
+        fine-tuning job (``ml_backend.trainer``); anything else is acknowledged and ignored.
+        Only Redis is touched, so the answer comes well within Label Studio's 1 s.
+        """
+        project = _payload_project(data)
+        if event in RECORD_EVENTS:
+            records = self.annotations.record(data)
+            answer: dict[str, Any] = {"status": "recorded", "event": event,
+                                      "annotations": [r.annotation_id for r in records],
+                                      "pairs": sum(len(r.pairs) for r in records)}
+            every = self.settings.train_every_n
+            if records and every and self.annotations.count_new([project]) >= every:
+                answer["training"] = self._request_training(project, "TRAIN_EVERY_N")
+            return answer
+        if event in DELETE_EVENTS:
+            return {"status": "deleted", "event": event, "dropped": self.annotations.drop(data)}
+        if event in TASK_DELETE_EVENTS:
+            return {"status": "deleted", "event": event,
+                    "dropped": self.annotations.drop_tasks(data)}
+        if event == "START_TRAINING":
+            return {"status": "training", "event": event,
+                    "training": self._request_training(project, event)}
         log.info("webhook %s ignored", event)
         return {"status": "ignored", "event": str(event)}
+
+    def _request_training(self, project: int | None, reason: str) -> dict[str, Any]:
+        ls_url, token = self._label_studio_access(str(project) if project is not None else None)
+        answer = self.training.request(TrainRequest(project=project, ls_url=ls_url,
+                                                    ls_token=token, reason=reason,
+                                                    requested_at=utc_now()))
+        self.annotations.reset_new(project)
+        return answer
 
     # ------------------------------------------------------------ helpers
 
@@ -189,6 +241,13 @@ class Talk2SamBackend:
 
     def _empty(self) -> dict[str, Any]:
         return {"result": [], "score": 0.0, "model_version": self.model_version}
+
+
+def _payload_project(data: dict[str, Any]) -> int | None:
+    """Project id of a webhook payload (``project`` is an object, or an id)."""
+    project = data.get("project")
+    value = project.get("id") if isinstance(project, dict) else project
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _project_id(project: str) -> str:

@@ -18,6 +18,7 @@ import numpy as np
 
 PREDICT_JOB = "ml_backend.worker.predict_job"
 WARM_JOB = "ml_backend.worker.warm_job"
+TRAIN_JOB = "ml_backend.trainer.train_job"
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,51 @@ class RedisKeys:
     def metrics(self, worker: str) -> str:
         """Hash of counters of ``worker`` (see ``worker.WorkerMetrics``)."""
         return f"{self.prefix}metrics:{worker}"
+
+    # ---- learning from corrections (annotations, trainer, versions)
+
+    @property
+    def annotations(self) -> str:
+        """Hash: Label Studio annotation id -> JSON ``annotations.RecordedAnnotation``."""
+        return f"{self.prefix}annotations"
+
+    def new_annotations(self, project: int | str) -> str:
+        """Counter of annotations recorded in ``project`` since training was last requested."""
+        return f"{self.prefix}annotations-new:{project}"
+
+    @property
+    def train_queue(self) -> str:
+        """Queue of fine-tuning jobs, served by ``python -m ml_backend.trainer`` only."""
+        return f"{self.prefix}train"
+
+    @property
+    def train_lock(self) -> str:
+        """Id of the one training job queued or running (no duplicates)."""
+        return f"{self.prefix}train:lock"
+
+    @property
+    def train_progress(self) -> str:
+        """JSON progress of the current or last training job (epoch, loss, ETA)."""
+        return f"{self.prefix}train:progress"
+
+    def trainer_heartbeat(self, trainer: str) -> str:
+        """JSON heartbeat of a trainer process, expiring when it stops refreshing it."""
+        return f"{self.prefix}trainer-heartbeat:{trainer}"
+
+    @property
+    def versions(self) -> str:
+        """Hash: model version name -> JSON ``versions.VersionRecord``."""
+        return f"{self.prefix}versions"
+
+    @property
+    def versions_lock(self) -> str:
+        """Lock around read-modify-write of the version registry."""
+        return f"{self.prefix}versions:lock"
+
+    @property
+    def serving(self) -> str:
+        """JSON ``{"name", "checkpoint"}`` of the version the workers must serve."""
+        return f"{self.prefix}serving"
 
 
 def image_key(image_url: str, ls_url: str | None) -> str:

@@ -32,6 +32,16 @@ down explicitly; no other module reads ``os.environ``.
 | STICKY_WAIT_S | 2.0 | how long a job routed to the worker holding its image may wait before it moves to the shared queue |
 | WARM_ON_OPEN | true | batch tasks with no box enqueue a low-priority job that caches their image's features |
 | LOG_LEVEL | ``INFO`` | Python logging level |
+| VERSIONS_DIR | unset | where ``versions.json`` and fine-tuned checkpoints are written (shared by trainer and workers); unset: MODEL_DIR |
+| TRAIN_EVERY_N | 0 | request a fine-tuning job after this many new annotations of a project; 0: only on START_TRAINING |
+| TRAIN_EPOCHS | 2 | epochs of one fine-tuning job |
+| TRAIN_LR | 0.0001 | learning rate of fine-tuning |
+| TRAIN_OPTIMIZER | ``adamw`` | ``adamw`` or ``sgd`` (the paper's) |
+| TRAIN_BATCH_SIZE | 4 | objects per optimiser step |
+| TRAIN_LOSS_POINTS | 12544 | points sampled by the BCE + Dice loss per mask (SAM-HQ: 112 x 112) |
+| TRAIN_HOLDOUT_PERCENT | 20 | share of tasks (by a hash of the task id, stable) held out for evaluation |
+| TRAIN_TIMEOUT_S | 3600 | longest one fine-tuning job may run |
+| PROMOTE_MIN_GAIN | 0.0 | the new version serves only when its held-out mIoU minus the old one's is at least this |
 """
 
 from __future__ import annotations
@@ -46,6 +56,7 @@ from urllib.parse import parse_qs, urlparse
 T = TypeVar("T")
 
 MODELS = ("talk2sam", "noop")
+TRAIN_OPTIMIZERS = ("adamw", "sgd")
 LABEL_STUDIO_PREDICT_TIMEOUT_S = 100
 
 
@@ -91,6 +102,21 @@ class Settings:
     sticky_wait_s: float = 2.0
     warm_on_open: bool = True
     log_level: str = "INFO"
+    versions_dir: str | None = None
+    train_every_n: int = 0
+    train_epochs: int = 2
+    train_lr: float = 1e-4
+    train_optimizer: str = "adamw"
+    train_batch_size: int = 4
+    train_loss_points: int = 112 * 112
+    train_holdout_percent: int = 20
+    train_timeout_s: int = 3600
+    promote_min_gain: float = 0.0
+
+    @property
+    def versions_path(self) -> str:
+        """Directory of ``versions.json`` and the fine-tuned checkpoints."""
+        return self.versions_dir or self.model_dir
 
     @property
     def basic_auth_enabled(self) -> bool:
@@ -142,6 +168,19 @@ class Settings:
             sticky_wait_s=get("STICKY_WAIT_S", _float_in(0.0, 60.0), d.sticky_wait_s),
             warm_on_open=get("WARM_ON_OPEN", _bool, d.warm_on_open),
             log_level=get("LOG_LEVEL", _log_level, d.log_level),
+            versions_dir=get.opt("VERSIONS_DIR", str),
+            train_every_n=get("TRAIN_EVERY_N", _int_in(0, 1_000_000), d.train_every_n),
+            train_epochs=get("TRAIN_EPOCHS", _int_in(1, 10_000), d.train_epochs),
+            train_lr=get("TRAIN_LR", _float_in(1e-9, 1.0), d.train_lr),
+            train_optimizer=get("TRAIN_OPTIMIZER", _one_of(TRAIN_OPTIMIZERS),
+                                d.train_optimizer),
+            train_batch_size=get("TRAIN_BATCH_SIZE", _int_in(1, 4096), d.train_batch_size),
+            train_loss_points=get("TRAIN_LOSS_POINTS", _int_in(16, 1 << 24),
+                                  d.train_loss_points),
+            train_holdout_percent=get("TRAIN_HOLDOUT_PERCENT", _int_in(1, 90),
+                                      d.train_holdout_percent),
+            train_timeout_s=get("TRAIN_TIMEOUT_S", _int_in(10, 7 * 86400), d.train_timeout_s),
+            promote_min_gain=get("PROMOTE_MIN_GAIN", _float_in(-1.0, 1.0), d.promote_min_gain),
         )
         if (settings.basic_auth_user is None) != (settings.basic_auth_pass is None):
             missing = "BASIC_AUTH_PASS" if settings.basic_auth_pass is None else "BASIC_AUTH_USER"

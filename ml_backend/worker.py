@@ -11,6 +11,11 @@ the download, decoding and ``set_image``. A heartbeat thread publishes every
 ``WORKER_HEARTBEAT_TTL_S / 3`` seconds which images the worker holds and whether it is busy
 (rq's SimpleWorker sends no heartbeat of its own while a job runs). Counters (jobs, cache
 hits/misses, latency histogram) are kept in a Redis hash per worker for /metrics.
+
+Model versions: before each job, and every ``VERSION_CHECK_S`` while idle, the worker reads the
+serving-version key (``ml_backend.versions``); when a fine-tuning job or a rollback made another
+version serve, it loads that version's checkpoint and reports its name as ``model_version``, with
+no restart. A version that fails to load is logged and the current one keeps serving.
 """
 
 from __future__ import annotations
@@ -53,9 +58,11 @@ from ml_backend.schemas import (
     encode_mask,
 )
 from ml_backend.settings import Settings, SettingsError
+from ml_backend.versions import ServingVersion, read_serving
 
 log = logging.getLogger(__name__)
 
+VERSION_CHECK_S = 2
 LATENCY_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 90.0)
 
 
@@ -312,6 +319,8 @@ class WorkerRuntime:
         self.model = model
         self.name = name
         self.keys = RedisKeys(settings.key_prefix)
+        self.redis = redis
+        self._unloadable: str | None = None
         self.fetcher = ImageFetcher(
             FetchConfig(
                 timeout_s=settings.image_fetch_timeout_s,
@@ -332,6 +341,30 @@ class WorkerRuntime:
                                model_version=self.model.model_version,
                                busy=self._job_id is not None, job_id=self._job_id,
                                images=self.model.cached_images(), seen_at=time.time())
+
+    def follow_serving_version(self) -> None:
+        """Load the serving version when it is not the one held (main thread, between jobs)."""
+        if self.settings.model == "noop":
+            return
+        try:
+            serving = read_serving(self.redis, self.keys)
+        except RedisError as exc:
+            log.warning("serving version unknown: %s", exc)
+            return
+        if serving is None or serving.name in (self.model.model_version, self._unloadable):
+            return
+        started = time.perf_counter()
+        try:
+            self.model = build_model(settings_serving(self.settings, serving))
+        except ModelError as exc:
+            log.error("version %s cannot be loaded, %s keeps serving: %s", serving.name,
+                      self.model.model_version, exc)
+            self._unloadable = serving.name
+            return
+        self._unloadable = None
+        log.info("now serving %s (loaded in %.1f s)", self.model.model_version,
+                 time.perf_counter() - started)
+        self.heartbeat.publish()
 
     def set_busy(self, job_id: str | None) -> None:
         self._job_id = job_id
@@ -433,13 +466,32 @@ def warm_job(spec: dict[str, Any]) -> dict[str, Any]:
     return _current_runtime().warm(PredictJobSpec.from_dict(spec))
 
 
+def settings_serving(settings: Settings, serving: ServingVersion | None) -> Settings:
+    """The settings with MODEL_CHECKPOINT replaced by the serving version's checkpoint."""
+    if serving is None or settings.model == "noop":
+        return settings
+    return replace(settings, model_checkpoint=serving.checkpoint)
+
+
 class Talk2SamWorker(SimpleWorker):
-    """SimpleWorker that marks the runtime busy while a job runs (for routing)."""
+    """SimpleWorker that marks the runtime busy while a job runs (for routing) and follows the
+    serving model version between jobs."""
 
     runtime: WorkerRuntime | None = None
 
+    def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None
+                                     ) -> tuple[Job, Queue] | None:
+        if self.runtime is None or timeout is None or max_idle_time is not None:
+            return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+        while True:  # wake up every VERSION_CHECK_S to look at the serving version
+            self.runtime.follow_serving_version()
+            result = super().dequeue_job_and_maintain_ttl(timeout, VERSION_CHECK_S)
+            if result is not None or self._stop_requested:
+                return result
+
     def execute_job(self, job: Job, queue: Queue) -> None:
         if self.runtime is not None:
+            self.runtime.follow_serving_version()
             self.runtime.set_busy(job.id)
         try:
             super().execute_job(job, queue)
@@ -470,12 +522,27 @@ def main(argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -
     redis = Redis.from_url(settings.redis_url)
     t0 = time.perf_counter()
     try:
-        model = build_model(settings)
+        serving = read_serving(redis, RedisKeys(settings.key_prefix))
+    except RedisError as exc:
+        log.warning("serving version unknown: %s", exc)
+        serving = None
+    try:
+        model = build_model(settings_serving(settings, serving))
     except ModelError as exc:
-        log.error("%s", exc)
-        return 3
+        if serving is None:
+            log.error("%s", exc)
+            return 3
+        log.error("serving version %s cannot be loaded, starting with the configured model: %s",
+                  serving.name, exc)
+        try:
+            model = build_model(settings)
+        except ModelError as exc2:
+            log.error("%s", exc2)
+            return 3
     log.info("model %s loaded in %.1f s", model.model_version, time.perf_counter() - t0)
     _runtime = WorkerRuntime(settings, model, args.name, redis)
+    if serving is not None and model.model_version != serving.name:
+        _runtime._unloadable = serving.name  # do not retry the version that failed to load
     keys = RedisKeys(settings.key_prefix)
     queues = [Queue(name, connection=redis, serializer=JSONSerializer)
               for name in (keys.worker_queue(args.name), keys.predict_queue, keys.warm_queue)]

@@ -21,9 +21,15 @@ ALLOWED = {
     "images": {"errors"},
     "ls_protocol": {"errors"},
     "queue_client": {"errors", "schemas", "settings"},
-    "worker": {"errors", "images", "schemas", "settings"},
-    "model": {"errors", "ls_protocol", "queue_client", "schemas", "settings"},
-    "app": {"errors", "ls_protocol", "model", "queue_client", "settings"},
+    "versions": {"schemas"},
+    "annotations": {"schemas"},
+    "trainer": {"annotations", "errors", "images", "ls_protocol", "schemas", "settings",
+                "versions"},
+    "worker": {"errors", "images", "schemas", "settings", "versions"},
+    "model": {"annotations", "errors", "ls_protocol", "queue_client", "schemas", "settings",
+              "trainer", "versions"},
+    "app": {"annotations", "errors", "ls_protocol", "model", "queue_client", "settings",
+            "trainer"},
 }
 
 

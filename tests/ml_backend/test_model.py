@@ -105,5 +105,5 @@ def test_interactive_with_several_tasks_is_refused():
 
 def test_webhook_is_ignored_politely():
     model, _ = backend()
-    assert model.fit("START_TRAINING", load_fixture("train_request.json")) == {
-        "status": "ignored", "event": "START_TRAINING"}
+    assert model.fit("TASKS_CREATED", {"action": "TASKS_CREATED", "tasks": [{"id": 1}]}) == {
+        "status": "ignored", "event": "TASKS_CREATED"}

@@ -1,0 +1,254 @@
+"""Registry of model versions: which exist, how they scored, which one serves.
+
+Every version has a :class:`VersionRecord` (name, created, status, parent, checkpoint, metrics,
+reason). The registry lives in Redis (hash ``RedisKeys.versions``, key ``RedisKeys.serving``) and
+is mirrored to ``VERSIONS_DIR/versions.json`` after every change (temp file + rename, so a crash
+never leaves half a file); when Redis has lost it, it is restored from that file. Fine-tuned
+checkpoints are written next to it under ``checkpoints/`` and never overwritten.
+
+Statuses: ``training`` (a job is producing it), ``serving`` (the one workers load), ``retired``
+(served before), ``rejected`` (trained, but not better on the held-out set), ``failed`` (the job
+failed; ``reason`` says why). Workers read only the small ``serving`` key between jobs
+(:func:`read_serving`) and reload when it names another version than the one they hold.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from redis import Redis
+
+from ml_backend.schemas import RedisKeys
+
+STATUSES = ("training", "serving", "retired", "rejected", "failed")
+LOCK_TIMEOUT_S = 30
+
+
+class VersionError(ValueError):
+    """A version that does not exist, or cannot serve (no checkpoint file)."""
+
+
+@dataclass(frozen=True)
+class ServingVersion:
+    """What workers must load: a version name and its checkpoint (None: the base model of
+    MODEL_CONFIG / MODEL_CHECKPOINT)."""
+
+    name: str
+    checkpoint: str | None
+
+
+@dataclass(frozen=True)
+class VersionRecord:
+    """One model version.
+
+    Attributes:
+        name: the model_version reported to Label Studio.
+        created: UTC ISO time.
+        status: one of :data:`STATUSES`.
+        parent: the version it was fine-tuned from, or None for a base model.
+        checkpoint: path of its checkpoint, or None for the base model built from the settings.
+        metrics: held-out scores and training facts (``old``/``new`` mIoU and mBIoU, counts).
+        reason: why it was rejected or failed, or None.
+        job_id: the training job that made it, or None.
+        project: the Label Studio project it learnt from, or None.
+    """
+
+    name: str
+    created: str
+    status: str
+    parent: str | None = None
+    checkpoint: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    reason: str | None = None
+    job_id: str | None = None
+    project: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> VersionRecord:
+        return cls(**raw)
+
+
+def utc_now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def read_serving(redis: Redis, keys: RedisKeys) -> ServingVersion | None:
+    """The version workers must serve, or None when none was ever promoted (one GET)."""
+    raw = redis.get(keys.serving)
+    if raw is None:
+        return None
+    data = json.loads(raw)
+    return ServingVersion(name=data["name"], checkpoint=data.get("checkpoint"))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temp file in the same folder and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+class VersionRegistry:
+    """Read and change the registry (Redis first, ``versions.json`` mirrored).
+
+    Args:
+        redis: connection.
+        keys: key names.
+        directory: VERSIONS_DIR (``versions.json`` and ``checkpoints/``).
+    """
+
+    def __init__(self, redis: Redis, keys: RedisKeys, directory: str | os.PathLike):
+        self.redis = redis
+        self.keys = keys
+        self.directory = Path(directory)
+
+    @property
+    def file(self) -> Path:
+        return self.directory / "versions.json"
+
+    def checkpoint_path(self, name: str) -> Path:
+        return self.directory / "checkpoints" / f"{name}.pt"
+
+    # ------------------------------------------------------------ reading
+
+    def list(self) -> list[VersionRecord]:
+        """Every version, oldest first."""
+        self._restore_if_lost()
+        raw = self.redis.hgetall(self.keys.versions)
+        records = [VersionRecord.from_dict(json.loads(v)) for v in raw.values()]
+        return sorted(records, key=lambda r: (r.created, r.name))
+
+    def get(self, name: str) -> VersionRecord | None:
+        self._restore_if_lost()
+        raw = self.redis.hget(self.keys.versions, name)
+        return VersionRecord.from_dict(json.loads(raw)) if raw is not None else None
+
+    def serving(self) -> VersionRecord | None:
+        """The serving version's record, or None when none was registered."""
+        self._restore_if_lost()
+        current = read_serving(self.redis, self.keys)
+        return self.get(current.name) if current else None
+
+    # ------------------------------------------------------------ changing
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        with self.redis.lock(self.keys.versions_lock, timeout=LOCK_TIMEOUT_S,
+                             blocking_timeout=LOCK_TIMEOUT_S):
+            yield
+
+    def put(self, record: VersionRecord) -> VersionRecord:
+        """Add or replace a record (its status must not be ``serving``: see :meth:`promote`)."""
+        if record.status not in STATUSES or record.status == "serving":
+            raise VersionError(f"cannot store {record.name} as {record.status!r} with put()")
+        with self._locked():
+            self._restore_if_lost()
+            self.redis.hset(self.keys.versions, record.name, json.dumps(record.to_dict()))
+            self._mirror()
+        return record
+
+    def ensure_base(self, name: str, checkpoint: str | None) -> VersionRecord:
+        """Register the model the workers start with as serving, unless a version serves."""
+        with self._locked():
+            self._restore_if_lost()
+            current = read_serving(self.redis, self.keys)
+            if current is not None:
+                record = self.get(current.name)
+                if record is not None:
+                    return record
+            record = VersionRecord(name=name, created=utc_now(), status="serving",
+                                   checkpoint=checkpoint)
+            self._set_serving(record, previous=None)
+            self._mirror()
+            return record
+
+    def promote(self, name: str, reason: str | None = None) -> VersionRecord:
+        """Make ``name`` the serving version; the one serving before becomes ``retired``.
+
+        Raises:
+            VersionError: unknown version, or its checkpoint file is missing.
+        """
+        with self._locked():
+            self._restore_if_lost()
+            record = self.get(name)
+            if record is None:
+                raise VersionError(f"no version named {name!r}; see `versions.py list`")
+            if record.checkpoint is not None and not Path(record.checkpoint).is_file():
+                raise VersionError(f"version {name}: checkpoint {record.checkpoint} is missing")
+            if record.status == "failed" or (record.status == "training"
+                                             and record.checkpoint is None):
+                raise VersionError(f"version {name} is {record.status} and cannot serve")
+            current = read_serving(self.redis, self.keys)
+            previous = self.get(current.name) if current else None
+            record = replace(record, status="serving",
+                             reason=reason if reason is not None else record.reason)
+            self._set_serving(record, previous)
+            self._mirror()
+            return record
+
+    def fail_training(self, job_id: str, reason: str) -> list[VersionRecord]:
+        """Mark the ``training`` versions of ``job_id`` failed (their job is gone)."""
+        with self._locked():
+            failed = [replace(r, status="failed", reason=reason) for r in self.list()
+                      if r.status == "training" and r.job_id == job_id]
+            for r in failed:
+                self.redis.hset(self.keys.versions, r.name, json.dumps(r.to_dict()))
+            if failed:
+                self._mirror()
+            return failed
+
+    def _set_serving(self, record: VersionRecord, previous: VersionRecord | None) -> None:
+        pipe = self.redis.pipeline(transaction=True)
+        if previous is not None and previous.name != record.name:
+            pipe.hset(self.keys.versions, previous.name,
+                      json.dumps(replace(previous, status="retired").to_dict()))
+        pipe.hset(self.keys.versions, record.name, json.dumps(record.to_dict()))
+        pipe.set(self.keys.serving, json.dumps({"name": record.name,
+                                                "checkpoint": record.checkpoint}))
+        pipe.execute()
+
+    # ------------------------------------------------------------ disk mirror
+
+    def _mirror(self) -> None:
+        raw = self.redis.hgetall(self.keys.versions)
+        records = sorted((json.loads(v) for v in raw.values()),
+                         key=lambda r: (r["created"], r["name"]))
+        current = read_serving(self.redis, self.keys)
+        atomic_write_text(self.file, json.dumps(
+            {"serving": current.name if current else None, "versions": records}, indent=1))
+
+    def _restore_if_lost(self) -> None:
+        """Refill Redis from ``versions.json`` when Redis holds no registry (flushed, new)."""
+        if self.redis.exists(self.keys.versions) or not self.file.is_file():
+            return
+        saved = json.loads(self.file.read_text())
+        records = {r["name"]: r for r in saved.get("versions", [])}
+        if not records:
+            return
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(self.keys.versions, mapping={n: json.dumps(r) for n, r in records.items()})
+        serving = records.get(saved.get("serving") or "")
+        if serving is not None:
+            pipe.set(self.keys.serving, json.dumps({"name": serving["name"],
+                                                    "checkpoint": serving.get("checkpoint")}),
+                     nx=True)
+        pipe.execute()

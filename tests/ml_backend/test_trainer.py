@@ -1,0 +1,315 @@
+"""The fine-tuning job on synthetic thin objects turned into Label Studio annotations: real Redis,
+real trainer and worker processes, a small Label Studio stand-in serving the images and the
+project's JSON export (label-studio-sdk talks to it). Tiny model, a few 64x64 images, 1 epoch."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+from label_studio_sdk.converter.brush import mask2rle
+from PIL import Image
+
+from ml_backend.annotations import AnnotationStore
+from ml_backend.schemas import RedisKeys
+from ml_backend.settings import Settings
+from ml_backend.trainer import TrainingQueue, TrainingRun, TrainRequest, split_tasks
+from ml_backend.versions import VersionRegistry, read_serving
+from talk2sam.data.synthetic import SyntheticThinDataset
+from tests.ml_backend.conftest import PREFIX, REPO, WorkerPool, backend_env
+
+PROJECT = 7
+TOKEN = "trainer-test-token"
+N_TASKS = 6
+TRAIN_WAIT_S = 180
+
+
+def ls_results(item: dict, index: int) -> list[dict]:
+    """A rectangle and a brush mask of the item's object, as the Label Studio editor saves them."""
+    height, width = item["mask"].shape
+    x0, y0, x1, y1 = (float(v) for v in item["box_xyxy"])
+    common = {"original_width": width, "original_height": height, "image_rotation": 0,
+              "to_name": "image"}
+    rect = {**common, "id": f"r{index}", "from_name": "box", "type": "rectanglelabels",
+            "value": {"x": x0 * 100 / width, "y": y0 * 100 / height,
+                      "width": (x1 - x0 + 1) * 100 / width, "height": (y1 - y0 + 1) * 100 / height,
+                      "rotation": 0, "rectanglelabels": [item["word"]]}}
+    brush = {**common, "id": f"b{index}", "from_name": "mask", "type": "brushlabels",
+             "value": {"format": "rle", "rle": mask2rle(item["mask"].astype(np.uint8) * 255),
+                       "brushlabels": [item["word"]]}}
+    return [rect, brush]
+
+
+@dataclass
+class FakeProject:
+    """A Label Studio stand-in for one project: ``/data/upload/...`` images and
+    ``/api/projects/<id>/export`` (set ``export_status`` to make the API fail)."""
+
+    url: str = ""
+    images: dict[str, bytes] = field(default_factory=dict)
+    tasks: list[dict] = field(default_factory=list)
+    export_status: int = 200
+    export_calls: int = 0
+
+
+@pytest.fixture(scope="module")
+def project() -> Iterator[FakeProject]:
+    state = FakeProject()
+    dataset = SyntheticThinDataset(N_TASKS, seed=3, size=64, multi_object=False)
+    for i in range(N_TASKS):
+        item = dataset[i]
+        path = f"/data/upload/{PROJECT}/synth_{i}.png"
+        buffer = io.BytesIO()
+        Image.fromarray(item["image"]).save(buffer, format="PNG")
+        state.images[path] = buffer.getvalue()
+        state.tasks.append({"id": 100 + i, "data": {"image": path}, "project": PROJECT,
+                            "annotations": [{"id": 500 + i, "result": ls_results(item, i),
+                                             "was_cancelled": False}]})
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def _send(self, status: int, body: bytes, content_type: str) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self) -> None:
+            if self.headers.get("Authorization") != f"Token {TOKEN}":
+                self._send(401, b'{"detail": "no"}', "application/json")
+                return
+            path = self.path.split("?")[0]
+            if path in state.images:
+                self._send(200, state.images[path], "image/png")
+            elif path.rstrip("/") == f"/api/projects/{PROJECT}/export":
+                state.export_calls += 1
+                body = json.dumps(state.tasks).encode()
+                self._send(state.export_status, body if state.export_status == 200 else b"{}",
+                           "application/json")
+            else:
+                self._send(404, b"{}", "application/json")
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    state.url = f"http://127.0.0.1:{server.server_address[1]}"
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield state
+    server.shutdown()
+
+
+def trainer_env(fake_ls, project: FakeProject, versions_dir: Path, **overrides: str
+                ) -> dict[str, str]:
+    env = backend_env(fake_ls, LABEL_STUDIO_URL=project.url, LABEL_STUDIO_API_KEY=TOKEN,
+                      VERSIONS_DIR=str(versions_dir), TRAIN_EPOCHS="1", TRAIN_BATCH_SIZE="2",
+                      TRAIN_LOSS_POINTS="256", TRAIN_LR="0.001", TRAIN_HOLDOUT_PERCENT="34",
+                      PROMOTE_MIN_GAIN="-1", OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    env.update(overrides)
+    return env
+
+
+@pytest.fixture
+def reset_project(project: FakeProject) -> Iterator[FakeProject]:
+    project.export_status = 200
+    yield project
+    project.export_status = 200
+
+
+def request(settings: Settings, client: redis.Redis) -> dict:
+    return TrainingQueue(settings, client).request(
+        TrainRequest(project=PROJECT, reason="test", requested_at="now"))
+
+
+def progress(client: redis.Redis) -> dict:
+    raw = client.get(RedisKeys(PREFIX).train_progress)
+    return json.loads(raw) if raw else {}
+
+
+def wait_for(condition, timeout_s: float, what: str, logs=lambda: "") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}\n{logs()}")
+        time.sleep(0.1)
+
+
+class Trainer:
+    """One ``python -m ml_backend.trainer`` process."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, name: str):
+        self.log_path = log_path
+        with open(log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "ml_backend.trainer", "--name", name], cwd=REPO, env=env,
+                stdout=log, stderr=subprocess.STDOUT)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def sha256(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def test_split_is_stable_per_task_and_never_empty():
+    tasks = [{"id": i} for i in range(1, 200)]
+    train, held = split_tasks(tasks, 20)
+    assert 20 < len(held) < 60 and len(train) + len(held) == len(tasks)
+    more_train, more_held = split_tasks(tasks + [{"id": i} for i in range(200, 400)], 20)
+    assert {t["id"] for t in held} <= {t["id"] for t in more_held}  # no task changes sides
+    for pair in ([{"id": 1}, {"id": 2}], [{"id": 5}, {"id": 9}, {"id": 11}]):
+        train, held = split_tasks(pair, 20)
+        assert train and held
+
+
+def test_job_promotes_a_version_that_a_running_worker_picks_up(
+        fake_ls, reset_project, clean_redis, tmp_path):
+    env = trainer_env(fake_ls, reset_project, tmp_path / "versions")
+    settings = Settings.from_env(env)
+    workers = WorkerPool(env, tmp_path)
+    workers.start("follower")
+    trainer = Trainer(env, tmp_path / "trainer.log", "trainer-a")
+    keys = RedisKeys(PREFIX)
+    try:
+        workers.wait_ready(clean_redis)
+        assert request(settings, clean_redis)["status"] == "queued"
+        assert request(settings, clean_redis)["status"] in ("already queued", "already running")
+        wait_for(lambda: progress(clean_redis).get("state") in ("done", "failed"), TRAIN_WAIT_S,
+                 "training did not finish", trainer.log)
+        done = progress(clean_redis)
+        assert done["state"] == "done" and done["result"] == "promoted", trainer.log()
+        assert done["metrics"]["source"] == "label-studio" and reset_project.export_calls >= 1
+        registry = VersionRegistry(clean_redis, keys, tmp_path / "versions")
+        serving = registry.serving()
+        assert serving.name == done["version"] and serving.parent == "talk2sam-tiny-random"
+        assert Path(serving.checkpoint).is_file()
+        assert set(serving.metrics["new"]) >= {"miou", "mbiou"}
+        assert [r.status for r in registry.list()] == ["retired", "serving"]
+        saved = json.loads((tmp_path / "versions" / "versions.json").read_text())
+        assert saved["serving"] == serving.name and len(saved["versions"]) == 2
+        assert clean_redis.get(keys.train_lock) is None  # released: the next request may run
+
+        def worker_version() -> str:
+            beat = clean_redis.get(keys.heartbeat("follower"))
+            return json.loads(beat)["model_version"] if beat else ""
+
+        wait_for(lambda: worker_version() == serving.name, 60, "worker kept the old version",
+                 lambda: workers.log("follower"))
+    finally:
+        trainer.stop()
+        workers.stop()
+
+
+def record_webhooks(client: redis.Redis, project: FakeProject) -> None:
+    store = AnnotationStore(client, RedisKeys(PREFIX))
+    for task in project.tasks:
+        annotation = {**task["annotations"][0], "task": task["id"], "project": PROJECT}
+        store.record({"action": "ANNOTATION_CREATED", "annotation": annotation,
+                      "task": {"id": task["id"], "data": task["data"]},
+                      "project": {"id": PROJECT}})
+
+
+def test_unreachable_label_studio_falls_back_to_recorded_pairs_and_a_worse_model_is_rejected(
+        fake_ls, reset_project, clean_redis, tmp_path):
+    reset_project.export_status = 503
+    record_webhooks(clean_redis, reset_project)
+    settings = Settings.from_env(trainer_env(fake_ls, reset_project, tmp_path,
+                                             PROMOTE_MIN_GAIN="1.0"))
+    summary = TrainingRun(settings, clean_redis, "job-in-process").run(
+        TrainRequest(project=PROJECT, reason="test"))
+    assert summary["status"] == "rejected"
+    assert summary["metrics"]["source"].startswith("recorded (Label Studio unreachable")
+    assert summary["metrics"]["train_objects"] + summary["metrics"]["heldout_objects"] == N_TASKS
+    registry = VersionRegistry(clean_redis, RedisKeys(PREFIX), tmp_path)
+    assert registry.serving().name == "talk2sam-tiny-random"  # untouched
+    rejected = registry.get(summary["version"])
+    assert rejected.status == "rejected" and "PROMOTE_MIN_GAIN" in rejected.reason
+
+
+def test_a_failing_job_leaves_the_serving_version_and_records_why(
+        fake_ls, reset_project, clean_redis, tmp_path):
+    reset_project.export_status = 503  # and nothing recorded: no data at all
+    settings = Settings.from_env(trainer_env(fake_ls, reset_project, tmp_path))
+    with pytest.raises(Exception, match="need brush annotations"):
+        TrainingRun(settings, clean_redis, "job-no-data").run(TrainRequest(project=PROJECT))
+    registry = VersionRegistry(clean_redis, RedisKeys(PREFIX), tmp_path)
+    failed = [r for r in registry.list() if r.status == "failed"]
+    assert len(failed) == 1 and "need brush annotations" in failed[0].reason
+    assert registry.serving().name == "talk2sam-tiny-random"
+    assert progress(clean_redis)["state"] == "failed"
+
+
+def test_sigkill_mid_epoch_keeps_the_serving_checkpoint_and_the_next_run_succeeds(
+        fake_ls, reset_project, clean_redis, tmp_path):
+    versions = tmp_path / "versions"
+    keys = RedisKeys(PREFIX)
+    env = trainer_env(fake_ls, reset_project, versions)
+    first = TrainingRun(Settings.from_env(env), clean_redis, "job-first").run(
+        TrainRequest(project=PROJECT))
+    registry = VersionRegistry(clean_redis, keys, versions)
+    serving = registry.serving()
+    assert serving.name == first["version"]
+    digest = sha256(serving.checkpoint)
+
+    slow = Trainer({**env, "TRAIN_EPOCHS": "500", "TRAIN_BATCH_SIZE": "1"},
+                   tmp_path / "slow.log", "trainer-slow")
+    try:
+        settings = Settings.from_env(env)
+        killed_job = request(settings, clean_redis)["job_id"]
+        wait_for(lambda: progress(clean_redis).get("state") == "training"
+                 and progress(clean_redis).get("step", 0) >= 1, TRAIN_WAIT_S,
+                 "training never started", slow.log)
+        slow.proc.send_signal(signal.SIGKILL)
+        slow.proc.wait(10)
+    finally:
+        slow.stop()
+    assert progress(clean_redis)["epoch"] < 500
+    assert registry.serving().name == serving.name
+    assert sha256(serving.checkpoint) == digest
+    assert read_serving(clean_redis, keys).checkpoint == serving.checkpoint
+    json.loads((versions / "versions.json").read_text())  # whole, not half-written
+
+    # The lock names the killed job; once its trainer's heartbeat expires, it is taken over.
+    wait_for(lambda: not clean_redis.exists(keys.trainer_heartbeat("trainer-slow")), 10,
+             "heartbeat of the killed trainer did not expire")
+    again = Trainer(env, tmp_path / "again.log", "trainer-again")
+    try:
+        wait_for(lambda: clean_redis.exists(keys.trainer_heartbeat("trainer-again")), 60,
+                 "second trainer did not start", again.log)
+        answer = request(settings, clean_redis)
+        assert answer["status"] == "queued" and answer["job_id"] != killed_job
+        wait_for(lambda: progress(clean_redis).get("job_id") == answer["job_id"]
+                 and progress(clean_redis).get("state") in ("done", "failed"), TRAIN_WAIT_S,
+                 "second training did not finish", again.log)
+        assert progress(clean_redis)["result"] == "promoted", again.log()
+    finally:
+        again.stop()
+    statuses = {r.job_id: r for r in registry.list() if r.job_id}
+    assert statuses[killed_job].status == "failed" and "trainer stopped" in \
+        statuses[killed_job].reason
+    assert registry.serving().parent == serving.name
+    assert sha256(serving.checkpoint) == digest  # the retired checkpoint is kept as it was

@@ -1,0 +1,107 @@
+"""The version registry on real Redis with its versions.json mirror, and scripts/versions.py."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ml_backend.schemas import RedisKeys
+from ml_backend.versions import VersionError, VersionRecord, VersionRegistry, read_serving, utc_now
+from tests.ml_backend.conftest import PREFIX, REDIS_URL, REPO
+
+KEYS = RedisKeys(PREFIX)
+
+
+@pytest.fixture
+def registry(clean_redis, tmp_path):
+    return VersionRegistry(clean_redis, KEYS, tmp_path)
+
+
+def finetuned(registry: VersionRegistry, name: str, parent: str) -> VersionRecord:
+    path = registry.checkpoint_path(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"checkpoint " + name.encode())
+    return registry.put(VersionRecord(name=name, created=utc_now(), status="training",
+                                      parent=parent, checkpoint=str(path),
+                                      metrics={"old": {"miou": 0.1, "mbiou": 0.1},
+                                               "new": {"miou": 0.2, "mbiou": 0.15}}))
+
+
+def test_base_then_promotion_retires_the_previous_version(registry, clean_redis, tmp_path):
+    assert registry.serving() is None and read_serving(clean_redis, KEYS) is None
+    base = registry.ensure_base("talk2sam-tiny-random", None)
+    assert base.status == "serving" and registry.ensure_base("other", None) == base
+    finetuned(registry, "v1", parent=base.name)
+    registry.promote("v1")
+    assert [(r.name, r.status) for r in registry.list()] == [
+        ("talk2sam-tiny-random", "retired"), ("v1", "serving")]
+    serving = read_serving(clean_redis, KEYS)
+    assert serving.name == "v1" and serving.checkpoint == str(registry.checkpoint_path("v1"))
+    saved = json.loads((tmp_path / "versions.json").read_text())
+    assert saved["serving"] == "v1" and [v["name"] for v in saved["versions"]] == [
+        "talk2sam-tiny-random", "v1"]
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_rollback_refuses_unknown_failed_or_missing_checkpoints(registry):
+    registry.ensure_base("base", None)
+    with pytest.raises(VersionError, match="no version"):
+        registry.promote("nope")
+    gone = finetuned(registry, "gone", parent="base")
+    registry.checkpoint_path("gone").unlink()
+    with pytest.raises(VersionError, match="missing"):
+        registry.promote(gone.name)
+    finetuned(registry, "bad", parent="base")
+    registry.put(VersionRecord(**{**registry.get("bad").to_dict(), "status": "failed"}))
+    with pytest.raises(VersionError, match="failed"):
+        registry.promote("bad")
+    assert registry.serving().name == "base"
+
+
+def test_registry_is_restored_from_versions_json_when_redis_lost_it(registry, clean_redis):
+    registry.ensure_base("base", None)
+    finetuned(registry, "v1", parent="base")
+    registry.promote("v1")
+    clean_redis.delete(KEYS.versions, KEYS.serving)
+    assert registry.serving().name == "v1"
+    assert read_serving(clean_redis, KEYS).name == "v1"
+    assert {r.name for r in registry.list()} == {"base", "v1"}
+
+
+def test_fail_training_marks_only_that_jobs_versions(registry):
+    registry.ensure_base("base", None)
+    registry.put(VersionRecord(name="t1", created=utc_now(), status="training", job_id="j1"))
+    registry.put(VersionRecord(name="t2", created=utc_now(), status="training", job_id="j2"))
+    [failed] = registry.fail_training("j1", "trainer died")
+    assert failed.name == "t1" and registry.get("t1").reason == "trainer died"
+    assert registry.get("t2").status == "training"
+
+
+def cli(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    env = {"REDIS_URL": REDIS_URL, "KEY_PREFIX": PREFIX, "VERSIONS_DIR": str(tmp_path),
+           "PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
+    return subprocess.run([sys.executable, "scripts/versions.py", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_cli_list_status_and_rollback(registry, clean_redis, tmp_path):
+    registry.ensure_base("base", None)
+    finetuned(registry, "v1", parent="base")
+    registry.promote("v1")
+    clean_redis.set(KEYS.train_progress, json.dumps({
+        "state": "training", "job_id": "j9", "version": "v2", "epoch": 1, "epochs": 3,
+        "step": 2, "steps": 5, "loss": 0.5, "eta_s": 12.0, "updated_at": 0}))
+    listed = cli(tmp_path, "list")
+    assert listed.returncode == 0, listed.stderr
+    assert "* v1" in listed.stdout and "mIoU 0.1000 -> 0.2000" in listed.stdout
+    status = cli(tmp_path, "status")
+    assert "serving: v1" in status.stdout
+    assert "epoch 1/3 step 2/5 loss 0.5000 ETA 12 s" in status.stdout
+    rolled = cli(tmp_path, "rollback", "base")
+    assert rolled.returncode == 0 and read_serving(clean_redis, KEYS).name == "base"
+    assert registry.get("v1").status == "retired"
+    refused = cli(tmp_path, "rollback", "nope")
+    assert refused.returncode == 1 and "no version named 'nope'" in refused.stderr
