@@ -6,7 +6,8 @@ specs (one per image, all its boxes together) and hands them to the queue client
 answer.
 
 Scores: each brush result carries ``score``, the decoder's predicted IoU for that mask (the
-model's own confidence); a task's ``score`` is the mean over its masks, 0.0 when it has none.
+model's own confidence; low = uncertain, the tasks to correct first: docs/ACTIVE_LEARNING.md); a
+task's ``score`` is the mean over its masks, 0.0 when it has none.
 ``model_version`` is always the one /setup reports: MODEL_VERSION when set, else the version the
 live workers report (learned from heartbeats and job results), else ``talk2sam-<MODEL_CONFIG>``
 until a worker has been seen.
