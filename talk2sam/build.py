@@ -121,6 +121,13 @@ def build_model(
             path = _weights_path(cfg.psi_weights, weights_dir)
             load_strict(psi, rename_psi_keys(load_file(path)), path)
     model = Talk2Sam(cfg, sam, dino, text, psi)
+    if cfg.sam.variant == "tiny" and (random_init or not cfg.sam_weights):
+        # random tiny weights live on the float16 grid, so checkpoints can store the frozen parts in
+        # half the space without changing a single value
+        with torch.no_grad():
+            for tensor in model.state_dict().values():
+                if tensor.is_floating_point():
+                    tensor.copy_(tensor.half().float())
     kind = "talk2sam" if use_text else "samhq"
     model.version = f"{kind}-{cfg.name}-" + ("random" if random_init or not cfg.sam_weights
                                              else "base")
@@ -164,8 +171,14 @@ def trained_state(model: Talk2Sam, clip_mode: str = "frozen") -> dict[str, torch
         state.update({f"text.clip.{k}": p.detach().cpu() for k, p in clip.named_parameters()
                       if id(p) in names})
     if model.cfg.sam.variant == "tiny":
-        # tiny backbones are not downloadable files: a checkpoint carries all of the model
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        # tiny backbones are not downloadable files: a checkpoint carries all of the model, the
+        # frozen parts in float16 where that is exact (build_model puts random tiny weights on
+        # the float16 grid)
+        for key, value in model.state_dict().items():
+            if key not in state:
+                value = value.detach().cpu()
+                half = value.half() if value.is_floating_point() else value
+                state[key] = half if torch.equal(half.to(value.dtype), value) else value
     return state
 
 
