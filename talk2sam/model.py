@@ -6,8 +6,9 @@ image in one decoder call. With no text branch the same object is the box-only S
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
-from typing import Sequence
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -17,7 +18,9 @@ from talk2sam.configs import ModelConfig
 from talk2sam.projection import Projection
 from talk2sam.similarity import similarity_map, text_image_score
 from talk2sam.text import TextEncoder
-from talk2sam.vision import DinoEncoder
+from talk2sam.vision import DinoEncoder, DinoFeatures
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -84,17 +87,33 @@ class Talk2Sam(nn.Module):
     def long_side(self) -> int:
         return self.cfg.sam.image_size
 
-    def encode_image(self, rgb: torch.Tensor) -> ImageFeatures:
-        """rgb: (H, W, 3) uint8 tensor, original frame -> ImageFeatures."""
+    def encode_image(self, rgb: torch.Tensor, overlap: bool = False) -> ImageFeatures:
+        """rgb: (H, W, 3) uint8 tensor, original frame -> ImageFeatures.
+
+        overlap: on CUDA, run DINOv2 in a side stream while SAM-HQ's encoder runs in the current
+        one (the two encoders are independent). Ignored elsewhere: on CPU both already use all
+        cores, and a thread measured no gain (docs/PERFORMANCE.md)."""
         height, width = rgb.shape[:2]
         x = rgb.to(self.device).permute(2, 0, 1)[None].float()
         new_hw = geometry.resized_hw(height, width, self.long_side)
-        embedding, interm = sam_hq.encode_image(self.sam, sam_hq.preprocess(self.sam, x, new_hw))
-        patches = cls_attn = None
-        if self.dino is not None:
-            dino = self.dino(self.dino.preprocess(x / 255.0))
-            patches, cls_attn = dino.patches[0], dino.cls_attn[0]
-        return ImageFeatures(embedding, interm, patches, cls_attn, height, width)
+
+        def encode_sam() -> tuple[torch.Tensor, torch.Tensor]:
+            return sam_hq.encode_image(self.sam, sam_hq.preprocess(self.sam, x, new_hw))
+
+        if self.dino is None:
+            embedding, interm = encode_sam()
+            return ImageFeatures(embedding, interm, None, None, height, width)
+        dino_enc = self.dino
+
+        def encode_dino() -> DinoFeatures:
+            return dino_enc(dino_enc.preprocess(x / 255.0))
+
+        if overlap and x.is_cuda:
+            (embedding, interm), dino = _overlap_cuda(encode_sam, encode_dino)
+        else:
+            embedding, interm = encode_sam()
+            dino = encode_dino()
+        return ImageFeatures(embedding, interm, dino.patches[0], dino.cls_attn[0], height, width)
 
     def project_words(self, words: Sequence[str]) -> torch.Tensor:
         """Words -> psi(t), (N, D) not normalised."""
@@ -127,3 +146,20 @@ class Talk2Sam(nn.Module):
     def upscale(self, logits: torch.Tensor, feats: ImageFeatures) -> torch.Tensor:
         """(N, 1, S/4, S/4) -> (N, H, W) logits in the original frame."""
         return geometry.mask_frame_to_original(logits, feats.height, feats.width, self.long_side)
+
+
+def _overlap_cuda(main_fn: Callable[[], T], side_fn: Callable[[], DinoFeatures]
+                  ) -> tuple[T, DinoFeatures]:
+    """Run `side_fn` in a side CUDA stream while `main_fn` runs in the current one; the current
+    stream waits for the side one before the results are used. Autocast and inference mode are
+    thread-local, and this stays in the caller's thread, so both runs keep them."""
+    main = torch.cuda.current_stream()
+    side = torch.cuda.Stream(device=main.device)
+    side.wait_stream(main)  # the side stream reads inputs the current stream produced
+    with torch.cuda.stream(side):
+        side_out = side_fn()
+    main_out = main_fn()
+    main.wait_stream(side)
+    for t in (side_out.patches, side_out.cls_attn):
+        t.record_stream(main)  # allocated on the side stream, used on the current one
+    return main_out, side_out

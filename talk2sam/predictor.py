@@ -7,8 +7,8 @@ predictor per worker process."""
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -63,9 +63,19 @@ def normalize_image(image: np.ndarray, max_pixels: int = MAX_PIXELS_DEFAULT) -> 
 
 
 class Talk2SamPredictor:
-    def __init__(self, model: Talk2Sam, max_pixels: int = MAX_PIXELS_DEFAULT):
+    """Args:
+        model: a built Talk2Sam (or box-only SAM-HQ), on its device.
+        max_pixels: larger images raise InvalidImageError.
+        overlap_encoders: on CUDA, run DINOv2 in a side stream beside SAM-HQ's encoder
+            (see `Talk2Sam.encode_image`); off by default until measured on a GPU with
+            `scripts/benchmark.py`. No effect on CPU.
+    """
+
+    def __init__(self, model: Talk2Sam, max_pixels: int = MAX_PIXELS_DEFAULT,
+                 overlap_encoders: bool = False):
         self.model = model.eval()
         self.max_pixels = max_pixels
+        self.overlap_encoders = overlap_encoders
         self.features: ImageFeatures | None = None
 
     @property
@@ -86,7 +96,7 @@ class Talk2SamPredictor:
         """Compute everything that depends only on the image. image: (H, W[, C]) array."""
         rgb = normalize_image(image, self.max_pixels)
         with self._autocast():
-            feats = self.model.encode_image(torch.from_numpy(rgb))
+            feats = self.model.encode_image(torch.from_numpy(rgb), overlap=self.overlap_encoders)
         self.features = feats
 
     def set_features(self, features: ImageFeatures) -> None:

@@ -1,0 +1,618 @@
+"""Benchmark Talk2SAM against SAM-HQ and the serving stack around it, in one run.
+
+Prints markdown tables of medians and ratios:
+
+1. cold image latency (set_image + first predict), SAM-HQ vs Talk2SAM on the same SAM-HQ module;
+2. warm per-prompt latency on a cached image (new box, new word) and its share of cold;
+3. N boxes in one call vs N calls; and whether overlapping the two image encoders helps;
+4. the queue round trip: the worker's job function called in-process vs through Redis/rq and a
+   SimpleWorker-based worker process, with MODEL=noop and with the real tiny model;
+5. end to end: /predict of the backend app (a uvicorn subprocess) with a captured Label Studio
+   request whose image a local http.server serves, and /health latency while predictions run;
+6. throughput with 1 and 2 worker processes on a batch of images;
+7. peak memory (RSS) of each process.
+
+1-3 use ``--config`` (real sizes get random weights: timings only); 4-7 always use the ``tiny``
+model in the workers (the workers load real sizes only from weight files). Redis: a database of
+its own (``--redis-url``, default DB 12), flushed before and after.
+
+    python scripts/benchmark.py --quick
+    python scripts/benchmark.py --config vit_b-dinob --repeats 1 --images 2 --skip-service
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import io
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a file: make talk2sam and ml_backend importable
+    sys.path.insert(0, str(REPO))
+
+from talk2sam.bench import (
+    Table,
+    fmt_ms,
+    median_ms,
+    percentile_ms,
+    synthetic_images,
+)
+
+FIXTURE = Path("/work/shared/fixtures/label-studio-1.23.2/predict_interactive_request.json")
+REDIS_URL = "redis://127.0.0.1:6379/12"
+PREFIX = "t2s-bench:"
+TOKEN = "bench-token"
+START_TIMEOUT_S = 120
+
+
+# ---------------------------------------------------------------- model tables (1-3)
+
+
+def model_tables(config: str, device: str | None, images: int, repeats: int,
+                 prompts: int) -> list[Table]:
+    """Tables 1-3 and the encoder-overlap experiment for one model config."""
+    from talk2sam import bench
+
+    pair = bench.build_pair(config, device)
+    imgs = bench.synthetic_images(images, seed=1)
+    bench.warm_up(pair, imgs[0])
+    cold = bench.cold_table(pair, imgs, repeats)
+    warm = bench.warm_table(pair, imgs, prompts, cold)
+    batch = bench.batch_table(pair, imgs[0], repeats=max(3, repeats))
+    overlap = bench.overlap_table(pair, imgs, repeats)
+    return [cold, warm, batch, overlap]
+
+
+# ---------------------------------------------------------------- image server
+
+
+def png_bytes(width: int, height: int, seed: int) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(synthetic_images(1, height, width, seed)[0]).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class ImageServer:
+    """A local http.server answering any ``..._<W>x<H>.png`` path with a synthetic PNG (one per
+    path, so distinct names are distinct images), as Label Studio's /data/upload would."""
+
+    def __init__(self) -> None:
+        cache: dict[str, bytes] = {}
+        lock = threading.Lock()
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                path = self.path.split("?")[0]
+                size = re.search(r"_(\d+)x(\d+)\.png$", path)
+                if not size:
+                    self.send_error(404)
+                    return
+                with lock:
+                    if path not in cache:
+                        cache[path] = png_bytes(int(size.group(1)), int(size.group(2)),
+                                                zlib.crc32(path.encode()))
+                    body = cache[path]
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+# ---------------------------------------------------------------- the stack as subprocesses
+
+
+def backend_env(redis_url: str, ls_url: str, model: str, threads: int | None = None,
+                device: str | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("LABEL_STUDIO_", "BASIC_AUTH_", "MODEL", "IMAGE_"))}
+    env.update({
+        "REDIS_URL": redis_url, "KEY_PREFIX": PREFIX, "LABEL_STUDIO_URL": ls_url,
+        "LABEL_STUDIO_API_KEY": TOKEN, "MODEL": model, "MODEL_CONFIG": "tiny",
+        "JOB_TIMEOUT_S": "90", "LOG_LEVEL": "WARNING", "WARM_ON_OPEN": "false",
+        "PYTHONPATH": str(REPO),
+    })
+    if device:
+        env["DEVICE"] = device
+    if threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    return env
+
+
+def rss_peak_mib(pid: int) -> float | None:
+    """Peak resident set size (VmHWM) of a live process, MiB; None where /proc lacks it."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+@dataclass
+class Stack:
+    """Worker processes (and optionally the app) on a flushed Redis database."""
+
+    env: dict[str, str]
+    redis_url: str
+    workers: dict[str, subprocess.Popen] = field(default_factory=dict)
+    app: subprocess.Popen | None = None
+    app_url: str = ""
+    log_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="t2s-bench-")))
+
+    def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen:
+        with open(self.log_dir / f"{name}.log", "wb") as log:  # the child keeps its own fd
+            return subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, stdout=log,
+                                    stderr=subprocess.STDOUT)
+
+    def log(self, name: str) -> str:
+        return (self.log_dir / f"{name}.log").read_text(errors="replace")[-3000:]
+
+    def start_worker(self, name: str, threads: int | None = None) -> None:
+        env = dict(self.env)
+        if threads:
+            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+        self.workers[name] = self._spawn(name, ["-m", "ml_backend.worker", "--name", name], env)
+
+    def start_app(self, port: int) -> None:
+        self.app = self._spawn("app", ["-m", "ml_backend.app", "--host", "127.0.0.1",
+                                       "--port", str(port)], self.env)
+        self.app_url = f"http://127.0.0.1:{port}"
+
+    def wait_ready(self) -> None:
+        import httpx
+        from redis import Redis
+
+        from ml_backend.schemas import RedisKeys
+
+        client, keys = Redis.from_url(self.redis_url), RedisKeys(PREFIX)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        pending = dict(self.workers)
+        while pending:
+            for name, proc in list(pending.items()):
+                if client.exists(keys.heartbeat(name)):
+                    del pending[name]
+                elif proc.poll() is not None:
+                    raise RuntimeError(f"worker {name} exited:\n{self.log(name)}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"workers not ready: {sorted(pending)}")
+            time.sleep(0.05)
+        while self.app is not None:
+            try:
+                if httpx.get(f"{self.app_url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if self.app.poll() is not None:
+                raise RuntimeError(f"app exited:\n{self.log('app')}")
+            if time.monotonic() > deadline:
+                raise TimeoutError("app not ready")
+            time.sleep(0.05)
+
+    def rss(self) -> dict[str, float | None]:
+        out = {name: rss_peak_mib(p.pid) for name, p in self.workers.items()}
+        if self.app is not None:
+            out["app (uvicorn)"] = rss_peak_mib(self.app.pid)
+        return out
+
+    def stop(self) -> None:
+        procs = list(self.workers.values()) + ([self.app] if self.app else [])
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+
+def flush(redis_url: str) -> None:
+    from redis import Redis
+
+    Redis.from_url(redis_url).flushdb()
+
+
+@contextlib.contextmanager
+def running_stack(env: dict[str, str], redis_url: str, workers: Sequence[str],
+                  threads: int | None = None, app_port: int | None = None) -> Iterator[Stack]:
+    flush(redis_url)
+    stack = Stack(env, redis_url)
+    try:
+        for name in workers:
+            stack.start_worker(name, threads)
+        if app_port:
+            stack.start_app(app_port)
+        stack.wait_ready()
+        yield stack
+    finally:
+        stack.stop()
+        flush(redis_url)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def job_spec(ls_url: str, name: str, boxes: int = 1, word: str | None = "wire"):
+    """A PredictJobSpec for the 400x300 image ``name`` with `boxes` boxes."""
+    from ml_backend.schemas import PredictJobSpec
+
+    box = [100.0, 49.0, 280.0, 85.0]  # the captured request's box, in pixels
+    return PredictJobSpec(request_id="bench", task_id=None,
+                          image_url=f"/data/upload/1/{name}_400x300.png", ls_url=ls_url,
+                          ls_token=TOKEN, width=400, height=300, boxes_xyxy=[box] * boxes,
+                          words=None if word is None else [word] * boxes)
+
+
+# ---------------------------------------------------------------- (4) queue round trip
+
+
+BARE_RQ_WORKER = (
+    "import sys\n"
+    "from redis import Redis\n"
+    "from rq import Queue, SimpleWorker\n"
+    "from rq.serializers import JSONSerializer as J\n"
+    "r = Redis.from_url(sys.argv[1])\n"
+    "q = Queue(sys.argv[2], connection=r, serializer=J)\n"
+    "SimpleWorker([q], connection=r, serializer=J).work(logging_level='WARNING')\n"
+)
+
+
+def bare_rq_samples(redis_url: str, calls: int) -> list[float]:
+    """Round trips of a trivial job (``math.floor``) through a plain rq SimpleWorker: the floor
+    that rq and Redis alone cost on this machine."""
+    from redis import Redis
+    from rq import Queue
+    from rq.serializers import JSONSerializer
+
+    flush(redis_url)
+    name = f"{PREFIX}bare"
+    proc = subprocess.Popen([sys.executable, "-c", BARE_RQ_WORKER, redis_url, name], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        queue = Queue(name, connection=Redis.from_url(redis_url), serializer=JSONSerializer)
+        samples = []
+        for i in range(calls + 1):
+            start = time.perf_counter()
+            job = queue.enqueue("math.floor", args=(1.5,), result_ttl=60)
+            if job.latest_result(timeout=START_TIMEOUT_S) is None:
+                raise TimeoutError("the bare rq worker did not answer")
+            if i:  # the first one waits for the worker to start
+                samples.append(time.perf_counter() - start)
+        return samples
+    finally:
+        proc.terminate()
+        proc.wait(15)
+        flush(redis_url)
+
+
+def queue_table(redis_url: str, server: ImageServer, calls: int, device: str | None = None,
+                models: Sequence[str] = ("noop", "talk2sam")
+                ) -> tuple[Table, dict[str, float | None]]:
+    """The same job, on an image the worker holds: the worker's job code called in this
+    process vs enqueued through Redis/rq to a worker process, calls interleaved so that load
+    from elsewhere hits both alike. Returns the table and the workers' peak RSS."""
+    from redis import Redis
+
+    from ml_backend.queue_client import QueueClient
+    from ml_backend.settings import Settings
+    from ml_backend.worker import WorkerRuntime, build_model
+
+    table = Table("Queue round trip: direct call vs Redis/rq + SimpleWorker (1 box, cached image)",
+                  ["path", "direct ms", "through the queue ms", "overhead ms (median)",
+                   "queue p90 ms", "n"])
+    rss: dict[str, float | None] = {}
+    bare = bare_rq_samples(redis_url, calls)
+    table.rows.append(["bare rq: `math.floor` job, plain SimpleWorker", "0", fmt_ms(median_ms(bare)),
+                       fmt_ms(median_ms(bare)), fmt_ms(percentile_ms(bare, 90)), str(len(bare))])
+    table.values["overhead_bare_rq_ms"] = median_ms(bare)
+    for model in models:
+        env = backend_env(redis_url, server.url, model, device=device)
+        settings = Settings.from_env(env)
+        spec = job_spec(server.url, f"queue-{model}")
+        with running_stack(env, redis_url, [f"bench-{model}"]) as stack:
+            runtime = WorkerRuntime(settings, build_model(settings), "bench-direct",
+                                    Redis.from_url(redis_url))
+            client = QueueClient(settings)
+            runtime.predict(spec)  # download, decode, features: cached from now on
+            client.predict([spec])
+            direct, queued, submit = [], [], []
+            for _ in range(calls):
+                start = time.perf_counter()
+                runtime.predict(spec)
+                direct.append(time.perf_counter() - start)
+                start = time.perf_counter()
+                pending = client.submit(spec, time.monotonic() + settings.job_timeout_s)
+                submit.append(time.perf_counter() - start)
+                client.wait(pending, time.monotonic() + settings.job_timeout_s)
+                queued.append(time.perf_counter() - start)
+            runtime.fetcher.close()
+            rss.update({f"worker, MODEL={model}" + ("" if model == "noop" else " (tiny)"): v
+                        for v in stack.rss().values()})
+        d_ms, q_ms = median_ms(direct), median_ms(queued)
+        label = "MODEL=noop (no-op model)" if model == "noop" else "MODEL=talk2sam, tiny"
+        table.rows.append([label, fmt_ms(d_ms), fmt_ms(q_ms), fmt_ms(q_ms - d_ms),
+                           fmt_ms(percentile_ms(queued, 90)), str(calls)])
+        table.values[f"overhead_{model}_ms"] = q_ms - d_ms
+        table.values[f"submit_{model}_ms"] = median_ms(submit)
+    submit_ms = ", ".join(f"{v:.1f} ms ({k[len('submit_'):-len('_ms')]})"
+                          for k, v in table.values.items() if k.startswith("submit_"))
+    table.notes.append(
+        "Direct: `WorkerRuntime.predict` (the job's own code, incl. its metrics write) in this "
+        "process. Queue: `QueueClient.submit` + `wait` -> rq -> `Talk2SamWorker` (SimpleWorker) "
+        f"-> result stream; of that, `submit` (worker lookup, depth check, enqueue) took "
+        f"{submit_ms} median. Target: <= 5 ms median overhead with the no-op model.")
+    return table, rss
+
+
+# ---------------------------------------------------------------- (5) end to end
+
+
+def predict_body(name: str) -> dict:
+    """The captured interactive request, its image renamed to ``name`` (400x300)."""
+    body = json.loads(FIXTURE.read_text())
+    body = copy.deepcopy(body)
+    body["tasks"][0]["data"]["image"] = f"/data/upload/19/{name}_400x300.png"
+    return body
+
+
+def e2e_table(redis_url: str, server: ImageServer, requests: int, clients: int = 2,
+              device: str | None = None) -> tuple[Table, Table, dict[str, float | None]]:
+    """/predict through the app (uvicorn) and one tiny worker: a box on a cached image and on a
+    new image; /health polled idle and while `clients` threads keep posting new images."""
+    import httpx
+
+    env = backend_env(redis_url, server.url, "talk2sam", device=device)
+    with running_stack(env, redis_url, ["bench-e2e"], app_port=free_port()) as stack:
+        url = stack.app_url
+        with httpx.Client(timeout=120) as http:
+            def post(name: str) -> float:
+                body = predict_body(name)
+                start = time.perf_counter()
+                resp = http.post(f"{url}/predict", json=body)
+                elapsed = time.perf_counter() - start
+                resp.raise_for_status()
+                if not resp.json().get("results"):
+                    raise RuntimeError(f"/predict answered no result: {resp.text[:300]}")
+                return elapsed
+
+            def health_samples(stop: threading.Event, out: list[float]) -> None:
+                with httpx.Client(timeout=10) as h:
+                    while not stop.is_set():
+                        start = time.perf_counter()
+                        h.get(f"{url}/health").raise_for_status()
+                        out.append(time.perf_counter() - start)
+                        time.sleep(0.02)
+
+            post("e2e-cached")
+            cached = [post("e2e-cached") for _ in range(requests)]
+            new = [post(f"e2e-new-{i}") for i in range(requests)]
+
+            idle: list[float] = []
+            stop = threading.Event()
+            poller = threading.Thread(target=health_samples, args=(stop, idle))
+            poller.start()
+            time.sleep(2.0)
+            stop.set()
+            poller.join()
+
+            loaded: list[float] = []
+            under_load: list[float] = []
+            stop = threading.Event()
+            poller = threading.Thread(target=health_samples, args=(stop, loaded))
+            poller.start()
+
+            def client_loop(k: int) -> None:
+                for i in range(requests):
+                    under_load.append(post(f"e2e-load-{k}-{i}"))
+
+            posters = [threading.Thread(target=client_loop, args=(k,)) for k in range(clients)]
+            for t in posters:
+                t.start()
+            for t in posters:
+                t.join()
+            stop.set()
+            poller.join()
+        rss = {f"{k} (e2e)" if k == "app (uvicorn)" else f"worker, tiny (e2e, {k})": v
+               for k, v in stack.rss().items()}
+
+    predict = Table("End to end: POST /predict (captured Label Studio request, 1 box, tiny worker)",
+                    ["case", "median ms", "p90 ms", "n"])
+    for label, samples in (("box on a cached image", cached), ("box on a new image", new),
+                           (f"new images, {clients} concurrent clients", under_load)):
+        predict.rows.append([label, fmt_ms(median_ms(samples)),
+                             fmt_ms(percentile_ms(samples, 90)), str(len(samples))])
+    predict.values.update(e2e_cached_ms=median_ms(cached), e2e_new_ms=median_ms(new))
+    health = Table("/health latency (polled every 20 ms)",
+                   ["while", "median ms", "p99 ms", "max ms", "n"])
+    for label, samples in (("idle", idle), (f"{clients} clients post /predict", loaded)):
+        health.rows.append([label, fmt_ms(median_ms(samples)), fmt_ms(percentile_ms(samples, 99)),
+                            fmt_ms(1000 * max(samples)), str(len(samples))])
+    health.values["health_p99_loaded_ms"] = percentile_ms(loaded, 99)
+    health.notes.append("Target: p99 < 20 ms under load.")
+    return predict, health, rss
+
+
+# ---------------------------------------------------------------- (6) throughput
+
+
+def throughput_table(redis_url: str, server: ImageServer, batch: int, cores: int,
+                     device: str | None = None) -> tuple[Table, dict[str, float | None]]:
+    """A batch of new images (one box each) through 1 and then 2 tiny workers; each worker gets
+    cores // workers intra-op threads."""
+    from ml_backend.queue_client import QueueClient
+    from ml_backend.settings import Settings
+
+    table = Table(f"Throughput: a batch of {batch} new images (1 box each), tiny workers",
+                  ["workers", "threads each", "wall s", "images/s", "vs 1 worker"])
+    rss: dict[str, float | None] = {}
+    base = None
+    for n in (1, 2):
+        threads = max(1, cores // n)
+        env = backend_env(redis_url, server.url, "talk2sam", device=device)
+        names = [f"bench-tp{n}-{i}" for i in range(n)]
+        with running_stack(env, redis_url, names, threads=threads) as stack:
+            client = QueueClient(Settings.from_env(env))
+            client.predict([job_spec(server.url, f"tp{n}-warm-{i}") for i in range(2 * n)])
+            specs = [job_spec(server.url, f"tp{n}-{i}") for i in range(batch)]
+            start = time.perf_counter()
+            client.predict(specs)
+            wall = time.perf_counter() - start
+            rss.update({f"worker, tiny ({n} workers, {k})": v for k, v in stack.rss().items()})
+        rate = batch / wall
+        base = base or rate
+        table.rows.append([str(n), str(threads), f"{wall:.2f}", f"{rate:.2f}",
+                           f"{rate / base:.2f}x"])
+        table.values[f"throughput_{n}"] = rate
+    table.notes.append("Target: 2 workers >= 1.7x one worker's throughput (needs a core or "
+                       "GPU per worker).")
+    return table, rss
+
+
+def rss_table(rss: dict[str, float | None]) -> Table:
+    table = Table("Peak memory (VmHWM) per process", ["process", "peak RSS MiB"])
+    for name, mib in rss.items():
+        table.rows.append([name, "n/a" if mib is None else f"{mib:,.0f}"])
+    return table
+
+
+def model_rss_table(config: str) -> Table:
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    table = Table("Peak memory of this benchmark process", ["process", "peak RSS MiB"])
+    table.rows.append([f"benchmark with `{config}` (SAM-HQ + Talk2SAM, shared SAM module)",
+                       f"{peak:,.0f}"])
+    return table
+
+
+# ---------------------------------------------------------------- report
+
+
+def machine() -> str:
+    import torch
+
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    cpu = platform.processor() or platform.machine()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return (f"{platform.node()}: {os.cpu_count()} CPU cores ({cpu}), GPU {gpu}, Python "
+            f"{platform.python_version()}, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} intra-op threads; load average {load[0]:.2f}")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python scripts/benchmark.py", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny configs, few images and calls: a smoke run of every table")
+    parser.add_argument("--config", default=None,
+                        help="model config of tables 1-3 (tiny, vit_b, vit_b-dinob, vit_l, ...); "
+                             "real sizes get random weights. Default tiny")
+    parser.add_argument("--device", default=None, help="torch device (default: CUDA if any)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="passes over the images for cold latency (default 3, quick 2)")
+    parser.add_argument("--images", type=int, default=None, help="images (default 4, quick 3)")
+    parser.add_argument("--prompts", type=int, default=None,
+                        help="warm prompts per image (default 10, quick 5)")
+    parser.add_argument("--calls", type=int, default=None,
+                        help="queue round trips per model (default 50, quick 20)")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="images of the throughput batch (default 16, quick 8)")
+    parser.add_argument("--redis-url", default=REDIS_URL,
+                        help=f"Redis database to use and FLUSH (default {REDIS_URL})")
+    parser.add_argument("--skip-model", action="store_true", help="skip tables 1-3")
+    parser.add_argument("--skip-service", action="store_true", help="skip tables 4-7")
+    parser.add_argument("--out", default=None, help="also write the report to this .md file")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    args.config = args.config or "tiny"
+    for name, normal, small in (("repeats", 3, 2), ("images", 4, 3), ("prompts", 10, 5),
+                                ("calls", 50, 20), ("batch", 16, 8)):
+        if getattr(args, name) is None:
+            setattr(args, name, small if quick else normal)
+    return args
+
+
+def run(args: argparse.Namespace) -> str:
+    """Run the selected benchmarks; returns the markdown report."""
+    tables: list[Table] = []
+    started = time.perf_counter()
+    header = [f"Command: `python scripts/benchmark.py {' '.join(args.argv)}`",
+              f"Machine: {machine()}"]
+    if not args.skip_model:
+        tables += model_tables(args.config, args.device, args.images, args.repeats, args.prompts)
+        tables.append(model_rss_table(args.config))
+    if not args.skip_service:
+        server = ImageServer()
+        try:
+            rss: dict[str, float | None] = {}
+            queue, more = queue_table(args.redis_url, server, args.calls, args.device)
+            tables.append(queue)
+            rss.update(more)
+            predict, health, more = e2e_table(args.redis_url, server, max(5, args.calls // 4),
+                                              device=args.device)
+            tables += [predict, health]
+            rss.update(more)
+            throughput, more = throughput_table(args.redis_url, server, args.batch,
+                                                os.cpu_count() or 1, args.device)
+            tables.append(throughput)
+            rss.update(more)
+            tables.append(rss_table(rss))
+        finally:
+            server.close()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    header.append(f"Took {time.perf_counter() - started:.0f} s; load average at the end "
+                  f"{load:.2f}. Medians; wall-clock times, noisy on a shared machine.")
+    return "\n\n".join(["\n".join(f"- {h}" for h in header)] + [t.markdown() for t in tables])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    args.argv = argv
+    report = run(args)
+    sys.stdout.write(report)
+    if args.out:
+        Path(args.out).write_text(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""The benchmark's table functions run on tiny configs (no timing assertions: shared machines are
+noisy). Model tables need only torch; the queue table needs the local Redis (a database of its
+own, TALK2SAM_BENCH_TEST_REDIS_URL, flushed) and skips without one."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from talk2sam import bench
+
+REPO = Path(__file__).resolve().parents[1]
+REDIS_URL = os.environ.get("TALK2SAM_BENCH_TEST_REDIS_URL", "redis://127.0.0.1:6379/11")
+
+
+def load_script():
+    """scripts/benchmark.py as a module (scripts/ is no package)."""
+    name = "talk2sam_benchmark_script"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / "benchmark.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+@pytest.fixture(scope="module")
+def pair() -> bench.Pair:
+    return bench.build_pair("tiny", "cpu")
+
+
+@pytest.fixture(scope="module")
+def images() -> list[np.ndarray]:
+    return bench.synthetic_images(2, height=60, width=80)
+
+
+def test_pair_shares_one_sam_module(pair):
+    assert pair.samhq.model.sam is pair.talk2sam.model.sam
+    assert not pair.samhq.model.uses_text and pair.talk2sam.model.uses_text
+    assert "DINOv2" in pair.describe()
+
+
+def test_boxes_stay_inside_the_image(images):
+    boxes = bench.boxes_for(images[0], 16)
+    assert boxes.shape == (16, 4)
+    assert (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= 80).all() and (boxes[:, 3] <= 60).all()
+    assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
+
+
+def test_model_tables(pair, images):
+    bench.warm_up(pair, images[0])
+    cold = bench.cold_table(pair, images, repeats=1)
+    assert {"cold_samhq_ms", "cold_talk2sam_ms", "cold_ratio"} <= cold.values.keys()
+    assert len(cold.rows) == 4
+    warm = bench.warm_table(pair, images, prompts=1, cold=cold)
+    assert {"warm_box_ms", "warm_word_ms", "warm_box_share"} <= warm.values.keys()
+    batch = bench.batch_table(pair, images[0], counts=(1, 2), repeats=1)
+    assert [row[0] for row in batch.rows] == ["1", "2"]
+    overlap = bench.overlap_table(pair, images[:1])
+    assert overlap.values["sequential_ms"] > 0 and overlap.values["overlapped_ms"] > 0
+    for table in (cold, warm, batch, overlap):
+        lines = table.markdown().splitlines()
+        assert lines[0].startswith("### ")
+        assert all(line.count("|") == len(table.columns) + 1 for line in lines[2:4 + len(table.rows)])
+
+
+def test_percentile_is_nearest_rank():
+    samples = [i / 1000 for i in range(1, 101)]
+    assert bench.percentile_ms(samples, 99) == pytest.approx(99.0)
+    assert bench.percentile_ms(samples, 100) == pytest.approx(100.0)
+    assert bench.median_ms([0.001, 0.003, 0.002]) == pytest.approx(2.0)
+
+
+def test_quick_defaults_and_help(capsys):
+    script = load_script()
+    args = script.parse_args(["--quick"])
+    assert (args.config, args.images, args.calls) == ("tiny", 3, 20)
+    with pytest.raises(SystemExit):
+        script.parse_args(["--help"])
+    assert "--config" in capsys.readouterr().out
+
+
+def test_image_server_serves_distinct_pngs():
+    script = load_script()
+    server = script.ImageServer()
+    try:
+        a = urllib.request.urlopen(f"{server.url}/data/upload/1/a_40x30.png").read()
+        b = urllib.request.urlopen(f"{server.url}/data/upload/1/b_40x30.png").read()
+        assert a.startswith(b"\x89PNG") and a != b
+    finally:
+        server.close()
+
+
+def test_fixture_request_is_renamed():
+    script = load_script()
+    if not script.FIXTURE.exists():
+        pytest.skip(f"needs the captured request {script.FIXTURE}")
+    body = script.predict_body("x1")
+    assert body["tasks"][0]["data"]["image"] == "/data/upload/19/x1_400x300.png"
+
+
+def test_queue_table_with_the_noop_worker():
+    redis = pytest.importorskip("redis")
+    try:
+        redis.Redis.from_url(REDIS_URL).ping()
+    except redis.ConnectionError as exc:
+        pytest.skip(f"needs a Redis server at {REDIS_URL}: {exc}")
+    script = load_script()
+    server = script.ImageServer()
+    try:
+        table, rss = script.queue_table(REDIS_URL, server, calls=2, models=("noop",))
+    finally:
+        server.close()
+    assert {"overhead_bare_rq_ms", "overhead_noop_ms"} <= table.values.keys()
+    assert list(rss) == ["worker, MODEL=noop"]
+    assert "| MODEL=noop" in table.markdown()
