@@ -19,7 +19,15 @@ import torch
 
 from talk2sam.build import build_model
 from talk2sam.data.synthetic import SyntheticThinDataset
-from talk2sam.train import FeatureCache, TrainConfig, Trainer, evaluate, prepare
+from talk2sam.train import (
+    FeatureCache,
+    TrainConfig,
+    Trainer,
+    evaluate,
+    predict_example,
+    prepare,
+)
+from talk2sam.visualize import save_comparison_grid
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -30,7 +38,7 @@ def run(args: argparse.Namespace) -> dict:
                                      stroke_scale=args.stroke_scale)
     test_set = SyntheticThinDataset(args.test, seed=args.seed + 10_000, multi_object=True,
                                     stroke_scale=args.stroke_scale)
-    results = {}
+    results, trained = {}, {}
     for name, use_text in (("SAM-HQ (box only)", False), ("Talk2SAM", True)):
         model = build_model("tiny", use_text=use_text)
         cache = FeatureCache(model)
@@ -46,6 +54,7 @@ def run(args: argparse.Namespace) -> dict:
         history = trainer.fit(train_examples, resume=False)
         seconds = time.perf_counter() - started
         after = evaluate(model, test_examples).summary()["data"]
+        trained[name] = (model, test_examples)
         results[name] = {"miou_before": before.miou, "miou": after.miou, "mbiou": after.mbiou,
                          "epochs": len(history), "train_seconds": round(seconds, 1),
                          "loss_first": history[0]["loss"], "loss_last": history[-1]["loss"]}
@@ -54,11 +63,21 @@ def run(args: argparse.Namespace) -> dict:
                          metrics={"synthetic_heldout_miou": after.miou,
                                   "synthetic_heldout_mbiou": after.mbiou,
                                   "note": "synthetic-data demo, not real weights"})
+    rows = []
+    for i in range(min(args.figure_rows, args.test)):
+        ex = trained["Talk2SAM"][1][i]
+        masks, sim = {}, None
+        for name, (model, examples) in trained.items():
+            masks[name], sim_map = predict_example(model, examples[i])
+            sim = sim_map if sim_map is not None else sim
+        rows.append({"image": ex.image, "box_xyxy": ex.box_xyxy.tolist(), "word": ex.word,
+                     "gt": ex.gt, "sim_map": sim, "masks": masks})
+    save_comparison_grid(out / "learning_check.png", rows)
     gap = results["Talk2SAM"]["miou"] - results["SAM-HQ (box only)"]["miou"]
     summary = {"results": results, "miou_gap": gap, "args": vars(args)}
     (out / "learning_check.json").write_text(json.dumps(summary, indent=2))
-    lines = ["| model | held-out mIoU before | after | mBIoU after | epochs | train s | loss first "
-             "-> last |", "|---|---|---|---|---|---|---|"]
+    lines = [("| model | held-out mIoU before | after | mBIoU after | epochs | train s "
+              "| loss first -> last |"), "|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         lines.append(f"| {name} | {r['miou_before']:.3f} | {r['miou']:.3f} | {r['mbiou']:.3f} | "
                      f"{r['epochs']} | {r['train_seconds']:.0f} | {r['loss_first']:.3f} -> "
@@ -85,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="thicker synthetic structures (the tiny models' masks are coarse)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/learning_check")
+    parser.add_argument("--figure-rows", type=int, default=6, help="held-out examples drawn")
     parser.add_argument("--demo-checkpoint", help="save the trained Talk2SAM here")
     run(parser.parse_args(argv))
     return 0

@@ -71,7 +71,7 @@ class ModelConfig:
     psi_weights: str | None = None
     clip_weights: str | None = None
 
-    def with_changes(self, **changes: Any) -> "ModelConfig":
+    def with_changes(self, **changes: Any) -> ModelConfig:
         return replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -80,7 +80,7 @@ class ModelConfig:
         return asdict(self)
 
     @staticmethod
-    def from_dict(data: dict[str, Any]) -> "ModelConfig":
+    def from_dict(data: dict[str, Any]) -> ModelConfig:
         data = dict(data)
         sam = dict(data.pop("sam"))
         sam["global_attn_indexes"] = tuple(sam["global_attn_indexes"])

@@ -39,7 +39,7 @@ class ImageFeatures:
     height: int
     width: int
 
-    def to(self, device: torch.device | str) -> "ImageFeatures":
+    def to(self, device: torch.device | str) -> ImageFeatures:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         for key, value in moved.items():
             if isinstance(value, torch.Tensor):

@@ -53,8 +53,8 @@ def param_rows(config: str = "vit_h") -> list[ParamRow]:
 
 def format_table(rows: list[ParamRow]) -> str:
     lines = [
-        "| model | trainable | paper | ratio | total (whole CLIP) | paper | ratio | total served "
-        "(CLIP text only) |",
+        ("| model | trainable | paper | ratio | total (whole CLIP) | paper | ratio | total served "
+         "(CLIP text only) |"),
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:

@@ -18,6 +18,7 @@ from talk2sam.configs import SamSpec
 with warnings.catch_warnings():
     # segment_anything_hq imports deprecated timm paths and re-registers TinyViT names in timm.
     warnings.simplefilter("ignore")
+    from segment_anything_hq.build_sam import build_sam_vit_t
     from segment_anything_hq.modeling import (
         ImageEncoderViT,
         MaskDecoderHQ,
@@ -25,7 +26,6 @@ with warnings.catch_warnings():
         Sam,
         TwoWayTransformer,
     )
-    from segment_anything_hq.build_sam import build_sam_vit_t
 
 # SAM's pixel statistics on the 0-255 scale
 PIXEL_MEAN = (123.675, 116.28, 103.53)

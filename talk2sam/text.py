@@ -5,7 +5,7 @@ Embeddings are cached per word while the encoder is frozen."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import open_clip
 import torch

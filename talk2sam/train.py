@@ -14,9 +14,9 @@ import os
 import random
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -64,6 +64,7 @@ class Example:
     word: str
     target: torch.Tensor  # (1, S, S) float {0, 1}, SAM's padded canvas
     gt: np.ndarray  # (H, W) bool, original frame
+    image: np.ndarray  # (H, W, 3) uint8, for figures
 
 
 def gt_to_canvas(mask: np.ndarray, long_side: int) -> torch.Tensor:
@@ -129,6 +130,7 @@ def prepare(model: Talk2Sam, items: Sequence[Item] | ItemDataset, cache: Feature
             word=item["word"],
             target=gt_to_canvas(item["mask"], model.long_side),
             gt=item["mask"],
+            image=item["image"],
         ))
     return examples
 
@@ -239,6 +241,16 @@ class Trainer:
 
 
 @torch.no_grad()
+def predict_example(model: Talk2Sam, example: Example, output: str = "sam+hq",
+                    use_text: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """Mask (H, W) bool (logit > 0, original frame) and similarity map (gh, gw) or None."""
+    words = [example.word] if (use_text and model.uses_text) else None
+    out = model.decode(example.features, example.box_xyxy[None], words, output=output)
+    mask = (model.upscale(out.low_res_logits, example.features)[0] > 0).numpy()
+    return mask, None if out.sim_maps is None else out.sim_maps[0].numpy()
+
+
+@torch.no_grad()
 def evaluate(model: Talk2Sam, examples: Sequence[Example], dataset: str = "data",
              output: str = "sam+hq", use_text: bool = True,
              aggregator: ScoreAggregator | None = None) -> ScoreAggregator:
@@ -247,9 +259,7 @@ def evaluate(model: Talk2Sam, examples: Sequence[Example], dataset: str = "data"
     model.eval()
     agg = aggregator or ScoreAggregator()
     for ex in examples:
-        words = [ex.word] if (use_text and model.uses_text) else None
         start = time.perf_counter()
-        out = model.decode(ex.features, ex.box_xyxy[None], words, output=output)
-        pred = (model.upscale(out.low_res_logits, ex.features)[0] > 0).numpy()
+        pred, _ = predict_example(model, ex, output, use_text)
         agg.add(dataset, pred, ex.gt, seconds=time.perf_counter() - start)
     return agg

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -54,5 +54,50 @@ def save_overlay_figure(path: str | Path, image: np.ndarray, boxes_xyxy: np.ndar
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def save_comparison_grid(path: str | Path, rows: Sequence[dict]) -> Path:
+    """A figure grid like the paper's qualitative figures: one row per object with the image and
+    its box and word, the similarity map, the ground truth, then each method's mask.
+
+    Each row: {"image": (H, W, 3) uint8, "box_xyxy": (4,), "word": str, "gt": (H, W) bool,
+    "sim_map": (gh, gw) or None, "masks": {method name: (H, W) bool}}.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    from talk2sam.metrics import mask_iou
+
+    methods = list(rows[0]["masks"]) if rows else []
+    columns = 3 + len(methods)
+    fig, axes = plt.subplots(len(rows), columns, figsize=(2.4 * columns, 2.4 * len(rows)),
+                             squeeze=False)
+    for r, row in enumerate(rows):
+        image, (x0, y0, x1, y1) = row["image"], row["box_xyxy"]
+        h, w = image.shape[:2]
+        axes[r, 0].imshow(image)
+        axes[r, 0].add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=1.5,
+                                       ec="yellow"))
+        axes[r, 0].set_title(f'"{row["word"]}"', fontsize=9)
+        if row.get("sim_map") is not None:
+            axes[r, 1].imshow(row["sim_map"], cmap="viridis", extent=(0, w, h, 0))
+        axes[r, 1].set_title("similarity map", fontsize=9)
+        axes[r, 2].imshow(overlay_masks(image, row["gt"][None]))
+        axes[r, 2].set_title("ground truth", fontsize=9)
+        for c, name in enumerate(methods, start=3):
+            mask = row["masks"][name]
+            axes[r, c].imshow(overlay_masks(image, mask[None]))
+            axes[r, c].set_title(f"{name} IoU {mask_iou(mask, row['gt']):.2f}", fontsize=9)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
     return path

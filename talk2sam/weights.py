@@ -6,9 +6,9 @@ from __future__ import annotations
 import hashlib
 import os
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from talk2sam.errors import WeightsError, WeightsMissingError
 
