@@ -108,6 +108,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if unknown:
         raise SystemExit(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
     results: dict[str, dict[str, Any]] = {}
+    scored: dict[str, tuple[Any, Sequence[Any], str, bool]] = {}  # for the figure
     started = time.perf_counter()
     if {"sam", "samhq"} & set(models):
         box_only = (load_checkpoint(args.baseline_checkpoint, args.weights_dir)
@@ -117,18 +118,43 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                            desc="box-only features")
         if "sam" in models:
             results["SAM"] = _score(box_only, examples, name, "sam", False, "SAM")
+            scored["SAM"] = (box_only, examples, "sam", False)
         if "samhq" in models:
             results["SAM-HQ"] = _score(box_only, examples, name, "sam+hq", False, "SAM-HQ")
+            scored["SAM-HQ"] = (box_only, examples, "sam+hq", False)
     if "talk2sam" in models:
         model = (load_checkpoint(args.checkpoint, args.weights_dir) if args.checkpoint
                  else build_model(args.config, args.weights_dir, use_text=True))
         examples = prepare(model, dataset, FeatureCache(model, args.feature_cache),
                            desc="Talk2SAM features")
         results["Talk2SAM"] = _score(model, examples, name, "sam+hq", True, "Talk2SAM")
+        scored["Talk2SAM"] = (model, examples, "sam+hq", True)
+    if args.figure and scored:
+        save_figure(args.figure, scored, args.figure_rows)
     return {"dataset": name, "data": str(args.data), "format": args.format,
             "config": args.config, "checkpoint": args.checkpoint,
             "baseline_checkpoint": args.baseline_checkpoint, "objects": len(dataset),
             "seconds": round(time.perf_counter() - started, 1), "results": results}
+
+
+def save_figure(path: str, scored: dict[str, tuple[Any, Sequence[Any], str, bool]],
+                rows: int) -> None:
+    """The paper's qualitative figure: per object the image and word, the similarity map, the
+    ground truth and each method's mask."""
+    from talk2sam.train import predict_example
+    from talk2sam.visualize import save_comparison_grid
+
+    any_examples = next(iter(scored.values()))[1]
+    figure_rows = []
+    for i in range(min(rows, len(any_examples))):
+        ex = any_examples[i]
+        row = {"image": ex.image, "box_xyxy": ex.box_xyxy.tolist(), "word": ex.word,
+               "gt": ex.gt, "sim_map": None, "masks": {}}
+        for method, (model, examples, output, use_text) in scored.items():
+            row["masks"][method], sim = predict_example(model, examples[i], output, use_text)
+            row["sim_map"] = sim if sim is not None else row["sim_map"]
+        figure_rows.append(row)
+    save_comparison_grid(path, figure_rows)
 
 
 def markdown_table(summary: dict[str, Any]) -> str:
@@ -166,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--feature-cache", help="folder caching frozen-encoder features")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--out", default="eval.json", help="JSON results (default eval.json)")
+    parser.add_argument("--figure", help="PNG figure grid of the first objects, all methods")
+    parser.add_argument("--figure-rows", type=int, default=6)
     return parser
 
 

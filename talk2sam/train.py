@@ -99,7 +99,8 @@ class FeatureCache:
         if path is not None and path.exists():
             feats = ImageFeatures(**torch.load(path, map_location="cpu", weights_only=True))
         else:
-            feats = self.model.encode_image(torch.from_numpy(image)).to("cpu")
+            pixels = image if image.flags.writeable else image.copy()  # torch wants writable
+            feats = self.model.encode_image(torch.from_numpy(pixels)).to("cpu")
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 _atomic_save(vars(feats), path)

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"
@@ -38,7 +39,10 @@ def test_evaluate_on_a_tiny_folder_dataset(tmp_path, script, capsys):
 
     data = write_folder_dataset(SyntheticThinDataset(4), tmp_path / "tiny")
     out = tmp_path / "eval.json"
-    assert script("evaluate").main([str(data), "--out", str(out), "--threads", "1"]) == 0
+    figure = tmp_path / "grid.png"
+    assert script("evaluate").main([str(data), "--out", str(out), "--threads", "1",
+                                    "--figure", str(figure), "--figure-rows", "2"]) == 0
+    assert Image.open(figure).size[0] > 600  # 6 columns: image, map, truth, 3 methods
     summary = json.loads(out.read_text())
     assert summary["objects"] == 4
     assert list(summary["results"]) == ["SAM", "SAM-HQ", "Talk2SAM"]
