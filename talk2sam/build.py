@@ -203,15 +203,22 @@ def save_checkpoint(model: Talk2Sam, path: str | os.PathLike, version: str,
         "extra": extra or {},
         "state": trained_state(model, clip_mode),
     }
+    atomic_save(payload, path)
+    return path
+
+
+def atomic_save(obj: object, path: str | os.PathLike) -> None:
+    """torch.save to a temporary file in the same folder, then rename over `path`: a crash or a
+    full disk leaves the old file intact (and no temporary file behind)."""
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     os.close(fd)
     try:
-        torch.save(payload, tmp)
+        torch.save(obj, tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return path
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

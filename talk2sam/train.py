@@ -12,7 +12,6 @@ import hashlib
 import math
 import os
 import random
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from talk2sam import geometry
-from talk2sam.build import save_checkpoint, set_trainable, trained_state
+from talk2sam.build import atomic_save, save_checkpoint, set_trainable, trained_state
 from talk2sam.data.items import Item, ItemDataset
 from talk2sam.losses import mask_loss
 from talk2sam.metrics import ScoreAggregator
@@ -103,20 +102,9 @@ class FeatureCache:
             feats = self.model.encode_image(torch.from_numpy(pixels)).to("cpu")
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                _atomic_save(vars(feats), path)
+                atomic_save(vars(feats), path)
         self._memory[key] = feats
         return feats
-
-
-def _atomic_save(obj: object, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def prepare(model: Talk2Sam, items: Sequence[Item] | ItemDataset, cache: FeatureCache,
@@ -168,7 +156,7 @@ class Trainer:
 
     def save_state(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_save({
+        atomic_save({
             "epoch": self.epoch, "history": self.history, "config": asdict(self.config),
             "trained": trained_state(self.model, self.config.clip_mode),
             "optimizer": self.optimizer.state_dict(),

@@ -180,3 +180,21 @@ def test_gradients_reach_only_trainable_parts():
         else:
             assert p.grad is None, f"frozen {name} got a gradient"
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.psi.parameters())
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, tiny_model, monkeypatch):
+    import errno
+
+    path = save_checkpoint(tiny_model, tmp_path / "serving.pt", version="v1")
+    before = path.read_bytes()
+
+    def full_disk(obj, f, *args, **kwargs):
+        with open(f, "wb") as out:
+            out.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(tiny_model, path, version="v2")
+    assert path.read_bytes() == before and read_checkpoint(path)["version"] == "v1"
+    assert [p.name for p in tmp_path.iterdir()] == ["serving.pt"]
