@@ -193,7 +193,8 @@ class Talk2SamBackend:
         answer = self.training.request(TrainRequest(project=project, ls_url=ls_url,
                                                     ls_token=token, reason=reason,
                                                     requested_at=utc_now()))
-        self.annotations.reset_new(project)
+        if answer["status"] == "queued":  # the job will see every annotation made so far
+            self.annotations.reset_new(project)
         return answer
 
     # ------------------------------------------------------------ helpers

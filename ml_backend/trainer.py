@@ -65,7 +65,7 @@ from ml_backend.versions import VersionRecord, VersionRegistry, read_serving, ut
 log = logging.getLogger(__name__)
 
 LOCK_TTL_S = 7 * 86400  # a backstop only: staleness is judged from the job and the trainer
-JUST_ENQUEUED_S = 10.0  # a lock this young counts as held even before its job is visible
+JUST_ENQUEUED_S = 10.0  # a lock this young counts as held while its job is not visible yet
 RESULT_TTL_S = 7 * 86400
 EXPORT_TIMEOUT_S = 60.0
 ACTIVE_STATES = ("queued", "preparing", "evaluating", "training", "saving")
@@ -172,12 +172,10 @@ class TrainingQueue:
 
     def job_state(self, held: dict[str, Any]) -> str | None:
         """``"queued"`` or ``"running"`` while the lock's job is alive, else None (stale)."""
-        if time.time() - float(held.get("at", 0)) < JUST_ENQUEUED_S:
-            return "queued"
         try:
             job = Job.fetch(held["job_id"], connection=self.redis, serializer=JSONSerializer)
-        except NoSuchJobError:
-            return None
+        except NoSuchJobError:  # gone, or not enqueued yet by the request that took the lock
+            return "queued" if time.time() - float(held.get("at", 0)) < JUST_ENQUEUED_S else None
         status = job.get_status(refresh=False)
         if status in (JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED):
             return "queued"
@@ -247,7 +245,7 @@ def fetch_project_tasks(ls_url: str, token: str, project: int) -> list[dict[str,
     raw = b"".join(client.projects.exports.download_sync(project, export_type="JSON"))
     tasks = json.loads(raw)
     if not isinstance(tasks, list):
-        raise ValueError(f"the export of project {project} is not a list of tasks")
+        raise TypeError(f"the export of project {project} is not a list of tasks")
     return tasks
 
 
@@ -286,7 +284,12 @@ class TrainingRun:
         self.progress(state="preparing", project=req.project, reason=req.reason,
                       started_at=started, version=None)
         AnnotationStore(self.redis, self.keys).reset_new(req.project)
-        model, parent = self._serving_model()
+        try:
+            model, parent = self._serving_model()
+        except BaseException as exc:
+            self.progress(state="failed", error=f"cannot load the serving version: "
+                          f"{type(exc).__name__}: {exc}"[:500], finished_at=time.time())
+            raise
         name = self._new_name()
         record = self.registry.put(VersionRecord(
             name=name, created=utc_now(), status="training", parent=parent.name,
@@ -379,7 +382,7 @@ class TrainingRun:
 
     def _train(self, req: TrainRequest, model: Any, record: VersionRecord,
                run_dir: Any) -> dict[str, Any]:
-        from talk2sam.train import FeatureCache, Trainer, TrainConfig, evaluate, prepare
+        from talk2sam.train import FeatureCache, TrainConfig, Trainer, evaluate, prepare
 
         s = self.settings
         tasks, source = self._tasks(req)
@@ -505,8 +508,11 @@ def main(argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -
     """``python -m ml_backend.trainer [--name NAME] [--burst]``; settings from the environment."""
     parser = argparse.ArgumentParser(prog="python -m ml_backend.trainer", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--name", default=f"trainer-{socket.gethostname()}-{os.getpid()}",
-                        help="trainer name (default: trainer-host-pid)")
+    # A random part: after a SIGKILL, rq keeps the old name registered for minutes, and a
+    # restarted container often has the same host name and pid.
+    parser.add_argument("--name", default=f"trainer-{socket.gethostname()}-{os.getpid()}-"
+                                          f"{uuid.uuid4().hex[:4]}",
+                        help="trainer name (default: trainer-host-pid-random)")
     parser.add_argument("--burst", action="store_true", help="quit when the queue is empty")
     args = parser.parse_args(argv)
     try:

@@ -40,7 +40,7 @@ def corrected_mask(image: WireImage) -> dict[str, Any]:
     """The wire painted with the brush: its dark pixels inside the box, as Label Studio's RLE."""
     grey = np.asarray(Image.open(image.path).convert("L"))
     mask = np.zeros_like(grey, dtype=np.uint8)
-    x0, y0, x1, y1 = (int(round(v)) for v in image.box_xyxy)
+    x0, y0, x1, y1 = (round(v) for v in image.box_xyxy)
     mask[y0:y1, x0:x1] = np.where(grey[y0:y1, x0:x1] < DARK_WIRE, 255, 0)
     return {"id": f"m{image.path.stem}", "from_name": "mask", "to_name": "image",
             "type": "brushlabels", "original_width": image.width,

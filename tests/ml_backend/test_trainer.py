@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -153,9 +154,10 @@ class Trainer:
 
     def __init__(self, env: dict[str, str], log_path: Path, name: str):
         self.log_path = log_path
+        self.name = f"{name}-{uuid.uuid4().hex[:6]}"  # rq keeps a killed worker's name a while
         with open(log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "ml_backend.trainer", "--name", name], cwd=REPO, env=env,
+                [sys.executable, "-m", "ml_backend.trainer", "--name", self.name], cwd=REPO, env=env,
                 stdout=log, stderr=subprocess.STDOUT)
 
     def log(self) -> str:
@@ -179,7 +181,7 @@ def test_split_is_stable_per_task_and_never_empty():
     tasks = [{"id": i} for i in range(1, 200)]
     train, held = split_tasks(tasks, 20)
     assert 20 < len(held) < 60 and len(train) + len(held) == len(tasks)
-    more_train, more_held = split_tasks(tasks + [{"id": i} for i in range(200, 400)], 20)
+    _, more_held = split_tasks(tasks + [{"id": i} for i in range(200, 400)], 20)
     assert {t["id"] for t in held} <= {t["id"] for t in more_held}  # no task changes sides
     for pair in ([{"id": 1}, {"id": 2}], [{"id": 5}, {"id": 9}, {"id": 11}]):
         train, held = split_tasks(pair, 20)
@@ -211,7 +213,8 @@ def test_job_promotes_a_version_that_a_running_worker_picks_up(
         assert [r.status for r in registry.list()] == ["retired", "serving"]
         saved = json.loads((tmp_path / "versions" / "versions.json").read_text())
         assert saved["serving"] == serving.name and len(saved["versions"]) == 2
-        assert clean_redis.get(keys.train_lock) is None  # released: the next request may run
+        wait_for(lambda: clean_redis.get(keys.train_lock) is None, 10,
+                 "the lock was not released")  # the next request may run
 
         def worker_version() -> str:
             beat = clean_redis.get(keys.heartbeat("follower"))
@@ -294,11 +297,11 @@ def test_sigkill_mid_epoch_keeps_the_serving_checkpoint_and_the_next_run_succeed
     json.loads((versions / "versions.json").read_text())  # whole, not half-written
 
     # The lock names the killed job; once its trainer's heartbeat expires, it is taken over.
-    wait_for(lambda: not clean_redis.exists(keys.trainer_heartbeat("trainer-slow")), 10,
+    wait_for(lambda: not clean_redis.exists(keys.trainer_heartbeat(slow.name)), 10,
              "heartbeat of the killed trainer did not expire")
     again = Trainer(env, tmp_path / "again.log", "trainer-again")
     try:
-        wait_for(lambda: clean_redis.exists(keys.trainer_heartbeat("trainer-again")), 60,
+        wait_for(lambda: clean_redis.exists(keys.trainer_heartbeat(again.name)), 60,
                  "second trainer did not start", again.log)
         answer = request(settings, clean_redis)
         assert answer["status"] == "queued" and answer["job_id"] != killed_job
