@@ -29,6 +29,9 @@ from ml_backend.schemas import RedisKeys
 from ml_backend.settings import Settings
 from ml_backend.trainer import TrainingQueue, TrainingRun, TrainRequest, split_tasks
 from ml_backend.versions import VersionRegistry, read_serving
+from ml_backend.worker import WorkerRuntime
+from ml_backend.worker import build_model as build_worker_model
+from talk2sam.build import build_model, save_checkpoint
 from talk2sam.data.synthetic import SyntheticThinDataset
 from tests.ml_backend.conftest import PREFIX, REPO, WorkerPool, backend_env
 
@@ -316,3 +319,24 @@ def test_sigkill_mid_epoch_keeps_the_serving_checkpoint_and_the_next_run_succeed
         statuses[killed_job].reason
     assert registry.serving().parent == serving.name
     assert sha256(serving.checkpoint) == digest  # the retired checkpoint is kept as it was
+
+
+def test_worker_follows_the_serving_version_and_survives_one_that_cannot_load(
+        fake_ls, clean_redis, tmp_path):
+    settings = Settings.from_env(backend_env(fake_ls, DEVICE="cpu"))
+    runtime = WorkerRuntime(settings, build_worker_model(settings), "follower", clean_redis)
+    keys = RedisKeys(PREFIX)
+    runtime.follow_serving_version()  # nothing promoted yet: keeps the configured model
+    assert runtime.model.model_version == "talk2sam-tiny-random"
+
+    clean_redis.set(keys.serving, json.dumps({"name": "broken",
+                                              "checkpoint": str(tmp_path / "missing.pt")}))
+    runtime.follow_serving_version()
+    assert runtime.model.model_version == "talk2sam-tiny-random"  # still serving
+
+    path = save_checkpoint(build_model("tiny"), tmp_path / "v2.pt", "v2")
+    clean_redis.set(keys.serving, json.dumps({"name": "v2", "checkpoint": str(path)}))
+    runtime.follow_serving_version()
+    assert runtime.model.model_version == "v2"
+    assert json.loads(clean_redis.get(keys.heartbeat("follower")))["model_version"] == "v2"
+    runtime.fetcher.close()
