@@ -10,9 +10,11 @@
 
 Errors: typed errors are mapped to HTTP statuses in :data:`HTTP_STATUS`, the one place; bodies
 are ``{"error": {"type", "message", "request_id"}}``; tracebacks go to the log only. Optional
-basic auth (BASIC_AUTH_USER/BASIC_AUTH_PASS) guards /setup, /predict and /metrics; /health and
-/webhook stay open because load balancers probe /health and Label Studio sends webhooks without
-auth headers.
+basic auth (BASIC_AUTH_USER/BASIC_AUTH_PASS) and/or a bearer token (API_TOKEN) guard /setup,
+/predict and /metrics; /health stays open because load balancers probe it, and /webhook stays
+open unless WEBHOOK_AUTH=true, because Label Studio sends webhooks without auth headers unless
+the webhook's headers are configured. Bodies over MAX_REQUEST_BYTES are refused with 413 before
+they are parsed (by Content-Length at once, else while they stream in).
 
 Start: ``python -m ml_backend.app --host 0.0.0.0 --port 9090``.
 """
@@ -52,12 +54,13 @@ from ml_backend.errors import (
     ModelError,
     NoWorkerError,
     QueueFullError,
+    RequestTooLargeError,
     UnauthorizedError,
     WorkerDiedError,
 )
 from ml_backend.ls_protocol import parse_predict_request
 from ml_backend.model import Talk2SamBackend
-from ml_backend.queue_client import QueueClient
+from ml_backend.queue_client import QueueClient, RedisUnavailableError
 from ml_backend.settings import Settings, SettingsError
 from ml_backend.trainer import ACTIVE_STATES
 
@@ -65,6 +68,7 @@ log = logging.getLogger(__name__)
 
 # Most specific first: the first isinstance match wins.
 HTTP_STATUS: dict[type[Exception], int] = {
+    RequestTooLargeError: 413,
     InvalidRequestError: 400,
     UnauthorizedError: 401,
     InvalidImageError: 422,
@@ -154,6 +158,7 @@ def create_app(settings: Settings, queue: QueueClient | None = None) -> FastAPI:
     app = FastAPI(title="talk2sam ML backend", lifespan=lifespan)
     app.state.backend = backend
     app.state.metrics = metrics
+    open_paths = OPEN_PATHS - {"/webhook"} if settings.webhook_auth else OPEN_PATHS
 
     @app.middleware("http")
     async def request_context(request: Request, call_next: Any) -> Response:
@@ -162,12 +167,15 @@ def create_app(settings: Settings, queue: QueueClient | None = None) -> FastAPI:
         started = time.perf_counter()
         error_name: str | None = None
         try:
-            if settings.basic_auth_enabled and request.url.path not in OPEN_PATHS:
-                _check_basic_auth(request, settings)
+            if settings.auth_enabled and request.url.path not in open_paths:
+                _check_auth(request, settings)
+            _check_content_length(request, settings.max_request_bytes)
             response = await call_next(request)
         except Exception as exc:  # noqa: BLE001 - the HTTP boundary: one JSON error shape
+            if isinstance(exc, RedisError):  # Redis went away mid-request: 503, not a bug
+                exc = RedisUnavailableError(f"Redis is unreachable: {exc}")
             error_name = type(exc).__name__
-            response = _error_response(exc, request_id)
+            response = _error_response(exc, request_id, settings)
         response.headers["X-Request-ID"] = request_id
         metrics.record(request.url.path, response.status_code, time.perf_counter() - started,
                        error_name)
@@ -180,7 +188,7 @@ def create_app(settings: Settings, queue: QueueClient | None = None) -> FastAPI:
 
     @app.post("/setup")
     async def setup(request: Request) -> dict[str, Any]:
-        body = await _json_body(request)
+        body = await _json_body(request, settings.max_request_bytes)
         return backend.setup(
             project=_opt_str(body, "project"), schema=_opt_str(body, "schema"),
             hostname=_opt_str(body, "hostname"), access_token=_opt_str(body, "access_token"),
@@ -188,7 +196,7 @@ def create_app(settings: Settings, queue: QueueClient | None = None) -> FastAPI:
 
     @app.post("/predict")
     async def predict(request: Request) -> dict[str, Any]:
-        body = await _json_body(request)
+        body = await _json_body(request, settings.max_request_bytes)
         parsed = parse_predict_request(body)
         results = await run_in_threadpool(
             backend.predict, parsed.tasks, parsed.context, label_config=parsed.label_config,
@@ -199,8 +207,8 @@ def create_app(settings: Settings, queue: QueueClient | None = None) -> FastAPI:
     @app.post("/webhook")
     async def webhook(request: Request) -> dict[str, Any]:
         try:
-            body = json.loads(await request.body() or b"{}")
-        except ValueError:
+            body = json.loads(await _read_body(request, settings.max_request_bytes) or b"{}")
+        except (ValueError, RecursionError):
             body = {}
         event = body.get("action") if isinstance(body, dict) else None
         return await run_in_threadpool(backend.fit, str(event),
@@ -217,11 +225,29 @@ def create_app(settings: Settings, queue: QueueClient | None = None) -> FastAPI:
     return app
 
 
-async def _json_body(request: Request) -> dict[str, Any]:
-    raw = await request.body()
+def _check_content_length(request: Request, max_bytes: int) -> None:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise RequestTooLargeError(
+            f"request body of {declared} bytes exceeds MAX_REQUEST_BYTES={max_bytes}")
+
+
+async def _read_body(request: Request, max_bytes: int) -> bytes:
+    """The body, refused as soon as it grows past ``max_bytes`` (also without Content-Length)."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise RequestTooLargeError(f"request body exceeds MAX_REQUEST_BYTES={max_bytes}")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _json_body(request: Request, max_bytes: int) -> dict[str, Any]:
+    raw = await _read_body(request, max_bytes)
     try:
         body = json.loads(raw)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
         raise InvalidRequestError(f"request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise InvalidRequestError("request body must be a JSON object")
@@ -237,9 +263,16 @@ def _opt_str(body: dict[str, Any], key: str) -> str | None:
     return str(value)
 
 
-def _check_basic_auth(request: Request, settings: Settings) -> None:
+def _check_auth(request: Request, settings: Settings) -> None:
+    """Basic auth or the bearer token, whichever is configured; the credentials never reach
+    a log or an error body."""
     header = request.headers.get("authorization", "")
     scheme, _, encoded = header.partition(" ")
+    if settings.api_token is not None and scheme.lower() == "bearer" and secrets.compare_digest(
+            encoded.strip().encode(), settings.api_token.encode()):
+        return
+    if not settings.basic_auth_enabled:
+        raise UnauthorizedError("bearer token required (Authorization: Bearer <API_TOKEN>)")
     try:
         user, _, password = base64.b64decode(encoded).decode().partition(":")
     except (binascii.Error, UnicodeDecodeError):
@@ -251,7 +284,7 @@ def _check_basic_auth(request: Request, settings: Settings) -> None:
         raise UnauthorizedError("basic auth required")
 
 
-def _error_response(exc: Exception, request_id: str) -> JSONResponse:
+def _error_response(exc: Exception, request_id: str, settings: Settings) -> JSONResponse:
     status = http_status(exc)
     if isinstance(exc, BackendError):
         message = str(exc)
@@ -259,7 +292,8 @@ def _error_response(exc: Exception, request_id: str) -> JSONResponse:
     else:
         message = "internal error; see the backend log"
         log.exception("request %s failed", request_id)
-    headers = {"WWW-Authenticate": 'Basic realm="talk2sam"'} if status == 401 else None
+    scheme = "Basic" if settings.basic_auth_enabled else "Bearer"
+    headers = {"WWW-Authenticate": f'{scheme} realm="talk2sam"'} if status == 401 else None
     return JSONResponse(
         {"error": {"type": type(exc).__name__ if isinstance(exc, BackendError) else "InternalError",
                    "message": message, "request_id": request_id}},

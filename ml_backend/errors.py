@@ -17,8 +17,12 @@ class InvalidRequestError(BackendError):
     """The request from Label Studio is malformed or does not fit the label config."""
 
 
+class RequestTooLargeError(InvalidRequestError):
+    """The request body is larger than MAX_REQUEST_BYTES."""
+
+
 class UnauthorizedError(BackendError):
-    """Basic auth is on and the request's credentials are missing or wrong."""
+    """Basic auth or API_TOKEN is on and the request's credentials are missing or wrong."""
 
 
 class ImageFetchError(BackendError):

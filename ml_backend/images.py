@@ -9,6 +9,17 @@ URLs as Label Studio puts them in task data:
   presigned URL;
 - ``http(s)://``: downloaded directly; the token is sent only to Label Studio's own host.
 
+Which hosts (SSRF guard, :func:`check_image_url`): with ``FetchConfig.allowed_hosts`` set (the
+workers set it from IMAGE_HOST_ALLOWLIST), an absolute http(s) URL is fetched only from Label
+Studio's own host or a host of the allowlist (``*`` allows any); any other is refused with
+:class:`InvalidRequestError` before a request is made. Redirects answered by those trusted hosts
+are followed (Label Studio's presign endpoint redirects to the cloud storage's host), and httpx
+drops the ``Authorization`` header when a redirect leaves the host. Relative URLs may not climb
+out of their path (``..`` segments), and a local-files path (``/data/local-files/?d=<path>``) must
+be relative to Label Studio's document root: absolute paths, ``..``, backslashes and NUL bytes are
+refused before anything is requested. The backend never reads local files itself: Label Studio
+serves them (and resolves symlinks against its own root).
+
 Tokens: a legacy token is sent as ``Authorization: Token <key>``; a personal access token (a
 JWT refresh token) is exchanged at ``/api/token/refresh/`` for an access token sent as
 ``Authorization: Bearer <access>`` and cached until shortly before it expires.
@@ -27,19 +38,21 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from urllib.parse import urljoin, urlparse
+from urllib.parse import parse_qs, unquote, urljoin, urlparse
 
 import httpx
 import numpy as np
 from label_studio_sdk._extensions.label_studio_tools.core.utils.io import encode_presign_fileuri
 from PIL import Image, UnidentifiedImageError
 
-from ml_backend.errors import ImageFetchError, InvalidImageError
+from ml_backend.errors import ImageFetchError, InvalidImageError, InvalidRequestError
 
 log = logging.getLogger(__name__)
 
 CLOUD_SCHEMES = ("s3://", "gs://", "azure-blob://")
 _ACCESS_TOKEN_MARGIN_S = 30.0
+LOCAL_FILES_PATH = "/data/local-files"
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def resolve_image_url(url: str, ls_url: str | None, task_id: int | None) -> str:
@@ -68,6 +81,63 @@ def resolve_image_url(url: str, ls_url: str | None, task_id: int | None) -> str:
     if url.startswith("upload/"):  # older exports store the upload key without /data
         return _join(ls_url, "/data/" + url)
     raise ImageFetchError(f"unsupported image URL {url!r}")
+
+
+def check_image_url(url: str, absolute: str, ls_url: str | None,
+                    allowed_hosts: tuple[str, ...] | None) -> None:
+    """Refuse an image URL that could reach beyond Label Studio and the allowed hosts.
+
+    Args:
+        url: the image URL from task data.
+        absolute: the URL :func:`resolve_image_url` made of it.
+        ls_url: Label Studio's base URL, or None.
+        allowed_hosts: hosts (``host`` or ``host:port``, lower case, ``*`` for any) that absolute
+            URLs may name besides Label Studio's; None: no host restriction.
+
+    Raises:
+        InvalidRequestError: naming what is refused; nothing has been requested yet.
+    """
+    if not url.startswith(("http://", "https://")) and ".." in _segments(urlparse(url).path):
+        raise InvalidRequestError(f"image URL {url!r} may not contain '..' path segments")
+    parsed = urlparse(absolute)
+    if parsed.path.rstrip("/") == LOCAL_FILES_PATH:
+        _check_local_files_path(parse_qs(parsed.query).get("d", [""])[0], url)
+    if allowed_hosts is None or "*" in allowed_hosts:
+        return
+    if ls_url and _origin(absolute) == _origin(ls_url):
+        return
+    host = (parsed.hostname or "").lower()
+    if host and (host in allowed_hosts or f"{host}:{_origin(absolute)[2]}" in allowed_hosts):
+        return
+    raise InvalidRequestError(
+        f"image host {host or '?'!r} is neither Label Studio's nor in IMAGE_HOST_ALLOWLIST; "
+        "add it there to allow downloads from it"
+    )
+
+
+def _segments(path: str) -> list[str]:
+    return unquote(path).replace("\\", "/").split("/")
+
+
+def _check_local_files_path(path: str, url: str) -> None:
+    """A local-files ``d=`` path must stay under Label Studio's document root."""
+    if not path or "\x00" in path or "\\" in path:
+        raise InvalidRequestError(f"local-files URL {url!r} needs a relative path in 'd'")
+    if path.startswith("/") or (len(path) > 1 and path[1] == ":") or ".." in path.split("/"):
+        raise InvalidRequestError(
+            f"local-files path {path!r} must be relative to Label Studio's document root "
+            "(no absolute path, no '..')"
+        )
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    """(scheme, host, port) with the scheme's default port filled in; user info ignored."""
+    parsed = urlparse(url)
+    try:
+        port = parsed.port or _DEFAULT_PORTS.get(parsed.scheme)
+    except ValueError:  # a port that is not a number
+        port = -1
+    return parsed.scheme, (parsed.hostname or "").lower(), port
 
 
 def _join(ls_url: str | None, path: str) -> str:
@@ -184,6 +254,7 @@ class FetchConfig:
     disk_cache_dir: str | None = None
     max_pixels: int = 100_000_000
     max_bytes: int = 512 * 2**20
+    allowed_hosts: tuple[str, ...] | None = None  # None: any host (see check_image_url)
 
 
 class ImageFetcher:
@@ -228,10 +299,12 @@ class ImageFetcher:
 
         Raises:
             ImageFetchError: on a network error, an HTTP error status or a missing token.
+            InvalidRequestError: when :func:`check_image_url` refuses the URL.
         """
         ls_url = self._default_ls_url or ls_url
         token = self._default_token or token
         absolute = resolve_image_url(url, ls_url, task_id)
+        check_image_url(url, absolute, ls_url, self._config.allowed_hosts)
         cache_key = hashlib.sha256(absolute.encode()).hexdigest()
         cached = self._memory.get(cache_key) or self._read_disk(cache_key)
         if cached is not None:
@@ -327,6 +400,8 @@ def decode_rgb(data: bytes, max_pixels: int) -> np.ndarray:
             rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)
     except InvalidImageError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:  # Pillow's own limit, checked on open
+        raise InvalidImageError(f"image refused as a decompression bomb: {exc}") from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise InvalidImageError(f"image cannot be decoded: {exc}") from None
     return rgb

@@ -26,6 +26,7 @@ from label_studio_sdk.label_interface import LabelInterface
 from ml_backend.errors import InvalidRequestError
 
 BoxXYXY = tuple[float, float, float, float]
+MAX_PROMPT_CHARS = 200  # as talk2sam.text.MAX_WORD_CHARS: refused here, before any job is queued
 
 
 # ---------------------------------------------------------------- geometry (pure)
@@ -307,6 +308,11 @@ def _prompt_texts(results: list[dict[str, Any]], config: LabelConfig) -> dict[An
         raw = (item.get("value") or {}).get("text")
         parts = [raw] if isinstance(raw, str) else raw if isinstance(raw, list) else []
         text = " ".join(p.strip() for p in parts if isinstance(p, str)).strip()
+        if len(text) > MAX_PROMPT_CHARS:
+            raise InvalidRequestError(
+                f"{config.prompt_name!r} text of {len(text)} characters is longer than "
+                f"{MAX_PROMPT_CHARS}; a prompt names an object in a few words"
+            )
         if text:
             texts[item.get("id")] = text
     return texts

@@ -12,6 +12,10 @@ down explicitly; no other module reads ``os.environ``.
 | LABEL_STUDIO_API_KEY | unset | legacy token or personal access token (JWT refresh token); when unset the ``access_token`` sent to /setup is used |
 | MODEL_DIR | ``.cache/talk2sam`` | directory of model weights (``weights_dir`` of the predictor) |
 | BASIC_AUTH_USER / BASIC_AUTH_PASS | unset | HTTP basic auth on every route but /health and /webhook; both or neither |
+| API_TOKEN | unset | bearer token (``Authorization: Bearer <token>``) accepted on the same routes, beside basic auth |
+| WEBHOOK_AUTH | false | /webhook also needs basic auth or the bearer token (configure the webhook's headers in Label Studio, which sends none by default) |
+| MAX_REQUEST_BYTES | 20971520 | larger request bodies are refused with 413 before they are parsed |
+| IMAGE_HOST_ALLOWLIST | empty | hosts (``host`` or ``host:port``, comma-separated) besides Label Studio's own that absolute http(s) image URLs may point to; ``*``: any host |
 | REDIS_URL | ``redis://127.0.0.1:6379/1`` | Redis for the job queue; database 0 is refused (Label Studio keeps its own rq queues there) |
 | KEY_PREFIX | ``talk2sam:`` | prefix of every queue name and key of ours |
 | JOB_TIMEOUT_S | 90 | longest a /predict waits for its jobs; below Label Studio's 100 s predict timeout |
@@ -82,6 +86,10 @@ class Settings:
     model_dir: str = ".cache/talk2sam"
     basic_auth_user: str | None = None
     basic_auth_pass: str | None = None
+    api_token: str | None = None
+    webhook_auth: bool = False
+    max_request_bytes: int = 20 * 2**20
+    image_host_allowlist: tuple[str, ...] = ()
     redis_url: str = "redis://127.0.0.1:6379/1"
     key_prefix: str = "talk2sam:"
     job_timeout_s: int = 90
@@ -122,6 +130,11 @@ class Settings:
     def basic_auth_enabled(self) -> bool:
         return self.basic_auth_user is not None
 
+    @property
+    def auth_enabled(self) -> bool:
+        """Basic auth or the bearer token guards the routes."""
+        return self.basic_auth_enabled or self.api_token is not None
+
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
         """Build and validate settings from an environment mapping.
@@ -143,6 +156,10 @@ class Settings:
             model_dir=get("MODEL_DIR", str, d.model_dir),
             basic_auth_user=get.opt("BASIC_AUTH_USER", str),
             basic_auth_pass=get.opt("BASIC_AUTH_PASS", str),
+            api_token=get.opt("API_TOKEN", str),
+            webhook_auth=get("WEBHOOK_AUTH", _bool, d.webhook_auth),
+            max_request_bytes=get("MAX_REQUEST_BYTES", _int_in(1024, 2**31), d.max_request_bytes),
+            image_host_allowlist=get("IMAGE_HOST_ALLOWLIST", _host_list, d.image_host_allowlist),
             redis_url=get("REDIS_URL", _redis_url, d.redis_url),
             key_prefix=get("KEY_PREFIX", _key_prefix, d.key_prefix),
             job_timeout_s=get("JOB_TIMEOUT_S", _int_in(1, LABEL_STUDIO_PREDICT_TIMEOUT_S - 1),
@@ -297,6 +314,14 @@ def _redis_url(raw: str) -> str:
             "e.g. redis://127.0.0.1:6379/1"
         )
     return raw
+
+
+def _host_list(raw: str) -> tuple[str, ...]:
+    hosts = tuple(h.strip().lower() for h in raw.split(",") if h.strip())
+    for host in hosts:
+        if host != "*" and ("/" in host or "@" in host or any(ch.isspace() for ch in host)):
+            raise ValueError(f"expected host or host:port entries, got {host!r}")
+    return hosts
 
 
 def _key_prefix(raw: str) -> str:

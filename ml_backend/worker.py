@@ -327,6 +327,7 @@ class WorkerRuntime:
                 memory_cache_bytes=settings.image_download_cache_mb * 2**20,
                 disk_cache_dir=settings.image_download_dir,
                 max_pixels=settings.max_image_pixels,
+                allowed_hosts=settings.image_host_allowlist,
             ),
             default_ls_url=settings.label_studio_url,
             default_token=settings.label_studio_api_key,

@@ -1,0 +1,161 @@
+"""Servers of the reliability tests: an image host that can be stopped and started again on the
+same port, a private redis-server, and the app under uvicorn in a subprocess."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import urlparse
+
+import httpx
+import pytest
+import redis
+
+from tests.ml_backend.conftest import (
+    LEGACY_TOKEN,
+    REPO,
+    WorkerPool,
+    running_workers,
+    synthetic_png,
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ImageHost:
+    """Label Studio's file serving, reduced: ``assets[path]`` bytes, else a synthetic PNG for
+    ``..._<W>x<H>.png``, behind the legacy token; ``/slow/<seconds>/<path>`` answers late.
+    ``stop()`` and ``start()`` keep the port."""
+
+    def __init__(self, assets: dict[str, bytes] | None = None, token: str = LEGACY_TOKEN):
+        self.assets = assets or {}
+        self.token = token
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.paths: list[str] = []
+        self._server: ThreadingHTTPServer | None = None
+
+    def start(self) -> None:
+        host = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                host.paths.append(self.path)
+                path = urlparse(self.path).path
+                slow = re.match(r"^/slow/([0-9.]+)(/.*)$", path)
+                if slow:  # /slow/<seconds>/<path>: keeps a worker busy mid-job
+                    time.sleep(float(slow.group(1)))
+                    path = slow.group(2)
+                size = re.search(r"_(\d+)x(\d+)\.png$", path)
+                if self.headers.get("Authorization") != f"Token {host.token}":
+                    status, body = 401, b"{}"
+                elif path in host.assets:
+                    status, body = 200, host.assets[path]
+                elif size:
+                    status, body = 200, synthetic_png(int(size.group(1)), int(size.group(2)))
+                else:
+                    status, body = 404, b"not found"
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+class PrivateRedis:
+    """``redis-server`` on a free port, no persistence: restarting it loses everything."""
+
+    def __init__(self, log_dir: Path):
+        if shutil.which("redis-server") is None:
+            pytest.skip("needs redis-server on PATH")
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/1"
+        self.log_path = log_dir / f"redis-{self.port}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+                 "--save", "", "--appendonly", "no"], stdout=log, stderr=subprocess.STDOUT)
+        client = redis.Redis(port=self.port)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        self.proc = None
+
+
+@contextlib.contextmanager
+def private_workers(env: dict[str, str], names: tuple[str, ...], log_dir: Path
+                    ) -> Iterator[tuple[PrivateRedis, WorkerPool, dict[str, str]]]:
+    """Workers on a private redis-server (isolated from other test runs on the shared one);
+    yields the server, the pool and the environment pointing at that server."""
+    server = PrivateRedis(log_dir)
+    server.start()
+    env = {**env, "REDIS_URL": server.url}
+    try:
+        with running_workers(env, names, redis.Redis.from_url(server.url), log_dir) as pool:
+            yield server, pool, env
+    finally:
+        server.stop()
+
+
+@contextlib.contextmanager
+def uvicorn_app(env: dict[str, str], log_path: Path) -> Iterator[str]:
+    """``python -m ml_backend.app`` on a free loopback port; yields its base URL."""
+    port = free_port()
+    with open(log_path, "wb") as log:  # the child keeps its own fd
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ml_backend.app", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                httpx.get(f"{url}/health", timeout=2)
+                break
+            except httpx.TransportError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise AssertionError(log_path.read_text()) from None
+                time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)

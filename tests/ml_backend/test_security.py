@@ -1,0 +1,235 @@
+"""Security: image URLs reach only Label Studio and allowed hosts (SSRF), local-files paths stay
+under Label Studio's document root, bearer-token auth beside basic auth, /webhook open unless
+WEBHOOK_AUTH, and no credential ever shows in a log, an error body or /metrics."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from ml_backend.app import create_app
+from ml_backend.errors import InvalidRequestError
+from ml_backend.images import FetchConfig, ImageFetcher
+from ml_backend.settings import Settings, SettingsError
+from tests.ml_backend.conftest import backend_env, load_fixture
+from tests.ml_backend.servers import ImageHost, private_workers, uvicorn_app
+
+GOOD = load_fixture("predict_interactive_request.json")
+SETUP = load_fixture("setup_request.json")
+API_TOKEN = "api-token-7f3a9c51e2d84b60"
+BASIC_PASS = "basic-pass-c0ffee4217d9"
+LS_TOKEN = "ls-token-9b8a7c6d5e4f3a2b"
+
+
+def with_image(url: str) -> dict:
+    body = json.loads(json.dumps(GOOD))
+    body["tasks"][0]["data"]["image"] = url
+    return body
+
+
+# ------------------------------------------------------------------ SSRF, unit level
+
+
+def fetcher(calls: list[str], allowed: tuple[str, ...] | None, ls_url: str = "http://ls:8080"
+            ) -> ImageFetcher:
+    def answer(request: httpx.Request) -> httpx.Response:
+        calls.append(str(request.url))
+        return httpx.Response(200, content=b"bytes")
+
+    return ImageFetcher(FetchConfig(allowed_hosts=allowed), default_ls_url=ls_url,
+                        default_token="t", transport=httpx.MockTransport(answer))
+
+
+@pytest.mark.parametrize("url", [
+    "http://169.254.169.254/latest/meta-data/",
+    "http://127.0.0.1:6379/",
+    "http://ls:8081/data/upload/1/a.png",          # Label Studio's host, another port
+    "https://ls:8080/data/upload/1/a.png",         # another scheme, hence another origin
+    "http://ls:8080@evil.example/a.png",           # user info posing as the host
+    "http://cdn.example.evil.example/a.png",
+])
+def test_hosts_other_than_label_studio_and_the_allowlist_are_refused(url):
+    calls: list[str] = []
+    with pytest.raises(InvalidRequestError, match="IMAGE_HOST_ALLOWLIST"):
+        fetcher(calls, ("cdn.example",)).fetch(url, None, None)
+    assert calls == []
+
+
+@pytest.mark.parametrize(("url", "allowed"), [
+    ("http://ls:8080/data/upload/1/a.png", ()),
+    ("/data/upload/1/a.png", ()),
+    ("https://cdn.example/a.png", ("cdn.example",)),
+    ("https://cdn.example:8443/a.png", ("cdn.example:8443",)),
+    ("https://anything.example/a.png", ("*",)),
+    ("https://anything.example/a.png", None),      # the library default: no restriction
+])
+def test_label_studio_and_allowed_hosts_are_fetched(url, allowed):
+    calls: list[str] = []
+    assert fetcher(calls, allowed).fetch(url, None, None) == b"bytes"
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("url", [
+    "/data/local-files/?d=../../etc/passwd",
+    "/data/local-files/?d=dir/../../secret.png",
+    "/data/local-files/?d=/etc/passwd",
+    "/data/local-files/?d=%2e%2e/secret.png",
+    "/data/local-files/?d=dir%5C..%5C..%5Csecret.png",
+    "/data/local-files/?d=C:/secret.png",
+    "/data/local-files/?d=dir/a.png%00.png",
+    "/data/local-files/?d=",
+    "http://ls:8080/data/local-files/?d=../secret.png",
+    "/data/upload/../../api/users",
+    "/data/upload/%2e%2e/%2e%2e/api/users",
+])
+def test_paths_escaping_their_root_are_refused_before_any_request(url):
+    calls: list[str] = []
+    with pytest.raises(InvalidRequestError, match=r"'\.\.'|relative"):
+        fetcher(calls, ()).fetch(url, None, None)
+    assert calls == []
+
+
+def test_allowlist_setting_is_parsed_and_checked():
+    env = {"IMAGE_HOST_ALLOWLIST": " CDN.example, img.example:8443 ,"}
+    assert Settings.from_env(env).image_host_allowlist == ("cdn.example", "img.example:8443")
+    assert Settings.from_env({}).image_host_allowlist == ()
+    with pytest.raises(SettingsError, match="IMAGE_HOST_ALLOWLIST"):
+        Settings.from_env({"IMAGE_HOST_ALLOWLIST": "http://cdn.example/path"})
+
+
+# ------------------------------------------------------------------ SSRF through the app
+
+
+@pytest.fixture(scope="module")
+def stack(fake_ls, tmp_path_factory):
+    env = backend_env(fake_ls, MODEL="noop")
+    with private_workers(env, ("sec-a",), tmp_path_factory.mktemp("sec")) as running:
+        yield running
+
+
+@pytest.fixture
+def client(stack):
+    with TestClient(create_app(Settings.from_env(stack[2]))) as test_client:
+        yield test_client
+
+
+def test_other_host_is_400_and_never_contacted(client):
+    other = ImageHost()  # a real server that would answer, were it asked
+    other.start()
+    try:
+        response = client.post("/predict", json=with_image(f"{other.url}/data/upload/1/a_400x300.png"))
+    finally:
+        other.stop()
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["type"] == "InvalidRequestError"
+    assert "IMAGE_HOST_ALLOWLIST" in response.json()["error"]["message"]
+    assert other.paths == []
+    assert client.post("/predict", json=GOOD).status_code == 200
+
+
+@pytest.mark.parametrize("d", ["../../etc/img_400x300.png", "/etc/img_400x300.png",
+                               "%2e%2e/img_400x300.png"])
+def test_local_files_escape_is_400_and_label_studio_is_not_asked(client, fake_ls, d):
+    before = len(fake_ls.requests)
+    response = client.post("/predict", json=with_image(f"/data/local-files/?d={d}"))
+    assert response.status_code == 400, response.text
+    assert "document root" in response.json()["error"]["message"]
+    assert len(fake_ls.requests) == before
+    ok = client.post("/predict", json=with_image("/data/local-files/?d=dir/img_400x300.png"))
+    assert ok.status_code == 200, ok.text
+
+
+# ------------------------------------------------------------------ authentication
+
+
+def auth_client(stack, **env: str) -> TestClient:
+    return TestClient(create_app(Settings.from_env({**stack[2], **env})))
+
+
+def test_bearer_token_guards_all_but_health_and_webhook(stack):
+    with auth_client(stack, API_TOKEN=API_TOKEN) as client:
+        assert client.get("/health").status_code == 200
+        assert client.post("/webhook", json={"action": "TASKS_CREATED"}).status_code == 200
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_TOKEN},
+                        {"Authorization": f"Token {API_TOKEN}"}):
+            refused = client.post("/predict", json=GOOD, headers=headers)
+            assert refused.status_code == 401, headers
+            assert refused.headers["WWW-Authenticate"].startswith("Bearer")
+            assert refused.json()["error"]["type"] == "UnauthorizedError"
+        ok = {"Authorization": f"Bearer {API_TOKEN}"}
+        assert client.post("/predict", json=GOOD, headers=ok).status_code == 200
+        assert client.post("/setup", json=SETUP, headers=ok).status_code == 200
+        assert client.get("/metrics", headers=ok).status_code == 200
+        assert client.get("/metrics").status_code == 401
+
+
+def test_basic_auth_and_bearer_token_both_work(stack):
+    with auth_client(stack, API_TOKEN=API_TOKEN, BASIC_AUTH_USER="ls",
+                     BASIC_AUTH_PASS=BASIC_PASS) as client:
+        assert client.post("/setup", json=SETUP, auth=("ls", BASIC_PASS)).status_code == 200
+        assert client.post("/setup", json=SETUP,
+                           headers={"Authorization": f"Bearer {API_TOKEN}"}).status_code == 200
+        refused = client.post("/setup", json=SETUP, auth=("ls", API_TOKEN))
+        assert refused.status_code == 401
+        assert refused.headers["WWW-Authenticate"].startswith("Basic")
+
+
+def test_webhook_auth_makes_the_webhook_need_credentials(stack):
+    with auth_client(stack, API_TOKEN=API_TOKEN, WEBHOOK_AUTH="true") as client:
+        assert client.post("/webhook", json={"action": "TASKS_CREATED"}).status_code == 401
+        ok = client.post("/webhook", json={"action": "TASKS_CREATED"},
+                         headers={"Authorization": f"Bearer {API_TOKEN}"})
+        assert ok.status_code == 200
+        assert client.get("/health").status_code == 200
+
+
+# ------------------------------------------------------------------ no credential leaks
+
+
+def test_credentials_never_reach_logs_error_bodies_or_metrics(stack, fake_ls, tmp_path):
+    """App (uvicorn, DEBUG logs) and worker on the private Redis; the image host wants LS_TOKEN,
+    which the app learns from /setup; every answer and log line is scanned."""
+    host = ImageHost(token=LS_TOKEN)
+    host.start()
+    env = backend_env(fake_ls, MODEL="noop", LABEL_STUDIO_URL=host.url, LABEL_STUDIO_API_KEY="",
+                      API_TOKEN=API_TOKEN, BASIC_AUTH_USER="ls", BASIC_AUTH_PASS=BASIC_PASS,
+                      LOG_LEVEL="DEBUG")
+    secrets = (API_TOKEN, BASIC_PASS, LS_TOKEN)
+    bodies: list[str] = []
+    try:
+        with private_workers(env, ("leak-a",), tmp_path) as (_, pool, env), \
+                uvicorn_app(env, tmp_path / "app.log") as url:
+            good = {"Authorization": f"Bearer {API_TOKEN}"}
+            calls = [
+                ("POST", "/predict", {}, GOOD),                                     # 401
+                ("POST", "/predict", {"Authorization": f"Bearer {API_TOKEN}x"}, GOOD),
+                ("POST", "/predict", {"Authorization": f"Basic {BASIC_PASS}"}, GOOD),
+                ("POST", "/predict", good, GOOD),                 # no token known yet: 502
+                ("POST", "/setup", good, {**SETUP, "hostname": host.url,
+                                          "access_token": LS_TOKEN}),
+                ("POST", "/predict", good, GOOD),                                   # 200
+                ("POST", "/predict", good, with_image("/data/upload/1/gone.png")),  # 502
+                ("POST", "/predict", good, with_image("http://10.0.0.1/a.png")),    # 400
+                ("GET", "/metrics", good, None),
+                ("GET", "/metrics?format=json", good, None),
+            ]
+            statuses = []
+            for method, path, headers, body in calls:
+                response = httpx.request(method, url + path, headers=headers, json=body,
+                                         timeout=30)
+                statuses.append(response.status_code)
+                bodies.append(response.text + json.dumps(dict(response.headers)))
+            logs = [(tmp_path / "app.log").read_text()] + [
+                (pool.log_dir / f"{name}.log").read_text() for name in pool.procs]
+    finally:
+        host.stop()
+    assert statuses == [401, 401, 401, 502, 200, 200, 502, 400, 200, 200], statuses
+    assert "needs a Label Studio token" in bodies[3]
+    assert "/data/upload/19/" in " ".join(host.paths)
+    assert "DEBUG" in logs[0] and "DEBUG" in logs[1]
+    for secret in secrets:
+        for text in bodies + logs:
+            assert secret not in text
