@@ -27,7 +27,7 @@ down explicitly; no other module reads ``os.environ``.
 | MODEL_VERSION | unset | model_version reported to Label Studio; unset: the one the workers report |
 | DEVICE | unset | torch device of the workers; unset: CUDA when available, else CPU |
 | IMAGE_CACHE_SIZE | 8 | images whose features a worker keeps (LRU) |
-| MASK_BOX_MARGIN_PX | 2.0 | mask pixels farther than this outside their box are dropped (-1: keep all) |
+| MASK_BOX_MARGIN_PX | 0.0 | drop mask pixels centred farther than this outside their box; -1 keeps all |
 | IMAGE_DOWNLOAD_CACHE_MB | 256 | downloaded image bytes a worker keeps in memory, by URL |
 | IMAGE_DOWNLOAD_DIR | unset | when set, downloaded images are also cached on disk there |
 | IMAGE_FETCH_TIMEOUT_S | 20 | timeout of one image download |
@@ -101,7 +101,7 @@ class Settings:
     model_version: str | None = None
     device: str | None = None
     image_cache_size: int = 8
-    mask_box_margin_px: float = 2.0  # negative: keep the model's mask as it is
+    mask_box_margin_px: float = 0.0  # negative: keep the model's mask as it is
     image_download_cache_mb: int = 256
     image_download_dir: str | None = None
     image_fetch_timeout_s: float = 20.0
