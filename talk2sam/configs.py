@@ -108,7 +108,7 @@ _SAM_SPECS = {
     # Same classes as the real ones at toy sizes: 256 canvas, 16x16 embedding grid.
     "tiny": SamSpec("tiny", image_size=256, encoder_dim=32, encoder_depth=2, encoder_heads=2,
                     global_attn_indexes=(1,), window_size=4, prompt_dim=32, decoder_mlp_dim=64,
-                    decoder_heads=2, mask_in_chans=8),
+                    decoder_heads=2, mask_in_chans=16),
 }
 
 _DINO_L = DinoSpec("vit_large_patch14_reg4_dinov2")
