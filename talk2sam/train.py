@@ -176,10 +176,12 @@ class Trainer:
 
     def step_loss(self, batch: Sequence[Example]) -> torch.Tensor:
         losses = []
+        device = self.model.device  # cached features live on the CPU
         for ex in batch:
             words = [ex.word] if self.model.uses_text else None
-            out = self.model.decode(ex.features, ex.box_xyxy[None], words)
-            bce, dice = mask_loss(out.low_res_logits, ex.target[None], self.config.num_points,
+            out = self.model.decode(ex.features.to(device), ex.box_xyxy[None], words)
+            bce, dice = mask_loss(out.low_res_logits, ex.target[None].to(device),
+                                  self.config.num_points,
                                   self.config.oversample, self.config.importance)
             losses.append(bce + dice)
         return torch.stack(losses).mean()
@@ -234,9 +236,10 @@ def predict_example(model: Talk2Sam, example: Example, output: str = "sam+hq",
                     use_text: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
     """Mask (H, W) bool (logit > 0, original frame) and similarity map (gh, gw) or None."""
     words = [example.word] if (use_text and model.uses_text) else None
-    out = model.decode(example.features, example.box_xyxy[None], words, output=output)
-    mask = (model.upscale(out.low_res_logits, example.features)[0] > 0).numpy()
-    return mask, None if out.sim_maps is None else out.sim_maps[0].numpy()
+    features = example.features.to(model.device)
+    out = model.decode(features, example.box_xyxy[None], words, output=output)
+    mask = (model.upscale(out.low_res_logits, features)[0] > 0).cpu().numpy()
+    return mask, None if out.sim_maps is None else out.sim_maps[0].float().cpu().numpy()
 
 
 @torch.no_grad()
