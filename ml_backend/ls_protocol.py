@@ -345,8 +345,8 @@ def _box_prompt(item: Mapping[str, Any], config: LabelConfig, where: str,
 
 def _positive_int(item: Mapping[str, Any], key: str, where: str) -> int:
     value = item.get(key)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) \
-            or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not math.isfinite(value) or value != int(value) or value <= 0:
         raise InvalidRequestError(f"{where}: rectangle needs a positive integer {key!r}")
     return int(value)
 
