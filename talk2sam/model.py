@@ -92,7 +92,7 @@ class Talk2Sam(nn.Module):
 
         overlap: on CUDA, run DINOv2 in a side stream while SAM-HQ's encoder runs in the current
         one (the two encoders are independent). Ignored elsewhere: on CPU both already use all
-        cores, and a thread measured no gain (docs/PERFORMANCE.md)."""
+        cores, and DINOv2 in a second thread gave no clear gain (docs/PERFORMANCE.md)."""
         height, width = rgb.shape[:2]
         x = rgb.to(self.device).permute(2, 0, 1)[None].float()
         new_hw = geometry.resized_hw(height, width, self.long_side)
