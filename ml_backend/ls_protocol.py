@@ -27,6 +27,8 @@ from ml_backend.errors import InvalidRequestError
 
 BoxXYXY = tuple[float, float, float, float]
 MAX_PROMPT_CHARS = 200  # as talk2sam.text.MAX_WORD_CHARS: refused here, before any job is queued
+# Each box comes back as a full-size mask: thousands of them would exhaust a worker's memory.
+MAX_BOXES_PER_TASK = 256
 
 
 # ---------------------------------------------------------------- geometry (pure)
@@ -277,7 +279,8 @@ def boxes_from_results(
 
     Raises:
         InvalidRequestError: on a malformed rectangle, an unknown control (strict), a label not
-            among the BrushLabels labels, or a box with no area inside the image.
+            among the BrushLabels labels, a box with no area inside the image, or more than
+            :data:`MAX_BOXES_PER_TASK` rectangles.
     """
     if not isinstance(results, list):
         raise InvalidRequestError(f"{where}: 'result' must be a list")
@@ -291,6 +294,10 @@ def boxes_from_results(
             raise InvalidRequestError(f"{where}: from_name {from_name!r} is not in the label config")
         if item.get("type") == "rectanglelabels" and from_name in config.rectangle_names:
             rectangles.append(item)
+    if len(rectangles) > MAX_BOXES_PER_TASK:
+        raise InvalidRequestError(
+            f"{where}: {len(rectangles)} rectangles, more than {MAX_BOXES_PER_TASK} per task"
+        )
     region_ids = {item.get("id") for item in rectangles}
     loose = next((text for rid, text in texts.items() if rid not in region_ids), None)
     return [_box_prompt(item, config, where, texts.get(item.get("id"), loose))

@@ -218,6 +218,13 @@ def test_broken_images_are_422(client, path, fragment):
     assert time.monotonic() - started < 10
 
 
+def test_too_many_boxes_are_400_before_any_job(client):
+    body = body_with(lambda b: b["params"]["context"].update(
+        result=b["params"]["context"]["result"] * 300))
+    assert_error(client.post("/predict", json=body), 400, "InvalidRequestError",
+                 "300 rectangles, more than 256 per task")
+
+
 def test_missing_image_is_502(client):
     body = body_with(lambda b: b["tasks"][0]["data"].update(image="/data/upload/1/gone.png"))
     assert_error(client.post("/predict", json=body), 502, "ImageFetchError", "HTTP 404")
