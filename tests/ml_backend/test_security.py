@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from ml_backend.app import create_app
-from ml_backend.errors import InvalidRequestError
+from ml_backend.errors import ImageFetchError, InvalidRequestError
 from ml_backend.images import FetchConfig, ImageFetcher
 from ml_backend.settings import Settings, SettingsError
 from tests.ml_backend.conftest import backend_env, load_fixture
@@ -92,12 +92,42 @@ def test_paths_escaping_their_root_are_refused_before_any_request(url):
     assert calls == []
 
 
+@pytest.mark.parametrize("url", ["file:///etc/passwd", "gopher://127.0.0.1:6379/_INFO",
+                                 "ftp://ls/a.png"])
+def test_other_schemes_are_refused_before_any_request(url):
+    calls: list[str] = []
+    with pytest.raises((ImageFetchError, InvalidRequestError)):
+        fetcher(calls, ()).fetch(url, None, None)
+    assert calls == []
+
+
+def test_scheme_relative_url_stays_on_label_studio():
+    calls: list[str] = []
+    fetcher(calls, ()).fetch("//evil.example/a.png", None, None)
+    assert calls == ["http://ls:8080/evil.example/a.png"]
+
+
 def test_allowlist_setting_is_parsed_and_checked():
     env = {"IMAGE_HOST_ALLOWLIST": " CDN.example, img.example:8443 ,"}
     assert Settings.from_env(env).image_host_allowlist == ("cdn.example", "img.example:8443")
     assert Settings.from_env({}).image_host_allowlist == ()
     with pytest.raises(SettingsError, match="IMAGE_HOST_ALLOWLIST"):
         Settings.from_env({"IMAGE_HOST_ALLOWLIST": "http://cdn.example/path"})
+
+
+def test_auth_and_size_settings():
+    defaults = Settings.from_env({})
+    assert (defaults.api_token, defaults.webhook_auth, defaults.max_request_bytes) == \
+        (None, False, 20 * 2**20)
+    assert not defaults.auth_enabled
+    custom = Settings.from_env({"API_TOKEN": "t", "WEBHOOK_AUTH": "yes",
+                                "MAX_REQUEST_BYTES": "4096"})
+    assert (custom.api_token, custom.webhook_auth, custom.max_request_bytes) == ("t", True, 4096)
+    assert custom.auth_enabled
+    for name, bad in (("WEBHOOK_AUTH", "maybe"), ("MAX_REQUEST_BYTES", "10"),
+                      ("MAX_REQUEST_BYTES", "20MB")):
+        with pytest.raises(SettingsError, match=name):
+            Settings.from_env({name: bad})
 
 
 # ------------------------------------------------------------------ SSRF through the app
