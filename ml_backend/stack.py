@@ -38,11 +38,10 @@ from pathlib import Path
 from typing import Any
 
 from ml_backend.settings import Settings, SettingsError
+from talk2sam.weights import DEMO_CHECKPOINT  # no torch: the registry of files only
 
 log = logging.getLogger("ml_backend.stack")
 
-DEMO_CHECKPOINT = Path(__file__).resolve().parents[1] / "talk2sam" / "assets" / \
-    "demo_tiny_synthetic.pt"
 # Real configs tried when MODEL_DIR holds weights, most accurate first.
 REAL_CONFIGS = ("vit_h", "vit_l", "vit_b", "vit_tiny",
                 "vit_h-dinob", "vit_l-dinob", "vit_b-dinob", "vit_tiny-dinob")

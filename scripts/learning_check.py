@@ -4,7 +4,7 @@ same budget (frozen random tiny encoders, the paper's trained parts) and compare
 the named object. Writes a markdown table, a JSON file, a figure grid and (optionally) the demo
 checkpoint.
 
-Usage: python scripts/learning_check.py [--train 200 --test 60 --minutes 6 --out runs/learning]
+Usage: python scripts/learning_check.py [--train 200 --test 60 --epochs 30 --out runs/learning]
 """
 
 from __future__ import annotations
@@ -100,11 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--minutes", type=float, default=0.0,
                         help="wall-clock cap per model (0: none; the epochs are the budget)")
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--optimizer", default="adamw", choices=["sgd", "adamw"])
     parser.add_argument("--points", type=int, default=2048, help="loss points per mask")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--stroke-scale", type=float, default=1.0,
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1 avoids oversubscription on small shared CPUs)")
+    parser.add_argument("--stroke-scale", type=float, default=3.0,
                         help="thicker synthetic structures (the tiny models' masks are coarse)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/learning_check")

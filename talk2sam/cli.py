@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from talk2sam.errors import Talk2SamError
+from talk2sam.weights import DEMO_CHECKPOINT
 
 
 def _load_image(path: str):
@@ -35,8 +36,14 @@ def cmd_segment(args: argparse.Namespace) -> int:
     words = None if args.box_only else (args.text * len(boxes) if len(args.text) == 1 else args.text)
     stages = tqdm(total=3, desc="loading model", unit="step", file=sys.stderr)
     started = time.perf_counter()
-    predictor = build_predictor(args.config, args.weights_dir, args.checkpoint, args.device,
-                                use_text=not args.box_only)
+    checkpoint = args.checkpoint
+    if checkpoint is None and args.config is None and DEMO_CHECKPOINT.is_file():
+        checkpoint = str(DEMO_CHECKPOINT)
+        print("note: no --config/--checkpoint given: using the synthetic-data DEMO model (tiny, "
+              "trained on generated images only); give --config vit_b with real weights for real "
+              "masks", file=sys.stderr)
+    predictor = build_predictor(args.config or "tiny", args.weights_dir, checkpoint,
+                                args.device, use_text=not args.box_only)
     stages.update(1)
     stages.set_description("encoding image")
     image = normalize_image(_load_image(args.image))
@@ -104,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--text", action="append", default=None,
                      help="class word (one for all boxes, or one per box)")
     seg.add_argument("--box-only", action="store_true", help="plain SAM-HQ: ignore the text")
-    seg.add_argument("--config", default="tiny", help="model config (tiny, vit_b, vit_l, ...)")
+    seg.add_argument("--config", help="model config (vit_b, vit_l, vit_h, vit_tiny, tiny); "
+                     "default: the shipped synthetic-data demo model")
     seg.add_argument("--checkpoint", help="Talk2SAM checkpoint of trained parts")
     seg.add_argument("--weights-dir", help="directory of the official weight files")
     seg.add_argument("--device", help="cpu or cuda (default: cuda when available)")

@@ -15,6 +15,10 @@ from talk2sam.errors import WeightsError, WeightsMissingError
 WEIGHTS_DIR_ENV = "TALK2SAM_WEIGHTS_DIR"
 DEFAULT_WEIGHTS_DIR = Path.home() / ".cache" / "talk2sam" / "weights"
 
+# tiny Talk2SAM trained on synthetic images only (scripts/learning_check.py): lets the project run
+# offline out of the box; real weights replace it wherever they are present
+DEMO_CHECKPOINT = Path(__file__).parent / "assets" / "demo_tiny_synthetic.pt"
+
 _HQ = "https://huggingface.co/lkeab/hq-sam/resolve/main/"
 _DINO = "https://dl.fbaipublicfiles.com/dinov2/"
 
