@@ -16,6 +16,7 @@ PACKAGE = REPO / "ml_backend"
 # Each module may import only the ml_backend modules listed (and anything outside the package).
 ALLOWED = {
     "settings": set(),
+    "stack": {"settings"},
     "schemas": set(),
     "errors": set(),
     "images": {"errors"},
