@@ -23,7 +23,7 @@ MAX_PIXELS_DEFAULT = 100_000_000
 @dataclass
 class Prediction:
     """masks: (N, H, W) bool, original frame; logits: (N, S/4, S/4) float32, SAM's low-res padded
-    frame; scores: (N,) float32 predicted IoU in [0, 1]-ish (the decoder's confidence);
+    frame; scores: (N,) float32 predicted IoU clipped to [0, 1] (the decoder's confidence);
     text_scores: (N,) float32 eq. 4 max-head similarity, or None (box only);
     sim_maps: (N, gh, gw) float32, DINOv2 square frame, or None."""
 
@@ -146,7 +146,7 @@ class Talk2SamPredictor:
         return Prediction(
             masks=masks,
             logits=numpy(out.low_res_logits[:, 0]),
-            scores=numpy(out.iou),
+            scores=numpy(out.iou.clamp(0.0, 1.0)),  # the IoU head is unbounded; IoU is not
             text_scores=numpy(out.text_scores),
             sim_maps=numpy(out.sim_maps),
         )

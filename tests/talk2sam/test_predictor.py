@@ -13,6 +13,7 @@ def test_predictions_at_original_resolution_for_several_boxes(tiny_predictor, rg
     assert pred.masks.shape == (3, 300, 400) and pred.masks.dtype == np.bool_
     assert pred.logits.shape == (3, 64, 64) and pred.logits.dtype == np.float32
     assert pred.scores.shape == (3,) and pred.scores.dtype == np.float32
+    assert np.all((pred.scores >= 0) & (pred.scores <= 1))
     assert pred.text_scores.shape == (3,)
     assert pred.sim_maps.shape == (3, 16, 16)
 
