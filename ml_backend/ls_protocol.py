@@ -286,6 +286,9 @@ def boxes_from_results(
         raise InvalidRequestError(f"{where}: 'result' must be a list")
     if not all(isinstance(item, dict) for item in results):
         raise InvalidRequestError(f"{where}: every result item must be an object")
+    for key in ("id", "from_name"):  # compared and hashed below
+        if any(isinstance(item.get(key), (list, dict)) for item in results):
+            raise InvalidRequestError(f"{where}: a result item's {key!r} must be a string")
     texts = _prompt_texts(results, config)
     rectangles = []
     for item in results:

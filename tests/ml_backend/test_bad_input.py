@@ -140,6 +140,8 @@ def test_unparseable_bodies_are_400(client, content, fragment):
     (lambda b: rect(b).update(original_width=float("nan")), "'original_width'"),
     (lambda b: rect(b).update(original_width=float("inf")), "'original_width'"),
     (lambda b: rect(b).pop("value"), "no 'value' object"),
+    (lambda b: rect(b).update(id=[]), "'id' must be a string"),
+    (lambda b: rect(b).update(from_name={}), "'from_name' must be a string"),
     (lambda b: rect(b)["value"].pop("x"), "'x' must be a finite number"),
     (lambda b: rect(b)["value"].update(y="16"), "'y' must be a finite number"),
     (lambda b: rect(b)["value"].update(x=float("nan")), "'x' must be a finite number, got nan"),
@@ -153,7 +155,7 @@ def test_unparseable_bodies_are_400(client, content, fragment):
         "config-xml", "params-str", "context-list", "result-str", "result-of-int", "no-data",
         "url-int", "two-interactive-tasks", "unknown-from-name", "unknown-label", "no-label",
         "no-original-width", "height-str", "height-negative", "width-px-nan", "width-px-inf",
-        "no-value", "no-x", "y-str",
+        "no-value", "id-list", "from-name-object", "no-x", "y-str",
         "x-nan", "width-inf", "rotation-nan", "width-negative", "height-zero", "outside-right",
         "outside-left"])
 def test_bad_fields_are_400_naming_the_field(client, edit, fragment):

@@ -23,6 +23,7 @@ from tests.ml_backend.conftest import backend_env, load_fixture
 from tests.ml_backend.servers import private_workers
 
 GOOD = load_fixture("predict_interactive_request.json")
+BATCH = load_fixture("predict_batch_request.json")
 ALLOWED = {200, 400, 401, 413, 422, 502, 503}
 FUZZ = settings(max_examples=40, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow])
@@ -48,15 +49,11 @@ def paths(value: object, prefix: tuple = ()) -> list[tuple]:
     return found
 
 
-# The parts Label Studio's request is made of; the tasks' history (annotations, drafts) is left
-# out so that the examples go to the fields the backend reads.
-GOOD_PATHS = [p for p in paths(GOOD) if p[:3] != ("tasks", 0, "annotations")]
-
-
 @st.composite
-def mutated_requests(draw: st.DrawFn) -> dict:
-    body = json.loads(json.dumps(GOOD))
-    path = draw(st.sampled_from(GOOD_PATHS))
+def mutated_requests(draw: st.DrawFn, original: dict) -> dict:
+    """``original`` with one field (at any depth) replaced by arbitrary JSON or removed."""
+    body = json.loads(json.dumps(original))
+    path = draw(st.sampled_from(paths(original)))
     parent = body
     for key in path[:-1]:
         parent = parent[key]
@@ -93,8 +90,14 @@ def dumps(value: object) -> str:
 
 
 @FUZZ
-@given(body=mutated_requests())
-def test_mutated_predict_requests(client, body):
+@given(body=mutated_requests(GOOD))
+def test_mutated_interactive_requests(client, body):
+    check(client.post("/predict", content=dumps(body)))
+
+
+@FUZZ
+@given(body=mutated_requests(BATCH))
+def test_mutated_batch_requests(client, body):
     check(client.post("/predict", content=dumps(body)))
 
 
