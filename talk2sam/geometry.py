@@ -96,14 +96,6 @@ def mask_frame_to_original(logits: torch.Tensor, height: int, width: int,
     return F.interpolate(canvas, size=(height, width), mode="bilinear", align_corners=False)[:, 0]
 
 
-def mask_to_box(mask: np.ndarray) -> tuple[float, float, float, float] | None:
-    """Tight XYXY box (pixel edges) of a boolean (H, W) mask; None when empty."""
-    ys, xs = np.nonzero(mask)
-    if len(xs) == 0:
-        return None
-    return float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)
-
-
 def box_masks(boxes_xyxy: np.ndarray, height: int, width: int, margin_px: float = 0.0) -> np.ndarray:
     """(N, H, W) bool: pixels whose centre lies inside each XYXY box grown by `margin_px`."""
     ys = np.arange(height, dtype=np.float64)[:, None] + 0.5

@@ -65,13 +65,6 @@ def test_check_boxes_clips_partly_outside():
                                [[0, 10, 400, 300]])
 
 
-def test_mask_to_box():
-    mask = np.zeros((5, 6), bool)
-    mask[1:3, 2:5] = True
-    assert geometry.mask_to_box(mask) == (2.0, 1.0, 5.0, 3.0)
-    assert geometry.mask_to_box(np.zeros((2, 2), bool)) is None
-
-
 def test_box_masks_cover_pixel_centres_inside_the_grown_box():
     masks = geometry.box_masks(np.array([[1.0, 1.0, 3.0, 2.0]]), 4, 5, margin_px=0.0)
     expected = np.zeros((4, 5), bool)
