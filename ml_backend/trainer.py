@@ -352,7 +352,8 @@ class TrainingRun:
         self._fetcher = self._fetcher or ImageFetcher(
             FetchConfig(timeout_s=s.image_fetch_timeout_s,
                         memory_cache_bytes=s.image_download_cache_mb * 2**20,
-                        disk_cache_dir=s.image_download_dir, max_pixels=s.max_image_pixels),
+                        disk_cache_dir=s.image_download_dir, max_pixels=s.max_image_pixels,
+                        allowed_hosts=s.image_host_allowlist),
             default_ls_url=s.label_studio_url, default_token=s.label_studio_api_key)
         fetcher = self._fetcher
 

@@ -547,15 +547,35 @@ def main(argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -
     keys = RedisKeys(settings.key_prefix)
     queues = [Queue(name, connection=redis, serializer=JSONSerializer)
               for name in (keys.worker_queue(args.name), keys.predict_queue, keys.warm_queue)]
-    worker = Talk2SamWorker(queues, name=args.name, connection=redis, serializer=JSONSerializer)
-    worker.runtime = _runtime
     _runtime.heartbeat.start()
     try:
-        worker.work(burst=args.burst, logging_level=settings.log_level, with_scheduler=False)
+        while True:  # a Redis outage ends rq's loop; the loaded model stays, the loop restarts
+            worker = Talk2SamWorker(queues, name=args.name, connection=redis,
+                                    serializer=JSONSerializer)
+            worker.runtime = _runtime
+            try:
+                worker.work(burst=args.burst, logging_level=settings.log_level,
+                            with_scheduler=False)
+                break
+            except RedisError as exc:
+                log.warning("lost Redis (%s); serving again once it is back", exc)
+                _wait_for_redis(redis, worker)
     finally:
         _runtime.heartbeat.stop()
         _runtime.fetcher.close()
     return 0
+
+
+def _wait_for_redis(redis: Redis, worker: SimpleWorker, pause_s: float = 1.0) -> None:
+    """Block until Redis answers, then clear the old registration so the name can be reused."""
+    while True:
+        time.sleep(pause_s)
+        try:
+            redis.ping()
+            worker.register_death()
+            return
+        except RedisError:
+            continue
 
 
 if __name__ == "__main__":
