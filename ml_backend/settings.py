@@ -26,6 +26,7 @@ down explicitly; no other module reads ``os.environ``.
 | MODEL_CHECKPOINT | unset | path of a Talk2SAM checkpoint of trained parts |
 | MODEL_VERSION | unset | model_version reported to Label Studio; unset: the one the workers report |
 | DEVICE | unset | torch device of the workers; unset: CUDA when available, else CPU |
+| TORCH_THREADS | unset | CPU math threads per worker; unset: torch's default (all cores). Several CPU workers on one host: cores / workers |
 | IMAGE_CACHE_SIZE | 8 | images whose features a worker keeps (LRU) |
 | MASK_BOX_MARGIN_PX | 0.0 | drop mask pixels centred farther than this outside their box; -1 keeps all |
 | IMAGE_DOWNLOAD_CACHE_MB | 256 | downloaded image bytes a worker keeps in memory, by URL |
@@ -100,6 +101,7 @@ class Settings:
     model_checkpoint: str | None = None
     model_version: str | None = None
     device: str | None = None
+    torch_threads: int | None = None
     image_cache_size: int = 8
     mask_box_margin_px: float = 0.0  # negative: keep the model's mask as it is
     image_download_cache_mb: int = 256
@@ -171,6 +173,7 @@ class Settings:
             model_checkpoint=get.opt("MODEL_CHECKPOINT", str),
             model_version=get.opt("MODEL_VERSION", str),
             device=get.opt("DEVICE", str),
+            torch_threads=get.opt("TORCH_THREADS", _int_in(1, 1024)),
             image_cache_size=get("IMAGE_CACHE_SIZE", _int_in(1, 1024), d.image_cache_size),
             mask_box_margin_px=get("MASK_BOX_MARGIN_PX", _float_in(-1.0, 10_000.0),
                                    d.mask_box_margin_px),

@@ -447,6 +447,8 @@ class Stack:
             env["REDIS_URL"] = self.server.start()
             log.info("embedded Valkey (pid %s) on %s, AOF in %s, log %s", self.server.pid,
                      env["REDIS_URL"], opts.data_dir, self.server.log_path)
+        # workers share this host's cores: split them rather than let every worker take all
+        env.setdefault("TORCH_THREADS", str(max(1, (os.cpu_count() or 1) // opts.workers)))
         Settings.from_env(env)
         self._record()
         for _ in range(opts.workers):

@@ -204,7 +204,13 @@ def build_model(settings: Settings) -> SegmentationModel:
     """
     if settings.model == "noop":
         return NoopModel(settings.image_cache_size)
+    import torch
+
     from talk2sam.errors import Talk2SamError  # the model layer; only workers import torch
+
+    if settings.torch_threads:
+        # OpenMP threads of workers sharing cores wait on each other at every operator
+        torch.set_num_threads(settings.torch_threads)
     from talk2sam.predictor import build_predictor
 
     try:

@@ -58,3 +58,10 @@ def test_label_prompts_in_both_forms():
     assert parse_label_prompts('{"Power line": "thin wire"}') == {"Power line": "thin wire"}
     with pytest.raises(ValueError, match="non-empty"):
         parse_label_prompts("Power line=")
+
+
+def test_torch_threads_is_optional_and_validated():
+    assert Settings.from_env({}).torch_threads is None
+    assert Settings.from_env({"TORCH_THREADS": "2"}).torch_threads == 2
+    with pytest.raises(SettingsError, match="TORCH_THREADS"):
+        Settings.from_env({"TORCH_THREADS": "0"})
