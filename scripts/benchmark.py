@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import io
 import json
 import os
@@ -387,7 +386,6 @@ def queue_table(redis_url: str, server: ImageServer, calls: int, device: str | N
 def predict_body(name: str) -> dict:
     """The captured interactive request, its image renamed to ``name`` (400x300)."""
     body = json.loads(FIXTURE.read_text())
-    body = copy.deepcopy(body)
     body["tasks"][0]["data"]["image"] = f"/data/upload/19/{name}_400x300.png"
     return body
 
@@ -550,6 +548,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="model config of tables 1-3 (tiny, vit_b, vit_b-dinob, vit_l, ...); "
                              "real sizes get random weights. Default tiny")
     parser.add_argument("--device", default=None, help="torch device (default: CUDA if any)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads of this process, i.e. tables 1-3 "
+                             "(default: torch's choice)")
     parser.add_argument("--repeats", type=int, default=None,
                         help="passes over the images for cold latency (default 3, quick 2)")
     parser.add_argument("--images", type=int, default=None, help="images (default 4, quick 3)")
@@ -620,6 +621,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     args.argv = argv
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     report = run(args)
     sys.stdout.write(report)
     if args.out:
