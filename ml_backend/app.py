@@ -61,7 +61,7 @@ from ml_backend.errors import (
 from ml_backend.ls_protocol import parse_predict_request
 from ml_backend.model import Talk2SamBackend
 from ml_backend.queue_client import QueueClient, RedisUnavailableError
-from ml_backend.settings import Settings, SettingsError
+from ml_backend.settings import Settings, settings_for_command
 from ml_backend.trainer import ACTIVE_STATES
 
 log = logging.getLogger(__name__)
@@ -407,10 +407,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1,
                         help="uvicorn processes; each is light (no model)")
     args = parser.parse_args(argv)
-    try:
-        settings = Settings.from_env(os.environ)
-    except SettingsError as exc:
-        print(f"invalid setting {exc}", file=sys.stderr)
+    settings = settings_for_command(os.environ)
+    if settings is None:
         return 2
     uvicorn.run("ml_backend.app:app_from_env", factory=True, host=args.host, port=args.port,
                 workers=args.workers, log_level=settings.log_level.lower())

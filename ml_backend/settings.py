@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -256,6 +257,16 @@ def parse_label_prompts(raw: str) -> dict[str, str]:
     if any(not label or not prompt for label, prompt in mapping.items()):
         raise ValueError("labels and prompts must be non-empty")
     return mapping
+
+
+def settings_for_command(env: Mapping[str, str]) -> Settings | None:
+    """Settings for a command's ``main``: None after telling stderr which variable is invalid
+    (the command then exits with status 2)."""
+    try:
+        return Settings.from_env(env)
+    except SettingsError as exc:
+        print(f"invalid setting {exc}", file=sys.stderr)
+        return None
 
 
 def _int_in(low: int, high: int) -> Callable[[str], int]:

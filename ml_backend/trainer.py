@@ -59,7 +59,7 @@ from ml_backend.errors import BackendError
 from ml_backend.images import FetchConfig, ImageFetcher, decode_rgb
 from ml_backend.ls_protocol import word_for_label
 from ml_backend.schemas import TRAIN_JOB, RedisKeys
-from ml_backend.settings import Settings, SettingsError
+from ml_backend.settings import Settings, settings_for_command
 from ml_backend.versions import VersionRecord, VersionRegistry, read_serving, utc_now
 
 log = logging.getLogger(__name__)
@@ -516,10 +516,8 @@ def main(argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -
                         help="trainer name (default: trainer-host-pid-random)")
     parser.add_argument("--burst", action="store_true", help="quit when the queue is empty")
     args = parser.parse_args(argv)
-    try:
-        settings = Settings.from_env(os.environ if env is None else env)
-    except SettingsError as exc:
-        print(f"invalid setting {exc}", file=sys.stderr)
+    settings = settings_for_command(os.environ if env is None else env)
+    if settings is None:
         return 2
     logging.basicConfig(level=settings.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -57,7 +57,7 @@ from ml_backend.schemas import (
     WorkerHeartbeat,
     encode_mask,
 )
-from ml_backend.settings import Settings, SettingsError
+from ml_backend.settings import Settings, settings_for_command
 from ml_backend.versions import ServingVersion, read_serving
 
 log = logging.getLogger(__name__)
@@ -518,10 +518,8 @@ def main(argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -
                         help="worker name (default: host-pid)")
     parser.add_argument("--burst", action="store_true", help="quit when the queues are empty")
     args = parser.parse_args(argv)
-    try:
-        settings = Settings.from_env(os.environ if env is None else env)
-    except SettingsError as exc:
-        print(f"invalid setting {exc}", file=sys.stderr)
+    settings = settings_for_command(os.environ if env is None else env)
+    if settings is None:
         return 2
     logging.basicConfig(level=settings.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from redis import Redis
 
 from ml_backend.schemas import RedisKeys
-from ml_backend.settings import Settings, SettingsError
+from ml_backend.settings import settings_for_command
 from ml_backend.trainer import TrainingQueue, TrainRequest
 from ml_backend.versions import VersionError, VersionRegistry, utc_now
 
@@ -82,10 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     train.add_argument("--project", type=int, default=None)
     parser.add_argument("--json", action="store_true", help="print JSON (list, status)")
     args = parser.parse_args(argv)
-    try:
-        settings = Settings.from_env(os.environ)
-    except SettingsError as exc:
-        print(f"invalid setting {exc}", file=sys.stderr)
+    settings = settings_for_command(os.environ)
+    if settings is None:
         return 2
     redis = Redis.from_url(settings.redis_url)
     registry = VersionRegistry(redis, RedisKeys(settings.key_prefix), settings.versions_path)

@@ -48,14 +48,7 @@ def save_overlay_figure(path: str | Path, image: np.ndarray, boxes_xyxy: np.ndar
     title = "mask" if scores is None else "mask (score " + ", ".join(f"{s:.2f}" for s in scores) + ")"
     axes[-1].imshow(overlay_masks(image, masks))
     axes[-1].set_title(title)
-    for ax in axes:
-        ax.axis("off")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, axes.flat, path, dpi=100)
 
 
 def save_comparison_grid(path: str | Path, rows: Sequence[dict]) -> Path:
@@ -93,11 +86,18 @@ def save_comparison_grid(path: str | Path, rows: Sequence[dict]) -> Path:
             mask = row["masks"][name]
             axes[r, c].imshow(overlay_masks(image, mask[None]))
             axes[r, c].set_title(f"{name} IoU {mask_iou(mask, row['gt']):.2f}", fontsize=9)
-    for ax in axes.flat:
+    return _save(fig, axes.flat, path, dpi=90)
+
+
+def _save(fig, axes, path: str | Path, dpi: int) -> Path:
+    """Hide the axes, write the figure (creating its folder) and free it."""
+    import matplotlib.pyplot as plt
+
+    for ax in axes:
         ax.axis("off")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path

@@ -65,3 +65,11 @@ def test_torch_threads_is_optional_and_validated():
     assert Settings.from_env({"TORCH_THREADS": "2"}).torch_threads == 2
     with pytest.raises(SettingsError, match="TORCH_THREADS"):
         Settings.from_env({"TORCH_THREADS": "0"})
+
+
+def test_commands_name_the_invalid_variable(capsys):
+    from ml_backend.settings import settings_for_command
+
+    assert settings_for_command({"JOB_TIMEOUT_S": "500"}) is None
+    assert "JOB_TIMEOUT_S" in capsys.readouterr().err
+    assert settings_for_command({}) == Settings.from_env({})
