@@ -151,7 +151,7 @@ def save_figure(path: str, scored: dict[str, tuple[Any, Sequence[Any], str, bool
         row = {"image": ex.image, "box_xyxy": ex.box_xyxy.tolist(), "word": ex.word,
                "gt": ex.gt, "sim_map": None, "masks": {}}
         for method, (model, examples, output, use_text) in scored.items():
-            row["masks"][method], sim = predict_example(model, examples[i], output, use_text)
+            row["masks"][method], sim, _ = predict_example(model, examples[i], output, use_text)
             row["sim_map"] = sim if sim is not None else row["sim_map"]
         figure_rows.append(row)
     save_comparison_grid(path, figure_rows)

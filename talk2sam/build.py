@@ -129,15 +129,17 @@ def build_model(
                 if tensor.is_floating_point():
                     tensor.copy_(tensor.half().float())
     kind = "talk2sam" if use_text else "samhq"
-    model.version = f"{kind}-{cfg.name}-" + ("random" if random_init or not cfg.sam_weights
-                                             else "base")
+    if random_init or not cfg.sam_weights:
+        model.version = f"{kind}-{cfg.name}-random"
+    else:  # the public weights: psi and the mask-prompt path have never seen this task
+        model.version = f"{kind}-{cfg.name}-base" + ("-untrained-text" if use_text else "")
     set_trainable(model, clip_mode="frozen")
     return model.eval()
 
 
 def trainable_modules(model: Talk2Sam, clip_mode: str = "frozen") -> dict[str, nn.Module]:
     """The paper's trained parts: the whole SAM-HQ mask decoder, plus (with text) psi and the
-    mask-prompt encoder; `clip_mode="partial"` adds CLIP's last text block, final norm and
+    mask-prompt encoder, and in residual dense mode the map gate; `clip_mode="partial"` adds CLIP's last text block, final norm and
     projection (the projection is a bare Parameter, kept with its owner module)."""
     if clip_mode not in ("frozen", "partial"):
         raise ConfigError(f"clip_mode must be 'frozen' or 'partial', got {clip_mode!r}")
@@ -145,6 +147,8 @@ def trainable_modules(model: Talk2Sam, clip_mode: str = "frozen") -> dict[str, n
     if model.uses_text:
         parts["psi"] = model.psi
         parts["sam.prompt_encoder.mask_downscaling"] = model.sam.prompt_encoder.mask_downscaling
+    if model.map_gate is not None:
+        parts["map_gate"] = model.map_gate
     return parts
 
 
@@ -255,4 +259,19 @@ def load_checkpoint(path: str | os.PathLike, weights_dir: str | os.PathLike | No
                                    f"shape mismatches: {bad[:3]}" if bad else "")
     model.load_state_dict(state, strict=False)  # coverage of the trained parts checked above
     model.version = payload["version"]
+    model.text_trained = bool(payload["uses_text"])
     return model.eval()
+
+
+def untrained_text_warning(model: Talk2Sam) -> str | None:
+    """What to tell users when the text branch serves untrained (public weights, no Talk2SAM
+    checkpoint); None when there is nothing to warn about."""
+    if not model.uses_text or model.text_trained or not model.version.endswith("-untrained-text"):
+        return None
+    effect = ("it adds nothing yet: masks are exactly box-only SAM-HQ's"
+              if model.map_gate is not None else
+              "in dense_mode 'replace' the untrained map replaces SAM's no-mask embedding and can "
+              "make masks worse than box-only SAM-HQ")
+    return (f"{model.version}: the text branch (psi, mask-prompt encoder) is untrained, {effect}. "
+            "Train it on a dataset (talk2sam.train) or let the backend learn from the team's "
+            "corrections (Start training in Label Studio); see the README, 'From base to trained'.")

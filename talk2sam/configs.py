@@ -65,11 +65,20 @@ class ModelConfig:
     background_weight: float = 0.2  # Talk2DINO's mixing weight for the background term
     # paper silent: Talk2DINO can average prompt templates; default is the raw word.
     prompt_templates: tuple[str, ...] = ("{}",)
+    # How the encoded map meets SAM's "no mask" embedding. "residual": added to it through a
+    # zero-initialised 1x1 conv, so an untrained text branch is exactly box-only SAM-HQ.
+    # "replace": the paper's literal wiring, the encoded map replaces it (SAM-HQ never saw a
+    # mask prompt together with a box, so an untrained map can make masks worse).
+    dense_mode: str = "residual"
     # which files to load; None = architecture only (random init)
     sam_weights: str | None = None
     dino_weights: str | None = None
     psi_weights: str | None = None
     clip_weights: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.dense_mode not in DENSE_MODES:
+            raise ConfigError(f"dense_mode must be one of {DENSE_MODES}, got {self.dense_mode!r}")
 
     def with_changes(self, **changes: Any) -> ModelConfig:
         return replace(self, **changes)
@@ -85,6 +94,7 @@ class ModelConfig:
         sam = dict(data.pop("sam"))
         sam["global_attn_indexes"] = tuple(sam["global_attn_indexes"])
         data["prompt_templates"] = tuple(data.get("prompt_templates", ("{}",)))
+        data.setdefault("dense_mode", "replace")  # checkpoints older than the switch used it
         return ModelConfig(
             sam=SamSpec(**sam),
             dino=DinoSpec(**data.pop("dino")),
@@ -94,6 +104,7 @@ class ModelConfig:
 
 
 MAP_VARIANTS = ("patch", "patch+background")
+DENSE_MODES = ("residual", "replace")
 MAP_SCALINGS = ("raw", "sigmoid", "minmax")
 
 _SAM_SPECS = {

@@ -8,6 +8,7 @@ patches). Boxes are XYXY float pixels; shapes are (H, W)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -96,12 +97,23 @@ def mask_frame_to_original(logits: torch.Tensor, height: int, width: int,
     return F.interpolate(canvas, size=(height, width), mode="bilinear", align_corners=False)[:, 0]
 
 
+def box_pixels(box_xyxy: Sequence[float], height: int, width: int,
+               margin_px: float = 0.0) -> tuple[slice, slice]:
+    """(rows, columns) slices of the pixels whose centre lies inside an XYXY box grown by
+    `margin_px` (possibly empty)."""
+    x0, y0, x1, y1 = (float(v) for v in box_xyxy)
+
+    def span(lo: float, hi: float, size: int) -> slice:
+        first = max(0, math.ceil(lo - margin_px - 0.5))
+        last = min(size, math.floor(hi + margin_px - 0.5) + 1)
+        return slice(first, max(first, last))
+
+    return span(y0, y1, height), span(x0, x1, width)
+
+
 def box_masks(boxes_xyxy: np.ndarray, height: int, width: int, margin_px: float = 0.0) -> np.ndarray:
     """(N, H, W) bool: pixels whose centre lies inside each XYXY box grown by `margin_px`."""
-    ys = np.arange(height, dtype=np.float64)[:, None] + 0.5
-    xs = np.arange(width, dtype=np.float64)[None, :] + 0.5
-    out = np.empty((len(boxes_xyxy), height, width), dtype=bool)
-    for i, (x0, y0, x1, y1) in enumerate(np.asarray(boxes_xyxy, dtype=np.float64)):
-        out[i] = ((xs >= x0 - margin_px) & (xs <= x1 + margin_px)
-                  & (ys >= y0 - margin_px) & (ys <= y1 + margin_px))
+    out = np.zeros((len(boxes_xyxy), height, width), dtype=bool)
+    for i, box in enumerate(np.asarray(boxes_xyxy, dtype=np.float64)):
+        out[i][box_pixels(box, height, width, margin_px)] = True
     return out

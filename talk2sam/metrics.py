@@ -167,15 +167,30 @@ def boundary_iou(
     return _iou(mask_boundary(pred, d), mask_boundary(gt, d))
 
 
+def score_rank_correlation(predicted: np.ndarray, actual: np.ndarray) -> float | None:
+    """Spearman's rank correlation of predicted scores with actual IoUs: does sorting by the
+    score sort by quality? None when it is undefined (fewer than 3 objects, or either side
+    constant)."""
+    from scipy.stats import spearmanr
+
+    predicted, actual = np.asarray(predicted, float), np.asarray(actual, float)
+    if len(predicted) < 3 or np.ptp(predicted) == 0 or np.ptp(actual) == 0:
+        return None
+    return float(spearmanr(predicted, actual).statistic)
+
+
 @dataclass(frozen=True)
 class DatasetScores:
-    """Summary of one dataset: mIoU, mBIoU and mean seconds per object (None if never timed)."""
+    """Summary of one dataset: mIoU, mBIoU, mean seconds per object (None if never timed) and
+    the Spearman correlation of the predicted IoU with the true IoU (None if not recorded or
+    undefined)."""
 
     dataset: str
     count: int
     miou: float
     mbiou: float
     mean_seconds: float | None
+    score_spearman: float | None = None
 
 
 class ScoreAggregator:
@@ -191,9 +206,11 @@ class ScoreAggregator:
         self._iou: dict[str, list[float]] = {}
         self._biou: dict[str, list[float]] = {}
         self._seconds: dict[str, list[float]] = {}
+        self._predicted: dict[str, list[tuple[float, float]]] = {}  # (predicted IoU, IoU)
 
     def add(
-        self, dataset: str, pred: np.ndarray, gt: np.ndarray, seconds: float | None = None
+        self, dataset: str, pred: np.ndarray, gt: np.ndarray, seconds: float | None = None,
+        predicted_iou: float | None = None,
     ) -> tuple[float, float]:
         """Score one object and record it.
 
@@ -202,16 +219,18 @@ class ScoreAggregator:
             pred: (H, W) bool predicted mask, original resolution.
             gt: (H, W) bool ground-truth mask.
             seconds: wall-clock inference time for this object, if measured.
+            predicted_iou: the model's score for this mask, if it gives one.
 
         Returns:
             (iou, boundary_iou) of this object.
         """
         iou, biou = mask_iou(pred, gt), boundary_iou(pred, gt)
-        self.add_scores(dataset, iou, biou, seconds)
+        self.add_scores(dataset, iou, biou, seconds, predicted_iou)
         return iou, biou
 
     def add_scores(
-        self, dataset: str, iou: float, biou: float, seconds: float | None = None
+        self, dataset: str, iou: float, biou: float, seconds: float | None = None,
+        predicted_iou: float | None = None,
     ) -> None:
         """Record already computed scores of one object (e.g. gathered from worker processes).
 
@@ -227,6 +246,8 @@ class ScoreAggregator:
         self._biou.setdefault(dataset, []).append(float(biou))
         if seconds is not None:
             self._seconds.setdefault(dataset, []).append(float(seconds))
+        if predicted_iou is not None:
+            self._predicted.setdefault(dataset, []).append((float(predicted_iou), float(iou)))
 
     def summary(self) -> dict[str, DatasetScores]:
         """Per-dataset means, in the order datasets were first added."""
@@ -239,5 +260,14 @@ class ScoreAggregator:
                 miou=float(np.mean(ious)),
                 mbiou=float(np.mean(self._biou[name])),
                 mean_seconds=float(np.mean(times)) if times else None,
+                score_spearman=self.score_spearman(name),
             )
         return out
+
+    def score_spearman(self, dataset: str) -> float | None:
+        """Rank correlation of predicted with true IoU over the objects that had a score."""
+        pairs = self._predicted.get(dataset)
+        if not pairs:
+            return None
+        predicted, actual = zip(*pairs)
+        return score_rank_correlation(np.array(predicted), np.array(actual))

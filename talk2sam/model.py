@@ -39,11 +39,13 @@ class ImageFeatures:
     height: int
     width: int
 
-    def to(self, device: torch.device | str) -> ImageFeatures:
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> ImageFeatures:
+        """Moved to `device`; with `dtype`, floating tensors are cast to it too."""
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         for key, value in moved.items():
             if isinstance(value, torch.Tensor):
-                moved[key] = value.to(device)
+                cast = dtype if dtype is not None and value.is_floating_point() else None
+                moved[key] = value.to(device, dtype=cast)
         return ImageFeatures(**moved)
 
     def nbytes(self) -> int:
@@ -73,7 +75,17 @@ class Talk2Sam(nn.Module):
         self.dino = dino
         self.text = text
         self.psi = psi
+        # residual dense mode: the encoded map reaches the decoder through this 1x1 conv, which
+        # starts at zero so that an untrained text branch leaves box-only SAM-HQ unchanged
+        self.map_gate: nn.Conv2d | None = None
+        if text is not None and cfg.dense_mode == "residual":
+            self.map_gate = nn.Conv2d(cfg.sam.prompt_dim, cfg.sam.prompt_dim, kernel_size=1)
+            nn.init.zeros_(self.map_gate.weight)
+            nn.init.zeros_(self.map_gate.bias)
         self.version = f"{cfg.name}-unversioned"  # set by build.py from the weights it loaded
+        # whether psi, the mask-prompt encoder and the gate were trained (a Talk2SAM checkpoint);
+        # False for a model built from the public weights alone
+        self.text_trained = False
 
     @property
     def uses_text(self) -> bool:
@@ -140,7 +152,7 @@ class Talk2Sam(nn.Module):
             mask_prompt = geometry.map_to_mask_frame(sim, feats.height, feats.width,
                                                      self.long_side)
         logits, iou = sam_hq.decode(self.sam, feats.sam_embedding, feats.sam_interm, boxes_canvas,
-                                    mask_prompt, output)
+                                    mask_prompt, output, self.map_gate)
         return DecoderOutput(logits, iou, sim, scores)
 
     def upscale(self, logits: torch.Tensor, feats: ImageFeatures) -> torch.Tensor:

@@ -69,13 +69,18 @@ class Talk2SamPredictor:
         overlap_encoders: on CUDA, run DINOv2 in a side stream beside SAM-HQ's encoder
             (see `Talk2Sam.encode_image`); off by default until measured on a GPU with
             `scripts/benchmark.py`. No effect on CPU.
+        encoder_dtype: autocast dtype of the two image encoders; None: bfloat16 on CUDA,
+            float32 elsewhere. Everything after them (similarity map, prompt encoder, decoder)
+            runs in float32, as training and evaluation run it: features are cast to float32
+            when they leave the encoders.
     """
 
     def __init__(self, model: Talk2Sam, max_pixels: int = MAX_PIXELS_DEFAULT,
-                 overlap_encoders: bool = False):
+                 overlap_encoders: bool = False, encoder_dtype: torch.dtype | None = None):
         self.model = model.eval()
         self.max_pixels = max_pixels
         self.overlap_encoders = overlap_encoders
+        self.encoder_dtype = encoder_dtype
         self.features: ImageFeatures | None = None
 
     @property
@@ -86,22 +91,25 @@ class Talk2SamPredictor:
     def device(self) -> torch.device:
         return self.model.device
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+    def _encoder_autocast(self) -> contextlib.AbstractContextManager:
+        dtype = self.encoder_dtype
+        if dtype is None and self.device.type == "cuda":
+            dtype = torch.bfloat16
+        if dtype is None or dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
 
     @torch.inference_mode()
     def set_image(self, image: np.ndarray) -> None:
         """Compute everything that depends only on the image. image: (H, W[, C]) array."""
         rgb = normalize_image(image, self.max_pixels)
-        with self._autocast():
+        with self._encoder_autocast():
             feats = self.model.encode_image(torch.from_numpy(rgb), overlap=self.overlap_encoders)
-        self.features = feats
+        self.features = feats.to(self.device, dtype=torch.float32)
 
     def set_features(self, features: ImageFeatures) -> None:
         """Reuse features computed earlier (e.g. from a worker's cache)."""
-        self.features = features.to(self.device)
+        self.features = features.to(self.device, dtype=torch.float32)
 
     def reset_image(self) -> None:
         self.features = None
@@ -133,9 +141,8 @@ class Talk2SamPredictor:
                 raise InvalidPromptError(f"{len(boxes)} boxes but {len(words)} words")
             if not self.model.uses_text:
                 words = None  # box-only model: the word cannot steer it
-        with self._autocast():
-            out = self.model.decode(feats, torch.from_numpy(boxes).float(), words)
-            logits = self.model.upscale(out.low_res_logits.float(), feats)
+        out = self.model.decode(feats, torch.from_numpy(boxes).float(), words)  # float32
+        logits = self.model.upscale(out.low_res_logits, feats)
 
         def numpy(t: torch.Tensor | None) -> np.ndarray | None:
             return None if t is None else t.float().cpu().numpy()

@@ -1,7 +1,8 @@
 """Stages 7-8: SAM-HQ with a box and a dense map prompt (the only importer of segment_anything_hq).
 
-The dense map goes through SAM's `prompt_encoder.mask_downscaling` (trainable in Talk2SAM) and
-replaces SAM's "no mask" embedding; the decoder is SAM-HQ's, fed SAM's image embedding and the
+The dense map goes through SAM's `prompt_encoder.mask_downscaling` (trainable in Talk2SAM); the
+result either replaces SAM's "no mask" embedding (the paper's wiring) or is added to it through
+a zero-initialised gate (`map_gate`, the residual default); the decoder is SAM-HQ's, fed SAM's image embedding and the
 early ViT features (`interm_embeddings[0]`, output of the first global-attention block)."""
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ def decode(
     boxes_canvas: torch.Tensor,
     mask_prompt: torch.Tensor | None,
     output: str = "sam+hq",
+    map_gate: nn.Module | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode N boxes of ONE image in one call.
 
@@ -100,13 +102,20 @@ def decode(
         output: "sam+hq" sums SAM's and the HQ token's logits (SAM-HQ's `hq_token_only=False`,
             its choice for thin objects); "hq" is the HQ token alone; "sam" is SAM's own
             single-mask output (the plain-SAM baseline of the paper's tables).
+        map_gate: None: the encoded mask prompt replaces the "no mask" embedding; a module:
+            "no mask" + map_gate(encoded prompt) (residual mode).
     Returns:
         low-res logits (N, 1, S/4, S/4) and predicted IoU (N,).
     """
     if output not in DECODER_OUTPUTS:
         raise ValueError(f"decoder output must be one of {DECODER_OUTPUTS}, got {output!r}")
     decoder = sam.mask_decoder
-    sparse, dense = sam.prompt_encoder(points=None, boxes=boxes_canvas, masks=mask_prompt)
+    if map_gate is None:
+        sparse, dense = sam.prompt_encoder(points=None, boxes=boxes_canvas, masks=mask_prompt)
+    else:
+        sparse, dense = sam.prompt_encoder(points=None, boxes=boxes_canvas, masks=None)
+        if mask_prompt is not None:
+            dense = dense + map_gate(sam.prompt_encoder.mask_downscaling(mask_prompt))
     # as MaskDecoderHQ.forward does, but keeping SAM's and the HQ logits apart
     hq_features = decoder.embedding_encoder(embedding) + decoder.compress_vit_feat(
         interm.permute(0, 3, 1, 2))

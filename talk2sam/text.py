@@ -1,7 +1,8 @@
 """Stage 1: CLIP text embedding of the class word (open_clip, OpenAI ViT-B/16 weights).
 
 The embedding is CLIP's projected text feature *before* L2 normalisation, as Talk2DINO uses it.
-Embeddings are cached per word while the encoder is frozen."""
+Embeddings are cached per word while the encoder is frozen; the cache is dropped whenever CLIP's
+weights, its trainable set or its device change."""
 
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ class TextEncoder(nn.Module):
         self.templates = tuple(templates)
         self.tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=clip.context_length)
         self._cache: dict[str, torch.Tensor] = {}
+        self._cache_stamp: tuple | None = None
 
     def partial_parameters(self) -> list[nn.Parameter]:
         """The 'CLIP partial' set of the paper: last text block, final norm, text projection."""
@@ -61,9 +63,20 @@ class TextEncoder(nn.Module):
     def is_frozen(self) -> bool:
         return not any(p.requires_grad for p in self.clip.parameters())
 
+    def _stamp(self) -> tuple:
+        """Changes whenever a cached embedding could be stale: the device, which parameters
+        train, or any in-place update of a weight (optimizer steps, load_state_dict)."""
+        params = list(self.clip.parameters())
+        return (str(params[0].device), tuple(p.requires_grad for p in params),
+                tuple(p._version for p in params))
+
     def forward(self, words: Sequence[str]) -> torch.Tensor:
         """Embed words; (N, text_dim) float32 on the encoder's device. Templates are averaged."""
         cleaned = [clean_word(w) for w in words]
+        stamp = self._stamp()
+        if stamp != self._cache_stamp:
+            self._cache.clear()
+            self._cache_stamp = stamp
         if self.is_frozen():  # CLIP has no dropout: a frozen encoder's answer never changes
             missing = [w for w in dict.fromkeys(cleaned) if w not in self._cache]
             if missing:
@@ -75,6 +88,10 @@ class TextEncoder(nn.Module):
 
     def clear_cache(self) -> None:
         self._cache.clear()
+
+    def _apply(self, fn, *args, **kwargs):  # noqa: ANN001, ANN202 - nn.Module's signature
+        self._cache.clear()  # .to(), .cuda(), .half(): the cached tensors would not follow
+        return super()._apply(fn, *args, **kwargs)
 
     def _embed(self, words: list[str]) -> torch.Tensor:
         device = self.clip.token_embedding.weight.device

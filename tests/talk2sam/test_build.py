@@ -71,7 +71,7 @@ def test_official_layouts_round_trip(official_files):
     for key, value in written["clip"].state_dict().items():
         if not key.startswith("visual."):  # the vision tower is dropped after loading
             assert torch.equal(clip_state[key], value), key
-    assert model.version == "talk2sam-tiny-files-base"
+    assert model.version == "talk2sam-tiny-files-base-untrained-text"
 
 
 def test_clip_plain_state_dict_with_openai_metadata_loads(official_files):
@@ -158,16 +158,16 @@ def test_freezing_follows_the_paper(tiny_model):
     params = set_trainable(model, clip_mode="frozen")
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith(("sam.mask_decoder.", "psi.",
-                                           "sam.prompt_encoder.mask_downscaling."))
+                                           "sam.prompt_encoder.mask_downscaling.", "map_gate."))
                              for n in trainable)
+    assert {"map_gate.weight", "map_gate.bias"} <= trainable  # residual dense mode's gate
     partial = set_trainable(model, clip_mode="partial")
     assert len(partial) > len(params)
     assert model.text.clip.ln_final.weight.requires_grad
     assert not model.text.clip.token_embedding.weight.requires_grad
 
 
-def test_gradients_reach_only_trainable_parts():
-    model = build_model("tiny")
+def _backward_once(model):
     set_trainable(model, clip_mode="partial")
     model.train()
     rgb = torch.from_numpy(np.random.default_rng(0).integers(0, 255, (64, 80, 3), dtype=np.uint8))
@@ -179,7 +179,25 @@ def test_gradients_reach_only_trainable_parts():
             assert p.grad is not None, f"trainable {name} got no gradient"
         else:
             assert p.grad is None, f"frozen {name} got a gradient"
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.psi.parameters())
+
+
+def _psi_learns(model):
+    return any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.psi.parameters())
+
+
+def test_gradients_reach_only_trainable_parts():
+    replace = build_model(get_config("tiny", dense_mode="replace"))
+    _backward_once(replace)
+    assert _psi_learns(replace)
+    # residual: the zero gate learns first; once it is off zero, the text branch behind it does
+    residual = build_model("tiny")
+    _backward_once(residual)
+    assert residual.map_gate.weight.grad.abs().sum() > 0 and not _psi_learns(residual)
+    with torch.no_grad():
+        residual.map_gate.weight.add_(-1e-2 * residual.map_gate.weight.grad)
+    residual.zero_grad()
+    _backward_once(residual)
+    assert _psi_learns(residual)
 
 
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, tiny_model, monkeypatch):

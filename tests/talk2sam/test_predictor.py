@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from talk2sam.build import build_model
+from talk2sam.configs import get_config
 from talk2sam.errors import ImageNotSetError, InvalidImageError, InvalidPromptError
 from talk2sam.predictor import Talk2SamPredictor, normalize_image
 
@@ -27,13 +28,16 @@ def test_batched_boxes_equal_one_by_one(tiny_predictor, rgb_300x400):
         np.testing.assert_allclose(alone.logits[0], together.logits[i], atol=1e-4)
 
 
-def test_text_changes_the_map_and_the_logits(tiny_predictor, rgb_300x400):
-    tiny_predictor.set_image(rgb_300x400)
+def test_text_changes_the_map_and_the_logits(rgb_300x400):
+    # the paper's wiring: even untrained, the map reaches the decoder (residual mode starts as a
+    # no-op instead: tests/talk2sam/test_dense_mode.py)
+    predictor = Talk2SamPredictor(build_model(get_config("tiny", dense_mode="replace")))
+    predictor.set_image(rgb_300x400)
     box = [[100, 49, 280, 85]]
-    wire, fence = tiny_predictor.predict(box, "wire"), tiny_predictor.predict(box, "fence")
+    wire, fence = predictor.predict(box, "wire"), predictor.predict(box, "fence")
     assert not np.allclose(wire.sim_maps, fence.sim_maps)
     assert not np.allclose(wire.logits, fence.logits)
-    again = tiny_predictor.predict(box, "wire")  # cached text embedding, same answer
+    again = predictor.predict(box, "wire")  # cached text embedding, same answer
     np.testing.assert_array_equal(again.logits, wire.logits)
 
 
