@@ -63,6 +63,7 @@ from ml_backend.model import Talk2SamBackend
 from ml_backend.queue_client import QueueClient, RedisUnavailableError
 from ml_backend.settings import Settings, settings_for_command
 from ml_backend.trainer import ACTIVE_STATES
+from talk2sam.configs import UNTRAINED_TEXT_NOTE, UNTRAINED_TEXT_SUFFIX  # plain data: no torch
 
 log = logging.getLogger(__name__)
 
@@ -183,8 +184,11 @@ def create_app(settings: Settings, queue: QueueClient | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "UP", "model_class": type(backend).__name__,
-                "model_version": backend.model_version, "workers": metrics.workers_live}
+        answer = {"status": "UP", "model_class": type(backend).__name__,
+                  "model_version": backend.model_version, "workers": metrics.workers_live}
+        if backend.model_version.endswith(UNTRAINED_TEXT_SUFFIX):
+            answer["warning"] = UNTRAINED_TEXT_NOTE
+        return answer
 
     @app.post("/setup")
     async def setup(request: Request) -> dict[str, Any]:

@@ -46,7 +46,7 @@ down explicitly; no other module reads ``os.environ``.
 | TRAIN_LOSS_POINTS | 12544 | points sampled by the BCE + Dice loss per mask (SAM-HQ: 112 x 112) |
 | TRAIN_HOLDOUT_PERCENT | 20 | share of tasks (by a hash of the task id, stable) held out for evaluation |
 | TRAIN_TIMEOUT_S | 3600 | longest one fine-tuning job may run |
-| PROMOTE_MIN_GAIN | 0.0 | the new version serves only when its held-out mIoU minus the old one's is at least this |
+| PROMOTE_MIN_GAIN | 0.0 | the new version serves only when its held-out mIoU minus the serving one's is above this (a tie does not promote) and it beats box-only SAM-HQ's on the same tasks |
 """
 
 from __future__ import annotations

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from ml_backend.settings import Settings, SettingsError
+from talk2sam.configs import UNTRAINED_TEXT_NOTE, UNTRAINED_TEXT_SUFFIX  # plain data: no torch
 from talk2sam.weights import DEMO_CHECKPOINT  # no torch: the registry of files only
 
 log = logging.getLogger("ml_backend.stack")
@@ -371,9 +372,16 @@ def banner(host: str, port: int, redis_url: str, embedded: bool, data_dir: Path,
         else f"http://{host}:{port}"
     redis_line = (f"embedded Valkey at {redis_url} (data and AOF in {data_dir})" if embedded
                   else redis_url)
+    version = str(status.get("model_version"))
+    untrained = version.endswith(UNTRAINED_TEXT_SUFFIX)
     lines = [
-        f"ready: {status.get('workers')} worker(s) live, model_version "
-        f"{status.get('model_version')}" + ("  [DEMO MODEL]" if choice.demo else ""),
+        f"ready: {status.get('workers')} worker(s) live, model_version {version}"
+        + ("  [DEMO MODEL]" if choice.demo else "")
+        + ("  [UNTRAINED TEXT BRANCH]" if untrained else ""),
+    ]
+    if untrained:
+        lines.append(f"  {UNTRAINED_TEXT_NOTE}")
+    lines += [
         f"  backend listens on {host}:{port} (health: {local_url(host, port)}/health)",
         f"  Redis: {redis_line}",
         "  Label Studio: project Settings > Model > Connect Model, Backend URL:",

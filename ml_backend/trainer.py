@@ -17,9 +17,12 @@ The job (:func:`train_job`, in the trainer process):
 3. loads the serving version, scores it on the held-out set, fine-tunes it with
    ``talk2sam.train.Trainer`` (TRAIN_EPOCHS, TRAIN_LR, TRAIN_OPTIMIZER, TRAIN_BATCH_SIZE,
    TRAIN_LOSS_POINTS) and scores it again (mIoU, mBIoU by ``talk2sam.train.evaluate``);
-4. writes the new checkpoint under VERSIONS_DIR/checkpoints (atomic, a new file: the serving
-   checkpoint is never touched) and promotes it when ``new mIoU - old mIoU >= PROMOTE_MIN_GAIN``,
-   else records it as rejected. Inference workers pick the promoted version up between jobs.
+4. scores box-only SAM-HQ (the public decoder, no text) on the same held-out tasks;
+5. writes the new checkpoint under VERSIONS_DIR/checkpoints (atomic, a new file: the serving
+   checkpoint is never touched) and promotes it only when its held-out mIoU beats both the
+   serving version's by more than PROMOTE_MIN_GAIN (default 0: ties do not promote) and the
+   box-only baseline's, else records it as rejected with the reason; the three scores are
+   stored with the version. Inference workers pick the promoted version up between jobs.
 
 Progress (state, epoch, step, loss, ETA) is written to ``RedisKeys.train_progress`` while it
 runs, for GET /metrics and ``python scripts/versions.py status``. A failing job leaves the
@@ -405,17 +408,23 @@ class TrainingRun:
         train_ex = prepare(model, train_items, cache, desc="training features")
         held_ex = prepare(model, held_items, cache, desc="held-out features")
         model.to("cpu")  # talk2sam.train fine-tunes and evaluates on CPU features
+        margin = s.mask_box_margin_px if s.mask_box_margin_px >= 0 else None  # as served
         self.progress(state="evaluating", stage="old")
-        old = _scores(evaluate(model, held_ex))
+        old = _scores(evaluate(model, held_ex, box_margin_px=margin))
+        self.progress(state="evaluating", stage="baseline")
+        baseline = _scores(evaluate(_box_only_baseline(model, s.model_dir), held_ex,
+                                    box_margin_px=margin))
         config = TrainConfig(epochs=s.train_epochs, batch_size=s.train_batch_size, lr=s.train_lr,
-                             optimizer=s.train_optimizer, num_points=s.train_loss_points)
+                             optimizer=s.train_optimizer, num_points=s.train_loss_points,
+                             box_margin_px=margin)
         self.progress(state="training", epoch=0, epochs=config.epochs)
         trainer = Trainer(model, config, run_dir, progress=lambda p: self.progress(**p))
         history = trainer.fit(train_ex, resume=False)
         self.progress(state="evaluating", stage="new")
-        new = _scores(evaluate(model, held_ex))
+        new = _scores(evaluate(model, held_ex, box_margin_px=margin))
         gain = new["miou"] - old["miou"]
-        metrics = {"old": old, "new": new, "gain_miou": gain, "source": source,
+        metrics = {"old": old, "new": new, "baseline": baseline, "gain_miou": gain,
+                   "gain_over_baseline_miou": new["miou"] - baseline["miou"], "source": source,
                    "train_objects": len(train_items), "heldout_objects": len(held_items),
                    "skipped_objects": skipped_train + skipped_held,
                    "train_tasks": len(train_tasks), "heldout_tasks": len(held_tasks),
@@ -427,21 +436,46 @@ class TrainingRun:
         path = self.registry.checkpoint_path(record.name)
         trainer.save(path, record.name, metrics)
         record = self.registry.put(replace(record, checkpoint=str(path), metrics=metrics))
-        if gain >= s.promote_min_gain:
+        refusal = promotion_refusal(new["miou"], old["miou"], baseline["miou"],
+                                    s.promote_min_gain)
+        if refusal is None:
             self.registry.promote(record.name)
             status = "promoted"
         else:
-            self.registry.put(replace(record, status="rejected", reason=(
-                f"held-out mIoU {new['miou']:.4f} vs {old['miou']:.4f} serving: gain "
-                f"{gain:+.4f} < PROMOTE_MIN_GAIN {s.promote_min_gain}")))
+            self.registry.put(replace(record, status="rejected", reason=refusal))
             status = "rejected"
         return {"status": status, "version": record.name, "parent": record.parent,
                 "metrics": metrics}
 
 
-def _scores(aggregator: Any) -> dict[str, float]:
+def promotion_refusal(new: float, serving: float, baseline: float,
+                      min_gain: float) -> str | None:
+    """Why a new version must not serve, or None when it may: on the same held-out tasks its
+    mIoU must beat the serving version's by more than PROMOTE_MIN_GAIN (0: a tie is not a win)
+    and beat box-only SAM-HQ's."""
+    if not new - serving > min_gain:
+        return (f"held-out mIoU {new:.4f} vs {serving:.4f} serving: gain {new - serving:+.4f} "
+                f"is not above PROMOTE_MIN_GAIN {min_gain}")
+    if not new > baseline:
+        return (f"held-out mIoU {new:.4f} does not beat box-only SAM-HQ's {baseline:.4f} on the "
+                f"same tasks")
+    return None
+
+
+def _box_only_baseline(model: Any, model_dir: str | None) -> Any:
+    """Box-only SAM-HQ with the public decoder, sharing the model's frozen image encoder (the
+    cached features hold its output), so it scores on the same features."""
+    from talk2sam.build import build_model
+
+    baseline = build_model(model.cfg, model_dir, use_text=False)
+    baseline.sam.image_encoder = model.sam.image_encoder  # frozen and identical: no second copy
+    return baseline
+
+
+def _scores(aggregator: Any) -> dict[str, float | None]:
     summary = next(iter(aggregator.summary().values()))
-    return {"miou": summary.miou, "mbiou": summary.mbiou, "count": summary.count}
+    return {"miou": summary.miou, "mbiou": summary.mbiou, "count": summary.count,
+            "score_spearman": summary.score_spearman}
 
 
 def _default_device() -> str:

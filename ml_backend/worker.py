@@ -222,6 +222,10 @@ def build_model(settings: Settings) -> SegmentationModel:
         )
     except Talk2SamError as exc:
         raise ModelError(f"cannot build the model: {exc}") from exc
+    from talk2sam.build import untrained_text_warning
+
+    if (warning := untrained_text_warning(predictor.model)) is not None:
+        log.warning("%s", warning)
     margin = settings.mask_box_margin_px
     return Talk2SamModel(predictor, settings.image_cache_size, margin if margin >= 0 else None)
 

@@ -1,8 +1,10 @@
 """The paper's disambiguation claim in miniature: on synthetic images where a box holds several thin
-objects of different classes, train tiny Talk2SAM and the tiny box-only SAM-HQ baseline with the
-same budget (frozen random tiny encoders, the paper's trained parts) and compare held-out IoU on
-the named object. Writes a markdown table, a JSON file, a figure grid and (optionally) the demo
-checkpoint.
+objects of different classes, train tiny Talk2SAM (in both dense modes: the residual default and
+the paper's replace wiring) and the tiny box-only SAM-HQ baseline with the same budget (frozen
+random tiny encoders, the paper's trained parts, the IoU head included) and compare held-out IoU
+on the named object, and how well each model's score ranks its masks (Spearman with the true
+IoU). Writes a markdown table, a JSON file, a figure grid and (optionally) the demo checkpoint,
+taken from the residual model.
 
 Usage: python scripts/learning_check.py [--train 200 --test 60 --epochs 30 --out runs/learning]
 """
@@ -18,6 +20,7 @@ from pathlib import Path
 import torch
 
 from talk2sam.build import build_model
+from talk2sam.configs import get_config
 from talk2sam.data.synthetic import SyntheticThinDataset
 from talk2sam.train import (
     FeatureCache,
@@ -30,6 +33,10 @@ from talk2sam.train import (
 from talk2sam.visualize import save_comparison_grid
 
 
+RESIDUAL = "Talk2SAM (dense residual)"
+REPLACE = "Talk2SAM (dense replace)"
+
+
 def run(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -39,53 +46,61 @@ def run(args: argparse.Namespace) -> dict:
     test_set = SyntheticThinDataset(args.test, seed=args.seed + 10_000, multi_object=True,
                                     stroke_scale=args.stroke_scale)
     results, trained = {}, {}
-    for name, use_text in (("SAM-HQ (box only)", False), ("Talk2SAM", True)):
-        model = build_model("tiny", use_text=use_text)
+    runs = (("SAM-HQ (box only)", False, "residual"), (RESIDUAL, True, "residual"),
+            (REPLACE, True, "replace"))
+    for name, use_text, dense_mode in runs:
+        model = build_model(get_config("tiny", dense_mode=dense_mode), use_text=use_text)
         cache = FeatureCache(model)
         train_examples = prepare(model, train_set, cache)
         test_examples = prepare(model, test_set, cache)
-        before = evaluate(model, test_examples).summary()["data"]
+        before = evaluate(model, test_examples, box_margin_px=0.0).summary()["data"]
         config = TrainConfig(epochs=args.epochs, batch_size=4, lr=args.lr,
                              optimizer=args.optimizer, num_points=args.points, seed=args.seed,
                              max_seconds=args.minutes * 60 if args.minutes else None)
-        tag = "talk2sam" if use_text else "samhq"
+        tag = f"talk2sam-{dense_mode}" if use_text else "samhq"
         trainer = Trainer(model, config, out / tag)
         started, cpu_started = time.perf_counter(), time.process_time()
         history = trainer.fit(train_examples, resume=False)
         seconds = time.perf_counter() - started
         cpu_seconds = time.process_time() - cpu_started
-        after = evaluate(model, test_examples).summary()["data"]
+        after = evaluate(model, test_examples, box_margin_px=0.0).summary()["data"]
         trained[name] = (model, test_examples)
         results[name] = {"miou_before": before.miou, "miou": after.miou, "mbiou": after.mbiou,
+                         "score_spearman": after.score_spearman,
                          "epochs": len(history), "train_seconds": round(seconds, 1),
                          "train_cpu_seconds": round(cpu_seconds, 1),
                          "loss_first": history[0]["loss"], "loss_last": history[-1]["loss"]}
-        if use_text and args.demo_checkpoint:
+        if name == RESIDUAL and args.demo_checkpoint:
             trainer.save(args.demo_checkpoint, version="talk2sam-tiny-synthetic-demo",
                          metrics={"synthetic_heldout_miou": after.miou,
                                   "synthetic_heldout_mbiou": after.mbiou,
+                                  "score_spearman": after.score_spearman,
                                   "note": "synthetic-data demo, not real weights"})
     rows = []
     for i in range(min(args.figure_rows, args.test)):
-        ex = trained["Talk2SAM"][1][i]
+        ex = trained[RESIDUAL][1][i]
         masks, sim = {}, None
         for name, (model, examples) in trained.items():
-            masks[name], sim_map = predict_example(model, examples[i])
-            sim = sim_map if sim_map is not None else sim
+            masks[name], sim_map, _ = predict_example(model, examples[i])
+            sim = sim_map if sim_map is not None and sim is None else sim
         rows.append({"image": ex.image, "box_xyxy": ex.box_xyxy.tolist(), "word": ex.word,
                      "gt": ex.gt, "sim_map": sim, "masks": masks})
     save_comparison_grid(out / "learning_check.png", rows)
-    gap = results["Talk2SAM"]["miou"] - results["SAM-HQ (box only)"]["miou"]
-    summary = {"results": results, "miou_gap": gap, "args": vars(args)}
+    baseline = results["SAM-HQ (box only)"]["miou"]
+    gaps = {name: results[name]["miou"] - baseline for name in (RESIDUAL, REPLACE)}
+    summary = {"results": results, "miou_gap": gaps[RESIDUAL], "miou_gaps": gaps,
+               "args": vars(args)}
     (out / "learning_check.json").write_text(json.dumps(summary, indent=2))
-    lines = [("| model | held-out mIoU before | after | mBIoU after | epochs | train s (wall / "
-              "CPU) | loss first -> last |"), "|---|---|---|---|---|---|---|"]
+    lines = [("| model | held-out mIoU before | after | mBIoU after | score Spearman | epochs | "
+              "train s (wall / CPU) | loss first -> last |"), "|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
+        rho = "-" if r["score_spearman"] is None else f"{r['score_spearman']:.3f}"
         lines.append(f"| {name} | {r['miou_before']:.3f} | {r['miou']:.3f} | {r['mbiou']:.3f} | "
-                     f"{r['epochs']} | {r['train_seconds']:.0f} / {r['train_cpu_seconds']:.0f} | "
-                     f"{r['loss_first']:.3f} -> "
+                     f"{rho} | {r['epochs']} | {r['train_seconds']:.0f} / "
+                     f"{r['train_cpu_seconds']:.0f} | {r['loss_first']:.3f} -> "
                      f"{r['loss_last']:.3f} |")
-    lines.append(f"\nTalk2SAM - SAM-HQ held-out mIoU: **{gap:+.3f}**")
+    lines.append("")
+    lines += [f"{name} - SAM-HQ held-out mIoU: **{gap:+.3f}**" for name, gap in gaps.items()]
     table = "\n".join(lines)
     (out / "learning_check.md").write_text(table + "\n")
     print(table)

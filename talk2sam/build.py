@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from talk2sam import weights
-from talk2sam.configs import ModelConfig, get_config
+from talk2sam.configs import UNTRAINED_TEXT_SUFFIX, ModelConfig, get_config
 from talk2sam.errors import ConfigError, WeightsError, WeightsMismatchError
 from talk2sam.model import Talk2Sam
 from talk2sam.projection import Projection, rename_psi_keys
@@ -132,7 +132,7 @@ def build_model(
     if random_init or not cfg.sam_weights:
         model.version = f"{kind}-{cfg.name}-random"
     else:  # the public weights: psi and the mask-prompt path have never seen this task
-        model.version = f"{kind}-{cfg.name}-base" + ("-untrained-text" if use_text else "")
+        model.version = f"{kind}-{cfg.name}-base" + (UNTRAINED_TEXT_SUFFIX if use_text else "")
     set_trainable(model, clip_mode="frozen")
     return model.eval()
 
@@ -266,7 +266,8 @@ def load_checkpoint(path: str | os.PathLike, weights_dir: str | os.PathLike | No
 def untrained_text_warning(model: Talk2Sam) -> str | None:
     """What to tell users when the text branch serves untrained (public weights, no Talk2SAM
     checkpoint); None when there is nothing to warn about."""
-    if not model.uses_text or model.text_trained or not model.version.endswith("-untrained-text"):
+    if not model.uses_text or model.text_trained or not model.version.endswith(
+            UNTRAINED_TEXT_SUFFIX):
         return None
     effect = ("it adds nothing yet: masks are exactly box-only SAM-HQ's"
               if model.map_gate is not None else

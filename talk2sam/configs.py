@@ -103,6 +103,13 @@ class ModelConfig:
         )
 
 
+# the version suffix of a model built from the public weights alone: its text branch (psi, the
+# mask-prompt encoder, the gate) has never been trained on the segmentation task
+UNTRAINED_TEXT_SUFFIX = "-untrained-text"
+UNTRAINED_TEXT_NOTE = ("untrained text branch: the word does not steer the masks yet (box-only "
+                       "SAM-HQ quality at best); train it on a dataset or on the team's "
+                       "corrections, see the README, 'From base to trained'")
+
 MAP_VARIANTS = ("patch", "patch+background")
 DENSE_MODES = ("residual", "replace")
 MAP_SCALINGS = ("raw", "sigmoid", "minmax")

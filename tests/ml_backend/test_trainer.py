@@ -27,18 +27,26 @@ from PIL import Image
 from ml_backend.annotations import AnnotationStore
 from ml_backend.schemas import RedisKeys
 from ml_backend.settings import Settings
-from ml_backend.trainer import TrainingQueue, TrainingRun, TrainRequest, split_tasks
+from ml_backend.trainer import (
+    TrainingQueue,
+    TrainingRun,
+    TrainRequest,
+    promotion_refusal,
+    split_tasks,
+)
 from ml_backend.versions import VersionRegistry, read_serving
 from ml_backend.worker import WorkerRuntime
 from ml_backend.worker import build_model as build_worker_model
 from talk2sam.build import build_model, save_checkpoint
 from talk2sam.data.synthetic import SyntheticThinDataset
+from talk2sam.weights import DEMO_CHECKPOINT
 from tests.ml_backend.conftest import PREFIX, REPO, WorkerPool, backend_env
 
 PROJECT = 7
 TOKEN = "trainer-test-token"
 N_TASKS = 6
 TRAIN_WAIT_S = 180
+DEMO = "talk2sam-tiny-synthetic-demo"
 
 
 def ls_results(item: dict, index: int) -> list[dict]:
@@ -72,7 +80,9 @@ class FakeProject:
 @pytest.fixture(scope="module")
 def project() -> Iterator[FakeProject]:
     state = FakeProject()
-    dataset = SyntheticThinDataset(N_TASKS, seed=3, size=64, multi_object=False)
+    # the demo model's domain: it starts from the demo (as the local stack serves it), so a
+    # fine-tuned child can beat box-only SAM-HQ, which promotion demands
+    dataset = SyntheticThinDataset(N_TASKS, seed=3, multi_object=True, stroke_scale=3.0)
     for i in range(N_TASKS):
         item = dataset[i]
         path = f"/data/upload/{PROJECT}/synth_{i}.png"
@@ -120,9 +130,10 @@ def project() -> Iterator[FakeProject]:
 def trainer_env(fake_ls, project: FakeProject, versions_dir: Path, **overrides: str
                 ) -> dict[str, str]:
     env = backend_env(fake_ls, LABEL_STUDIO_URL=project.url, LABEL_STUDIO_API_KEY=TOKEN,
-                      VERSIONS_DIR=str(versions_dir), TRAIN_EPOCHS="1", TRAIN_BATCH_SIZE="2",
-                      TRAIN_LOSS_POINTS="256", TRAIN_LR="0.001", TRAIN_HOLDOUT_PERCENT="34",
-                      PROMOTE_MIN_GAIN="-1", OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+                      VERSIONS_DIR=str(versions_dir), TRAIN_EPOCHS="8", TRAIN_BATCH_SIZE="2",
+                      TRAIN_LOSS_POINTS="256", TRAIN_LR="0.003", TRAIN_OPTIMIZER="adamw",
+                      TRAIN_HOLDOUT_PERCENT="34", PROMOTE_MIN_GAIN="-1", OMP_NUM_THREADS="1",
+                      TQDM_DISABLE="1", MODEL_CHECKPOINT=str(DEMO_CHECKPOINT))
     env.update(overrides)
     return env
 
@@ -180,6 +191,15 @@ def sha256(path: str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def test_promotion_needs_a_win_over_the_serving_version_and_box_only_sam_hq():
+    assert promotion_refusal(0.60, 0.50, 0.55, 0.0) is None
+    assert "not above" in promotion_refusal(0.50, 0.50, 0.40, 0.0)  # a tie is not a win
+    assert "box-only SAM-HQ" in promotion_refusal(0.60, 0.50, 0.60, 0.0)
+    assert "box-only SAM-HQ" in promotion_refusal(0.60, 0.50, 0.70, 0.0)
+    assert "PROMOTE_MIN_GAIN" in promotion_refusal(0.60, 0.50, 0.40, 0.2)
+    assert promotion_refusal(0.45, 0.50, 0.40, -1.0) is None  # a regression allowed on purpose
+
+
 def test_split_is_stable_per_task_and_never_empty():
     tasks = [{"id": i} for i in range(1, 200)]
     train, held = split_tasks(tasks, 20)
@@ -210,9 +230,14 @@ def test_job_promotes_a_version_that_a_running_worker_picks_up(
         assert done["metrics"]["source"] == "label-studio" and reset_project.export_calls >= 1
         registry = VersionRegistry(clean_redis, keys, tmp_path / "versions")
         serving = registry.serving()
-        assert serving.name == done["version"] and serving.parent == "talk2sam-tiny-random"
+        assert serving.name == done["version"] and serving.parent == DEMO
         assert Path(serving.checkpoint).is_file()
         assert set(serving.metrics["new"]) >= {"miou", "mbiou"}
+        # PROMOTE_MIN_GAIN -1 forgives a regression against the serving version, never a loss
+        # to box-only SAM-HQ on the same tasks
+        metrics = serving.metrics
+        assert metrics["new"]["miou"] > metrics["baseline"]["miou"]
+        assert metrics["baseline"]["count"] == metrics["new"]["count"]
         assert [r.status for r in registry.list()] == ["retired", "serving"]
         saved = json.loads((tmp_path / "versions" / "versions.json").read_text())
         assert saved["serving"] == serving.name and len(saved["versions"]) == 2
@@ -251,7 +276,7 @@ def test_unreachable_label_studio_falls_back_to_recorded_pairs_and_a_worse_model
     assert summary["metrics"]["source"].startswith("recorded (Label Studio unreachable")
     assert summary["metrics"]["train_objects"] + summary["metrics"]["heldout_objects"] == N_TASKS
     registry = VersionRegistry(clean_redis, RedisKeys(PREFIX), tmp_path)
-    assert registry.serving().name == "talk2sam-tiny-random"  # untouched
+    assert registry.serving().name == DEMO  # untouched
     rejected = registry.get(summary["version"])
     assert rejected.status == "rejected" and "PROMOTE_MIN_GAIN" in rejected.reason
 
@@ -265,7 +290,7 @@ def test_a_failing_job_leaves_the_serving_version_and_records_why(
     registry = VersionRegistry(clean_redis, RedisKeys(PREFIX), tmp_path)
     failed = [r for r in registry.list() if r.status == "failed"]
     assert len(failed) == 1 and "need brush annotations" in failed[0].reason
-    assert registry.serving().name == "talk2sam-tiny-random"
+    assert registry.serving().name == DEMO
     assert progress(clean_redis)["state"] == "failed"
 
 
