@@ -29,6 +29,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from PIL import Image
     from tqdm import tqdm
 
+    from talk2sam.build import untrained_text_warning
     from talk2sam.predictor import build_predictor, normalize_image
     from talk2sam.visualize import save_overlay_figure
 
@@ -44,6 +45,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
               "masks", file=sys.stderr)
     predictor = build_predictor(args.config or "tiny", args.weights_dir, checkpoint,
                                 args.device, use_text=not args.box_only)
+    if (warning := untrained_text_warning(predictor.model)) is not None:
+        print(f"note: {warning}", file=sys.stderr)
     stages.update(1)
     stages.set_description("encoding image")
     image = normalize_image(_load_image(args.image))

@@ -22,6 +22,7 @@ class ParamRow:
     total_served: int  # what a server loads: CLIP's text tower only
     paper_trainable: float
     paper_total: float
+    not_in_paper: int = 0  # of `trainable`: the residual dense mode's map gate
 
     @property
     def trainable_ratio(self) -> float:
@@ -44,22 +45,28 @@ def param_rows(config: str = "vit_h") -> list[ParamRow]:
     model = build_model(config, random_init=True)
     vision_tower = count_params(build_clip(model.cfg.clip).visual)  # dropped by TextEncoder
     served = count_params(model)
+    gate = count_params(model.map_gate) if model.map_gate is not None else 0
     for mode, label in (("frozen", "Talk2SAM, CLIP frozen"), ("partial", "Talk2SAM, CLIP partial")):
         set_trainable(model, clip_mode=mode)
         rows.append(ParamRow(label, count_params(model, trainable_only=True),
-                             served + vision_tower, served, *PAPER_TABLE_1[label]))
+                             served + vision_tower, served, *PAPER_TABLE_1[label], gate))
     return rows
 
 
 def format_table(rows: list[ParamRow]) -> str:
     lines = [
-        ("| model | trainable | paper | ratio | total (whole CLIP) | paper | ratio | total served "
-         "(CLIP text only) |"),
-        "|---|---|---|---|---|---|---|---|",
+        ("| model | trainable | of which not in the paper | paper | ratio | total (whole CLIP) "
+         "| paper | ratio | total served (CLIP text only) |"),
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r.model} | {r.trainable:,} | {r.paper_trainable / 1e6:.2f}M | "
-            f"{r.trainable_ratio:.4f} | {r.total_with_clip_vision:,} | {r.paper_total / 1e6:,.0f}M"
-            f" | {r.total_ratio:.4f} | {r.total_served:,} |")
+            f"| {r.model} | {r.trainable:,} | {r.not_in_paper:,} | "
+            f"{r.paper_trainable / 1e6:.2f}M | {r.trainable_ratio:.4f} | "
+            f"{r.total_with_clip_vision:,} | {r.paper_total / 1e6:,.0f}M | {r.total_ratio:.4f} | "
+            f"{r.total_served:,} |")
+    gates = {r.not_in_paper for r in rows if r.not_in_paper}
+    if gates:
+        lines.append(f"\nNot in the paper: the zero-initialised 1x1 conv of dense_mode 'residual' "
+                     f"({gates.pop():,} parameters; 'replace' has none).")
     return "\n".join(lines)

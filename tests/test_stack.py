@@ -71,6 +71,17 @@ def test_banner_names_the_url_and_label_studio_settings():
     assert "LABEL_STUDIO_SSRF_PROTECTION_ENABLED=false" in text
 
 
+def test_banner_flags_an_untrained_text_branch():
+    text = stack.banner("0.0.0.0", 9090, "redis://127.0.0.1:16379/1", True, Path(".cache/stack"),
+                        {"workers": 1, "model_version": "talk2sam-vit_b-base-untrained-text"},
+                        stack.ModelChoice({}, "", False))
+    assert "[UNTRAINED TEXT BRANCH]" in text and "From base to trained" in text
+    trained = stack.banner("0.0.0.0", 9090, "redis://127.0.0.1:16379/1", True,
+                           Path(".cache/stack"), {"workers": 1, "model_version": "v3"},
+                           stack.ModelChoice({}, "", False))
+    assert "UNTRAINED" not in trained
+
+
 # ---------------------------------------------------------------- leftovers of a killed run
 
 

@@ -56,6 +56,16 @@ def test_health_and_setup_answer_from_memory(client):
     assert setup.json()["model_version"] == "talk2sam-tiny-random"
 
 
+def test_health_says_when_the_text_branch_is_untrained(fake_ls, clean_redis, client):
+    assert "warning" not in client.get("/health").json()  # the random tiny model
+    settings = Settings.from_env(backend_env(
+        fake_ls, MODEL_VERSION="talk2sam-vit_b-base-untrained-text"))
+    with TestClient(create_app(settings)) as untrained:
+        body = untrained.get("/health").json()
+    assert body["model_version"] == "talk2sam-vit_b-base-untrained-text"
+    assert "untrained text branch" in body["warning"] and "README" in body["warning"]
+
+
 def test_interactive_fixture_gives_one_brush_per_rectangle(client):
     version = client.post("/setup", json=SETUP).json()["model_version"]
     response = client.post("/predict", json=load_fixture("predict_interactive_request.json"))

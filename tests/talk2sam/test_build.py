@@ -13,6 +13,7 @@ from talk2sam.build import (
     read_checkpoint,
     save_checkpoint,
     set_trainable,
+    untrained_text_warning,
 )
 from talk2sam.configs import get_config
 from talk2sam.errors import ConfigError, WeightsError, WeightsMismatchError, WeightsMissingError
@@ -151,6 +152,23 @@ def test_checkpoint_for_another_config_is_refused(tmp_path, tiny_model):
     (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(WeightsError):
         read_checkpoint(tmp_path / "junk.pt")
+
+
+def test_a_model_from_public_weights_says_its_text_branch_is_untrained(official_files, tmp_path):
+    directory, _ = official_files
+    model = build_model(tiny_files_config(), directory)
+    assert model.version.endswith("-untrained-text") and not model.text_trained
+    warning = untrained_text_warning(model)
+    assert "untrained" in warning and "exactly box-only SAM-HQ" in warning
+    replace = build_model(tiny_files_config().with_changes(dense_mode="replace"), directory)
+    assert "worse than box-only SAM-HQ" in untrained_text_warning(replace)
+    assert untrained_text_warning(build_model(tiny_files_config(), directory,
+                                              use_text=False)) is None
+    path = save_checkpoint(model, tmp_path / "trained.pt", version="team-v1")
+    trained = load_checkpoint(path, directory)
+    assert trained.text_trained and untrained_text_warning(trained) is None
+    assert build_model(tiny_files_config(), directory, use_text=False).version == \
+        "samhq-tiny-files-base"
 
 
 def test_freezing_follows_the_paper(tiny_model):
