@@ -331,6 +331,9 @@ class WorkerRuntime:
         self.keys = RedisKeys(settings.key_prefix)
         self.redis = redis
         self._unloadable: str | None = None
+        # the serving version the model was loaded for: a version without a checkpoint is the
+        # configured base model, whose own name may differ (e.g. an older "-base" record)
+        self.loaded_for: str | None = None
         self.fetcher = ImageFetcher(
             FetchConfig(
                 timeout_s=settings.image_fetch_timeout_s,
@@ -362,7 +365,8 @@ class WorkerRuntime:
         except RedisError as exc:
             log.warning("serving version unknown: %s", exc)
             return
-        if serving is None or serving.name in (self.model.model_version, self._unloadable):
+        if serving is None or serving.name in (self.model.model_version, self._unloadable,
+                                               self.loaded_for):
             return
         started = time.perf_counter()
         try:
@@ -373,6 +377,7 @@ class WorkerRuntime:
             self._unloadable = serving.name
             return
         self._unloadable = None
+        self.loaded_for = serving.name
         log.info("now serving %s (loaded in %.1f s)", self.model.model_version,
                  time.perf_counter() - started)
         self.heartbeat.publish()
@@ -535,6 +540,7 @@ def main(argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -
     except RedisError as exc:
         log.warning("serving version unknown: %s", exc)
         serving = None
+    serving_loaded = serving is not None
     try:
         model = build_model(settings_serving(settings, serving))
     except ModelError as exc:
@@ -543,6 +549,7 @@ def main(argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -
             return 3
         log.error("serving version %s cannot be loaded, starting with the configured model: %s",
                   serving.name, exc)
+        serving_loaded = False
         try:
             model = build_model(settings)
         except ModelError as exc2:
@@ -550,8 +557,11 @@ def main(argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -
             return 3
     log.info("model %s loaded in %.1f s", model.model_version, time.perf_counter() - t0)
     _runtime = WorkerRuntime(settings, model, args.name, redis)
-    if serving is not None and model.model_version != serving.name:
-        _runtime._unloadable = serving.name  # do not retry the version that failed to load
+    if serving is not None:
+        if serving_loaded:
+            _runtime.loaded_for = serving.name
+        else:
+            _runtime._unloadable = serving.name  # do not retry the version that failed to load
     keys = RedisKeys(settings.key_prefix)
     queues = [Queue(name, connection=redis, serializer=JSONSerializer)
               for name in (keys.worker_queue(args.name), keys.predict_queue, keys.warm_queue)]

@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> dict:
         ex = trained[RESIDUAL][1][i]
         masks, sim = {}, None
         for name, (model, examples) in trained.items():
-            masks[name], sim_map, _ = predict_example(model, examples[i])
+            masks[name], sim_map, _ = predict_example(model, examples[i], box_margin_px=0.0)
             sim = sim_map if sim_map is not None and sim is None else sim
         rows.append({"image": ex.image, "box_xyxy": ex.box_xyxy.tolist(), "word": ex.word,
                      "gt": ex.gt, "sim_map": sim, "masks": masks})

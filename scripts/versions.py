@@ -31,8 +31,10 @@ def _fmt_metrics(metrics: dict) -> str:
     old, new = metrics.get("old"), metrics.get("new")
     if not new:
         return ""
+    baseline = metrics.get("baseline")
     return (f"mIoU {old['miou']:.4f} -> {new['miou']:.4f}, "
-            f"mBIoU {old['mbiou']:.4f} -> {new['mbiou']:.4f}")
+            f"mBIoU {old['mbiou']:.4f} -> {new['mbiou']:.4f}"
+            + (f", box-only SAM-HQ mIoU {baseline['miou']:.4f}" if baseline else ""))
 
 
 def cmd_list(registry: VersionRegistry) -> int:

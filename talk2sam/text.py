@@ -65,10 +65,12 @@ class TextEncoder(nn.Module):
 
     def _stamp(self) -> tuple:
         """Changes whenever a cached embedding could be stale: the device, which parameters
-        train, or any in-place update of a weight (optimizer steps, load_state_dict)."""
+        train, a parameter's storage (`p.data = ...`) or an in-place update of it (optimizer
+        steps, load_state_dict; not writes through `p.data`, which bypass version counters;
+        parameters made under inference mode have none)."""
         params = list(self.clip.parameters())
         return (str(params[0].device), tuple(p.requires_grad for p in params),
-                tuple(p._version for p in params))
+                tuple((p.data_ptr(), 0 if p.is_inference() else p._version) for p in params))
 
     def forward(self, words: Sequence[str]) -> torch.Tensor:
         """Embed words; (N, text_dim) float32 on the encoder's device. Templates are averaged."""

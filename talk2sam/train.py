@@ -1,8 +1,8 @@
 """Training and evaluation in the paper's regime.
 
 Frozen: DINOv2 and SAM's image encoder (their outputs are computed once per image and cached);
-CLIP frozen or partial. Trained: psi, the mask-prompt encoder and the whole SAM-HQ mask decoder
-(only the decoder for the box-only SAM-HQ baseline). Loss: SAM-HQ's point-sampled BCE + Dice, plus
+CLIP frozen or partial. Trained: psi, the mask-prompt encoder, the residual dense mode's gate and
+the whole SAM-HQ mask decoder (only the decoder for the box-only SAM-HQ baseline). Loss: SAM-HQ's point-sampled BCE + Dice, plus
 SAM's IoU-head loss: the MSE between the predicted IoU and the true IoU of the mask that is served
 (logit > 0 at the original resolution, cut to the box as the backend cuts it), so the returned
 score predicts the quality of the returned mask.
@@ -28,6 +28,7 @@ from tqdm import tqdm
 from talk2sam import geometry
 from talk2sam.build import atomic_save, save_checkpoint, set_trainable, trained_state
 from talk2sam.data.items import Item, ItemDataset
+from talk2sam.errors import ConfigError
 from talk2sam.losses import mask_loss
 from talk2sam.metrics import ScoreAggregator
 from talk2sam.model import ImageFeatures, Talk2Sam
@@ -175,10 +176,21 @@ class Trainer:
         }, self.state_path)
 
     def try_resume(self) -> bool:
-        """Continue a run from its state file, if there is one. Returns whether it resumed."""
+        """Continue a run from its state file, if there is one. Returns whether it resumed.
+
+        Raises:
+            ConfigError: the state file was written for other trained parts (another dense
+                mode, clip mode or model): resuming would mix two runs.
+        """
         if not self.state_path.exists():
             return False
         state = torch.load(self.state_path, map_location="cpu", weights_only=False)
+        expected = set(trained_state(self.model, self.config.clip_mode))
+        if set(state["trained"]) != expected:
+            differ = sorted(set(state["trained"]) ^ expected)[:3]
+            raise ConfigError(
+                f"{self.state_path} holds another run's trained parts (differing: {differ}); "
+                f"use another run directory or delete it to start over")
         self.model.load_state_dict(state["trained"], strict=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch, self.history = state["epoch"], state["history"]
@@ -256,12 +268,18 @@ class Trainer:
 def served_mask(model: Talk2Sam, low_res_logits: torch.Tensor, features: ImageFeatures,
                 box_xyxy: torch.Tensor, box_margin_px: float | None) -> torch.Tensor:
     """(H, W) bool on the model's device: the mask the predictor returns for one box (logit > 0
-    at the original resolution, cut to the box grown by the margin unless that is None)."""
+    at the original resolution, cut to the box grown by the margin unless that is None).
+
+    Items' boxes may have inclusive maxima (a mask's tight box, `mask_box_xyxy`), where the
+    predictor gets continuous ones from Label Studio: the cut reaches one pixel further right and
+    down, so the last row and column of an inclusive box are kept (for a continuous box that is
+    one pixel of leniency)."""
     mask = model.upscale(low_res_logits, features)[0] > 0
     if box_margin_px is None:
         return mask
+    x0, y0, x1, y1 = box_xyxy.tolist()
     inside = torch.zeros_like(mask)
-    inside[geometry.box_pixels(box_xyxy.tolist(), features.height, features.width,
+    inside[geometry.box_pixels((x0, y0, x1 + 1, y1 + 1), features.height, features.width,
                                box_margin_px)] = True
     return mask & inside
 

@@ -365,3 +365,18 @@ def test_worker_follows_the_serving_version_and_survives_one_that_cannot_load(
     assert runtime.model.model_version == "v2"
     assert json.loads(clean_redis.get(keys.heartbeat("follower")))["model_version"] == "v2"
     runtime.fetcher.close()
+
+
+def test_a_serving_version_without_checkpoint_is_the_base_model_loaded_once(
+        fake_ls, clean_redis, tmp_path):
+    # e.g. a registry written when the base model was still called "talk2sam-tiny-base"
+    settings = Settings.from_env(backend_env(fake_ls, DEVICE="cpu"))
+    runtime = WorkerRuntime(settings, build_worker_model(settings), "legacy", clean_redis)
+    keys = RedisKeys(PREFIX)
+    clean_redis.set(keys.serving, json.dumps({"name": "talk2sam-tiny-base", "checkpoint": None}))
+    runtime.follow_serving_version()
+    loaded = runtime.model
+    runtime.follow_serving_version()
+    runtime.follow_serving_version()
+    assert runtime.model is loaded  # not rebuilt on every check
+    runtime.fetcher.close()

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from talk2sam import geometry
 from talk2sam.build import build_model
 from talk2sam.data.synthetic import SyntheticThinDataset
 from talk2sam.metrics import mask_iou, score_rank_correlation
@@ -66,8 +67,26 @@ def test_the_iou_target_is_the_iou_of_the_mask_as_served(tmp_path):
     [example] = prepare(model, [item], FeatureCache(model))
     predictor = Talk2SamPredictor(model)
     predictor.set_image(item["image"])
-    pred = predictor.predict([item["box_xyxy"]], [item["word"]], box_margin_px=0.0)
+    pred = predictor.predict([item["box_xyxy"]], [item["word"]])  # uncut
+    # the backend cuts to the box an annotator drew around the object: the item's tight box
+    # (inclusive maxima) as a continuous one
+    x0, y0, x1, y1 = item["box_xyxy"]
+    drawn = geometry.box_masks(np.array([[x0, y0, x1 + 1, y1 + 1]]), *item["mask"].shape)[0]
     with torch.no_grad():
         out = model.decode(example.features, example.box_xyxy[None], [example.word])
     target = float(served_iou(model, out.low_res_logits, example.features, example, 0.0))
-    assert target == pytest.approx(mask_iou(pred.masks[0], item["mask"]), abs=1e-6)
+    assert target == pytest.approx(mask_iou(pred.masks[0] & drawn, item["mask"]), abs=1e-6)
+
+
+def test_the_cut_keeps_the_last_row_and_column_of_an_inclusive_box():
+    from talk2sam.train import served_mask
+
+    model = build_model("tiny")
+    item = SyntheticThinDataset(1, seed=5, size=(240, 360), multi_object=False)[0]
+    [example] = prepare(model, [item], FeatureCache(model))
+    everywhere = torch.full((1, 1, 64, 64), 10.0)  # a mask covering the whole image
+    mask = served_mask(model, everywhere, example.features, example.box_xyxy, 0.0).numpy()
+    # the ground truth, whose tight box (inclusive maxima) this is, lies wholly inside the cut
+    assert mask_iou(mask & item["mask"], item["mask"]) == 1.0
+    x0, y0, x1, y1 = (int(v) for v in item["box_xyxy"])
+    assert mask[y0:y1 + 1, x0:x1 + 1].all() and mask.sum() == (y1 - y0 + 1) * (x1 - x0 + 1)

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from talk2sam.build import build_model, read_checkpoint
@@ -49,3 +50,16 @@ def test_short_training_run_lowers_the_loss_resumes_and_saves(tmp_path):
     assert read_checkpoint(path)["extra"]["train_config"]["epochs"] == 3
     scores = evaluate(model, examples[4:], dataset="synthetic").summary()["synthetic"]
     assert scores.count == 4 and 0.0 <= scores.miou <= 1.0 and scores.mean_seconds > 0
+
+
+def test_resuming_another_runs_state_is_refused(tmp_path):
+    from talk2sam.configs import get_config
+    from talk2sam.errors import ConfigError
+
+    model = build_model(get_config("tiny", dense_mode="replace"))
+    examples = prepare(model, SyntheticThinDataset(2, seed=3), FeatureCache(model))
+    config = TrainConfig(epochs=1, batch_size=2, lr=3e-3, optimizer="adamw", num_points=256)
+    Trainer(model, config, tmp_path / "run").fit(examples, resume=False)
+    residual = build_model("tiny")  # has a gate the saved state lacks
+    with pytest.raises(ConfigError, match="another run"):
+        Trainer(residual, config, tmp_path / "run").fit(examples)
