@@ -40,6 +40,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from talk2sam.weights import DEMO_CHECKPOINT
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LABELING_CONFIGS = REPO_ROOT / "labeling_configs"
 LABEL_STUDIO_VERSION = "1.23.2"
@@ -352,7 +354,8 @@ class Backend:
 
 
 def backend_env(label_studio: LabelStudioServer, redis_url: str) -> dict[str, str]:
-    """Settings for the app and the workers: the tiny random-weights model on CPU."""
+    """Settings for the app and the workers: the shipped demo model (what the local stack serves
+    without real weights) on CPU."""
     return child_env({
         "REDIS_URL": redis_url,
         "KEY_PREFIX": f"talk2sam-e2e-{secrets.token_hex(4)}:",
@@ -360,6 +363,7 @@ def backend_env(label_studio: LabelStudioServer, redis_url: str) -> dict[str, st
         "LABEL_STUDIO_API_KEY": label_studio.token,
         "MODEL": "talk2sam",
         "MODEL_CONFIG": "tiny",
+        "MODEL_CHECKPOINT": str(DEMO_CHECKPOINT),
         "DEVICE": "cpu",
         "JOB_TIMEOUT_S": "90",
         "LABEL_PROMPTS": json.dumps({"Power line": "wire"}),
