@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from talk2sam import evaluate_command, train_command
 from talk2sam.errors import Talk2SamError
 from talk2sam.weights import DEMO_CHECKPOINT
 
@@ -130,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("--only", action="append", help="file name (repeatable); default: all")
     dl.add_argument("--weights-dir", help="target directory (default $TALK2SAM_WEIGHTS_DIR)")
     dl.set_defaults(func=cmd_download)
+
+    train_command.add_parser(sub)
+    evaluate_command.add_parser(sub)
     return parser
 
 

@@ -12,6 +12,10 @@ class ConfigError(Talk2SamError, ValueError):
     """Unknown model configuration name or an invalid combination of settings."""
 
 
+class DiskSpaceError(Talk2SamError, OSError):
+    """Not enough free disk for what a command would write (e.g. the feature cache)."""
+
+
 class WeightsError(Talk2SamError):
     """A weight file is missing, truncated, corrupt or of the wrong architecture."""
 

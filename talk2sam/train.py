@@ -15,6 +15,7 @@ import hashlib
 import math
 import os
 import random
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -23,12 +24,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from talk2sam import geometry
 from talk2sam.build import atomic_save, save_checkpoint, set_trainable, trained_state
 from talk2sam.data.items import Item, ItemDataset
-from talk2sam.errors import ConfigError
+from talk2sam.errors import ConfigError, DiskSpaceError
 from talk2sam.losses import mask_loss
 from talk2sam.metrics import ScoreAggregator
 from talk2sam.model import ImageFeatures, Talk2Sam
@@ -57,6 +59,8 @@ class TrainConfig:
     box_margin_px: float | None = 0.0
     seed: int = 0
     max_seconds: float | None = None  # stop after the epoch that crosses this budget
+    save_every_steps: int = 50  # mid-epoch state saves (0: only after each epoch)
+    num_workers: int = 0  # DataLoader workers reading examples (LazyExamples: files)
 
     def validate(self) -> None:
         if self.optimizer not in ("sgd", "adamw"):
@@ -67,72 +71,183 @@ class TrainConfig:
 
 @dataclass
 class Example:
-    """One cached training/evaluation example: frozen features + prompt + target."""
+    """One training/evaluation example: frozen features + prompt + target."""
 
     features: ImageFeatures
     box_xyxy: torch.Tensor  # (4,) original frame
     word: str
-    target: torch.Tensor  # (1, S, S) float {0, 1}, SAM's padded canvas
+    target: torch.Tensor  # (1, S, S) uint8 0-255 (soft edges of the resize), SAM's padded canvas
     gt: np.ndarray  # (H, W) bool, original frame
     image: np.ndarray  # (H, W, 3) uint8, for figures
 
 
 def gt_to_canvas(mask: np.ndarray, long_side: int) -> torch.Tensor:
-    """(H, W) bool -> (1, S, S) float in SAM's padded canvas (resized longest side, padded)."""
+    """(H, W) bool -> (1, S, S) uint8 in SAM's padded canvas (resized longest side, padded;
+    0-255, the resize's soft edges kept to 1/255)."""
     h, w = mask.shape
     new_h, new_w = geometry.resized_hw(h, w, long_side)
     t = torch.from_numpy(mask.astype(np.float32))[None, None]
     t = F.interpolate(t, size=(new_h, new_w), mode="bilinear", align_corners=False)
-    return F.pad(t, (0, long_side - new_w, 0, long_side - new_h))[0]
+    t = F.pad(t, (0, long_side - new_w, 0, long_side - new_h))[0]
+    return (t * 255.0).round().to(torch.uint8)
+
+
+CACHE_FORMAT = 2  # bump when what a cached file holds changes: old files are never reused
+
+
+def weights_fingerprint(model: Talk2Sam) -> str:
+    """A short digest of the frozen encoders' weights (SAM-HQ's image encoder, DINOv2), so
+    features cached with other weights are never reused: shapes plus a sample of each tensor
+    (the first and last values), cheap even at ViT-H size."""
+    digest = hashlib.sha1(f"{model.cfg.name}:{model.uses_text}".encode())
+    encoders = {"sam": model.sam.image_encoder}
+    if model.dino is not None:
+        encoders["dino"] = model.dino
+    for name, module in encoders.items():
+        for key, tensor in module.state_dict().items():
+            flat = tensor.detach().flatten()
+            sample = torch.cat([flat[:16], flat[-16:]]).float().cpu().numpy()
+            digest.update(f"{name}.{key}{tuple(tensor.shape)}".encode())
+            digest.update(sample.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def feature_bytes(model: Talk2Sam, dtype: torch.dtype = torch.float16) -> int:
+    """Bytes one image's cached features take (tensors only) for this model and dtype."""
+    cfg = model.cfg
+    grid = cfg.sam.image_size // 16
+    numel = cfg.sam.prompt_dim * grid * grid + grid * grid * cfg.sam.encoder_dim
+    if model.dino is not None:
+        dino_grid = cfg.dino.image_size // 14
+        heads = model.dino.vit.blocks[-1].attn.num_heads
+        numel += dino_grid * dino_grid * (cfg.psi_dim + heads)
+    return numel * torch.empty((), dtype=dtype).element_size()
 
 
 class FeatureCache:
-    """Frozen-backbone features per image, keyed by the image bytes and the model config, kept in
-    memory and (optionally) on disk so an epoch, or a later run, never re-runs the encoders."""
+    """Frozen-backbone features per image, so an epoch, or a later run, never re-runs the
+    encoders. With a directory they live on disk only (`dtype`, float16 by default, halves the
+    space), one file per image keyed by the image bytes, the weights' fingerprint and
+    CACHE_FORMAT; without one, in memory (small runs)."""
 
-    def __init__(self, model: Talk2Sam, directory: str | os.PathLike | None = None):
+    def __init__(self, model: Talk2Sam, directory: str | os.PathLike | None = None,
+                 dtype: torch.dtype = torch.float16):
         self.model = model
         self.directory = Path(directory) if directory else None
+        self.dtype = dtype
+        self.fingerprint = weights_fingerprint(model)
         self._memory: dict[str, ImageFeatures] = {}
 
     def key(self, image: np.ndarray) -> str:
         digest = hashlib.sha1(np.ascontiguousarray(image).tobytes())
-        digest.update(f"{image.shape}{self.model.cfg.name}{self.model.uses_text}".encode())
+        digest.update(f"{image.shape}:{self.fingerprint}:{CACHE_FORMAT}:{self.dtype}".encode())
         return digest.hexdigest()
+
+    def path(self, key: str) -> Path | None:
+        return self.directory / f"{key}.pt" if self.directory else None
 
     @torch.no_grad()
     def get(self, image: np.ndarray) -> ImageFeatures:
+        """Features of `image` (float32, CPU), computed once."""
         key = self.key(image)
         if key in self._memory:
             return self._memory[key]
-        path = self.directory / f"{key}.pt" if self.directory else None
+        path = self.path(key)
         if path is not None and path.exists():
-            feats = ImageFeatures(**torch.load(path, map_location="cpu", weights_only=True))
-        else:
-            pixels = image if image.flags.writeable else image.copy()  # torch wants writable
-            feats = self.model.encode_image(torch.from_numpy(pixels)).to("cpu")
-            if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                atomic_save(vars(feats), path)
-        self._memory[key] = feats
-        return feats
+            return load_features(path)
+        pixels = image if image.flags.writeable else image.copy()  # torch wants writable
+        feats = self.model.encode_image(torch.from_numpy(pixels)).to("cpu")
+        if path is None:
+            self._memory[key] = feats
+            return feats
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_save(vars(feats.to("cpu", dtype=self.dtype)), path)
+        return load_features(path)  # what later reads will see
+
+
+def load_features(path: str | os.PathLike) -> ImageFeatures:
+    """A cached features file, as float32."""
+    return ImageFeatures(**torch.load(path, map_location="cpu", weights_only=True)).to(
+        "cpu", dtype=torch.float32)
+
+
+def check_disk(directory: str | os.PathLike, images: int, bytes_per_image: int,
+               say: Callable[[str], None] = print) -> None:
+    """Say how much disk the feature cache needs and refuse when the disk cannot hold it.
+
+    Raises:
+        DiskSpaceError: fewer free bytes than needed (plus 5%).
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    need = images * bytes_per_image
+    free = shutil.disk_usage(directory).free
+    say(f"feature cache: {images} images x {bytes_per_image / 2**20:.1f} MiB = "
+        f"{need / 2**30:.2f} GiB in {directory} ({free / 2**30:.1f} GiB free)")
+    if free < need * 1.05:
+        raise DiskSpaceError(
+            f"the feature cache needs {need / 2**30:.2f} GiB in {directory} but only "
+            f"{free / 2**30:.2f} GiB are free; free space, pass another --cache-dir, or use "
+            f"fewer images")
+
+
+def _example(long_side: int, item: Item, features: ImageFeatures) -> Example:
+    return Example(
+        features=features,
+        box_xyxy=torch.as_tensor(np.asarray(item["box_xyxy"], dtype=np.float32)),
+        word=item["word"],
+        target=gt_to_canvas(item["mask"], long_side),
+        gt=item["mask"],
+        image=item["image"],
+    )
 
 
 def prepare(model: Talk2Sam, items: Sequence[Item] | ItemDataset, cache: FeatureCache,
             desc: str = "caching features") -> list[Example]:
-    """Run the frozen encoders once per image and keep the examples."""
-    examples = []
-    for i in tqdm(range(len(items)), desc=desc, unit="img", leave=False):
-        item = items[i]
-        examples.append(Example(
-            features=cache.get(item["image"]),
-            box_xyxy=torch.as_tensor(np.asarray(item["box_xyxy"], dtype=np.float32)),
-            word=item["word"],
-            target=gt_to_canvas(item["mask"], model.long_side),
-            gt=item["mask"],
-            image=item["image"],
-        ))
-    return examples
+    """Run the frozen encoders once per image and keep the examples in memory (small sets;
+    `LazyExamples` for large ones)."""
+    return [_example(model.long_side, items[i], cache.get(items[i]["image"]))
+            for i in tqdm(range(len(items)), desc=desc, unit="img", leave=False)]
+
+
+class LazyExamples:
+    """Examples read on demand: the item from its dataset (image and mask files), the features
+    from the disk cache. Nothing per image stays in memory, so a `DataLoader` with workers
+    streams any dataset size. Build with `LazyExamples.cached(...)`, which fills the cache first.
+    """
+
+    def __init__(self, items: ItemDataset, long_side: int, paths: Sequence[Path]):
+        self.items, self.long_side, self.paths = items, long_side, list(paths)
+
+    @classmethod
+    def cached(cls, model: Talk2Sam, items: ItemDataset, cache: FeatureCache,
+               desc: str = "caching features") -> LazyExamples:
+        if cache.directory is None:
+            raise ValueError("LazyExamples needs a FeatureCache with a directory")
+        check_disk(cache.directory, len(items), feature_bytes(model, cache.dtype),
+                   say=lambda line: tqdm.write(line))
+        paths = []
+        for i in tqdm(range(len(items)), desc=desc, unit="img", leave=False):
+            image = items[i]["image"]
+            key = cache.key(image)
+            path = cache.path(key)
+            if not path.exists():
+                cache.get(image)
+            paths.append(path)
+        return cls(items, model.long_side, paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> Example:
+        return _example(self.long_side, self.items[index], load_features(self.paths[index]))
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The shuffled order of an epoch: a pure function of (seed, epoch), so a run resumed
+    mid-epoch continues the same order."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=generator).tolist()
 
 
 def _seed_everything(seed: int) -> None:
@@ -159,6 +274,9 @@ class Trainer:
             self.optimizer = torch.optim.AdamW(self.params, lr=config.lr,
                                                weight_decay=config.weight_decay)
         self.epoch = 0
+        self.step = 0  # steps done in the current epoch
+        self._sums = [0.0, 0.0]  # loss and IoU-head loss summed over the epoch's steps
+        self.best: dict | None = None  # best validation score so far
         self.history: list[dict] = []
         self.last_iou_loss = 0.0
 
@@ -169,7 +287,8 @@ class Trainer:
     def save_state(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_save({
-            "epoch": self.epoch, "history": self.history, "config": asdict(self.config),
+            "epoch": self.epoch, "step": self.step, "sums": self._sums, "best": self.best,
+            "history": self.history, "config": asdict(self.config),
             "trained": trained_state(self.model, self.config.clip_mode),
             "optimizer": self.optimizer.state_dict(),
             "rng": torch.get_rng_state(),
@@ -194,6 +313,8 @@ class Trainer:
         self.model.load_state_dict(state["trained"], strict=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch, self.history = state["epoch"], state["history"]
+        self.step, self._sums = state.get("step", 0), state.get("sums", [0.0, 0.0])
+        self.best = state.get("best")
         torch.set_rng_state(state["rng"])
         return True
 
@@ -207,7 +328,8 @@ class Trainer:
             words = [ex.word] if self.model.uses_text else None
             features = ex.features.to(device)
             out = self.model.decode(features, ex.box_xyxy[None], words)
-            bce, dice = mask_loss(out.low_res_logits, ex.target[None].to(device),
+            target = ex.target[None].to(device).float() / 255.0
+            bce, dice = mask_loss(out.low_res_logits, target,
                                   cfg.num_points, cfg.oversample, cfg.importance)
             actual = served_iou(self.model, out.low_res_logits.detach(), features, ex,
                                 cfg.box_margin_px)
@@ -217,47 +339,85 @@ class Trainer:
         self.last_iou_loss = float(torch.stack(iou_losses).mean())
         return torch.stack(losses).mean()
 
-    def fit(self, examples: Sequence[Example], resume: bool = True) -> list[dict]:
-        """Train for the configured epochs; returns per-epoch history (mean loss, seconds)."""
+    def fit(self, examples: Sequence[Example] | LazyExamples, resume: bool = True,
+            val: Sequence[Example] | LazyExamples | None = None,
+            best_version: str | None = None) -> list[dict]:
+        """Train for the configured epochs; returns per-epoch history (mean loss, seconds, and
+        with `val` the validation mIoU). The state file is rewritten every
+        `save_every_steps` steps and after each epoch, so a killed run resumes mid-epoch. With
+        `val`, the model is scored after every epoch and the best one is kept as
+        `run_dir/best.pt` (version `best_version`)."""
         cfg = self.config
         if not resume or not self.try_resume():
             _seed_everything(cfg.seed)
         self.model.train()
-        started = time.perf_counter()
+        started, steps_started = time.perf_counter(), None
         steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
         while self.epoch < cfg.epochs:
-            order = torch.randperm(len(examples)).tolist()
-            total, total_iou = 0.0, 0.0
-            bar = tqdm(range(steps_per_epoch), desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
-                       unit="step", leave=False)
+            order = epoch_order(len(examples), cfg.seed, self.epoch)
+            first = self.step  # > 0 when resuming mid-epoch
+            loader = DataLoader(examples, batch_size=cfg.batch_size,
+                                sampler=order[first * cfg.batch_size:], collate_fn=list,
+                                num_workers=cfg.num_workers,
+                                prefetch_factor=2 if cfg.num_workers else None)
+            bar = tqdm(loader, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", unit="step",
+                       leave=False, initial=first, total=steps_per_epoch)
             epoch_start = time.perf_counter()
-            for step in bar:
-                batch = [examples[i] for i in order[step * cfg.batch_size:
-                                                    (step + 1) * cfg.batch_size]]
+            for batch in bar:
                 loss = self.step_loss(batch)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()
-                total += loss.item()
-                total_iou += self.last_iou_loss
+                self.step += 1
+                self._sums[0] += loss.item()
+                self._sums[1] += self.last_iou_loss
                 bar.set_postfix(loss=f"{loss.item():.4f}", iou_mse=f"{self.last_iou_loss:.4f}")
+                if steps_started is None:
+                    steps_started = (time.perf_counter(), self.epoch * steps_per_epoch
+                                     + self.step - 1)
                 if self.progress:
-                    done = self.epoch * steps_per_epoch + step + 1
-                    elapsed = time.perf_counter() - started
-                    left = cfg.epochs * steps_per_epoch - done
+                    done = self.epoch * steps_per_epoch + self.step
+                    rate = (done - steps_started[1]) / max(1e-9, time.perf_counter()
+                                                            - steps_started[0])
                     self.progress({"epoch": self.epoch + 1, "epochs": cfg.epochs,
-                                   "step": step + 1, "steps": steps_per_epoch,
-                                   "loss": loss.item(), "eta_s": elapsed / done * left})
-            self.epoch += 1
-            self.history.append({"epoch": self.epoch, "loss": total / steps_per_epoch,
-                                 "iou_loss": total_iou / steps_per_epoch,
-                                 "seconds": time.perf_counter() - epoch_start})
+                                   "step": self.step, "steps": steps_per_epoch,
+                                   "loss": loss.item(),
+                                   "eta_s": (cfg.epochs * steps_per_epoch - done) / rate,
+                                   "val_miou": self.best["miou"] if self.best else None})
+                if cfg.save_every_steps and self.step % cfg.save_every_steps == 0 \
+                        and self.step < steps_per_epoch:
+                    self.save_state()
+            entry = {"epoch": self.epoch + 1, "loss": self._sums[0] / steps_per_epoch,
+                     "iou_loss": self._sums[1] / steps_per_epoch,
+                     "seconds": time.perf_counter() - epoch_start}
+            self.epoch, self.step, self._sums = self.epoch + 1, 0, [0.0, 0.0]
+            if val is not None:
+                entry.update(self._validate(val, best_version))
+                self.model.train()
+            self.history.append(entry)
             self.save_state()
             if cfg.max_seconds is not None and time.perf_counter() - started > cfg.max_seconds:
                 break
         self.model.eval()
         set_trainable(self.model, "frozen")  # leave the model as build_model returns it
         return self.history
+
+    @property
+    def best_path(self) -> Path:
+        return self.run_dir / "best.pt"
+
+    def _validate(self, val: Sequence[Example] | LazyExamples,
+                  best_version: str | None) -> dict:
+        """Score the validation set (masks as served); keep the best model as best.pt."""
+        summary = evaluate(self.model, val, dataset="val",
+                           box_margin_px=self.config.box_margin_px).summary()["val"]
+        scores = {"val_miou": summary.miou, "val_mbiou": summary.mbiou,
+                  "val_score_spearman": summary.score_spearman}
+        if self.best is None or summary.miou > self.best["miou"]:
+            self.best = {"epoch": self.epoch, "miou": summary.miou, "mbiou": summary.mbiou}
+            self.save(self.best_path, best_version or f"{self.run_dir.name}-best",
+                      metrics={"val": scores, "epoch": self.epoch})
+        return scores
 
     def save(self, path: str | os.PathLike, version: str, metrics: dict | None = None) -> Path:
         return save_checkpoint(self.model, path, version, self.config.clip_mode, metrics,

@@ -45,13 +45,15 @@ def test_evaluate_on_a_tiny_folder_dataset(tmp_path, script, capsys):
     assert Image.open(figure).size[0] > 600  # 6 columns: image, map, truth, 3 methods
     summary = json.loads(out.read_text())
     assert summary["objects"] == 4
-    assert list(summary["results"]) == ["SAM", "SAM-HQ", "Talk2SAM"]
+    assert list(summary["results"]) == ["SAM tiny", "SAM-HQ tiny", "Talk2SAM tiny"]
     for scores in summary["results"].values():
         assert scores["count"] == 4 and 0.0 <= scores["miou"] <= 1.0
-        assert 0.0 <= scores["mbiou"] <= 1.0 and scores["ms_per_object"] > 0
+        assert 0.0 <= scores["mbiou"] <= 1.0 and scores["s_per_image"] > 0
+    # an untrained residual text branch is exactly box-only SAM-HQ
+    assert summary["results"]["Talk2SAM tiny"]["miou"] == summary["results"]["SAM-HQ tiny"]["miou"]
     printed = capsys.readouterr().out
-    assert "| data | SAM tiny | SAM-HQ tiny | Talk2SAM tiny |" in printed
-    assert "| tiny (4 objects) |" in printed and summary["table"] in printed
+    assert "| method | backbone | version | mIoU | mBIoU | time per image |" in printed
+    assert "| SAM-HQ | tiny | samhq-tiny-random |" in printed and summary["table"] in printed
 
 
 def test_evaluate_reports_a_missing_dataset(tmp_path, script):

@@ -322,6 +322,55 @@ def write_folder_dataset(dataset: ItemDataset, root: str | Path) -> Path:
     return root
 
 
+def write_published_layout(dataset: ItemDataset, root: str | Path, format: str,
+                           split: str | None = None, first_number: int = 0) -> Path:
+    """Write items in a benchmark's published layout, which its loader reads back (images as
+    JPEG, quality 95, as published; masks as 0/255 PNG). Used to make small stand-ins of
+    ThinObject5K, DIS5K and BIG (e.g. from the synthetic generator) for end-to-end runs.
+
+    Args:
+        format: "thinobject5k" (`images/<word>_PNG<i>.jpg`, `masks/`, `list/<split>.txt`),
+            "dis5k" (`<split>/im/1#Synthetic#<i>#<Word>#<name>.jpg`, `<split>/gt/`) or "big"
+            (`<word>_<i>_im.jpg`, `<word>_<i>_gt.png`); "folder" is `write_folder_dataset`.
+        split: thinobject5k: the list file to add the items to (default "train"); dis5k: the
+            split folder (default "DIS-TR").
+        first_number: numbers in the file names start here (keep names of two splits apart).
+
+    Returns:
+        `root` as a Path.
+    """
+    if format == "folder":
+        return write_folder_dataset(dataset, root)
+    root = Path(root)
+    names = []
+    for i in range(len(dataset)):
+        item, index = dataset[i], first_number + i
+        word = item["word"].replace(" ", "_")
+        if format == "thinobject5k":
+            name = f"{word}_PNG{index}"
+            image_path, mask_path = root / "images" / f"{name}.jpg", root / "masks" / f"{name}.png"
+        elif format == "dis5k":
+            name = f"1#Synthetic#{index}#{word.capitalize()}#{word}_{index:05d}"
+            folder = root / (split or "DIS-TR")
+            image_path, mask_path = folder / "im" / f"{name}.jpg", folder / "gt" / f"{name}.png"
+        elif format == "big":
+            name = f"{word}_{index:05d}"
+            image_path, mask_path = root / f"{name}_im.jpg", root / f"{name}_gt.png"
+        else:
+            raise DatasetLayoutError(f"no published layout named {format!r}")
+        image_path.parent.mkdir(parents=True, exist_ok=True)
+        mask_path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(item["image"]).save(image_path, quality=95)
+        Image.fromarray(item["mask"].astype(np.uint8) * 255).save(mask_path)
+        names.append(name)
+    if format == "thinobject5k":
+        (root / "list").mkdir(parents=True, exist_ok=True)
+        list_file = root / "list" / f"{split or 'train'}.txt"
+        old = list_file.read_text().splitlines() if list_file.is_file() else []
+        list_file.write_text("\n".join(old + [f"{n}.jpg" for n in names]) + "\n")
+    return root
+
+
 # --- Label Studio -------------------------------------------------------------------------------
 
 
@@ -478,3 +527,67 @@ class LabelStudioExportDataset:
             best = max(range(len(boxes)), key=scores.__getitem__)
             box = boxes[best] if scores[best][0] > 0 else None
         return make_item(image, mask, _clean_word(region.word), region.name, box)
+
+
+FORMATS = ("folder", "thinobject5k", "dis5k", "big", "labelstudio")
+
+
+def open_dataset(root: str | Path, format: str, split: str | None = None,
+                 images_root: str | Path | None = None) -> ItemDataset:
+    """A dataset by its published layout name (the commands' `--format`).
+
+    Args:
+        root: the dataset folder (a Label Studio JSON export file for "labelstudio").
+        format: one of FORMATS.
+        split: thinobject5k: the list file `list/<split>.txt`; dis5k: split folders,
+            comma-separated (default DIS-TR); ignored otherwise.
+        images_root: labelstudio: the folder holding the task images (found by the
+            `?d=relative/path` of local-files URLs or by file name).
+
+    Raises:
+        DatasetLayoutError: unknown format, or the layout's own errors.
+    """
+    root = Path(root)
+    if format == "folder":
+        return folder_dataset(root)
+    if format == "thinobject5k":
+        return thinobject5k(root, split)
+    if format == "dis5k":
+        return dis5k(root, tuple(split.split(",")) if split else ("DIS-TR",))
+    if format == "big":
+        return big(root)
+    if format == "labelstudio":
+        return LabelStudioExportDataset(root, _local_image_loader(images_root))
+    raise DatasetLayoutError(f"unknown dataset format {format!r}; choose one of {FORMATS}")
+
+
+def _local_image_loader(images_root: str | Path | None) -> Callable[[str], Any]:
+    """Label Studio image reference -> PIL image from disk (``?d=relative/path`` or file name)."""
+    from urllib.parse import parse_qs, urlparse
+
+    def load(ref: str) -> Any:
+        candidates = [Path(ref)]
+        if images_root:
+            local = parse_qs(urlparse(ref).query).get("d", [""])[0]
+            if local:
+                candidates.append(Path(images_root) / local)
+            candidates.append(Path(images_root) / Path(urlparse(ref).path).name)
+        for path in candidates:
+            if path.is_file():
+                return Image.open(path)
+        raise DatasetLayoutError(f"image {ref!r} not found; pass --images-root DIR")
+
+    return load
+
+
+class Subset:
+    """The items of `dataset` at `indices`, in that order."""
+
+    def __init__(self, dataset: ItemDataset, indices: Sequence[int]):
+        self.dataset, self.indices = dataset, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> Item:
+        return self.dataset[self.indices[index]]

@@ -1,0 +1,150 @@
+"""`talk2sam train`: train Talk2SAM (or the box-only SAM-HQ baseline) on a dataset on disk.
+
+The paper's regime by default (SGD lr 1e-3, batch 4, 30 epochs; BCE + Dice + the IoU head). The
+frozen encoders run once per image into a feature cache on disk (float16 by default); training
+streams examples from it through a DataLoader, so memory does not grow with the dataset. A
+validation split is scored after every epoch and the best model kept as `<out>/best.pt`; the run
+resumes from `<out>/train_state.pt` (also mid-epoch) when started again with the same `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from talk2sam.data.datasets import FORMATS
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("train", help="train on a dataset (ThinObject5K, DIS5K, BIG, folder, "
+                                     "Label Studio export)", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="dataset folder (export file for labelstudio)")
+    p.add_argument("--format", default="folder", choices=FORMATS)
+    p.add_argument("--split", help="training split: thinobject5k list name (e.g. train), dis5k "
+                                   "folders (default DIS-TR)")
+    p.add_argument("--val-split", help="validation split of the same layout (dis5k: DIS-VD, as "
+                                       "the paper); default: --val-percent of the training items")
+    p.add_argument("--val-percent", type=int, default=10,
+                   help="share of training items held out for validation when no --val-split")
+    p.add_argument("--images-root", help="labelstudio: folder holding the task images")
+    p.add_argument("--config", default="tiny", help="model config (tiny, vit_tiny, vit_b, ...)")
+    p.add_argument("--weights-dir", help="directory of the official weight files")
+    p.add_argument("--checkpoint", help="start from this Talk2SAM checkpoint")
+    p.add_argument("--box-only", action="store_true",
+                   help="train the box-only SAM-HQ baseline (same data, same budget)")
+    p.add_argument("--clip", default="frozen", choices=["frozen", "partial"])
+    p.add_argument("--device", help="cuda, cpu, ... (default: CUDA when available)")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
+    p.add_argument("--loss-points", type=int, default=112 * 112)
+    p.add_argument("--out", required=True, help="run folder (state, best.pt, last.pt, results)")
+    p.add_argument("--cache-dir", help="feature cache folder (default: <out>/features)")
+    p.add_argument("--cache-dtype", default="float16", choices=["float16", "float32"])
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers reading examples")
+    p.add_argument("--save-every", type=int, default=50, help="mid-epoch state save interval "
+                                                              "(steps)")
+    p.add_argument("--limit", type=int, default=0, help="first N training items only (0: all)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's choice)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run)
+
+
+def _held_out(name: str, percent: int) -> bool:
+    digest = hashlib.sha256(f"talk2sam-val:{name}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") % 100 < percent
+
+
+def _splits(args: argparse.Namespace) -> tuple[Any, Any]:
+    """(training, validation) item datasets."""
+    from talk2sam.data.datasets import Subset, open_dataset
+
+    train = open_dataset(args.data, args.format, args.split, args.images_root)
+    if args.limit:
+        train = Subset(train, range(min(args.limit, len(train))))
+    if args.val_split:
+        return train, open_dataset(args.data, args.format, args.val_split, args.images_root)
+    names = [_item_name(train, i) for i in range(len(train))]
+    val = [i for i, n in enumerate(names) if _held_out(n, args.val_percent)]
+    if not val and len(train) >= 2:
+        val = [len(train) - 1]
+    keep = [i for i in range(len(train)) if i not in set(val)]
+    return Subset(train, keep), Subset(train, val)
+
+
+def _item_name(dataset: Any, index: int) -> str:
+    """An item's name without reading its image, where the dataset allows it."""
+    base = dataset
+    while hasattr(base, "indices"):  # Subset
+        index, base = base.indices[index], base.dataset
+    records = getattr(base, "records", None)
+    return records[index].name if records is not None else dataset[index]["name"]
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from talk2sam.build import build_model, load_checkpoint
+    from talk2sam.train import FeatureCache, LazyExamples, TrainConfig, Trainer, evaluate
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    train_items, val_items = _splits(args)
+    if not len(train_items) or not len(val_items):
+        raise SystemExit(f"error: need training and validation items; got {len(train_items)} "
+                         f"and {len(val_items)} from {args.data}")
+    use_text = not args.box_only
+    model = (load_checkpoint(args.checkpoint, args.weights_dir) if args.checkpoint
+             else build_model(args.config, args.weights_dir, use_text=use_text)).to(device)
+    kind = "samhq" if args.box_only else "talk2sam"
+    print(f"{kind} {model.cfg.name} on {device}: {len(train_items)} training, {len(val_items)} "
+          f"validation items from {args.data} ({args.format})", file=sys.stderr)
+    cache = FeatureCache(model, args.cache_dir or out / "features",
+                         dtype=getattr(torch, args.cache_dtype))
+    train = LazyExamples.cached(model, train_items, cache, desc="training features")
+    val = LazyExamples.cached(model, val_items, cache, desc="validation features")
+    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                         optimizer=args.optimizer, clip_mode=args.clip,
+                         num_points=args.loss_points, seed=args.seed,
+                         save_every_steps=args.save_every, num_workers=args.workers)
+    version = f"{kind}-{model.cfg.name}-{out.name}"
+
+    def progress(p: dict) -> None:
+        if p["step"] == p["steps"] or p["step"] % 10 == 0:
+            val_miou = "-" if p["val_miou"] is None else f"{p['val_miou']:.3f}"
+            print(f"epoch {p['epoch']}/{p['epochs']} step {p['step']}/{p['steps']} "
+                  f"loss {p['loss']:.4f} best val mIoU {val_miou} ETA {p['eta_s'] / 60:.1f} min",
+                  file=sys.stderr, flush=True)
+
+    trainer = Trainer(model, config, out, progress=progress)
+    started = time.perf_counter()
+    history = trainer.fit(train, val=val, best_version=f"{version}-best")
+    trainer.save(out / "last.pt", f"{version}-last")
+    best = load_checkpoint(trainer.best_path, args.weights_dir).to(device)
+    summary = evaluate(best, val, dataset="val", box_margin_px=config.box_margin_px
+                       ).summary()["val"]
+    results = {"version": best.version, "config": model.cfg.name, "box_only": args.box_only,
+               "device": device, "train_items": len(train_items), "val_items": len(val_items),
+               "best_epoch": trainer.best["epoch"] if trainer.best else None,
+               "val_miou": summary.miou, "val_mbiou": summary.mbiou,
+               "val_score_spearman": summary.score_spearman,
+               "seconds": round(time.perf_counter() - started, 1), "history": history}
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    print("| model | epochs | best epoch | val mIoU | val mBIoU | score Spearman |")
+    print("|---|---|---|---|---|---|")
+    rho = "-" if summary.score_spearman is None else f"{summary.score_spearman:.3f}"
+    print(f"| {best.version} | {len(history)} | {results['best_epoch']} | {summary.miou:.3f} | "
+          f"{summary.mbiou:.3f} | {rho} |")
+    print(f"\nbest checkpoint {trainer.best_path}; serve it with MODEL_CHECKPOINT="
+          f"{trainer.best_path.resolve()}")
+    return 0
