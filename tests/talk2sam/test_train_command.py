@@ -1,0 +1,143 @@
+"""`talk2sam train` and `talk2sam evaluate` through the CLI only, on small datasets written in each
+published layout: train, kill mid-epoch, resume, evaluate -> the paper-style table."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from talk2sam.data.datasets import open_dataset, write_published_layout
+from talk2sam.data.synthetic import SyntheticThinDataset
+from talk2sam.errors import DiskSpaceError
+from talk2sam.train import FeatureCache, check_disk, feature_bytes, weights_fingerprint
+
+REPO = Path(__file__).resolve().parents[2]
+TRAIN = ["--epochs", "2", "--batch-size", "2", "--optimizer", "adamw", "--lr", "3e-3",
+         "--loss-points", "256", "--threads", "1", "--workers", "1"]
+
+
+def talk2sam(*args: str, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    return subprocess.Popen([sys.executable, "-m", "talk2sam.cli", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def finished(proc: subprocess.Popen, timeout: float = 300) -> str:
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory) -> dict[str, tuple[Path, list[str], list[str]]]:
+    """format -> (root, training args, evaluation args)."""
+    root = tmp_path_factory.mktemp("layouts")
+    train, test = (SyntheticThinDataset(10, seed=1, stroke_scale=3.0),
+                   SyntheticThinDataset(4, seed=2, stroke_scale=3.0))
+    out = {}
+    to5k = root / "ThinObject5K"
+    write_published_layout(train, to5k, "thinobject5k", "train")
+    write_published_layout(test, to5k, "thinobject5k", "test", first_number=1000)
+    out["thinobject5k"] = (to5k, ["--split", "train"], ["--split", "test"])
+    dis = root / "DIS5K"
+    write_published_layout(train, dis, "dis5k", "DIS-TR")
+    write_published_layout(test, dis, "dis5k", "DIS-VD")
+    out["dis5k"] = (dis, ["--split", "DIS-TR", "--val-split", "DIS-VD"], ["--split", "DIS-VD"])
+    big = root / "BIG"
+    write_published_layout(train, big, "big")
+    out["big"] = (big, [], [])
+    folder = root / "folder"
+    write_published_layout(train, folder, "folder")
+    out["folder"] = (folder, [], [])
+    return out
+
+
+def test_layouts_read_back(layouts):
+    to5k = layouts["thinobject5k"][0]
+    assert len(open_dataset(to5k, "thinobject5k", "train")) == 10
+    assert len(open_dataset(to5k, "thinobject5k", "test")) == 4
+    assert len(open_dataset(layouts["dis5k"][0], "dis5k", "DIS-VD")) == 4
+    item = open_dataset(layouts["big"][0], "big")[0]
+    assert item["mask"].any() and item["word"] in ("wire", "cable", "fence", "wheel", "frame",
+                                                  "antenna")
+
+
+@pytest.mark.parametrize("fmt", ["dis5k", "big", "folder"])
+def test_train_runs_on_every_layout(layouts, fmt, tmp_path):
+    root, train_args, _ = layouts[fmt]
+    out = finished(talk2sam("train", "--data", str(root), "--format", fmt, *train_args, *TRAIN,
+                            "--out", str(tmp_path / "run")))
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert len(results["history"]) == 2 and results["val_items"] >= 1
+    assert "val_miou" in results["history"][-1] and (tmp_path / "run" / "best.pt").is_file()
+    assert "| model | epochs | best epoch | val mIoU |" in out
+
+
+def test_kill_mid_epoch_resume_and_evaluate(layouts, tmp_path):
+    root, train_args, eval_args = layouts["thinobject5k"]
+    run = tmp_path / "run"
+    args = ["train", "--data", str(root), "--format", "thinobject5k", *train_args,
+            "--epochs", "3", "--batch-size", "1", "--optimizer", "adamw", "--lr", "3e-3",
+            "--loss-points", "256", "--threads", "1", "--workers", "1", "--save-every", "1",
+            "--out", str(run)]
+    proc = talk2sam(*args)
+    state = run / "train_state.pt"
+    deadline = time.monotonic() + 240
+    killed_at = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        if state.is_file():
+            try:
+                saved = torch.load(state, map_location="cpu", weights_only=False)
+            except Exception:  # noqa: BLE001 - read while being replaced: try again
+                saved = None
+            if saved and saved["epoch"] == 1 and saved["step"] >= 2:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait(10)
+                killed_at = (saved["epoch"], saved["step"])
+                break
+        time.sleep(0.05)
+    assert killed_at is not None, "the run was not caught mid-epoch"
+    saved = torch.load(state, map_location="cpu", weights_only=False)
+    assert saved["epoch"] == 1 and 0 < saved["step"]  # mid-epoch of the second epoch
+    assert len(saved["history"]) == 1
+
+    out = finished(talk2sam(*args))  # the same command resumes
+    results = json.loads((run / "results.json").read_text())
+    assert [h["epoch"] for h in results["history"]] == [1, 2, 3]
+    assert (run / "best.pt").is_file() and "| talk2sam-tiny-run-best |" in out
+
+    table = finished(talk2sam("evaluate", str(root), "--format", "thinobject5k", *eval_args,
+                              "--checkpoint", str(run / "best.pt"), "--threads", "1",
+                              "--time-images", "2", "--out", str(tmp_path / "eval.json")))
+    assert "| method | backbone | version | mIoU | mBIoU | time per image |" in table
+    for method in ("| SAM | tiny |", "| SAM-HQ | tiny |",
+                   "| Talk2SAM | tiny | talk2sam-tiny-run-best |"):
+        assert method in table
+    summary = json.loads((tmp_path / "eval.json").read_text())
+    assert summary["objects"] == 4 and all(r["count"] == 4 for r in summary["results"].values())
+
+
+def test_cached_features_follow_the_weights_and_the_disk_is_checked(tmp_path):
+    from talk2sam.build import build_model
+
+    model = build_model("tiny")
+    other = build_model("tiny")
+    with torch.no_grad():
+        other.sam.image_encoder.neck[0].weight.add_(1.0)
+    assert weights_fingerprint(model) != weights_fingerprint(other)
+    image = SyntheticThinDataset(1, seed=4)[0]["image"]
+    assert FeatureCache(model, tmp_path).key(image) != FeatureCache(other, tmp_path).key(image)
+    feats = FeatureCache(model, tmp_path).get(image)
+    on_disk = sum(p.stat().st_size for p in tmp_path.glob("*.pt"))
+    assert feats.sam_embedding.dtype == torch.float32
+    assert feature_bytes(model) <= on_disk < feature_bytes(model) * 1.5  # float16 on disk
+    with pytest.raises(DiskSpaceError, match="needs"):
+        check_disk(tmp_path, 10**9, feature_bytes(model), say=lambda _: None)
