@@ -33,6 +33,7 @@ from talk2sam.data.items import Item, ItemDataset
 from talk2sam.errors import ConfigError, DiskSpaceError
 from talk2sam.losses import mask_loss
 from talk2sam.metrics import ScoreAggregator
+from talk2sam.configs import ModelConfig
 from talk2sam.model import ImageFeatures, Talk2Sam
 
 
@@ -112,14 +113,19 @@ def weights_fingerprint(model: Talk2Sam) -> str:
     return digest.hexdigest()[:16]
 
 
-def feature_bytes(model: Talk2Sam, dtype: torch.dtype = torch.float16) -> int:
-    """Bytes one image's cached features take (tensors only) for this model and dtype."""
-    cfg = model.cfg
+_DINO_HEADS = {"vit_large": 16, "vit_base": 12, "vit_small": 6}
+
+
+def feature_bytes(cfg: ModelConfig, uses_text: bool = True,
+                  dtype: torch.dtype = torch.float16) -> int:
+    """Bytes one image's cached features take (tensors only) for a config and dtype; no model
+    needs to be built."""
     grid = cfg.sam.image_size // 16
     numel = cfg.sam.prompt_dim * grid * grid + grid * grid * cfg.sam.encoder_dim
-    if model.dino is not None:
+    if uses_text:
         dino_grid = cfg.dino.image_size // 14
-        heads = model.dino.vit.blocks[-1].attn.num_heads
+        heads = cfg.dino.overrides.get("num_heads") or next(
+            h for prefix, h in _DINO_HEADS.items() if cfg.dino.arch.startswith(prefix))
         numel += dino_grid * dino_grid * (cfg.psi_dim + heads)
     return numel * torch.empty((), dtype=dtype).element_size()
 
@@ -224,7 +230,8 @@ class LazyExamples:
                desc: str = "caching features") -> LazyExamples:
         if cache.directory is None:
             raise ValueError("LazyExamples needs a FeatureCache with a directory")
-        check_disk(cache.directory, len(items), feature_bytes(model, cache.dtype),
+        check_disk(cache.directory, len(items),
+                   feature_bytes(model.cfg, model.uses_text, cache.dtype),
                    say=lambda line: tqdm.write(line))
         paths = []
         for i in tqdm(range(len(items)), desc=desc, unit="img", leave=False):

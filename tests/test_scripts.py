@@ -15,7 +15,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"
 NEW_SCRIPTS = ("evaluate", "export_annotations", "import_tasks", "select_next_batch",
-               "download_weights")
+               "download_weights", "memory_benchmark")
 
 
 @pytest.fixture

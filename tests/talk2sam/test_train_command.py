@@ -138,6 +138,8 @@ def test_cached_features_follow_the_weights_and_the_disk_is_checked(tmp_path):
     feats = FeatureCache(model, tmp_path).get(image)
     on_disk = sum(p.stat().st_size for p in tmp_path.glob("*.pt"))
     assert feats.sam_embedding.dtype == torch.float32
-    assert feature_bytes(model) <= on_disk < feature_bytes(model) * 1.5  # float16 on disk
+    assert feature_bytes(model.cfg) <= on_disk < feature_bytes(model.cfg) * 1.5  # float16
+    assert feature_bytes(model.cfg) == sum(t.numel() * 2 for t in vars(feats).values()
+                                           if isinstance(t, torch.Tensor))
     with pytest.raises(DiskSpaceError, match="needs"):
-        check_disk(tmp_path, 10**9, feature_bytes(model), say=lambda _: None)
+        check_disk(tmp_path, 10**9, feature_bytes(model.cfg), say=lambda _: None)
