@@ -28,8 +28,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--format", default="folder", choices=FORMATS)
     p.add_argument("--split", help="training split: thinobject5k list name (e.g. train), dis5k "
                                    "folders (default DIS-TR)")
-    p.add_argument("--val-split", help="validation split of the same layout (dis5k: DIS-VD, as "
-                                       "the paper); default: --val-percent of the training items")
+    p.add_argument("--val-split", help="validation split of the same layout (default for "
+                                       "dis5k: DIS-VD, the paper's 457 images; otherwise "
+                                       "--val-percent of the training items)")
     p.add_argument("--val-percent", type=int, default=10,
                    help="share of training items held out for validation when no --val-split")
     p.add_argument("--images-root", help="labelstudio: folder holding the task images")
@@ -51,6 +52,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers reading examples")
     p.add_argument("--save-every", type=int, default=50, help="mid-epoch state save interval "
                                                               "(steps)")
+    p.add_argument("--augment", type=int, default=0, metavar="COPIES",
+                   help="SAM-HQ-style augmentation: COPIES flipped / large-scale-jittered "
+                        "variants of each training item, cached like the originals (disk x "
+                        "COPIES + 1); 0: none")
     p.add_argument("--limit", type=int, default=0, help="first N training items only (0: all)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
@@ -69,8 +74,9 @@ def _splits(args: argparse.Namespace) -> tuple[Any, Any]:
     train = open_dataset(args.data, args.format, args.split, args.images_root)
     if args.limit:
         train = Subset(train, range(min(args.limit, len(train))))
-    if args.val_split:
-        return train, open_dataset(args.data, args.format, args.val_split, args.images_root)
+    val_split = args.val_split or ("DIS-VD" if args.format == "dis5k" else None)
+    if val_split:
+        return train, open_dataset(args.data, args.format, val_split, args.images_root)
     names = [_item_name(train, i) for i in range(len(train))]
     val = [i for i, n in enumerate(names) if _held_out(n, args.val_percent)]
     if not val and len(train) >= 2:
@@ -111,6 +117,10 @@ def run(args: argparse.Namespace) -> int:
           f"validation items from {args.data} ({args.format})", file=sys.stderr)
     cache = FeatureCache(model, args.cache_dir or out / "features",
                          dtype=getattr(torch, args.cache_dtype))
+    if args.augment:
+        from talk2sam.data.augment import AugmentedItems
+
+        train_items = AugmentedItems(train_items, args.augment, seed=args.seed)
     train = LazyExamples.cached(model, train_items, cache, desc="training features")
     val = LazyExamples.cached(model, val_items, cache, desc="validation features")
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
@@ -134,7 +144,8 @@ def run(args: argparse.Namespace) -> int:
     summary = evaluate(best, val, dataset="val", box_margin_px=config.box_margin_px
                        ).summary()["val"]
     results = {"version": best.version, "config": model.cfg.name, "box_only": args.box_only,
-               "device": device, "train_items": len(train_items), "val_items": len(val_items),
+               "device": device, "train_items": len(train_items) // (args.augment + 1),
+               "train_examples": len(train), "val_items": len(val_items),
                "best_epoch": trainer.best["epoch"] if trainer.best else None,
                "val_miou": summary.miou, "val_mbiou": summary.mbiou,
                "val_score_spearman": summary.score_spearman,

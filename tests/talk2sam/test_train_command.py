@@ -50,7 +50,7 @@ def layouts(tmp_path_factory) -> dict[str, tuple[Path, list[str], list[str]]]:
     dis = root / "DIS5K"
     write_published_layout(train, dis, "dis5k", "DIS-TR")
     write_published_layout(test, dis, "dis5k", "DIS-VD")
-    out["dis5k"] = (dis, ["--split", "DIS-TR", "--val-split", "DIS-VD"], ["--split", "DIS-VD"])
+    out["dis5k"] = (dis, ["--split", "DIS-TR"], ["--split", "DIS-VD"])  # validates on DIS-VD
     big = root / "BIG"
     write_published_layout(train, big, "big")
     out["big"] = (big, [], [])
@@ -77,6 +77,8 @@ def test_train_runs_on_every_layout(layouts, fmt, tmp_path):
                             "--out", str(tmp_path / "run")))
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert len(results["history"]) == 2 and results["val_items"] >= 1
+    if fmt == "dis5k":
+        assert results["val_items"] == 4 and results["train_items"] == 10
     assert "val_miou" in results["history"][-1] and (tmp_path / "run" / "best.pt").is_file()
     assert "| model | epochs | best epoch | val mIoU |" in out
 
@@ -143,3 +145,12 @@ def test_cached_features_follow_the_weights_and_the_disk_is_checked(tmp_path):
                                            if isinstance(t, torch.Tensor))
     with pytest.raises(DiskSpaceError, match="needs"):
         check_disk(tmp_path, 10**9, feature_bytes(model.cfg), say=lambda _: None)
+
+
+def test_augmented_training_caches_the_variants(layouts, tmp_path):
+    root, train_args, _ = layouts["folder"]
+    finished(talk2sam("train", "--data", str(root), "--format", "folder", *TRAIN,
+                      "--epochs", "1", "--augment", "1", "--out", str(tmp_path / "run")))
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    files = len(list((tmp_path / "run" / "features").glob("*.pt")))
+    assert files == 2 * results["train_items"] + results["val_items"]
