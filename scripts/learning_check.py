@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> dict:
     seeds = [int(v) for v in args.train_seeds.split(",")]
     for name, use_text, dense_mode in runs:
         per_seed = []
-        for seed in seeds:  # same data, another initialisation and order of training
+        for seed in seeds:  # same data and initial weights, another order and point sampling
             model = build_model(get_config("tiny", dense_mode=dense_mode), use_text=use_text)
             cache = FeatureCache(model)
             train_examples = prepare(model, train_set, cache)
@@ -147,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="thicker synthetic structures (the tiny models' masks are coarse)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data")
     parser.add_argument("--train-seeds", default="0,1,2",
-                        help="training seeds (initialisation, order); results are their mean")
+                        help="training seeds (example order, loss points); results are their "
+                             "mean")
     parser.add_argument("--out", default="runs/learning_check")
     parser.add_argument("--figure-rows", type=int, default=6, help="held-out examples drawn")
     parser.add_argument("--demo-checkpoint", help="save the trained Talk2SAM here")

@@ -40,7 +40,7 @@ def load_dataset(args: argparse.Namespace) -> Any:
 
 
 def _score(model: Any, examples: Any, dataset: str, output: str, use_text: bool,
-           desc: str) -> dict[str, Any]:
+           desc: str, box_margin_px: float | None = None) -> dict[str, Any]:
     from tqdm import tqdm
 
     from talk2sam.metrics import ScoreAggregator
@@ -48,7 +48,8 @@ def _score(model: Any, examples: Any, dataset: str, output: str, use_text: bool,
 
     agg = ScoreAggregator()
     for i in tqdm(range(len(examples)), desc=desc, unit="obj", leave=False):
-        evaluate(model, [examples[i]], dataset, output=output, use_text=use_text, aggregator=agg)
+        evaluate(model, [examples[i]], dataset, output=output, use_text=use_text, aggregator=agg,
+                 box_margin_px=box_margin_px)
     scores = agg.summary()[dataset]
     return {"count": scores.count, "miou": scores.miou, "mbiou": scores.mbiou,
             "score_spearman": scores.score_spearman}
@@ -124,16 +125,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     row = f"{label} {config}"
                     rows[row] = {"method": label, "config": config, "version": box_only.version,
                                  "s_per_image": seconds,
-                                 **_score(box_only, examples, name, output, False, row)}
+                                 **_score(box_only, examples, name, output, False, row,
+                                          args.box_margin)}
                     scored[row] = (box_only, examples, output, False)
         if "talk2sam" in methods:
             model = (load_checkpoint(args.checkpoint, args.weights_dir) if args.checkpoint
                      else build_model(config, args.weights_dir, use_text=True)).to(device)
+            if not model.uses_text:
+                raise SystemExit(f"{args.checkpoint} is a box-only checkpoint: pass it as "
+                                 f"--baseline-checkpoint")
             examples = _examples(model, dataset, args.feature_cache, f"{config} Talk2SAM")
+            config = model.cfg.name  # a checkpoint names its own backbone
             row = f"Talk2SAM {config}"
             rows[row] = {"method": "Talk2SAM", "config": config, "version": model.version,
                          "s_per_image": _time_per_image(model, dataset, True, args.time_images),
-                         **_score(model, examples, name, "sam+hq", True, row)}
+                         **_score(model, examples, name, "sam+hq", True, row, args.box_margin)}
             scored[row] = (model, examples, "sam+hq", True)
     if args.figure and scored:
         save_figure(args.figure, scored, args.figure_rows)
@@ -195,6 +201,9 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--models", default=",".join(MODELS),
                         help=f"comma-separated subset of {','.join(MODELS)}")
     parser.add_argument("--limit", type=int, default=0, help="first N objects only (0: all)")
+    parser.add_argument("--box-margin", type=float, default=None,
+                        help="cut masks to the box grown by this many pixels, as the backend "
+                             "serves them (default: uncut, as the paper scores them)")
     parser.add_argument("--feature-cache", help="folder caching frozen-encoder features")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--out", default="eval.json", help="JSON results (default eval.json)")

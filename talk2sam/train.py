@@ -28,7 +28,13 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from talk2sam import geometry
-from talk2sam.build import atomic_save, save_checkpoint, set_trainable, trained_state
+from talk2sam.build import (
+    atomic_save,
+    read_checkpoint,
+    save_checkpoint,
+    set_trainable,
+    trained_state,
+)
 from talk2sam.data.items import Item, ItemDataset
 from talk2sam.errors import ConfigError, DiskSpaceError
 from talk2sam.losses import mask_loss
@@ -230,17 +236,15 @@ class LazyExamples:
                desc: str = "caching features") -> LazyExamples:
         if cache.directory is None:
             raise ValueError("LazyExamples needs a FeatureCache with a directory")
-        check_disk(cache.directory, len(items),
+        paths = [cache.path(cache.key(items[i]["image"]))
+                 for i in tqdm(range(len(items)), desc="hashing images", unit="img",
+                               leave=False)]
+        missing = {p: i for i, p in enumerate(paths) if not p.exists()}  # once per image
+        check_disk(cache.directory, len(missing),
                    feature_bytes(model.cfg, model.uses_text, cache.dtype),
                    say=lambda line: tqdm.write(line))
-        paths = []
-        for i in tqdm(range(len(items)), desc=desc, unit="img", leave=False):
-            image = items[i]["image"]
-            key = cache.key(image)
-            path = cache.path(key)
-            if not path.exists():
-                cache.get(image)
-            paths.append(path)
+        for index in tqdm(missing.values(), desc=desc, unit="img", leave=False):
+            cache.get(items[index]["image"])
         return cls(items, model.long_side, paths)
 
     def __len__(self) -> int:
@@ -322,6 +326,11 @@ class Trainer:
         self.epoch, self.history = state["epoch"], state["history"]
         self.step, self._sums = state.get("step", 0), state.get("sums", [0.0, 0.0])
         self.best = state.get("best")
+        if self.best_path.exists():  # best.pt is written before the state: it may be newer
+            saved = read_checkpoint(self.best_path)["metrics"]
+            if self.best is None or saved.get("epoch", -1) > self.best["epoch"]:
+                self.best = {"epoch": saved["epoch"], "miou": saved["val"]["val_miou"],
+                             "mbiou": saved["val"]["val_mbiou"]}
         torch.set_rng_state(state["rng"])
         return True
 
@@ -358,8 +367,9 @@ class Trainer:
         if not resume or not self.try_resume():
             _seed_everything(cfg.seed)
         self.model.train()
-        started, steps_started = time.perf_counter(), None
+        started = time.perf_counter()
         steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
+        steps_started = (started, self.epoch * steps_per_epoch + self.step)  # for the ETA
         while self.epoch < cfg.epochs:
             order = epoch_order(len(examples), cfg.seed, self.epoch)
             first = self.step  # > 0 when resuming mid-epoch
@@ -379,9 +389,6 @@ class Trainer:
                 self._sums[0] += loss.item()
                 self._sums[1] += self.last_iou_loss
                 bar.set_postfix(loss=f"{loss.item():.4f}", iou_mse=f"{self.last_iou_loss:.4f}")
-                if steps_started is None:
-                    steps_started = (time.perf_counter(), self.epoch * steps_per_epoch
-                                     + self.step - 1)
                 if self.progress:
                     done = self.epoch * steps_per_epoch + self.step
                     rate = (done - steps_started[1]) / max(1e-9, time.perf_counter()

@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     history = trainer.fit(train, val=val, best_version=f"{version}-best")
     trainer.save(out / "last.pt", f"{version}-last")
-    best = load_checkpoint(trainer.best_path, args.weights_dir).to(device)
+    best = load_checkpoint(trainer.best_path, args.weights_dir, model=model)  # no second copy
     summary = evaluate(best, val, dataset="val", box_margin_px=config.box_margin_px
                        ).summary()["val"]
     results = {"version": best.version, "config": model.cfg.name, "box_only": args.box_only,

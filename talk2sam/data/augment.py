@@ -57,8 +57,8 @@ def _item(item: Item, image: np.ndarray, mask: np.ndarray) -> Item:
 
 
 class AugmentedItems:
-    """`items` followed by `copies` jittered variants of each (variant k of item i is a pure
-    function of (seed, i, k))."""
+    """Each item of `items` followed by its `copies` jittered variants (index i * (copies + 1)
+    is item i itself; variant k of item i is a pure function of (seed, i, k))."""
 
     def __init__(self, items: ItemDataset, copies: int, seed: int = 0):
         self.items, self.copies, self.seed = items, copies, seed

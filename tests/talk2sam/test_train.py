@@ -63,3 +63,18 @@ def test_resuming_another_runs_state_is_refused(tmp_path):
     residual = build_model("tiny")  # has a gate the saved state lacks
     with pytest.raises(ConfigError, match="another run"):
         Trainer(residual, config, tmp_path / "run").fit(examples)
+
+
+def test_resume_trusts_a_best_checkpoint_newer_than_the_state(tmp_path):
+    # best.pt is written just before the state file: a kill in between must not lose it
+    model = build_model("tiny")
+    examples = prepare(model, SyntheticThinDataset(4, seed=3), FeatureCache(model))
+    config = TrainConfig(epochs=1, batch_size=2, lr=3e-3, optimizer="adamw", num_points=256)
+    trainer = Trainer(model, config, tmp_path / "run")
+    trainer.fit(examples[:2], val=examples[2:])
+    state = torch.load(trainer.state_path, weights_only=False)
+    state["best"] = None  # as if killed after best.pt, before the state was rewritten
+    torch.save(state, trainer.state_path)
+    resumed = Trainer(model, config, tmp_path / "run")
+    assert resumed.try_resume() and resumed.best["epoch"] == trainer.best["epoch"] == 1
+    assert resumed.best["miou"] == trainer.best["miou"]
