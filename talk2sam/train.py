@@ -76,6 +76,10 @@ class TrainConfig:
             raise ValueError("epochs, batch_size and lr must be positive")
 
 
+# settings a resumed run must share with the run it continues (epochs may grow)
+RUN_DEFINING = ("batch_size", "seed", "clip_mode", "optimizer")
+
+
 @dataclass
 class Example:
     """One training/evaluation example: frozen features + prompt + target."""
@@ -288,6 +292,7 @@ class Trainer:
         self.step = 0  # steps done in the current epoch
         self._sums = [0.0, 0.0]  # loss and IoU-head loss summed over the epoch's steps
         self.best: dict | None = None  # best validation score so far
+        self._examples: int | None = None  # training examples of the run (a resume must match)
         self.history: list[dict] = []
         self.last_iou_loss = 0.0
 
@@ -299,6 +304,7 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_save({
             "epoch": self.epoch, "step": self.step, "sums": self._sums, "best": self.best,
+            "examples": self._examples,
             "history": self.history, "config": asdict(self.config),
             "trained": trained_state(self.model, self.config.clip_mode),
             "optimizer": self.optimizer.state_dict(),
@@ -326,6 +332,11 @@ class Trainer:
         self.epoch, self.history = state["epoch"], state["history"]
         self.step, self._sums = state.get("step", 0), state.get("sums", [0.0, 0.0])
         self.best = state.get("best")
+        self._examples = state.get("examples")
+        changed = [k for k in RUN_DEFINING if state["config"].get(k) != getattr(self.config, k)]
+        if changed:
+            raise ConfigError(f"{self.state_path} was trained with other {changed}; resume "
+                              f"with the same settings, or use another run directory")
         if self.best_path.exists():  # best.pt is written before the state: it may be newer
             saved = read_checkpoint(self.best_path)["metrics"]
             if self.best is None or saved.get("epoch", -1) > self.best["epoch"]:
@@ -366,6 +377,10 @@ class Trainer:
         cfg = self.config
         if not resume or not self.try_resume():
             _seed_everything(cfg.seed)
+        elif self._examples not in (None, len(examples)):
+            raise ConfigError(f"{self.state_path} belongs to a run on {self._examples} examples, "
+                              f"not {len(examples)}: same data to resume, or another run dir")
+        self._examples = len(examples)
         self.model.train()
         started = time.perf_counter()
         steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)

@@ -78,3 +78,19 @@ def test_resume_trusts_a_best_checkpoint_newer_than_the_state(tmp_path):
     resumed = Trainer(model, config, tmp_path / "run")
     assert resumed.try_resume() and resumed.best["epoch"] == trainer.best["epoch"] == 1
     assert resumed.best["miou"] == trainer.best["miou"]
+
+
+def test_resuming_with_other_data_or_settings_is_refused(tmp_path):
+    from talk2sam.errors import ConfigError
+
+    model = build_model("tiny")
+    examples = prepare(model, SyntheticThinDataset(3, seed=3), FeatureCache(model))
+    config = TrainConfig(epochs=1, batch_size=1, lr=3e-3, optimizer="adamw", num_points=256)
+    Trainer(model, config, tmp_path / "run").fit(examples)
+    more = TrainConfig(**{**vars(config), "epochs": 2})
+    with pytest.raises(ConfigError, match="3 examples, not 2"):
+        Trainer(model, more, tmp_path / "run").fit(examples[:2])
+    with pytest.raises(ConfigError, match="batch_size"):
+        Trainer(model, TrainConfig(**{**vars(more), "batch_size": 2}), tmp_path / "run").fit(
+            examples)
+    assert len(Trainer(model, more, tmp_path / "run").fit(examples)) == 2  # same run: goes on
