@@ -35,7 +35,6 @@ Frozen image features are computed on DEVICE; the decoder is fine-tuned and eval
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -64,6 +63,7 @@ from ml_backend.ls_protocol import word_for_label
 from ml_backend.schemas import TRAIN_JOB, RedisKeys
 from ml_backend.settings import Settings, settings_for_command
 from ml_backend.versions import VersionRecord, VersionRegistry, read_serving, utc_now
+from talk2sam.data.items import in_hashed_share  # numpy and PIL only: no torch
 
 log = logging.getLogger(__name__)
 
@@ -219,8 +219,7 @@ def release_lock(redis: Redis, keys: RedisKeys, job_id: str) -> bool:
 
 def is_held_out(task_id: int, percent: int) -> bool:
     """Whether a task belongs to the held-out set: a hash of its id, the same in every run."""
-    digest = hashlib.sha256(f"talk2sam-holdout:{task_id}".encode()).digest()
-    return int.from_bytes(digest[:4], "big") % 100 < percent
+    return in_hashed_share(str(task_id), percent, salt="talk2sam-holdout")
 
 
 def split_tasks(tasks: Sequence[dict[str, Any]], percent: int

@@ -177,8 +177,9 @@ class FeatureCache:
             self._memory[key] = feats
             return feats
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_save(vars(feats.to("cpu", dtype=self.dtype)), path)
-        return load_features(path)  # what later reads will see
+        stored = feats.to("cpu", dtype=self.dtype)
+        atomic_save(vars(stored), path)
+        return stored.to("cpu", dtype=torch.float32)  # what later reads of the file give
 
 
 def load_features(path: str | os.PathLike) -> ImageFeatures:

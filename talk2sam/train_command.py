@@ -10,7 +10,6 @@ resumes from `<out>/train_state.pt` (also mid-epoch) when started again with the
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
@@ -62,14 +61,10 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
-def _held_out(name: str, percent: int) -> bool:
-    digest = hashlib.sha256(f"talk2sam-val:{name}".encode()).digest()
-    return int.from_bytes(digest[:4], "big") % 100 < percent
-
-
 def _splits(args: argparse.Namespace) -> tuple[Any, Any]:
     """(training, validation) item datasets."""
     from talk2sam.data.datasets import Subset, open_dataset
+    from talk2sam.data.items import in_hashed_share
 
     train = open_dataset(args.data, args.format, args.split, args.images_root)
     if args.limit:
@@ -78,7 +73,7 @@ def _splits(args: argparse.Namespace) -> tuple[Any, Any]:
     if val_split:
         return train, open_dataset(args.data, args.format, val_split, args.images_root)
     names = [_item_name(train, i) for i in range(len(train))]
-    val = [i for i, n in enumerate(names) if _held_out(n, args.val_percent)]
+    val = [i for i, n in enumerate(names) if in_hashed_share(n, args.val_percent, "talk2sam-val")]
     if not val and len(train) >= 2:
         val = [len(train) - 1]
     keep = [i for i in range(len(train)) if i not in set(val)]

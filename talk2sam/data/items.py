@@ -23,6 +23,7 @@ Images and masks are converted on purpose, never by a library default that clips
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Protocol, TypedDict
 
@@ -173,3 +174,10 @@ def make_item(
         raise EmptyMaskError(f"{name}: mask is empty")
     box = mask_box_xyxy(mask) if box_xyxy is None else np.asarray(box_xyxy, dtype=np.float32)
     return {"image": image, "mask": mask, "word": word, "box_xyxy": box, "name": name}
+
+
+def in_hashed_share(key: str, percent: int, salt: str) -> bool:
+    """Whether `key` falls in a `percent` share picked by a hash of `salt:key`: a split that never
+    changes between runs, and in which an item never changes sides as a dataset grows."""
+    digest = hashlib.sha256(f"{salt}:{key}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") % 100 < percent
