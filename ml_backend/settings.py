@@ -22,7 +22,7 @@ down explicitly; no other module reads ``os.environ``.
 | QUEUE_MAX_DEPTH | 64 | jobs waiting in the shared queue above which /predict answers 503 at once |
 | LABEL_PROMPTS | empty | label -> text prompt, JSON object or ``"Power line=wire;Fence=fence"``; unmapped labels are their own prompt |
 | MODEL | ``talk2sam`` | ``talk2sam`` (the real predictor) or ``noop`` (rectangles, score 1.0: queue-overhead benchmarks and tests only) |
-| MODEL_CONFIG | ``tiny`` | predictor config name (``tiny``, ``vit_b``, ``vit_l``, ``vit_h``, ``vit_tiny``) |
+| MODEL_CONFIG | ``tiny`` | predictor config name (``tiny``, ``tiny-768`` (the demo's), ``vit_b``, ``vit_l``, ``vit_h``, ``vit_tiny``) |
 | MODEL_CHECKPOINT | unset | path of a Talk2SAM checkpoint of trained parts |
 | MODEL_VERSION | unset | model_version reported to Label Studio; unset: the one the workers report |
 | DEVICE | unset | torch device of the workers; unset: CUDA when available, else CPU |

@@ -109,7 +109,7 @@ def choose_model(env: Mapping[str, str], model_dir: str,
             f"--weights-dir {model_dir}` or set MODEL_CONFIG/MODEL_CHECKPOINT")
     if demo_checkpoint.is_file():
         return ModelChoice(
-            {"MODEL_CONFIG": "tiny", "MODEL_CHECKPOINT": str(demo_checkpoint)},
+            {"MODEL_CONFIG": "tiny-768", "MODEL_CHECKPOINT": str(demo_checkpoint)},
             f"DEMO MODEL: tiny Talk2SAM trained on synthetic data only ({demo_checkpoint}); "
             f"it shows the pipeline works, not what the real model does on photos; {hint}",
             demo=True)

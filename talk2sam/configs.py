@@ -127,6 +127,11 @@ _SAM_SPECS = {
     "tiny": SamSpec("tiny", image_size=256, encoder_dim=32, encoder_depth=2, encoder_heads=2,
                     global_attn_indexes=(1,), window_size=4, prompt_dim=32, decoder_mlp_dim=64,
                     decoder_heads=2, mask_in_chans=16),
+    # The demo's: a 768 canvas (192x192 low-res logits, where a 3 px stroke of a 700 px image
+    # is still most of a logit pixel), one global-attention head for CPU speed.
+    "tiny-768": SamSpec("tiny", image_size=768, encoder_dim=64, encoder_depth=4, encoder_heads=1,
+                        global_attn_indexes=(1,), window_size=8, prompt_dim=64,
+                        decoder_mlp_dim=128, decoder_heads=2, mask_in_chans=16),
 }
 
 _DINO_L = DinoSpec("vit_large_patch14_reg4_dinov2")
@@ -134,6 +139,10 @@ _DINO_B = DinoSpec("vit_base_patch14_reg4_dinov2")
 _DINO_TINY = DinoSpec(
     "vit_base_patch14_reg4_dinov2", image_size=224,
     overrides=dict(embed_dim=48, depth=2, num_heads=3),
+)
+_DINO_TINY_336 = DinoSpec(  # 24x24 patches
+    "vit_base_patch14_reg4_dinov2", image_size=336,
+    overrides=dict(embed_dim=48, depth=3, num_heads=3),
 )
 _CLIP_B16 = ClipSpec()
 _CLIP_TINY = ClipSpec(
@@ -166,6 +175,9 @@ CONFIGS: dict[str, ModelConfig] = {
                            "dinov2_vitb14_reg4_pretrain.pth") for s in SAM_FILES},
     "tiny": ModelConfig(name="tiny", sam=_SAM_SPECS["tiny"], dino=_DINO_TINY, clip=_CLIP_TINY,
                         text_dim=32, psi_dim=48),
+    # the shipped demo's architecture (scripts/train_demo.py pre-trains and trains it)
+    "tiny-768": ModelConfig(name="tiny-768", sam=_SAM_SPECS["tiny-768"], dino=_DINO_TINY_336,
+                            clip=_CLIP_TINY, text_dim=32, psi_dim=48),
 }
 
 

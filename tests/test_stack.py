@@ -56,7 +56,7 @@ def test_demo_checkpoint_then_random_tiny(tmp_path):
     demo = tmp_path / "demo.pt"
     demo.write_bytes(b"")
     with_demo = stack.choose_model({}, str(tmp_path), demo)
-    assert with_demo.env == {"MODEL_CONFIG": "tiny", "MODEL_CHECKPOINT": str(demo)}
+    assert with_demo.env == {"MODEL_CONFIG": "tiny-768", "MODEL_CHECKPOINT": str(demo)}
     assert with_demo.demo and "synthetic data" in with_demo.description
     demo.unlink()
     random = stack.choose_model({}, str(tmp_path), demo)

@@ -362,7 +362,7 @@ def backend_env(label_studio: LabelStudioServer, redis_url: str) -> dict[str, st
         "LABEL_STUDIO_URL": label_studio.url,
         "LABEL_STUDIO_API_KEY": label_studio.token,
         "MODEL": "talk2sam",
-        "MODEL_CONFIG": "tiny",
+        "MODEL_CONFIG": "tiny-768",
         "MODEL_CHECKPOINT": str(DEMO_CHECKPOINT),
         "DEVICE": "cpu",
         "JOB_TIMEOUT_S": "90",

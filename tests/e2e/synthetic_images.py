@@ -1,13 +1,14 @@
 """Synthetic thin-structure images with known geometry, for the end-to-end tests.
 
-Each image is a noisy grey gradient with one dark line (a "wire") of a few pixels' width; the
-rectangle a user would draw around it is returned in Label Studio's frame (percent of the
-original image, XYWH) and in pixels (XYXY).
+Each image is a blue sky gradient with one dark sagging wire of a few pixels' width and a grid
+fence on the ground below it; the rectangle a user would draw around the wire is returned in
+Label Studio's frame (percent of the original image, XYWH) and in pixels (XYXY), and the wire's
+pixels as a mask, so that tests can check what a mask covers.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,12 +23,14 @@ class WireImage:
         path: the PNG file.
         width, height: its size in pixels.
         box_xyxy: (x0, y0, x1, y1) float pixels, the wire's bounds plus a margin, inside the image.
+        mask: (height, width) bool, the wire's pixels.
     """
 
     path: Path
     width: int
     height: int
     box_xyxy: tuple[float, float, float, float]
+    mask: np.ndarray = field(repr=False, compare=False)
 
     @property
     def box_pct(self) -> dict[str, float]:
@@ -40,31 +43,48 @@ class WireImage:
 
 def make_wire_image(path: Path, seed: int, width: int = 400, height: int = 300,
                     line_width_px: int = 3, margin_px: float = 12.0) -> WireImage:
-    """Draw one gently sloped dark line on a noisy background and save it as PNG.
+    """Draw a dark sagging wire across a sky gradient, a grid fence on the ground below, and
+    save it as PNG.
 
     Args:
         path: where to write the PNG.
-        seed: picks the noise and the line's end points.
+        seed: picks the noise, the wire's ends and sag, and the fence.
         width, height: image size in pixels.
         line_width_px: stroke width of the wire.
         margin_px: space between the wire's bounds and the box.
 
     Returns:
-        The image's description, box included.
+        The image's description, box and wire mask included.
     """
     rng = np.random.default_rng(seed)
-    gradient = np.linspace(150, 220, width, dtype=np.float32)[None, :].repeat(height, axis=0)
-    noise = rng.normal(0.0, 6.0, size=(height, width)).astype(np.float32)
-    grey = np.clip(gradient + noise, 0, 255).astype(np.uint8)
-    image = Image.fromarray(np.stack([grey, grey, grey], axis=-1), mode="RGB")
-    x0 = float(rng.uniform(0.15, 0.30) * width)
-    x1 = float(rng.uniform(0.65, 0.85) * width)
-    y0 = float(rng.uniform(0.25, 0.75) * height)
-    y1 = y0 + float(rng.uniform(-0.08, 0.08) * height)
-    ImageDraw.Draw(image).line([(x0, y0), (x1, y1)], fill=(25, 25, 30), width=line_width_px)
+    rows = np.linspace(0.0, 1.0, height, dtype=np.float32)[:, None, None]
+    sky = np.array([70, 130, 220], np.float32) + rows * np.array([120, 90, 30], np.float32)
+    sky = np.broadcast_to(sky, (height, width, 3)) + rng.normal(0.0, 4.0, (height, width, 3))
+    image = Image.fromarray(np.clip(sky, 0, 255).astype(np.uint8), mode="RGB")
+    draw = ImageDraw.Draw(image)
+    x0 = float(rng.uniform(0.10, 0.25) * width)
+    x1 = float(rng.uniform(0.70, 0.90) * width)
+    ya = float(rng.uniform(0.15, 0.35) * height)
+    yb = ya + float(rng.uniform(-0.05, 0.05) * height)
+    sag = float(rng.uniform(0.06, 0.15) * height)
+    t = np.linspace(0.0, 1.0, 60)
+    points = list(zip(x0 + (x1 - x0) * t, ya + (yb - ya) * t + 4 * sag * t * (1 - t)))
+    ground = int(0.72 * height)  # the fence stands on the ground, below the wire's box
+    draw.rectangle((0, ground, width, height), fill=(70, 80, 60))
+    step = int(rng.integers(12, 20))
+    fence_top = int(0.6 * height)
+    for x in range(int(0.05 * width), int(0.95 * width), step):
+        draw.line([(x, fence_top), (x, ground)], fill=(90, 90, 95), width=2)
+    for y in range(fence_top, ground + 1, step):
+        draw.line([(int(0.05 * width), y), (int(0.95 * width), y)], fill=(90, 90, 95), width=2)
+    draw.line(points, fill=(25, 25, 30), width=line_width_px, joint="curve")
+    wire = Image.new("L", (width, height), 0)
+    ImageDraw.Draw(wire).line(points, fill=255, width=line_width_px, joint="curve")
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, format="PNG")
+    ys = [p[1] for p in points]
     half = line_width_px / 2 + margin_px
-    box = (max(0.0, x0 - half), max(0.0, min(y0, y1) - half),
-           min(float(width), x1 + half), min(float(height), max(y0, y1) + half))
-    return WireImage(path=path, width=width, height=height, box_xyxy=box)
+    box = (max(0.0, x0 - half), max(0.0, min(ys) - half),
+           min(float(width), x1 + half), min(float(height), max(ys) + half))
+    return WireImage(path=path, width=width, height=height, box_xyxy=box,
+                     mask=np.asarray(wire) > 0)

@@ -56,7 +56,8 @@ def corrected_task(directory: Path, seed: int) -> CorrectedTask:
     height, width = item["mask"].shape
     x0, y0, x1, y1 = (float(v) for v in item["box_xyxy"])
     box = (x0, y0, min(float(width), x1 + 1), min(float(height), y1 + 1))  # inclusive maxima
-    return CorrectedTask(WireImage(path, width, height, box), item["mask"], LABELS[item["word"]])
+    return CorrectedTask(WireImage(path, width, height, box, item["mask"]), item["mask"],
+                         LABELS[item["word"]])
 
 
 def corrected_mask(task: CorrectedTask) -> dict[str, Any]:

@@ -1,0 +1,154 @@
+"""Pre-training a tiny Talk2SAM end to end, before the paper's regime freezes its encoders.
+
+The real configurations start from public weights: SAM-HQ's and DINOv2's encoders have learned
+to see, CLIP's text tower and Talk2DINO's psi to tie words to DINOv2 features. The tiny
+configurations have no public weights, so this stage gives them the same start: every part (both
+image encoders, the text tower, psi, the mask-prompt encoder, the gate, the decoder and its IoU
+head) trains together on `talk2sam.data.randomized`, with two losses per sample:
+
+- the mask loss of `talk2sam.train` (point-sampled BCE + Dice, and the IoU head's MSE against
+  the IoU of the mask as served), for the prompted object;
+- a grounding loss in the DINOv2 frame, as Talk2DINO ties words to patches: for a word of every
+  class in the image and one class that is absent, BCE between `MAP_LOGIT_SCALE` x the patch
+  cosine and whether the patch holds a pixel of that class.
+
+Afterwards `train.Trainer` freezes the encoders and trains the paper's parts alone
+(`scripts/train_demo.py` runs both stages)."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from talk2sam.data.randomized import CLASS_WORDS, CLASSES, RandomizedSample, RandomizedThinDataset
+from talk2sam.model import Talk2Sam
+from talk2sam.similarity import similarity_map
+from talk2sam.train import gt_to_canvas, served_mask
+
+MAP_LOGIT_SCALE = 10.0  # cosine in [-1, 1] -> logits in [-10, 10]
+POSITIVE_WEIGHT = 10.0  # of an object pixel against a background pixel in the dense BCE
+
+
+@dataclass
+class PretrainConfig:
+    steps: int = 1200
+    batch_size: int = 4
+    lr: float = 1e-3
+    warmup_steps: int = 50
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    iou_loss_weight: float = 5.0
+    map_loss_weight: float = 1.0
+    seed: int = 0
+
+
+def lr_factor(step: int, config: PretrainConfig) -> float:
+    """Linear warm-up, then a cosine to zero at the last step."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    done = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
+
+
+def grounding_targets(sample: RandomizedSample, grid: tuple[int, int],
+                      rng: np.random.Generator) -> tuple[list[str], torch.Tensor]:
+    """Words (one per class present, plus one absent class) and their (N, gh, gw) targets: 1
+    where a DINOv2 patch (the image squashed to the square) holds a pixel of the class."""
+    present = sorted(set(sample.classes))
+    absent = [c for c in CLASSES if c not in present]
+    names = present + ([str(rng.choice(absent))] if absent else [])
+    words = [str(rng.choice(CLASS_WORDS[n])) for n in names]
+    masks = np.stack([sample.class_mask(n) for n in names]).astype(np.float32)
+    targets = F.adaptive_max_pool2d(torch.from_numpy(masks)[:, None], grid)[:, 0]
+    return words, targets
+
+
+def dense_mask_loss(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor,
+                                                                         torch.Tensor]:
+    """BCE and Dice over the whole low-res frame, the target area-averaged to it. From random
+    weights, point sampling rarely lands on a thin object's pixels and the masks stay empty;
+    every pixel counts here (the paper's point-sampled loss takes over in `train.Trainer`)."""
+    soft = F.adaptive_avg_pool2d(target, logits.shape[-2:])
+    # a thin object is a few hundred of the frame's pixels: weigh them up, or "all background"
+    # is where the masks stay
+    bce = F.binary_cross_entropy_with_logits(logits, soft,
+                                             pos_weight=logits.new_tensor(POSITIVE_WEIGHT))
+    probs = logits.sigmoid()
+    dice = 1 - (2 * (probs * soft).sum() + 1) / (probs.sum() + soft.sum() + 1)
+    return bce, dice
+
+
+def sample_loss(model: Talk2Sam, sample: RandomizedSample, config: PretrainConfig,
+                rng: np.random.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+    """Mask + IoU-head + grounding loss of one sample, gradients reaching every part."""
+    feats = model.encode_image(torch.from_numpy(sample.image))
+    box = torch.from_numpy(sample.box_xyxy)[None]
+    out = model.decode(feats, box, [sample.word])
+    target = gt_to_canvas(sample.masks[sample.target], model.long_side)[None].float() / 255
+    bce, dice = dense_mask_loss(out.low_res_logits, target)
+    with torch.no_grad():
+        served = served_mask(model, out.low_res_logits, feats, box[0], 0.0)
+        gt = torch.from_numpy(sample.masks[sample.target])
+        actual = (served & gt).sum() / (served | gt).sum().clamp(min=1)
+    iou_loss = F.mse_loss(out.iou, actual[None].float())
+    words, targets = grounding_targets(sample, feats.dino_patches.shape[:2], rng)
+    sim = similarity_map(feats.dino_patches, feats.dino_cls_attn, model.project_words(words),
+                         model.cfg.map_variant, "raw", model.cfg.background_weight)
+    map_loss = F.binary_cross_entropy_with_logits(MAP_LOGIT_SCALE * sim, targets)
+    loss = bce + dice + config.iou_loss_weight * iou_loss + config.map_loss_weight * map_loss
+    return loss, {"mask": (bce + dice).item(), "iou_mse": iou_loss.item(), "map": map_loss.item(),
+                  "iou": float(actual)}
+
+
+def pretrain(model: Talk2Sam, config: PretrainConfig,
+             progress: Callable[[dict], None] | None = None) -> list[dict]:
+    """Train every part of `model` on freshly generated samples (seeded: the same config gives
+    the same run); returns one history entry per step. Leaves the model in eval mode."""
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng([config.seed, 1])
+    data = RandomizedThinDataset(config.steps * config.batch_size, seed=config.seed)
+    params = [p for p in model.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+    model.train()
+    history, started = [], time.perf_counter()
+    for step in range(config.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * lr_factor(step, config)
+        optimizer.zero_grad(set_to_none=True)
+        parts: dict[str, float] = {}
+        for k in range(config.batch_size):  # one backward per sample: images differ in size
+            loss, terms = sample_loss(model, data.sample(step * config.batch_size + k), config,
+                                      rng)
+            (loss / config.batch_size).backward()
+            for key, value in terms.items():
+                parts[key] = parts.get(key, 0.0) + value / config.batch_size
+        torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        optimizer.step()
+        entry = {"step": step + 1, "seconds": time.perf_counter() - started, **parts}
+        history.append(entry)
+        if progress:
+            progress(entry)
+    model.eval()
+    for p in params:
+        p.requires_grad_(False)
+    return history
+
+
+def round_to_half(model: Talk2Sam) -> None:
+    """Put every weight on the float16 grid (checkpoints then store frozen parts in half the
+    space, exactly)."""
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.copy_(tensor.half().float())
