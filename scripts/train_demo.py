@@ -9,7 +9,7 @@ Two stages on `talk2sam.data.randomized` images (synthetic only, never real phot
 Then the held-out check (`scripts/heldout_check.py`) scores the result on sets drawn by other
 code, and the checkpoint, its figures and a summary are written.
 
-The defaults take about 45 minutes on a 2-core CPU.
+The defaults take about 45 minutes on a 2-core CPU (stage 1 about 40 of them).
 Usage: python scripts/train_demo.py [--out runs/demo] [--checkpoint PATH]
 """
 
@@ -43,8 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", default=str(DEMO_CHECKPOINT))
     parser.add_argument("--config", default="tiny-768")
     parser.add_argument("--pretrain-steps", type=int, default=1300)
-    parser.add_argument("--images", type=int, default=800, help="stage 2 training images")
-    parser.add_argument("--epochs", type=int, default=6, help="stage 2 epochs")
+    parser.add_argument("--images", type=int, default=300, help="stage 2 training images")
+    parser.add_argument("--epochs", type=int, default=3, help="stage 2 epochs")
     parser.add_argument("--lr", type=float, default=3e-4, help="stage 2 learning rate")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)

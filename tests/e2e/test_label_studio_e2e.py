@@ -27,9 +27,10 @@ pytestmark = pytest.mark.e2e
 # A mask pixel may stick out of its box by this much: the box is converted percent -> pixels,
 # clipped and the mask resized between frames, each of which may round by a pixel.
 MASK_MARGIN_PX = 2
-# share of the drawn wire's pixels a mask must cover (the wire is 3 px wide: a mask that follows
-# it only roughly still covers most of it; an empty or misplaced mask covers nothing)
-MIN_WIRE_COVERAGE = 0.3
+# share of the drawn wire's pixels every mask must cover (an empty or misplaced mask covers
+# nothing), and what the masks of one test cover on average (the demo model's held-out aim)
+MIN_WIRE_COVERAGE = 0.1
+MEAN_WIRE_COVERAGE = 0.3
 
 
 @dataclass
@@ -104,9 +105,15 @@ def brush_items(result: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return [item for item in result if item.get("type") == "brushlabels"]
 
 
+def wire_coverage(alpha: np.ndarray, image: WireImage) -> float:
+    """Share of the wire's pixels a decoded mask covers."""
+    return np.count_nonzero((alpha > 0) & image.mask) / np.count_nonzero(image.mask)
+
+
 def assert_mask_covers_wire(item: dict[str, Any], image: WireImage, label: str) -> np.ndarray:
     """Decode a brush result and check its size and label, that it covers at least
-    MIN_WIRE_COVERAGE of the wire's pixels (an empty mask fails) and stays inside the box."""
+    MIN_WIRE_COVERAGE of the wire's pixels (an empty mask fails) and stays inside the box.
+    Returns the mask's alpha channel."""
     assert item["from_name"] == "mask" and item["to_name"] == "image"
     assert (item["original_width"], item["original_height"]) == (image.width, image.height)
     value = item["value"]
@@ -116,7 +123,7 @@ def assert_mask_covers_wire(item: dict[str, Any], image: WireImage, label: str) 
     assert rgba.size == image.width * image.height * 4, "RLE does not decode to the image size"
     alpha = np.reshape(rgba, (image.height, image.width, 4))[:, :, 3]
     mask = alpha > 0
-    covered = np.count_nonzero(mask & image.mask) / np.count_nonzero(image.mask)
+    covered = wire_coverage(alpha, image)
     assert covered >= MIN_WIRE_COVERAGE, \
         f"the mask covers {covered:.0%} of the wire's pixels ({np.count_nonzero(mask)} px in all)"
     x0, y0, x1, y1 = image.box_xyxy
@@ -250,19 +257,21 @@ LOWER_CASE_CONFIG = """<View>
 def test_demo_model_segments_a_wire_under_lower_case_labels(
         label_studio: LabelStudioServer, ls_client: LabelStudio, backend: Backend) -> None:
     """A wire on a sky gradient with a fence below, in images of other sizes than the demo
-    was trained on: the mask follows the wire (MIN_WIRE_COVERAGE of its pixels, none outside
-    the box)."""
+    was trained on: every mask covers part of the wire and none of it lies outside the box, and
+    on average the masks cover MEAN_WIRE_COVERAGE of the wire's pixels."""
     project_id = int(ls_client.projects.create(title="e2e lower case",
                                                label_config=LOWER_CASE_CONFIG).id)
     images = [make_wire_image(label_studio.files_root / "e2e" / f"sky_{seed}.png", seed, w, h)
               for seed, (w, h) in zip((40, 41, 42), ((640, 360), (380, 520), (500, 420)))]
     task_ids = import_local_files(ls_client, label_studio, project_id, images)
     ml = ls_client.ml.create(project=project_id, url=backend.url, is_interactive=True)
+    covered = []
     for task_id, image in zip(task_ids, images):
         data = predict_interactive(ls_client, int(ml.id), task_id,
                                    {"result": [rectangle(image, "wire", f"k{task_id}")]})
         (item,) = brush_items(data["result"])
-        assert_mask_covers_wire(item, image, "wire")
+        covered.append(wire_coverage(assert_mask_covers_wire(item, image, "wire"), image))
+    assert np.mean(covered) >= MEAN_WIRE_COVERAGE, covered
     ls_client.projects.delete(project_id)
 
 
