@@ -30,11 +30,6 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.count_nonzero(a | b)
-    return np.count_nonzero(a & b) / union if union else 0.0
-
-
 def _row(case, masks: dict[str, np.ndarray], sim: np.ndarray | None) -> dict:
     return {"image": case.image, "box_xyxy": case.box_xyxy.tolist(), "word": case.word,
             "gt": case.mask, "sim_map": sim, "masks": masks}
@@ -46,6 +41,7 @@ def measure(predictor, randomized_items: int = 48, figure: str | Path | None = N
     from talk2sam.visualize import save_comparison_grid
     from talk2sam.data.heldout import HELDOUT_CLASSES, pair_set, single_set
     from talk2sam.data.randomized import RandomizedThinDataset
+    from talk2sam.metrics import mask_iou
 
     sys.path.insert(0, str(ROOT))
     from tests.e2e.synthetic_images import make_wire_image
@@ -58,7 +54,7 @@ def measure(predictor, randomized_items: int = 48, figure: str | Path | None = N
         predictor.set_image(case.image)
         prediction = predictor.predict(case.box_xyxy[None], [case.word])
         mask = prediction.masks[0]
-        ious.append(_iou(mask, case.mask))
+        ious.append(mask_iou(mask, case.mask))
         empty += int(not mask.any())
         if n < 3:
             none = predictor.predict(case.box_xyxy[None], None).masks[0]
@@ -75,9 +71,9 @@ def measure(predictor, randomized_items: int = 48, figure: str | Path | None = N
                                        [case.word, case.other_word])
         masks = prediction.masks
         no_word = predictor.predict(case.box_xyxy[None], None).masks[0]
-        right.append(_iou(masks[0], case.mask))
-        other.append(_iou(masks[1], case.mask))
-        none.append(_iou(no_word, case.mask))
+        right.append(mask_iou(masks[0], case.mask))
+        other.append(mask_iou(masks[1], case.mask))
+        none.append(mask_iou(no_word, case.mask))
         if n < 4:
             rows.append(_row(case, {"word": masks[0], "other word": masks[1],
                                                "no word": no_word}, prediction.sim_maps[0]))
@@ -106,7 +102,7 @@ def measure(predictor, randomized_items: int = 48, figure: str | Path | None = N
     for i in range(len(data)):
         item = data[i]
         predictor.set_image(item["image"])
-        ious.append(_iou(predictor.predict(item["box_xyxy"][None], [item["word"]]).masks[0],
+        ious.append(mask_iou(predictor.predict(item["box_xyxy"][None], [item["word"]]).masks[0],
                          item["mask"]))
     out["randomized"] = {"n": len(ious), "miou": float(np.mean(ious))}
     if figure:

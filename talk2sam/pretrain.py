@@ -113,7 +113,7 @@ def pretrain(model: Talk2Sam, config: PretrainConfig,
     torch.manual_seed(config.seed)
     rng = np.random.default_rng([config.seed, 1])
     data = RandomizedThinDataset(config.steps * config.batch_size, seed=config.seed)
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     for p in params:
         p.requires_grad_(True)
     decay = [p for p in params if p.ndim >= 2]

@@ -163,6 +163,14 @@ def _paint(image: np.ndarray, cov: np.ndarray, rng: np.random.Generator) -> None
     image[:] = (1 - cov[..., None]) * image + cov[..., None] * colour.astype(np.float32)
 
 
+def _finish(image: np.ndarray, coverages: list[np.ndarray], rng: np.random.Generator
+            ) -> np.ndarray:
+    """Paint the objects in order over the background, add light noise, -> uint8."""
+    for cov in coverages:
+        _paint(image, cov, rng)
+    return np.clip(image + rng.normal(0, 3, image.shape), 0, 255).astype(np.uint8)
+
+
 def _loose(rng: np.random.Generator, mask: np.ndarray, h: int, w: int) -> np.ndarray:
     ys, xs = np.nonzero(mask)
     x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
@@ -187,8 +195,7 @@ def single_set(n: int = 24, seed: int = 777) -> list[HeldoutCase]:
         image = _background(rng, h, w)
         name = HELDOUT_CLASSES[i % len(HELDOUT_CLASSES)]
         cov, _ = _object(rng, name, h, w)
-        _paint(image, cov, rng)
-        image = np.clip(image + rng.normal(0, 3, image.shape), 0, 255).astype(np.uint8)
+        image = _finish(image, [cov], rng)
         mask = cov >= 0.5
         cases.append(HeldoutCase(image, mask, name, None, _loose(rng, mask, h, w)))
     return cases
@@ -208,9 +215,7 @@ def pair_set(n_images: int = 12, seed: int = 888) -> list[HeldoutCase]:
         second, _ = _object(rng, names[1], h, w,
                             (max(0, x0 + shift[0]), max(0, y0 + shift[1]),
                              min(w - 1, x1 + shift[0]), min(h - 1, y1 + shift[1])))
-        for cov in (first, second):
-            _paint(image, cov, rng)
-        image = np.clip(image + rng.normal(0, 3, image.shape), 0, 255).astype(np.uint8)
+        image = _finish(image, [first, second], rng)
         masks = [(first >= 0.5) & ~(second >= 0.5), second >= 0.5]  # the second is on top
         box = _loose(rng, masks[0] | masks[1], h, w)
         for k in (0, 1):

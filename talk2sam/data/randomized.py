@@ -320,7 +320,7 @@ def _loose_box(rng: np.random.Generator, box: np.ndarray, hw: tuple[int, int]) -
 
 
 def _layout(rng: np.random.Generator, hw: tuple[int, int]):
-    """One attempt: (classes, coverages, visible masks, target, distractor count) or None."""
+    """One attempt: (classes, coverages, visible masks, target) in depth order, or None."""
     k = int(rng.choice([1, 2, 3], p=[0.4, 0.4, 0.2]))
     inside = [str(c) for c in rng.choice(CLASSES, size=k, replace=False)]
     target = int(rng.integers(k))

@@ -56,7 +56,7 @@ def test_one_to_three_objects_and_distractors(samples) -> None:
     assert min(counts) == 1 and max(counts) >= 3
     for s in samples:
         assert s.word in CLASS_WORDS[s.classes[s.target]]
-        visible = [m for m in s.masks]
+        visible = list(s.masks)
         for a in range(len(visible)):  # masks are the visible pixels: no pixel in two objects
             for b in range(a + 1, len(visible)):
                 assert not (visible[a] & visible[b]).any()

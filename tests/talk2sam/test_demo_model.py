@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from talk2sam.data.heldout import single_set
+from talk2sam.metrics import mask_iou
 from talk2sam.predictor import build_predictor
 from talk2sam.weights import DEMO_CHECKPOINT
 from tests.e2e.synthetic_images import make_wire_image
@@ -21,10 +22,6 @@ pytestmark = pytest.mark.skipif(not DEMO_CHECKPOINT.is_file(), reason="no demo c
 @pytest.fixture(scope="module")
 def predictor():
     return build_predictor(checkpoint=str(DEMO_CHECKPOINT), device="cpu")
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    return np.count_nonzero(a & b) / max(1, np.count_nonzero(a | b))
 
 
 def test_the_demo_is_small_and_says_what_it_is(predictor) -> None:
@@ -38,7 +35,7 @@ def test_single_objects_in_loose_boxes_are_segmented(predictor) -> None:
     for case in single_set():
         predictor.set_image(case.image)
         mask = predictor.predict(case.box_xyxy[None], [case.word]).masks[0]
-        ious.append(_iou(mask, case.mask))
+        ious.append(mask_iou(mask, case.mask))
         empty += int(not mask.any())
     assert empty <= 1
     assert np.mean(ious) >= 0.2, f"held-out single-object mIoU {np.mean(ious):.3f}"
