@@ -4,14 +4,17 @@ Label Studio posts ANNOTATION_CREATED / ANNOTATION_UPDATED with the whole annota
 and its project; ANNOTATIONS_DELETED with the ids only. Each annotation holding brush masks is
 kept as one JSON value in the Redis hash ``RedisKeys.annotations`` (field: the annotation id, so
 an update replaces it and a deletion drops it). With Redis' append-only file on (``appendonly
-yes``, as docker/docker-compose.yml runs it) nothing recorded is lost when a process restarts.
+yes``, as docker/docker-compose.yml and talk2sam-stack run it) nothing recorded is lost when a
+process restarts.
 
-A record holds what training needs and nothing of the rest of the payload: the task id and image
-URL, the rectangle and brush results, and the training pairs derived from them with the pairing
-rule of ``talk2sam.data.datasets.LabelStudioExportDataset`` (box prompt: the rectangle of the
-same label holding most of the mask, else the mask's tight box; label word; the brush mask as
-Label Studio's RLE). The fine-tuning job prefers the project's annotations fetched from Label
-Studio and falls back to these records when Label Studio cannot be reached.
+The web process only *validates cheaply* and stores: the brush RLE is never decoded here (its
+header declares how many values it expands to, and the decoder would allocate that much), so a
+brush region is refused unless its declared length is exactly width x height x 4 of its declared
+size, and that size is within MAX_IMAGE_PIXELS. Decoding and pairing masks with boxes happen in
+the trainer, which prefers the project's annotations fetched from Label Studio and falls back to
+these records when Label Studio cannot be reached. The store is bounded in bytes
+(ANNOTATION_STORE_MB): a webhook that would outgrow it is refused, and nothing stored is
+evicted.
 """
 
 from __future__ import annotations
@@ -19,12 +22,12 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
-import numpy as np
 from redis import Redis
 
+from ml_backend.errors import AnnotationStoreFullError, InvalidRequestError
 from ml_backend.schemas import RedisKeys
 
 log = logging.getLogger(__name__)
@@ -33,24 +36,40 @@ RECORD_EVENTS = frozenset({"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATI
 DELETE_EVENTS = frozenset({"ANNOTATION_DELETED", "ANNOTATIONS_DELETED"})
 TASK_DELETE_EVENTS = frozenset({"TASKS_DELETED"})
 KEPT_TYPES = ("rectanglelabels", "brushlabels")
-# what a malformed region raises (talk2sam.data's DatasetError is a ValueError)
-_UNUSABLE = (ValueError, KeyError, TypeError)
+MAX_SIDE_PX = 65_535
 
-
-@dataclass(frozen=True)
-class TrainingPair:
-    """One object to learn from.
-
-    Attributes:
-        label: the brush label (the rectangle's, when paired).
-        box_xyxy: box prompt, XYXY float pixels of the original image.
-        width, height: original image size the annotation was drawn on.
-    """
-
-    label: str
-    box_xyxy: list[float]
-    width: int
-    height: int
+# Replace or add fields, keeping KEYS[2] = total bytes of KEYS[1]'s values; refuse (-1, nothing
+# written) when the total would pass ARGV[1]. A missing counter is recomputed once.
+_PUT = """
+local total = tonumber(redis.call('get', KEYS[2]) or '-1')
+if total < 0 then
+  total = 0
+  for _, f in ipairs(redis.call('hkeys', KEYS[1])) do
+    total = total + redis.call('hstrlen', KEYS[1], f)
+  end
+end
+for i = 2, #ARGV, 2 do
+  total = total - redis.call('hstrlen', KEYS[1], ARGV[i]) + string.len(ARGV[i + 1])
+end
+if total > tonumber(ARGV[1]) then return -1 end
+for i = 2, #ARGV, 2 do redis.call('hset', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('set', KEYS[2], total)
+return total
+"""
+_DROP = """
+local total = tonumber(redis.call('get', KEYS[2]) or '0')
+local removed = 0
+for i = 1, #ARGV do
+  local size = redis.call('hstrlen', KEYS[1], ARGV[i])
+  if redis.call('hdel', KEYS[1], ARGV[i]) == 1 then
+    total = total - size
+    removed = removed + 1
+  end
+end
+if total < 0 then total = 0 end
+redis.call('set', KEYS[2], total)
+return removed
+"""
 
 
 @dataclass(frozen=True)
@@ -60,8 +79,8 @@ class RecordedAnnotation:
     Attributes:
         annotation_id, task_id, project: Label Studio ids.
         data: the task's ``data`` (the image URL under its key).
-        result: the annotation's ``rectanglelabels`` and ``brushlabels`` results (RLE masks).
-        pairs: the training pairs derived from them, one per brush region.
+        result: the annotation's ``rectanglelabels`` and ``brushlabels`` results (RLE masks,
+            validated but not decoded).
         updated_at: Label Studio's ``updated_at`` of the annotation.
     """
 
@@ -70,7 +89,6 @@ class RecordedAnnotation:
     project: int | None
     data: dict[str, Any]
     result: list[dict[str, Any]]
-    pairs: list[TrainingPair] = field(default_factory=list)
     updated_at: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -78,8 +96,7 @@ class RecordedAnnotation:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> RecordedAnnotation:
-        fields = dict(raw)
-        fields["pairs"] = [TrainingPair(**p) for p in fields.get("pairs", [])]
+        fields = {k: v for k, v in raw.items() if k != "pairs"}  # records of older versions
         return cls(**fields)
 
     def to_task(self) -> dict[str, Any]:
@@ -87,45 +104,51 @@ class RecordedAnnotation:
         return {"id": self.task_id, "data": self.data,
                 "annotations": [{"id": self.annotation_id, "result": self.result}]}
 
+    @property
+    def brush_regions(self) -> int:
+        return sum(r.get("type") == "brushlabels" for r in self.result)
 
-def training_pairs(task: dict[str, Any], annotation: dict[str, Any]) -> list[TrainingPair]:
-    """Pairs of one annotation, by the pairing rule of ``LabelStudioExportDataset``.
 
-    Regions that cannot be used (several labels, empty or malformed masks) are left out.
+def declared_rle_values(rle: Any) -> int:
+    """How many values a Label Studio brush RLE says it expands to: its first 32 bits.
+
+    Raises:
+        InvalidRequestError: not a list of byte values, or shorter than its header.
     """
-    from talk2sam.data.datasets import LabelStudioExportDataset  # numpy and PIL only, no torch
-
-    sizes = {(int(r["original_height"]), int(r["original_width"]))
-             for r in annotation.get("result", [])
-             if r.get("type") == "brushlabels" and "original_height" in r}
-    if len(sizes) != 1:
-        return []
-    height, width = sizes.pop()
-    blank = np.zeros((height, width, 3), np.uint8)  # the pairing needs sizes, not pixels
-    one_task = {"id": task.get("id"), "data": {"image": "-"},
-                "annotations": [{"id": annotation.get("id"), "result": annotation["result"]}]}
-    try:
-        dataset = LabelStudioExportDataset([one_task], lambda _: blank)
-    except _UNUSABLE as exc:
-        log.info("annotation %s not usable for training: %s", annotation.get("id"), exc)
-        return []
-    pairs = []
-    for index, region in enumerate(dataset.regions):
-        try:
-            item = dataset[index]
-        except _UNUSABLE as exc:
-            log.info("annotation %s region %s left out: %s", annotation.get("id"), region.name,
-                     exc)
-            continue
-        pairs.append(TrainingPair(label=region.word,
-                                  box_xyxy=[float(v) for v in item["box_xyxy"]],
-                                  width=width, height=height))
-    return pairs
+    if not isinstance(rle, list) or len(rle) < 5:
+        raise InvalidRequestError("brush RLE must be a list of at least 5 byte values")
+    head = rle[:4]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in head):
+        raise InvalidRequestError("brush RLE must hold byte values (0-255)")
+    return int.from_bytes(bytes(head), "big")
 
 
-def preload() -> None:
-    """Import the RLE decoder now (about 0.7 s, once) so the first webhook answers in time."""
-    from label_studio_sdk.converter import brush  # noqa: F401
+def check_brush(result: Mapping[str, Any], max_pixels: int) -> None:
+    """Cheap checks of one ``brushlabels`` result, without decoding its RLE.
+
+    Raises:
+        InvalidRequestError: naming the region and what is wrong with it.
+    """
+    name = f"brush region {str(result.get('id'))[:40]!r}"
+    value = result.get("value")
+    if not isinstance(value, Mapping) or value.get("format", "rle") != "rle":
+        raise InvalidRequestError(f"{name}: value.format must be 'rle'")
+    width, height = result.get("original_width"), result.get("original_height")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_SIDE_PX
+               for v in (width, height)):
+        raise InvalidRequestError(
+            f"{name}: original_width/original_height must be integers from 1 to {MAX_SIDE_PX}")
+    if width * height > max_pixels:
+        raise InvalidRequestError(
+            f"{name}: {width}x{height} is above MAX_IMAGE_PIXELS={max_pixels}")
+    declared = declared_rle_values(value.get("rle"))
+    if declared != width * height * 4:
+        raise InvalidRequestError(
+            f"{name}: its RLE declares {declared} values, a {width}x{height} RGBA mask has "
+            f"{width * height * 4}")
+    labels = value.get("brushlabels")
+    if not isinstance(labels, list) or not all(isinstance(v, str) for v in labels):
+        raise InvalidRequestError(f"{name}: value.brushlabels must be a list of strings")
 
 
 def _int_id(value: Any) -> int | None:
@@ -140,74 +163,96 @@ def _int_id(value: Any) -> int | None:
     return None
 
 
+def _as_list(value: Any) -> list[Any]:
+    return [value] if isinstance(value, dict) else value if isinstance(value, list) else []
+
+
 class AnnotationStore:
     """Records, drops and lists webhook annotations in Redis.
 
     Args:
         redis: connection.
         keys: key names (the backend's prefix).
+        max_bytes: bound of the stored JSON values (ANNOTATION_STORE_MB).
+        max_pixels: largest declared mask size (MAX_IMAGE_PIXELS).
     """
 
-    def __init__(self, redis: Redis, keys: RedisKeys):
+    def __init__(self, redis: Redis, keys: RedisKeys, max_bytes: int = 256 * 2**20,
+                 max_pixels: int = 100_000_000):
         self.redis = redis
         self.keys = keys
+        self.max_bytes = max_bytes
+        self.max_pixels = max_pixels
 
     def record(self, payload: dict[str, Any]) -> list[RecordedAnnotation]:
         """Record the annotation(s) of an ANNOTATION(S)_CREATED / ANNOTATION_UPDATED payload.
 
         An annotation without brush masks, or cancelled, drops an earlier record of the same id
-        (an update may have erased the masks).
+        (an update may have erased the masks). Every brush region is checked first: one bad
+        region refuses the whole payload and nothing is written.
 
         Returns:
             The records written.
+
+        Raises:
+            InvalidRequestError: a malformed brush region (see :func:`check_brush`).
+            AnnotationStoreFullError: the store would outgrow ANNOTATION_STORE_MB.
         """
-        annotations = payload.get("annotation") or payload.get("annotations") or []
-        if isinstance(annotations, dict):
-            annotations = [annotations]
-        tasks = payload.get("task") or payload.get("tasks") or []
-        if isinstance(tasks, dict):
-            tasks = [tasks]
-        tasks_by_id = {_int_id(t): t for t in tasks if isinstance(t, dict)}
+        tasks = [t for t in _as_list(payload.get("task") or payload.get("tasks"))
+                 if isinstance(t, dict)]
+        tasks_by_id = {_int_id(t): t for t in tasks}
         project = _int_id(payload.get("project"))
-        written, dropped = [], []
-        for ann in annotations:
+        written: dict[int, RecordedAnnotation] = {}
+        dropped: list[int] = []
+        for ann in _as_list(payload.get("annotation") or payload.get("annotations")):
             if not isinstance(ann, dict) or _int_id(ann) is None:
                 continue
-            task_id = _int_id(ann.get("task"))
-            task = tasks_by_id.get(task_id) or (tasks[0] if len(tasks) == 1 else None)
+            task = tasks_by_id.get(_int_id(ann.get("task"))) or (tasks[0] if len(tasks) == 1
+                                                                 else None)
             record = self._record_of(ann, task, project)
             if record is None:
-                dropped.append(_int_id(ann))
+                dropped.append(int(_int_id(ann) or 0))
             else:
-                written.append(record)
-        pipe = self.redis.pipeline(transaction=True)
-        for record in written:
-            pipe.hset(self.keys.annotations, str(record.annotation_id),
-                      json.dumps(record.to_dict()))
+                written[record.annotation_id] = record
+        if written:
+            args = [str(self.max_bytes)]
+            for record in written.values():
+                args += [str(record.annotation_id), json.dumps(record.to_dict())]
+            if int(self.redis.eval(_PUT, 2, self.keys.annotations, self.keys.annotations_bytes,
+                                   *args)) < 0:
+                raise AnnotationStoreFullError(
+                    f"the annotation store is full (ANNOTATION_STORE_MB="
+                    f"{self.max_bytes // 2**20}); annotations {sorted(written)} were not "
+                    f"recorded (training reads them from Label Studio's export)")
         if dropped:
-            pipe.hdel(self.keys.annotations, *map(str, dropped))
-        pipe.execute()
-        return written
+            self._drop_ids(dropped)
+        return list(written.values())
 
-    @staticmethod
-    def _record_of(ann: dict[str, Any], task: dict[str, Any] | None,
+    def _record_of(self, ann: dict[str, Any], task: dict[str, Any] | None,
                    project: int | None) -> RecordedAnnotation | None:
         if ann.get("was_cancelled") or not isinstance(task, dict):
             return None
         result = [r for r in ann.get("result") or []
                   if isinstance(r, dict) and r.get("type") in KEPT_TYPES]
-        if not any(r["type"] == "brushlabels" for r in result):
+        brushes = [r for r in result if r["type"] == "brushlabels"]
+        if not brushes:
             return None
-        kept = {**ann, "result": result}
-        pairs = training_pairs(task, kept)
-        if not pairs:
-            return None
+        for region in brushes:
+            check_brush(region, self.max_pixels)
+        data = task.get("data")
         return RecordedAnnotation(
             annotation_id=int(_int_id(ann) or 0), task_id=int(_int_id(task) or 0),
             project=project if project is not None else _int_id(ann.get("project")),
-            data=dict(task.get("data") or {}), result=result, pairs=pairs,
-            updated_at=ann.get("updated_at"),
+            data=dict(data) if isinstance(data, dict) else {}, result=result,
+            updated_at=ann.get("updated_at") if isinstance(ann.get("updated_at"), str) else None,
         )
+
+    def _drop_ids(self, ids: Iterable[int | str]) -> int:
+        fields = [str(i) for i in ids]
+        if not fields:
+            return 0
+        return int(self.redis.eval(_DROP, 2, self.keys.annotations, self.keys.annotations_bytes,
+                                   *fields))
 
     def drop(self, payload: dict[str, Any]) -> int:
         """Forget the annotations named by an ANNOTATION(S)_DELETED payload.
@@ -215,17 +260,14 @@ class AnnotationStore:
         Returns:
             How many records were removed.
         """
-        items = payload.get("annotations") or payload.get("annotation") or []
-        if isinstance(items, dict):
-            items = [items]
-        ids = [i for i in (_int_id(a) for a in items) if i is not None]
-        return int(self.redis.hdel(self.keys.annotations, *map(str, ids))) if ids else 0
+        items = _as_list(payload.get("annotations") or payload.get("annotation"))
+        return self._drop_ids(i for i in (_int_id(a) for a in items) if i is not None)
 
     def drop_tasks(self, payload: dict[str, Any]) -> int:
         """Forget every annotation of the tasks named by a TASKS_DELETED payload."""
-        task_ids = {i for i in (_int_id(t) for t in payload.get("tasks") or []) if i is not None}
-        doomed = [str(r.annotation_id) for r in self.all() if r.task_id in task_ids]
-        return int(self.redis.hdel(self.keys.annotations, *doomed)) if doomed else 0
+        task_ids = {i for i in (_int_id(t) for t in _as_list(payload.get("tasks")))
+                    if i is not None}
+        return self._drop_ids(r.annotation_id for r in self.all() if r.task_id in task_ids)
 
     def all(self, project: int | None = None) -> list[RecordedAnnotation]:
         """Every record (of ``project`` when given), by annotation id."""
@@ -234,6 +276,9 @@ class AnnotationStore:
         if project is not None:
             records = [r for r in records if r.project == project]
         return sorted(records, key=lambda r: r.annotation_id)
+
+    def stored_bytes(self) -> int:
+        return int(self.redis.get(self.keys.annotations_bytes) or 0)
 
     def count_new(self, projects: Iterable[int | None]) -> int:
         """Add the recorded annotations to their project's counter; returns the largest count."""

@@ -10,11 +10,12 @@
 
 Errors: typed errors are mapped to HTTP statuses in :data:`HTTP_STATUS`, the one place; bodies
 are ``{"error": {"type", "message", "request_id"}}``; tracebacks go to the log only. Optional
-basic auth (BASIC_AUTH_USER/BASIC_AUTH_PASS) and/or a bearer token (API_TOKEN) guard /setup,
-/predict and /metrics; /health stays open because load balancers probe it, and /webhook stays
-open unless WEBHOOK_AUTH=true, because Label Studio sends webhooks without auth headers unless
-the webhook's headers are configured. Bodies over MAX_REQUEST_BYTES are refused with 413 before
-they are parsed (by Content-Length at once, else while they stream in).
+basic auth (BASIC_AUTH_USER/BASIC_AUTH_PASS) and/or a bearer token (API_TOKEN) guard every route
+but /health, which load balancers probe. /webhook is guarded too: Label Studio sends START_TRAINING
+with the model connection's basic auth, and annotation webhooks with the headers set on the
+webhook (docs/RELIABILITY.md). Bodies over MAX_REQUEST_BYTES are refused with 413 before they are
+parsed (by Content-Length at once, else while they stream in). The web process imports neither
+torch nor the trainer nor ``talk2sam``'s data code: webhooks are checked cheaply and stored.
 
 Start: ``python -m ml_backend.app --host 0.0.0.0 --port 9090``.
 """
@@ -43,8 +44,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from redis.exceptions import RedisError
 from starlette.concurrency import run_in_threadpool
 
-from ml_backend.annotations import preload as preload_annotation_decoder
 from ml_backend.errors import (
+    AnnotationStoreFullError,
     BackendError,
     ImageFetchError,
     InvalidImageError,
@@ -52,6 +53,7 @@ from ml_backend.errors import (
     JobFailedError,
     JobTimeoutError,
     ModelError,
+    NoTrainerError,
     NoWorkerError,
     QueueFullError,
     RequestTooLargeError,
@@ -62,7 +64,7 @@ from ml_backend.ls_protocol import parse_predict_request
 from ml_backend.model import Talk2SamBackend
 from ml_backend.queue_client import QueueClient, RedisUnavailableError
 from ml_backend.settings import Settings, settings_for_command
-from ml_backend.trainer import ACTIVE_STATES
+from ml_backend.training_queue import ACTIVE_STATES
 from talk2sam.configs import UNTRAINED_TEXT_NOTE, UNTRAINED_TEXT_SUFFIX  # plain data: no torch
 
 log = logging.getLogger(__name__)
@@ -74,6 +76,8 @@ HTTP_STATUS: dict[type[Exception], int] = {
     UnauthorizedError: 401,
     InvalidImageError: 422,
     ImageFetchError: 502,
+    AnnotationStoreFullError: 507,
+    NoTrainerError: 503,
     QueueFullError: 503,
     NoWorkerError: 503,
     WorkerDiedError: 503,
@@ -82,7 +86,7 @@ HTTP_STATUS: dict[type[Exception], int] = {
     JobFailedError: 500,
 }
 WORKER_REFRESH_S = 2.0
-OPEN_PATHS = frozenset({"/health", "/webhook"})
+OPEN_PATHS = frozenset({"/health"})
 
 
 def http_status(exc: Exception) -> int:
@@ -149,7 +153,6 @@ def create_app(settings: Settings, queue: QueueClient | None = None) -> FastAPI:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         # Learn the workers' model_version before the first /setup is answered.
         await run_in_threadpool(refresh_workers)
-        threading.Thread(target=preload_annotation_decoder, daemon=True).start()
         task = asyncio.create_task(refresh_loop())
         try:
             yield
@@ -159,7 +162,6 @@ def create_app(settings: Settings, queue: QueueClient | None = None) -> FastAPI:
     app = FastAPI(title="talk2sam ML backend", lifespan=lifespan)
     app.state.backend = backend
     app.state.metrics = metrics
-    open_paths = OPEN_PATHS - {"/webhook"} if settings.webhook_auth else OPEN_PATHS
 
     @app.middleware("http")
     async def request_context(request: Request, call_next: Any) -> Response:
@@ -168,7 +170,7 @@ def create_app(settings: Settings, queue: QueueClient | None = None) -> FastAPI:
         started = time.perf_counter()
         error_name: str | None = None
         try:
-            if settings.auth_enabled and request.url.path not in open_paths:
+            if settings.auth_enabled and request.url.path not in OPEN_PATHS:
                 _check_auth(request, settings)
             _check_content_length(request, settings.max_request_bytes)
             response = await call_next(request)
@@ -360,7 +362,8 @@ def _prometheus(snapshot: dict[str, Any]) -> str:
     ]
     for queue_name, depth in snapshot.get("queue_depth", {}).items():
         lines.append(f'talk2sam_queue_depth{{queue="{queue_name}"}} {depth}')
-    counters = ("jobs", "warm_jobs", "job_errors", "boxes", "cache_hits", "cache_misses")
+    counters = ("jobs", "warm_jobs", "job_errors", "boxes", "cache_hits", "cache_misses",
+                "reload_failures")
     for counter in counters:
         lines.append(f"# TYPE talk2sam_worker_{counter}_total counter")
         for worker in snapshot["workers"]:
@@ -380,15 +383,29 @@ def _prometheus(snapshot: dict[str, Any]) -> str:
     if training.get("serving"):
         lines += ["# TYPE talk2sam_serving_version gauge",
                   f'talk2sam_serving_version{{version="{training["serving"]}"}} 1']
+    if "trainers" in training:
+        lines += ["# TYPE talk2sam_trainers_live gauge",
+                  f"talk2sam_trainers_live {len(training['trainers'])}"]
     progress = training.get("progress") or {}
     if progress:
         running = progress.get("state") in ACTIVE_STATES
         lines += ["# TYPE talk2sam_training_running gauge",
-                  f"talk2sam_training_running {int(running)}"]
-        for key in ("epoch", "loss", "eta_s"):
+                  f"talk2sam_training_running {int(running)}",
+                  "# TYPE talk2sam_training_state gauge",
+                  f'talk2sam_training_state{{state="{progress.get("state")}"}} 1']
+        for key in ("epoch", "epochs", "loss", "eta_s"):
             if isinstance(progress.get(key), (int, float)):
                 lines += [f"# TYPE talk2sam_training_{key} gauge",
                           f"talk2sam_training_{key} {progress[key]:g}"]
+        if progress.get("result"):  # the last job's outcome and its held-out scores
+            lines += ["# TYPE talk2sam_training_last_result gauge",
+                      f'talk2sam_training_last_result{{result="{progress["result"]}",'
+                      f'version="{progress.get("version")}"}} 1',
+                      "# TYPE talk2sam_training_heldout_miou gauge"]
+            for model, scores in (progress.get("metrics") or {}).items():
+                if isinstance(scores, dict) and isinstance(scores.get("miou"), (int, float)):
+                    lines.append(f'talk2sam_training_heldout_miou{{model="{model}"}} '
+                                 f'{scores["miou"]:g}')
     return "\n".join(lines) + "\n"
 
 

@@ -41,6 +41,19 @@ class QueueFullError(BackendError):
     """The shared queue holds more jobs than QUEUE_MAX_DEPTH."""
 
 
+class NoTrainerError(BackendError):
+    """Training was requested but no trainer process is alive to take the job."""
+
+
+class TrainingError(BackendError):
+    """A training job cannot proceed (too few usable annotations, no serving version to start
+    from, a base model the trainer cannot build)."""
+
+
+class AnnotationStoreFullError(BackendError):
+    """Recording an annotation would make the store outgrow ANNOTATION_STORE_MB."""
+
+
 class JobTimeoutError(BackendError):
     """A job did not finish before the request's deadline."""
 

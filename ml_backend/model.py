@@ -21,8 +21,10 @@ without its own text. This holds in interactive and in batch mode.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,10 +45,12 @@ from ml_backend.ls_protocol import (
     task_boxes,
     word_for_label,
 )
+from redis.exceptions import RedisError
+
 from ml_backend.queue_client import QueueClient
 from ml_backend.schemas import PredictJobResult, PredictJobSpec, decode_mask
 from ml_backend.settings import Settings
-from ml_backend.trainer import TrainingQueue, TrainRequest
+from ml_backend.training_queue import TrainingQueue, TrainRequest
 from ml_backend.versions import utc_now
 
 log = logging.getLogger(__name__)
@@ -82,7 +86,9 @@ class Talk2SamBackend:
     @functools.cached_property
     def annotations(self) -> AnnotationStore:
         """Webhook annotations in the queue's Redis (made on first use)."""
-        return AnnotationStore(self.queue.redis, self.queue.keys)
+        return AnnotationStore(self.queue.redis, self.queue.keys,
+                               max_bytes=self.settings.annotation_store_mb * 2**20,
+                               max_pixels=self.settings.max_image_pixels)
 
     @functools.cached_property
     def training(self) -> TrainingQueue:
@@ -111,6 +117,12 @@ class Talk2SamBackend:
             if project:
                 self._projects[_project_id(project)] = entry
             self._last_setup = entry
+        if project:  # START_TRAINING is accepted only for projects set up here (any process)
+            try:
+                self.queue.redis.hset(self.queue.keys.projects, _project_id(project), json.dumps(
+                    {"hostname": entry.hostname, "at": time.time()}))
+            except RedisError as exc:
+                log.warning("project %s not recorded: %s", project, exc)
         return {"model_version": self.model_version}
 
     def predict(self, tasks: list[dict[str, Any]], context: dict[str, Any] | None = None, *,
@@ -161,21 +173,30 @@ class Talk2SamBackend:
     def fit(self, event: str, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
         """Webhook events (label-studio-ml's ``fit``): record corrections, start training.
 
-        ANNOTATION_CREATED / ANNOTATION_UPDATED are recorded as training pairs
-        (``ml_backend.annotations``), ANNOTATIONS_DELETED and TASKS_DELETED drop them;
-        START_TRAINING, or TRAIN_EVERY_N recorded annotations of a project, enqueue one
-        fine-tuning job (``ml_backend.trainer``); anything else is acknowledged and ignored.
-        Only Redis is touched, so the answer comes well within Label Studio's 1 s.
+        ANNOTATION_CREATED / ANNOTATION_UPDATED are recorded, after cheap checks, for the
+        trainer (``ml_backend.annotations``), ANNOTATIONS_DELETED and TASKS_DELETED drop them;
+        START_TRAINING of a project this backend was set up for, or TRAIN_EVERY_N recorded
+        annotations of one, enqueue one fine-tuning job (``ml_backend.training_queue``);
+        anything else is acknowledged and ignored. Only Redis is touched, so the answer comes
+        well within Label Studio's 1 s.
+
+        Raises:
+            InvalidRequestError: START_TRAINING without a project, or for one never set up.
+            NoTrainerError: training requested and no trainer is alive.
         """
         project = _payload_project(data)
         if event in RECORD_EVENTS:
             records = self.annotations.record(data)
             answer: dict[str, Any] = {"status": "recorded", "event": event,
                                       "annotations": [r.annotation_id for r in records],
-                                      "pairs": sum(len(r.pairs) for r in records)}
+                                      "brush_regions": sum(r.brush_regions for r in records)}
             every = self.settings.train_every_n
             if records and every and self.annotations.count_new([project]) >= every:
-                answer["training"] = self._request_training(project, "TRAIN_EVERY_N")
+                if self._set_up(project):
+                    answer["training"] = self._request_training(project, "TRAIN_EVERY_N")
+                else:
+                    log.warning("TRAIN_EVERY_N reached for project %s, which was never set up "
+                                "here: no training requested", project)
             return answer
         if event in DELETE_EVENTS:
             return {"status": "deleted", "event": event, "dropped": self.annotations.drop(data)}
@@ -183,6 +204,12 @@ class Talk2SamBackend:
             return {"status": "deleted", "event": event,
                     "dropped": self.annotations.drop_tasks(data)}
         if event == "START_TRAINING":
+            if project is None:
+                raise InvalidRequestError("START_TRAINING must name its project")
+            if not self._set_up(project):
+                raise InvalidRequestError(
+                    f"START_TRAINING for project {project}, which this backend was never set up "
+                    f"for (Label Studio calls /setup when the model is connected)")
             return {"status": "training", "event": event,
                     "training": self._request_training(project, event)}
         log.info("webhook %s ignored", event)
@@ -198,6 +225,15 @@ class Talk2SamBackend:
         return answer
 
     # ------------------------------------------------------------ helpers
+
+    def _set_up(self, project: int | None) -> bool:
+        """Whether /setup was called for ``project`` (by this process or another one)."""
+        if project is None:
+            return False
+        with self._lock:
+            if str(project) in self._projects:
+                return True
+        return bool(self.queue.redis.hexists(self.queue.keys.projects, str(project)))
 
     def _label_studio_access(self, project: str | None) -> tuple[str | None, str | None]:
         """Label Studio URL and token for image downloads: settings first, then /setup's."""

@@ -80,6 +80,21 @@ class RedisKeys:
         """JSON progress of the current or last training job (epoch, loss, ETA)."""
         return f"{self.prefix}train:progress"
 
+    @property
+    def trainers(self) -> str:
+        """Set of trainer names that have announced themselves (dead ones are pruned lazily)."""
+        return f"{self.prefix}trainers"
+
+    @property
+    def annotations_bytes(self) -> str:
+        """Total bytes of the values of :attr:`annotations` (the store's bound)."""
+        return f"{self.prefix}annotations:bytes"
+
+    @property
+    def projects(self) -> str:
+        """Hash: Label Studio project id -> JSON of its last /setup (hostname, time)."""
+        return f"{self.prefix}projects"
+
     def trainer_heartbeat(self, trainer: str) -> str:
         """JSON heartbeat of a trainer process, expiring when it stops refreshing it."""
         return f"{self.prefix}trainer-heartbeat:{trainer}"

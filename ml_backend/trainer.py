@@ -1,31 +1,34 @@
 """Learning from corrections: the fine-tuning job and its worker, ``python -m ml_backend.trainer``.
 
-Requests (web side, :class:`TrainingQueue`, no torch): START_TRAINING, or TRAIN_EVERY_N new
-annotations, enqueue ONE job on the training queue (``RedisKeys.train_queue``, its own queue:
-inference workers never take it). ``RedisKeys.train_lock`` names the job queued or running; a
-request while that job is queued, or running in a live trainer, starts nothing. A lock whose job
-finished, failed or lost its trainer (heartbeat expired, e.g. SIGKILL) is taken over, and the
-version that job was making is marked failed.
+Jobs are requested through ``ml_backend.training_queue`` (the web side: one job at a time, none
+without a live trainer, unclaimed jobs expire). The job (:func:`train_job`, in this process):
 
-The job (:func:`train_job`, in the trainer process):
-
-1. fetches the project's annotations from Label Studio (label-studio-sdk, JSON export; the
-   START_TRAINING webhook carries none) and falls back to the annotations recorded from webhooks
-   (``ml_backend.annotations``) when Label Studio cannot be reached;
-2. splits tasks into training and held-out sets by a hash of the task id (stable: a task never
+1. loads the version that serves now (the serving pointer, which the inference workers register
+   when they start): its checkpoint, or the base model of MODEL_CONFIG / MODEL_CHECKPOINT when
+   that base is what serves. With no serving version, or a base this trainer's settings do not
+   build, it refuses (``TrainingError``): it never registers a model of its own;
+2. fetches the project's annotations from Label Studio (label-studio-sdk, JSON export; the
+   START_TRAINING webhook carries none), the source of truth; only when Label Studio cannot be
+   reached does it fall back, with a warning in the log and in the progress, to the
+   annotations recorded from webhooks (``ml_backend.annotations``), whose masks it decodes and
+   pairs with their boxes here, never in the web process;
+3. splits tasks into training and held-out sets by a hash of the task id (stable: a task never
    moves between sets as the project grows), TRAIN_HOLDOUT_PERCENT held out;
-3. loads the serving version, scores it on the held-out set, fine-tunes it with
-   ``talk2sam.train.Trainer`` (TRAIN_EPOCHS, TRAIN_LR, TRAIN_OPTIMIZER, TRAIN_BATCH_SIZE,
-   TRAIN_LOSS_POINTS) and scores it again (mIoU, mBIoU by ``talk2sam.train.evaluate``);
-4. scores box-only SAM-HQ (the public decoder, no text) on the same held-out tasks;
-5. writes the new checkpoint under VERSIONS_DIR/checkpoints (atomic, a new file: the serving
-   checkpoint is never touched) and promotes it only when its held-out mIoU beats both the
-   serving version's by more than PROMOTE_MIN_GAIN (default 0: ties do not promote) and the
-   box-only baseline's, else records it as rejected with the reason; the three scores are
-   stored with the version. Inference workers pick the promoted version up between jobs.
+4. scores the serving version on the held-out set, fine-tunes it with ``talk2sam.train.Trainer``
+   (TRAIN_EPOCHS, at least TRAIN_MIN_STEPS optimiser steps, TRAIN_LR, TRAIN_OPTIMIZER,
+   TRAIN_BATCH_SIZE, TRAIN_LOSS_POINTS) and scores it again (mIoU, mBIoU by
+   ``talk2sam.train.evaluate``); scores box-only SAM-HQ (the public decoder, no text) on the
+   same tasks;
+5. writes the new checkpoint under VERSIONS_DIR/checkpoints (fsynced, then renamed into place:
+   the serving checkpoint is never touched) and promotes it only when its held-out mIoU beats
+   the serving version's by more than PROMOTE_MIN_GAIN (default 0: ties do not promote) and
+   box-only SAM-HQ's, and only while the version it was trained from still serves (a rollback
+   during training wins); else it is recorded as rejected with the reason. Inference workers
+   pick the promoted version up between jobs.
 
 Progress (state, epoch, step, loss, ETA) is written to ``RedisKeys.train_progress`` while it
-runs, for GET /metrics and ``python scripts/versions.py status``. A failing job leaves the
+runs (GET /metrics, ``python scripts/versions.py status``) and logged at each state change and
+epoch; the outcome line carries the held-out numbers. A failing or refused job leaves the
 serving version as it was and records why, in the version's record and in the progress.
 
 Frozen image features are computed on DEVICE; the decoder is fine-tuned and evaluated on CPU
@@ -37,181 +40,41 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import shutil
 import socket
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 from redis import Redis
-from redis.exceptions import RedisError, WatchError
+from redis.exceptions import RedisError
 from rq import Queue, SimpleWorker
-from rq.exceptions import NoSuchJobError
-from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
 from ml_backend.annotations import AnnotationStore
-from ml_backend.errors import BackendError
+from ml_backend.errors import BackendError, TrainingError
 from ml_backend.images import FetchConfig, ImageFetcher, decode_rgb
 from ml_backend.ls_protocol import word_for_label
-from ml_backend.schemas import TRAIN_JOB, RedisKeys
+from ml_backend.schemas import RedisKeys
 from ml_backend.settings import Settings, settings_for_command
-from ml_backend.versions import VersionRecord, VersionRegistry, read_serving, utc_now
+from ml_backend.training_queue import (
+    TrainerHeartbeat,
+    TrainRequest,
+    release_lock,
+    write_progress,
+)
+from ml_backend.versions import VersionError, VersionRecord, VersionRegistry, utc_now
 from talk2sam.data.items import in_hashed_share  # numpy and PIL only: no torch
 
 log = logging.getLogger(__name__)
 
-LOCK_TTL_S = 7 * 86400  # a backstop only: staleness is judged from the job and the trainer
-JUST_ENQUEUED_S = 10.0  # a lock this young counts as held while its job is not visible yet
-RESULT_TTL_S = 7 * 86400
 EXPORT_TIMEOUT_S = 60.0
-ACTIVE_STATES = ("queued", "preparing", "evaluating", "training", "saving")
-_RELEASE_LOCK = """
-if redis.call('get', KEYS[1]) then
-  local held = cjson.decode(redis.call('get', KEYS[1]))
-  if held['job_id'] == ARGV[1] then return redis.call('del', KEYS[1]) end
-end
-return 0
-"""
-
-
-class TrainingError(BackendError):
-    """A training job cannot proceed (too few usable annotations, nothing to evaluate on)."""
-
-
-@dataclass(frozen=True)
-class TrainRequest:
-    """What a training job is asked to do.
-
-    Attributes:
-        project: Label Studio project id, or None (all recorded annotations).
-        ls_url: Label Studio URL known to the web process (from /setup), or None.
-        ls_token: token known to the web process, or None (LABEL_STUDIO_API_KEY wins).
-        reason: why it was requested (``START_TRAINING``, ``TRAIN_EVERY_N``, ``cli``).
-        requested_at: UTC ISO time.
-    """
-
-    project: int | None
-    ls_url: str | None = None
-    ls_token: str | None = None
-    reason: str = "START_TRAINING"
-    requested_at: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> TrainRequest:
-        return cls(**raw)
-
-
-# ---------------------------------------------------------------- requests (web side)
-
-
-class TrainingQueue:
-    """Enqueues training jobs, one at a time, and reads their progress.
-
-    Args:
-        settings: backend settings.
-        redis: connection.
-    """
-
-    def __init__(self, settings: Settings, redis: Redis):
-        self.settings = settings
-        self.redis = redis
-        self.keys = RedisKeys(settings.key_prefix)
-        self.queue = Queue(self.keys.train_queue, connection=redis, serializer=JSONSerializer)
-
-    def request(self, req: TrainRequest) -> dict[str, Any]:
-        """Enqueue a job unless one is queued or running.
-
-        Returns:
-            ``{"status": "queued" | "already queued" | "already running", "job_id": ...}``.
-        """
-        for _ in range(10):
-            with self.redis.pipeline() as pipe:
-                try:
-                    pipe.watch(self.keys.train_lock)
-                    raw = pipe.get(self.keys.train_lock)
-                    held = json.loads(raw) if raw else None
-                    state = self.job_state(held) if held else None
-                    if state is not None:
-                        pipe.unwatch()
-                        return {"status": f"already {state}", "job_id": held["job_id"]}
-                    job_id = uuid.uuid4().hex
-                    pipe.multi()
-                    pipe.set(self.keys.train_lock,
-                             json.dumps({"job_id": job_id, "at": time.time()}), ex=LOCK_TTL_S)
-                    pipe.execute()
-                except WatchError:
-                    continue
-            break
-        else:
-            raise TrainingError("could not take the training lock (contention)")
-        if held:
-            self._abandon(held["job_id"])
-        try:
-            self.queue.enqueue(
-                TRAIN_JOB, kwargs={"request": req.to_dict()}, job_id=job_id,
-                job_timeout=self.settings.train_timeout_s, result_ttl=RESULT_TTL_S,
-                failure_ttl=RESULT_TTL_S,
-                description=f"fine-tune on project {req.project} ({req.reason})",
-            )
-        except RedisError:
-            release_lock(self.redis, self.keys, job_id)
-            raise
-        write_progress(self.redis, self.keys, {
-            "state": "queued", "job_id": job_id, "project": req.project, "reason": req.reason,
-            "requested_at": req.requested_at,
-        })
-        log.info("training job %s queued for project %s (%s)", job_id, req.project, req.reason)
-        return {"status": "queued", "job_id": job_id}
-
-    def job_state(self, held: dict[str, Any]) -> str | None:
-        """``"queued"`` or ``"running"`` while the lock's job is alive, else None (stale)."""
-        try:
-            job = Job.fetch(held["job_id"], connection=self.redis, serializer=JSONSerializer)
-        except NoSuchJobError:  # gone, or not enqueued yet by the request that took the lock
-            return "queued" if time.time() - float(held.get("at", 0)) < JUST_ENQUEUED_S else None
-        status = job.get_status(refresh=False)
-        if status in (JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED):
-            return "queued"
-        if status == JobStatus.STARTED and job.worker_name and self.redis.exists(
-                self.keys.trainer_heartbeat(job.worker_name)):
-            return "running"
-        return None
-
-    def _abandon(self, job_id: str) -> None:
-        """The previous job's trainer died or the job ended without releasing: record it."""
-        reason = "the trainer stopped while running this job (killed or crashed)"
-        registry = VersionRegistry(self.redis, self.keys, self.settings.versions_path)
-        for record in registry.fail_training(job_id, reason):
-            log.warning("version %s: %s", record.name, reason)
-
-    def status(self) -> dict[str, Any]:
-        """Progress of the current or last job, and whether one holds the lock."""
-        raw = self.redis.get(self.keys.train_progress)
-        lock = self.redis.get(self.keys.train_lock)
-        serving = read_serving(self.redis, self.keys)
-        return {"serving": serving.name if serving else None,
-                "progress": json.loads(raw) if raw else None,
-                "lock": json.loads(lock) if lock else None,
-                "queued": self.queue.count}
-
-
-def write_progress(redis: Redis, keys: RedisKeys, fields: dict[str, Any]) -> None:
-    redis.set(keys.train_progress, json.dumps({**fields, "updated_at": time.time()}))
-
-
-def release_lock(redis: Redis, keys: RedisKeys, job_id: str) -> bool:
-    """Delete the training lock if ``job_id`` holds it."""
-    return bool(redis.eval(_RELEASE_LOCK, 1, keys.train_lock, job_id))
 
 
 # ---------------------------------------------------------------- data
@@ -273,11 +136,30 @@ class TrainingRun:
         self._fetcher: ImageFetcher | None = None
 
     def progress(self, **fields: Any) -> None:
+        before = (self._progress.get("state"), self._progress.get("stage"),
+                  self._progress.get("epoch"))
         self._progress.update(fields)
         try:
             write_progress(self.redis, self.keys, self._progress)
         except RedisError as exc:  # progress is informative; training goes on
             log.warning("progress not written: %s", exc)
+        p = self._progress
+        if (p.get("state"), p.get("stage"), p.get("epoch")) != before:
+            self._log_progress(p)
+
+    def _log_progress(self, p: dict[str, Any]) -> None:
+        """One log line per state, evaluation stage and epoch (the stack's log shows them)."""
+        line = f"training job {self.job_id[:8]}: {p.get('state')}"
+        if p.get("state") == "evaluating":
+            line += f" the {p.get('stage')} model on the held-out tasks"
+        elif p.get("state") == "training" and p.get("epoch"):
+            line += f" epoch {p['epoch']}/{p.get('epochs')}"
+            if isinstance(p.get("loss"), float):
+                line += f", loss {p['loss']:.4f}, ETA {p.get('eta_s') or 0:.0f} s"
+        elif p.get("state") == "preparing" and p.get("train_objects") is not None:
+            line += (f" {p['train_objects']} training and {p['heldout_objects']} held-out "
+                     f"objects from {p.get('source')}")
+        log.info("%s", line)
 
     def run(self, req: TrainRequest) -> dict[str, Any]:
         """Train, evaluate, save and promote or reject. Returns a summary; raises on failure
@@ -289,8 +171,10 @@ class TrainingRun:
         try:
             model, parent = self._serving_model()
         except BaseException as exc:
-            self.progress(state="failed", error=f"cannot load the serving version: "
-                          f"{type(exc).__name__}: {exc}"[:500], finished_at=time.time())
+            reason = str(exc) if isinstance(exc, TrainingError) else \
+                f"cannot load the serving version: {type(exc).__name__}: {exc}"
+            self.progress(state="failed", error=reason[:500], finished_at=time.time())
+            log.error("training job %s refused: %s", self.job_id, reason)
             raise
         name = self._new_name()
         record = self.registry.put(VersionRecord(
@@ -311,24 +195,39 @@ class TrainingRun:
             if self._fetcher is not None:
                 self._fetcher.close()
         self.progress(state="done", finished_at=time.time(), result=summary["status"],
-                      metrics=summary["metrics"])
-        log.info("training job %s: %s %s in %.0f s", self.job_id, summary["status"], name,
-                 time.time() - started)
+                      reason=summary.get("reason"), metrics=summary["metrics"])
+        m = summary["metrics"]
+        log.info("training job %s: %s %s in %.0f s: held-out mIoU %.4f (serving %s %.4f, "
+                 "box-only SAM-HQ %.4f) on %d objects%s", self.job_id[:8], summary["status"],
+                 name, time.time() - started, m["new"]["miou"], parent.name, m["old"]["miou"],
+                 m["baseline"]["miou"], m["heldout_objects"],
+                 f"; {summary['reason']}" if summary.get("reason") else "")
         return summary
 
     def _serving_model(self) -> tuple[Any, VersionRecord]:
+        """The serving version's model; a trainer never decides what serves.
+
+        Raises:
+            TrainingError: nothing serves yet, or it is a base model these settings do not build.
+        """
         from talk2sam.build import build_model, load_checkpoint
 
         s = self.settings
         serving = self.registry.serving()
-        if serving is not None and serving.checkpoint:
-            return load_checkpoint(serving.checkpoint, s.model_dir), serving
-        if s.model_checkpoint:
-            model = load_checkpoint(s.model_checkpoint, s.model_dir)
-        else:
-            model = build_model(s.model_config, s.model_dir)
         if serving is None:
-            serving = self.registry.ensure_base(model.version, s.model_checkpoint)
+            raise TrainingError(
+                "no serving version is registered yet: inference workers register the model "
+                "they serve when they start; start them (talk2sam-stack does) before training")
+        if serving.checkpoint:
+            return load_checkpoint(serving.checkpoint, s.model_dir), serving
+        model = (load_checkpoint(s.model_checkpoint, s.model_dir) if s.model_checkpoint
+                 else build_model(s.model_config, s.model_dir))
+        if model.version != serving.name:
+            raise TrainingError(
+                f"the serving version {serving.name} is a base model, and this trainer's "
+                f"settings build another one ({model.version}: MODEL_CONFIG={s.model_config}, "
+                f"MODEL_CHECKPOINT={s.model_checkpoint or '-'}); start the trainer with the "
+                f"workers' model settings")
         return model, serving
 
     def _new_name(self) -> str:
@@ -345,8 +244,11 @@ class TrainingRun:
                 return fetch_project_tasks(ls_url, token, req.project), "label-studio"
             except Exception as exc:  # noqa: BLE001 - any failure of Label Studio: fall back
                 why = f"Label Studio unreachable: {type(exc).__name__}: {str(exc)[:200]}"
-        log.warning("training on recorded annotations (%s)", why)
         records = AnnotationStore(self.redis, self.keys).all(req.project)
+        log.warning("NOT training on Label Studio's export (%s): falling back to the %d "
+                    "annotations recorded from webhooks, which may miss edits made while the "
+                    "backend was unreachable", why, len(records))
+        self.progress(warning=f"trained on recorded webhooks, not Label Studio's export ({why})")
         return [r.to_task() for r in records], f"recorded ({why})"
 
     def _load_image(self, req: TrainRequest, task_ids: dict[str, int]) -> Callable[[str], Any]:
@@ -413,7 +315,10 @@ class TrainingRun:
         self.progress(state="evaluating", stage="baseline")
         baseline = _scores(evaluate(_box_only_baseline(model, s.model_dir), held_ex,
                                     box_margin_px=margin))
-        config = TrainConfig(epochs=s.train_epochs, batch_size=s.train_batch_size, lr=s.train_lr,
+        # a few corrected tasks make a short epoch: run at least TRAIN_MIN_STEPS steps
+        epochs = max(s.train_epochs, math.ceil(
+            s.train_min_steps / math.ceil(len(train_ex) / s.train_batch_size)))
+        config = TrainConfig(epochs=epochs, batch_size=s.train_batch_size, lr=s.train_lr,
                              optimizer=s.train_optimizer, num_points=s.train_loss_points,
                              box_margin_px=margin)
         self.progress(state="training", epoch=0, epochs=config.epochs)
@@ -438,13 +343,17 @@ class TrainingRun:
         refusal = promotion_refusal(new["miou"], old["miou"], baseline["miou"],
                                     s.promote_min_gain)
         if refusal is None:
-            self.registry.promote(record.name)
+            try:
+                self.registry.promote(record.name, only_if_serving=record.parent)
+            except VersionError as exc:  # rolled back or promoted meanwhile: that choice wins
+                refusal = str(exc)
+        if refusal is None:
             status = "promoted"
         else:
             self.registry.put(replace(record, status="rejected", reason=refusal))
             status = "rejected"
         return {"status": status, "version": record.name, "parent": record.parent,
-                "metrics": metrics}
+                "metrics": metrics, "reason": refusal}
 
 
 def promotion_refusal(new: float, serving: float, baseline: float,
@@ -486,39 +395,6 @@ def _default_device() -> str:
 # ---------------------------------------------------------------- worker process
 
 
-class TrainerHeartbeat:
-    """Publishes ``RedisKeys.trainer_heartbeat(name)`` from a daemon thread, so a request can
-    tell a running job from one whose trainer died."""
-
-    def __init__(self, redis: Redis, keys: RedisKeys, name: str, ttl_s: int):
-        self._redis, self._key, self._name, self._ttl_s = redis, keys.trainer_heartbeat(name), \
-            name, ttl_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="trainer-heartbeat", daemon=True)
-
-    def start(self) -> None:
-        self.publish()
-        self._thread.start()
-
-    def publish(self) -> None:
-        try:
-            self._redis.set(self._key, json.dumps({"name": self._name, "pid": os.getpid(),
-                                                   "seen_at": time.time()}), ex=self._ttl_s)
-        except Exception:  # a dead heartbeat thread would make a live trainer look dead
-            log.exception("trainer heartbeat not published")
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._ttl_s / 3):
-            self.publish()
-
-    def stop(self) -> None:
-        self._stop.set()
-        try:
-            self._redis.delete(self._key)
-        except RedisError:
-            pass
-
-
 # The settings and connection of this trainer process, set by main() (never at import).
 _context: tuple[Settings, Redis] | None = None
 
@@ -557,6 +433,10 @@ def main(argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -
     global _context
     redis = Redis.from_url(settings.redis_url)
     _context = (settings, redis)
+    if settings.torch_threads:
+        import torch  # the job imports it anyway; its CPU share is set before any work
+
+        torch.set_num_threads(settings.torch_threads)
     keys = RedisKeys(settings.key_prefix)
     heartbeat = TrainerHeartbeat(redis, keys, args.name, settings.worker_heartbeat_ttl_s)
     queue = Queue(keys.train_queue, connection=redis, serializer=JSONSerializer)

@@ -33,7 +33,8 @@ LOCK_TIMEOUT_S = 30
 
 
 class VersionError(ValueError):
-    """A version that does not exist, or cannot serve (no checkpoint file)."""
+    """A version that does not exist, or cannot serve (no checkpoint file), or a promotion whose
+    premise no longer holds (the version it was trained from stopped serving)."""
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,8 @@ def read_serving(redis: Redis, keys: RedisKeys) -> ServingVersion | None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temp file in the same folder and a rename."""
+    """Write ``text`` to ``path`` through a fsynced temp file in the same folder and a rename,
+    then fsync the folder so the rename itself survives a power cut."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
@@ -102,9 +104,19 @@ def atomic_write_text(path: Path, text: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_path(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's (or a folder's) data to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class VersionRegistry:
@@ -144,9 +156,13 @@ class VersionRegistry:
 
     def serving(self) -> VersionRecord | None:
         """The serving version's record, or None when none was registered."""
-        self._restore_if_lost()
-        current = read_serving(self.redis, self.keys)
+        current = self.serving_version()
         return self.get(current.name) if current else None
+
+    def serving_version(self) -> ServingVersion | None:
+        """What workers must serve, restored from ``versions.json`` first when Redis lost it."""
+        self._restore_if_lost()
+        return read_serving(self.redis, self.keys)
 
     # ------------------------------------------------------------ changing
 
@@ -181,11 +197,19 @@ class VersionRegistry:
             self._mirror()
             return record
 
-    def promote(self, name: str, reason: str | None = None) -> VersionRecord:
+    def promote(self, name: str, reason: str | None = None,
+                only_if_serving: str | None = None) -> VersionRecord:
         """Make ``name`` the serving version; the one serving before becomes ``retired``.
 
+        Args:
+            name: the version to serve.
+            reason: stored with it (e.g. ``rollback``).
+            only_if_serving: promote only while this version serves (a fine-tuned child
+                replaces its parent, never a version rolled back to during its training).
+
         Raises:
-            VersionError: unknown version, or its checkpoint file is missing.
+            VersionError: unknown version, its checkpoint file is missing, or
+                ``only_if_serving`` no longer serves.
         """
         with self._locked():
             self._restore_if_lost()
@@ -198,6 +222,14 @@ class VersionRegistry:
                                              and record.checkpoint is None):
                 raise VersionError(f"version {name} is {record.status} and cannot serve")
             current = read_serving(self.redis, self.keys)
+            if only_if_serving is not None and (current is None
+                                                or current.name != only_if_serving):
+                raise VersionError(
+                    f"{name} was trained from {only_if_serving}, but "
+                    f"{current.name if current else 'no version'} serves now (rolled back or "
+                    f"promoted meanwhile); it is not promoted over it")
+            if record.checkpoint is not None:
+                fsync_path(record.checkpoint)  # on the disk before any worker is sent to it
             previous = self.get(current.name) if current else None
             record = replace(record, status="serving",
                              reason=reason if reason is not None else record.reason)
@@ -233,14 +265,30 @@ class VersionRegistry:
         records = sorted((json.loads(v) for v in raw.values()),
                          key=lambda r: (r["created"], r["name"]))
         current = read_serving(self.redis, self.keys)
+        saved = self._saved()
+        if saved and saved.get("key_prefix", self.keys.prefix) != self.keys.prefix:
+            raise VersionError(
+                f"{self.file} holds the registry of KEY_PREFIX {saved['key_prefix']!r}, not "
+                f"{self.keys.prefix!r}: give each backend its own VERSIONS_DIR")
         atomic_write_text(self.file, json.dumps(
-            {"serving": current.name if current else None, "versions": records}, indent=1))
+            {"key_prefix": self.keys.prefix, "serving": current.name if current else None,
+             "versions": records}, indent=1))
+
+    def _saved(self) -> dict[str, Any]:
+        try:
+            saved = json.loads(self.file.read_text())
+        except FileNotFoundError:
+            return {}
+        return saved if isinstance(saved, dict) else {}
 
     def _restore_if_lost(self) -> None:
-        """Refill Redis from ``versions.json`` when Redis holds no registry (flushed, new)."""
+        """Refill Redis from ``versions.json`` when Redis holds no registry (flushed, new), if
+        the file was written for the same KEY_PREFIX."""
         if self.redis.exists(self.keys.versions) or not self.file.is_file():
             return
-        saved = json.loads(self.file.read_text())
+        saved = self._saved()
+        if saved.get("key_prefix", self.keys.prefix) != self.keys.prefix:
+            return
         records = {r["name"]: r for r in saved.get("versions", [])}
         if not records:
             return

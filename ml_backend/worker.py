@@ -12,10 +12,15 @@ the download, decoding and ``set_image``. A heartbeat thread publishes every
 (rq's SimpleWorker sends no heartbeat of its own while a job runs). Counters (jobs, cache
 hits/misses, latency histogram) are kept in a Redis hash per worker for /metrics.
 
-Model versions: before each job, and every ``VERSION_CHECK_S`` while idle, the worker reads the
-serving-version key (``ml_backend.versions``); when a fine-tuning job or a rollback made another
-version serve, it loads that version's checkpoint and reports its name as ``model_version``, with
-no restart. A version that fails to load is logged and the current one keeps serving.
+Model versions: a worker starting while no version serves registers the model it was started
+with as the serving one (the pointer starts as what the workers serve, never as what a trainer
+would build). Before each job, and every ``VERSION_CHECK_S`` while idle, it reads the serving
+pointer (``ml_backend.versions``, restored from ``versions.json`` when Redis lost it); when a
+fine-tuning job or a rollback made another version serve, it loads that version's checkpoint and
+reports its name as ``model_version``, with no restart. Any failure while loading (a bad file,
+CUDA out of memory beside the loaded model) is logged, counted (``reload_failures`` in
+/metrics) and the current version keeps serving; that version is not retried until the pointer
+changes again.
 """
 
 from __future__ import annotations
@@ -58,7 +63,7 @@ from ml_backend.schemas import (
     encode_mask,
 )
 from ml_backend.settings import Settings, settings_for_command
-from ml_backend.versions import ServingVersion, read_serving
+from ml_backend.versions import ServingVersion, VersionError, VersionRegistry
 
 log = logging.getLogger(__name__)
 
@@ -236,13 +241,20 @@ def build_model(settings: Settings) -> SegmentationModel:
 class WorkerMetrics:
     """Counters of one worker in the Redis hash ``RedisKeys.metrics(name)``.
 
-    Fields: jobs, job_errors, warm_jobs, boxes, cache_hits, cache_misses, latency_sum_s,
-    latency_count and cumulative ``latency_le_<bucket>`` counts (a Prometheus histogram).
+    Fields: jobs, job_errors, warm_jobs, boxes, cache_hits, cache_misses, reload_failures,
+    latency_sum_s, latency_count and cumulative ``latency_le_<bucket>`` counts (a Prometheus
+    histogram).
     """
 
     def __init__(self, redis: Redis, key: str):
         self._redis = redis
         self._key = key
+
+    def count(self, field: str) -> None:
+        try:
+            self._redis.hincrby(self._key, field, 1)
+        except RedisError as exc:
+            log.warning("metrics not recorded: %s", exc)
 
     def record(self, *, job: str, ok: bool, hit: bool | None, boxes: int, latency_s: float) -> None:
         pipe = self._redis.pipeline(transaction=False)
@@ -330,6 +342,7 @@ class WorkerRuntime:
         self.name = name
         self.keys = RedisKeys(settings.key_prefix)
         self.redis = redis
+        self.registry = VersionRegistry(redis, self.keys, settings.versions_path)
         self._unloadable: str | None = None
         # the serving version the model was loaded for: a version without a checkpoint is the
         # configured base model, whose own name may differ (e.g. an older "-base" record)
@@ -361,8 +374,8 @@ class WorkerRuntime:
         if self.settings.model == "noop":
             return
         try:
-            serving = read_serving(self.redis, self.keys)
-        except RedisError as exc:
+            serving = self.registry.serving_version()
+        except (RedisError, OSError, ValueError) as exc:  # Redis down, unreadable versions.json
             log.warning("serving version unknown: %s", exc)
             return
         if serving is None or serving.name in (self.model.model_version, self._unloadable,
@@ -370,12 +383,15 @@ class WorkerRuntime:
             return
         started = time.perf_counter()
         try:
-            self.model = build_model(settings_serving(self.settings, serving))
-        except ModelError as exc:
-            log.error("version %s cannot be loaded, %s keeps serving: %s", serving.name,
-                      self.model.model_version, exc)
+            model = build_model(settings_serving(self.settings, serving))
+        except Exception as exc:  # noqa: BLE001 - whatever failed, the loaded model still serves
+            log.error("version %s cannot be loaded, %s keeps serving: %s: %s", serving.name,
+                      self.model.model_version, type(exc).__name__, exc)
             self._unloadable = serving.name
+            self.metrics.count("reload_failures")
+            _release_memory()
             return
+        self.model = model
         self._unloadable = None
         self.loaded_for = serving.name
         log.info("now serving %s (loaded in %.1f s)", self.model.model_version,
@@ -482,6 +498,16 @@ def warm_job(spec: dict[str, Any]) -> dict[str, Any]:
     return _current_runtime().warm(PredictJobSpec.from_dict(spec))
 
 
+def _release_memory() -> None:
+    """Give back what a failed load allocated (CUDA's cache keeps freed blocks otherwise)."""
+    import gc
+
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def settings_serving(settings: Settings, serving: ServingVersion | None) -> Settings:
     """The settings with MODEL_CHECKPOINT replaced by the serving version's checkpoint."""
     if serving is None or settings.model == "noop":
@@ -534,34 +560,16 @@ def main(argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     global _runtime
     redis = Redis.from_url(settings.redis_url)
+    registry = VersionRegistry(redis, RedisKeys(settings.key_prefix), settings.versions_path)
     t0 = time.perf_counter()
     try:
-        serving = read_serving(redis, RedisKeys(settings.key_prefix))
-    except RedisError as exc:
-        log.warning("serving version unknown: %s", exc)
-        serving = None
-    serving_loaded = serving is not None
-    try:
-        model = build_model(settings_serving(settings, serving))
+        model, loaded_for, unloadable = _first_model(settings, registry)
     except ModelError as exc:
-        if serving is None:
-            log.error("%s", exc)
-            return 3
-        log.error("serving version %s cannot be loaded, starting with the configured model: %s",
-                  serving.name, exc)
-        serving_loaded = False
-        try:
-            model = build_model(settings)
-        except ModelError as exc2:
-            log.error("%s", exc2)
-            return 3
+        log.error("%s", exc)
+        return 3
     log.info("model %s loaded in %.1f s", model.model_version, time.perf_counter() - t0)
     _runtime = WorkerRuntime(settings, model, args.name, redis)
-    if serving is not None:
-        if serving_loaded:
-            _runtime.loaded_for = serving.name
-        else:
-            _runtime._unloadable = serving.name  # do not retry the version that failed to load
+    _runtime.loaded_for, _runtime._unloadable = loaded_for, unloadable
     keys = RedisKeys(settings.key_prefix)
     queues = [Queue(name, connection=redis, serializer=JSONSerializer)
               for name in (keys.worker_queue(args.name), keys.predict_queue, keys.warm_queue)]
@@ -582,6 +590,52 @@ def main(argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -
         _runtime.heartbeat.stop()
         _runtime.fetcher.close()
     return 0
+
+
+def _first_model(settings: Settings, registry: VersionRegistry
+                 ) -> tuple[SegmentationModel, str | None, str | None]:
+    """The model to start with: the serving version's, else the configured one (registered as
+    serving when nothing serves yet).
+
+    Returns:
+        (model, the serving version it was loaded for or None, a serving version that failed
+        to load and must not be retried, or None).
+
+    Raises:
+        ModelError: the configured model cannot be built either.
+    """
+    try:
+        serving = registry.serving_version()  # restored from versions.json if Redis lost it
+    except (RedisError, OSError, ValueError) as exc:
+        log.warning("serving version unknown: %s", exc)
+        serving = None
+    if serving is not None and settings.model != "noop":
+        try:
+            return build_model(settings_serving(settings, serving)), serving.name, None
+        except Exception as exc:  # noqa: BLE001 - fall back to the configured model
+            log.error("serving version %s cannot be loaded, starting with the configured "
+                      "model: %s: %s", serving.name, type(exc).__name__, exc)
+            _release_memory()
+            return build_model(settings), None, serving.name
+    model = build_model(settings)
+    if settings.model == "noop":
+        return model, None, None
+    registered = _register_base(registry, model.model_version, settings.model_checkpoint)
+    # another worker may have registered another model first: it is followed before any job
+    return model, (registered if registered == model.model_version else None), None
+
+
+def _register_base(registry: VersionRegistry, version: str, checkpoint: str | None) -> str | None:
+    """Make the model this worker was started with the serving version, unless another worker
+    registered one first (then that one is followed before the first job)."""
+    try:
+        record = registry.ensure_base(version, checkpoint)
+    except (RedisError, VersionError, OSError) as exc:
+        log.error("cannot register %s as the serving version: %s", version, exc)
+        return None
+    if record.name == version:
+        log.info("serving version: %s", version)
+    return record.name
 
 
 def _wait_for_redis(redis: Redis, worker: SimpleWorker, pause_s: float = 1.0) -> None:

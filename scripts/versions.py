@@ -23,7 +23,7 @@ from redis import Redis
 
 from ml_backend.schemas import RedisKeys
 from ml_backend.settings import settings_for_command
-from ml_backend.trainer import TrainingQueue, TrainRequest
+from ml_backend.training_queue import TrainingQueue, TrainRequest
 from ml_backend.versions import VersionError, VersionRegistry, utc_now
 
 
@@ -51,7 +51,9 @@ def cmd_list(registry: VersionRegistry) -> int:
 
 def cmd_status(queue: TrainingQueue) -> int:
     status = queue.status()
-    print(f"serving: {status['serving'] or '- (the configured base model)'}")
+    print(f"serving: {status['serving'] or '- (no worker has registered one yet)'}")
+    trainers = status["trainers"]
+    print(f"trainers: {', '.join(trainers) if trainers else 'none live (Start training answers 503)'}")
     progress = status["progress"]
     if not progress:
         print("training: never requested")
@@ -64,8 +66,11 @@ def cmd_status(queue: TrainingQueue) -> int:
                  f"{progress.get('loss', float('nan')):.4f} ETA {progress.get('eta_s', 0):.0f} s")
     if progress.get("result"):
         line += f" -> {progress['result']}"
-    if progress.get("error"):
-        line += f" error: {progress['error']}"
+        detail = _fmt_metrics(progress.get("metrics") or {})
+        line += f" (held-out {detail})" if detail else ""
+    for key in ("reason", "error", "warning"):
+        if progress.get(key):
+            line += f"\n  {key}: {progress[key]}"
     print(line)
     print(f"updated {time.time() - progress.get('updated_at', time.time()):.0f} s ago; "
           f"{status['queued']} queued")

@@ -212,14 +212,22 @@ def save_checkpoint(model: Talk2Sam, path: str | os.PathLike, version: str,
 
 
 def atomic_save(obj: object, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file in the same folder, then rename over `path`: a crash or a
-    full disk leaves the old file intact (and no temporary file behind)."""
+    """torch.save to a temporary file in the same folder, fsync it, rename it over `path` and
+    fsync the folder: a crash, a power cut or a full disk leaves the old file intact (and no
+    temporary file behind), never a renamed file whose data is not on the disk yet."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
     try:
-        torch.save(obj, tmp)
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -405,7 +405,16 @@ def ls_brush_mask(result: dict[str, Any]) -> np.ndarray:
     if "original_height" not in result or "original_width" not in result:
         raise AnnotationError(f"brush result {result.get('id')!r} lacks original_height/width")
     height, width = int(result["original_height"]), int(result["original_width"])
-    flat = decode_rle(value["rle"])
+    rle = value["rle"]
+    # The first 32 bits declare how many values the RLE expands to, and the decoder allocates
+    # that many: check it before decoding anything.
+    declared = int.from_bytes(bytes(rle[:4]), "big") if len(rle) >= 5 else -1
+    if declared != height * width * 4:
+        raise AnnotationError(
+            f"brush result {result.get('id')!r}: RLE declares {declared} values, "
+            f"expected {height}x{width}x4"
+        )
+    flat = decode_rle(rle)
     if flat.size != height * width * 4:
         raise AnnotationError(
             f"brush result {result.get('id')!r}: RLE holds {flat.size} values, "

@@ -1,5 +1,6 @@
 """ml_backend's layers point down only: app -> model -> ls_protocol -> queue_client -> worker ->
-talk2sam. schemas, errors and settings sit under all of them; the web side never imports torch."""
+talk2sam. schemas, errors and settings sit under all of them; the web side never imports torch,
+the trainer or talk2sam's data code (it asks for training through training_queue only)."""
 
 from __future__ import annotations
 
@@ -23,15 +24,18 @@ ALLOWED = {
     "ls_protocol": {"errors"},
     "queue_client": {"errors", "schemas", "settings"},
     "versions": {"schemas"},
-    "annotations": {"schemas"},
+    "annotations": {"errors", "schemas"},
+    "training_queue": {"errors", "schemas", "settings", "versions"},
     "trainer": {"annotations", "errors", "images", "ls_protocol", "schemas", "settings",
-                "versions"},
+                "training_queue", "versions"},
     "worker": {"errors", "images", "schemas", "settings", "versions"},
     "model": {"annotations", "errors", "ls_protocol", "queue_client", "schemas", "settings",
-              "trainer", "versions"},
-    "app": {"annotations", "errors", "ls_protocol", "model", "queue_client", "settings",
-            "trainer"},
+              "training_queue", "versions"},
+    "app": {"errors", "ls_protocol", "model", "queue_client", "settings", "training_queue"},
 }
+# Modules the request-handling process must never load: the web side is torch-free and leaves
+# decoding masks, pairing them with boxes and training to the trainer process.
+WEB_FORBIDDEN = ("torch", "ml_backend.trainer", "ml_backend.worker", "talk2sam.data")
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -57,8 +61,19 @@ def test_every_module_is_placed():
     assert modules <= set(ALLOWED)
 
 
-def test_web_process_does_not_import_torch():
-    code = "import sys, ml_backend.app; print('torch' in sys.modules)"
+def test_web_process_imports_neither_torch_nor_the_trainer_nor_data_code():
+    """Serve a webhook and a START_TRAINING in a fresh process, then list what got imported."""
+    code = """
+import sys
+from fastapi.testclient import TestClient
+from ml_backend.app import create_app
+from ml_backend.settings import Settings
+app = create_app(Settings.from_env({"REDIS_URL": "redis://127.0.0.1:1/1"}))
+with TestClient(app) as client:
+    client.post("/webhook", json={"action": "ANNOTATION_CREATED", "annotation": {"id": 1}})
+    client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 1}})
+print(sorted({m for m in sys.modules for f in %r if m == f or m.startswith(f + ".")}))
+""" % (WEB_FORBIDDEN,)
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                          check=True)
-    assert out.stdout.strip() == "False"
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout

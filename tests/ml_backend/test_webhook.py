@@ -1,10 +1,12 @@
-"""POST /webhook on the captured Label Studio 1.23.2 payloads, real Redis: annotations recorded as
-training pairs, dropped on deletion, other events acknowledged, START_TRAINING enqueued once."""
+"""POST /webhook on the captured Label Studio 1.23.2 payloads, real Redis: annotations recorded
+after cheap checks (never decoded in the web process), dropped on deletion, other events
+acknowledged, START_TRAINING enqueued once, for a project set up here, while a trainer lives."""
 
 from __future__ import annotations
 
 import copy
 import json
+import os
 import time
 
 import numpy as np
@@ -14,10 +16,12 @@ from label_studio_sdk.converter.brush import mask2rle
 from rq import Queue
 from rq.serializers import JSONSerializer
 
+from ml_backend import training_queue
 from ml_backend.annotations import AnnotationStore
 from ml_backend.app import create_app
 from ml_backend.schemas import RedisKeys
 from ml_backend.settings import Settings
+from ml_backend.training_queue import TrainerHeartbeat
 from tests.ml_backend.conftest import PREFIX, backend_env, load_fixture
 
 CREATED = load_fixture("webhook_annotation_created.json")
@@ -46,34 +50,62 @@ def client(make_client):
     return make_client()
 
 
-def post(client: TestClient, body: dict) -> dict:
+@pytest.fixture
+def trainer(clean_redis):
+    """A live trainer's heartbeat (the queueing side needs no model)."""
+    beat = TrainerHeartbeat(clean_redis, KEYS, "trainer-test", ttl_s=60)
+    beat.publish()
+    yield beat
+    beat.stop()
+
+
+def post(client: TestClient, body: dict, status: int = 200) -> dict:
     started = time.perf_counter()
     response = client.post("/webhook", json=body)
     assert time.perf_counter() - started < LABEL_STUDIO_TIMEOUT_S
-    assert response.status_code == 200, response.text
+    assert response.status_code == status, response.text
     return response.json()
+
+
+def set_up(client: TestClient, project: int = 19) -> None:
+    """What Label Studio does when the model is connected: POST /setup for the project."""
+    assert client.post("/setup", json={"project": f"{project}.1764000000"}).status_code == 200
 
 
 def records(redis_client) -> list:
     return AnnotationStore(redis_client, KEYS).all()
 
 
-def test_created_annotation_is_recorded_as_a_training_pair(client, clean_redis):
+def test_created_annotation_is_recorded_with_its_rectangle_and_mask(client, clean_redis):
     answer = post(client, CREATED)
     assert answer == {"status": "recorded", "event": "ANNOTATION_CREATED", "annotations": [17],
-                      "pairs": 1}
+                      "brush_regions": 1}
     [record] = records(clean_redis)
     assert (record.annotation_id, record.task_id, record.project) == (17, 4, 19)
     assert record.data["image"] == "/data/upload/19/1cd445de-wire_03_400x300.png"
-    [pair] = record.pairs
-    # the rectangle of the same label, in pixels: x 25 %, y 16.33 %, 45 % x 12 % of 400x300
-    assert pair.label == "wire" and pair.box_xyxy == pytest.approx([100, 49, 280, 85])
-    brush = next(r for r in record.result if r["type"] == "brushlabels")
+    assert [r["type"] for r in record.result] == ["rectanglelabels", "brushlabels"]
+    brush = record.result[1]
     assert brush["value"]["rle"] == CREATED["annotation"]["result"][1]["value"]["rle"]
     assert clean_redis.hexists(KEYS.annotations, "17")  # in Redis, not in the app's memory
+    assert AnnotationStore(clean_redis, KEYS).stored_bytes() == clean_redis.hstrlen(
+        KEYS.annotations, "17")
 
 
-def test_update_replaces_and_without_a_rectangle_the_box_is_the_mask_bounds(client, clean_redis):
+def test_recorded_annotations_pair_in_the_trainer_as_in_an_export(client, clean_redis):
+    """The trainer's fallback reads records as export tasks: same pairing as Label Studio's
+    export (the rectangle of the same label is the box prompt)."""
+    from talk2sam.data.datasets import LabelStudioExportDataset
+
+    post(client, CREATED)
+    [record] = records(clean_redis)
+    blank = np.zeros((300, 400, 3), np.uint8)
+    item = LabelStudioExportDataset([record.to_task()], lambda _: blank)[0]
+    # x 25 %, y 16.33 %, 45 % x 12 % of 400x300, in pixels
+    assert item["word"] == "wire" and item["box_xyxy"] == pytest.approx([100, 49, 280, 85])
+    assert item["mask"].any()
+
+
+def test_update_replaces_the_record(client, clean_redis):
     post(client, CREATED)
     updated = copy.deepcopy(UPDATED)
     mask = np.zeros((300, 400), np.uint8)
@@ -81,10 +113,63 @@ def test_update_replaces_and_without_a_rectangle_the_box_is_the_mask_bounds(clie
     brush = next(r for r in updated["annotation"]["result"] if r["type"] == "brushlabels")
     brush["value"]["rle"] = mask2rle(mask)
     updated["annotation"]["result"] = [brush]
-    assert post(client, updated)["annotations"] == [17]
+    for _ in range(3):  # one record per annotation id, however often it is updated
+        assert post(client, updated)["annotations"] == [17]
     [record] = records(clean_redis)
-    assert record.pairs[0].box_xyxy == pytest.approx([30, 10, 49, 19])  # inclusive maxima
     assert [r["type"] for r in record.result] == ["brushlabels"]
+    assert record.result[0]["value"]["rle"] == brush["value"]["rle"]
+    assert AnnotationStore(clean_redis, KEYS).stored_bytes() == clean_redis.hstrlen(
+        KEYS.annotations, "17")
+
+
+def _rss_bytes() -> int:
+    with open(f"/proc/{os.getpid()}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.parametrize("change, why", [
+    ({"rle": [255, 255, 255, 255, 0, 7, 83]}, "declares 4294967295 values"),  # ~4 GiB decoded
+    ({"original_width": 60000, "original_height": 60000}, "MAX_IMAGE_PIXELS"),
+    ({"original_width": "400"}, "must be integers"),
+    ({"rle": "AAAA"}, "list of at least 5 byte values"),
+    ({"rle": [0, 7, 83, 999, 1]}, "byte values"),
+])
+def test_a_brush_bomb_is_refused_in_milliseconds_without_decoding(client, clean_redis, change,
+                                                                   why):
+    body = copy.deepcopy(CREATED)
+    brush = body["annotation"]["result"][1]
+    for key, value in change.items():
+        (brush["value"] if key == "rle" else brush)[key] = value
+    rss = _rss_bytes()
+    started = time.perf_counter()
+    response = client.post("/webhook", json=body)
+    elapsed = time.perf_counter() - started
+    assert response.status_code == 400 and why in response.json()["error"]["message"]
+    assert elapsed < 0.25, elapsed
+    assert _rss_bytes() - rss < 16 * 2**20  # nothing was allocated for the declared size
+    assert records(clean_redis) == []
+
+
+def test_the_store_is_bounded_in_bytes_and_keeps_what_it_holds(make_client, clean_redis):
+    client = make_client(ANNOTATION_STORE_MB="1")
+    size = len(json.dumps(CREATED))
+    kept = 0
+    for annotation_id in range(100, 100 + 8 * 2**20 // size):  # records are smaller
+        body = copy.deepcopy(CREATED)
+        body["annotation"]["id"] = annotation_id
+        response = client.post("/webhook", json=body)
+        if response.status_code == 507:
+            assert "ANNOTATION_STORE_MB=1" in response.json()["error"]["message"]
+            break
+        assert response.status_code == 200
+        kept += 1
+    else:
+        pytest.fail("the store never filled up")
+    assert len(records(clean_redis)) == kept > 0
+    assert AnnotationStore(clean_redis, KEYS).stored_bytes() <= 2**20
+    # deleting makes room again
+    post(client, {"action": "ANNOTATIONS_DELETED", "annotations": [{"id": 100}]})
+    assert client.post("/webhook", json=CREATED).status_code == 200
 
 
 def test_annotation_without_masks_is_not_kept(client, clean_redis):
@@ -119,7 +204,8 @@ def test_other_events_are_acknowledged_and_ignored(client, clean_redis, body):
     assert Queue(KEYS.train_queue, connection=clean_redis).count == 0
 
 
-def test_start_training_enqueues_one_job_however_often_it_is_asked(client, clean_redis):
+def test_start_training_enqueues_one_job_however_often_it_is_asked(client, clean_redis, trainer):
+    set_up(client)
     first = post(client, TRAIN)
     assert first["training"]["status"] == "queued"
     for _ in range(3):
@@ -134,16 +220,55 @@ def test_start_training_enqueues_one_job_however_often_it_is_asked(client, clean
     assert Queue(KEYS.predict_queue, connection=clean_redis).count == 0  # not for GPU workers
     training = client.get("/metrics", params={"format": "json"}).json()["training"]
     assert training["progress"]["state"] == "queued" and training["queued"] == 1
-    assert "talk2sam_training_running 1" in client.get("/metrics").text
+    text = client.get("/metrics").text
+    assert "talk2sam_training_running 1" in text and "talk2sam_trainers_live 1" in text
 
 
-def test_a_lock_whose_job_is_gone_does_not_block_training(client, clean_redis):
+def test_start_training_without_a_live_trainer_is_503_naming_it(client, clean_redis):
+    set_up(client)
+    error = post(client, TRAIN, status=503)["error"]
+    assert error["type"] == "NoTrainerError" and "talk2sam-trainer" in error["message"]
+    assert Queue(KEYS.train_queue, connection=clean_redis).count == 0
+
+
+@pytest.mark.parametrize("body, why", [
+    ({"action": "START_TRAINING"}, "must name its project"),
+    ({"action": "START_TRAINING", "project": {"id": 77}}, "never set up"),
+])
+def test_start_training_needs_a_project_set_up_here(client, clean_redis, trainer, body, why):
+    set_up(client, 19)
+    error = post(client, body, status=400)["error"]
+    assert why in error["message"]
+    assert Queue(KEYS.train_queue, connection=clean_redis).count == 0
+
+
+def test_a_project_set_up_through_another_process_is_known(make_client, clean_redis, trainer):
+    set_up(make_client())  # e.g. another uvicorn process, or before a restart
+    assert post(make_client(), TRAIN)["training"]["status"] == "queued"
+
+
+def test_a_lock_whose_job_is_gone_does_not_block_training(client, clean_redis, trainer):
+    set_up(client)
     clean_redis.set(KEYS.train_lock, json.dumps({"job_id": "vanished", "at": 0}))
     assert post(client, TRAIN)["training"]["status"] == "queued"
 
 
-def test_every_n_new_annotations_request_training(make_client, clean_redis):
+def test_a_job_nobody_takes_expires(make_client, clean_redis, trainer, monkeypatch):
+    monkeypatch.setattr(training_queue, "JUST_ENQUEUED_S", 0.5)
+    client = make_client(TRAIN_QUEUE_TTL_S="5")
+    set_up(client)
+    first = post(client, TRAIN)["training"]
+    assert post(client, TRAIN)["training"]["status"] == "already queued"
+    time.sleep(6)  # no trainer takes it (the heartbeat is all there is)
+    progress = client.get("/metrics", params={"format": "json"}).json()["training"]["progress"]
+    assert progress["state"] == "expired" and "TRAIN_QUEUE_TTL_S=5" in progress["error"]
+    again = post(client, TRAIN)["training"]
+    assert again["status"] == "queued" and again["job_id"] != first["job_id"]
+
+
+def test_every_n_new_annotations_request_training(make_client, clean_redis, trainer):
     client = make_client(TRAIN_EVERY_N="2")
+    set_up(client)
     assert "training" not in post(client, CREATED)
     second = copy.deepcopy(CREATED)
     second["annotation"]["id"] = 18
