@@ -65,20 +65,25 @@ def test_demo_checkpoint_then_random_tiny(tmp_path):
 
 def test_banner_names_the_url_and_label_studio_settings():
     text = stack.banner("0.0.0.0", 9090, "redis://127.0.0.1:16379/1", True, Path(".cache/stack"),
-                        {"workers": 1, "model_version": "v"}, stack.ModelChoice({}, "", False))
+                        {"workers": 1, "model_version": "v"}, stack.ModelChoice({}, "", False), 1)
     assert "http://localhost:9090" in text and "ready" in text
     assert "LABEL_STUDIO_ML_BLOCK_LOCAL_IP=false" in text
     assert "LABEL_STUDIO_SSRF_PROTECTION_ENABLED=false" in text
+    assert "trainer: 1 (1 CPU thread(s)" in text
+    without = stack.banner("0.0.0.0", 9090, "redis://127.0.0.1:16379/1", True,
+                           Path(".cache/stack"), {"workers": 1, "model_version": "v"},
+                           stack.ModelChoice({}, "", False), None)
+    assert "trainer: none (--no-trainer): 'Start training' answers 503" in without
 
 
 def test_banner_flags_an_untrained_text_branch():
     text = stack.banner("0.0.0.0", 9090, "redis://127.0.0.1:16379/1", True, Path(".cache/stack"),
                         {"workers": 1, "model_version": "talk2sam-vit_b-base-untrained-text"},
-                        stack.ModelChoice({}, "", False))
+                        stack.ModelChoice({}, "", False), 1)
     assert "[UNTRAINED TEXT BRANCH]" in text and "From base to trained" in text
     trained = stack.banner("0.0.0.0", 9090, "redis://127.0.0.1:16379/1", True,
                            Path(".cache/stack"), {"workers": 1, "model_version": "v3"},
-                           stack.ModelChoice({}, "", False))
+                           stack.ModelChoice({}, "", False), 1)
     assert "UNTRAINED" not in trained
 
 
@@ -153,8 +158,13 @@ def running_stack(fake_ls: FakeLabelStudio, tmp_path):  # noqa: F811 - the impor
 def test_stack_serves_a_brush_and_stops_everything_on_ctrl_c(running_stack):
     proc, state = running_stack["proc"], running_stack["state"]
     pids = [state["server_pid"], *state["children"]]
-    assert len(pids) == 3 and all(stack.pid_alive(p) for p in pids)
-    assert "embedded Valkey" in running_stack["log"]()
+    assert len(pids) == 4 and all(stack.pid_alive(p) for p in pids)  # Redis, worker, trainer, app
+    log = running_stack["log"]()
+    assert "embedded Valkey" in log and "trainer: 1 (" in log
+    trainer_pid = state["children"][1]
+    assert "ml_backend.trainer" in stack.command_line(trainer_pid)
+    assert os.getpriority(os.PRIO_PROCESS, trainer_pid) >= stack.TRAINER_NICE  # yields the CPU
+    assert (running_stack["data_dir"] / "versions" / "versions.json").is_file()  # registered
 
     request = urllib.request.Request(
         f"http://127.0.0.1:{running_stack['port']}/predict",

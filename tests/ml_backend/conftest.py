@@ -17,6 +17,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -36,6 +37,7 @@ FIXTURES = Path(os.environ.get("TALK2SAM_LS_FIXTURES",
                                "/work/shared/fixtures/label-studio-1.23.2"))
 REDIS_URL = os.environ.get("TALK2SAM_TEST_REDIS_URL", "redis://127.0.0.1:6379/14")
 PREFIX = "t2s-test:"
+VERSIONS_DIR = tempfile.mkdtemp(prefix="t2s-test-versions-")
 LEGACY_TOKEN = "harness-token-0123456789abcdef"
 WORKER_START_TIMEOUT_S = 60
 
@@ -180,6 +182,7 @@ def backend_env(fake_ls: FakeLabelStudio, **overrides: str) -> dict[str, str]:
         "JOB_TIMEOUT_S": "30",
         "LOG_LEVEL": "INFO",
         "PYTHONPATH": str(REPO),
+        "VERSIONS_DIR": VERSIONS_DIR,  # never a user's own registry mirror
     })
     env.update(overrides)
     return env

@@ -162,12 +162,14 @@ def test_image_problems_are_typed_errors(client, url, status, error_type, fragme
     assert error["type"] == error_type and fragment in error["message"]
 
 
-def test_basic_auth_guards_all_but_health_and_webhook(fake_ls, clean_redis):
+def test_basic_auth_guards_all_but_health(fake_ls, clean_redis):
     settings = Settings.from_env(backend_env(fake_ls, BASIC_AUTH_USER="ls",
                                              BASIC_AUTH_PASS="secret"))
     with TestClient(create_app(settings)) as client:
         assert client.get("/health").status_code == 200
-        assert client.post("/webhook", json={"action": "TASKS_CREATED"}).status_code == 200
+        assert client.post("/webhook", json={"action": "TASKS_CREATED"}).status_code == 401
+        assert client.post("/webhook", json={"action": "TASKS_CREATED"},
+                           auth=("ls", "secret")).status_code == 200
         refused = client.post("/setup", json=SETUP)
         assert refused.status_code == 401 and "WWW-Authenticate" in refused.headers
         assert client.post("/setup", json=SETUP, auth=("ls", "wrong")).status_code == 401

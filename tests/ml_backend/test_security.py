@@ -1,6 +1,7 @@
 """Security: image URLs reach only Label Studio and allowed hosts (SSRF), local-files paths stay
-under Label Studio's document root, bearer-token auth beside basic auth, /webhook open unless
-WEBHOOK_AUTH, and no credential ever shows in a log, an error body or /metrics."""
+under Label Studio's document root, bearer-token auth beside basic auth, /webhook guarded
+whenever auth is on (strangers can neither start training nor forge or delete annotation
+records), and no credential ever shows in a log, an error body or /metrics."""
 
 from __future__ import annotations
 
@@ -8,12 +9,16 @@ import json
 
 import httpx
 import pytest
+import redis
 from fastapi.testclient import TestClient
 
 from ml_backend.app import create_app
 from ml_backend.errors import ImageFetchError, InvalidRequestError
 from ml_backend.images import FetchConfig, ImageFetcher
+from ml_backend.annotations import AnnotationStore
+from ml_backend.schemas import RedisKeys
 from ml_backend.settings import Settings, SettingsError
+from ml_backend.training_queue import TrainerHeartbeat
 from tests.ml_backend.conftest import backend_env, load_fixture
 from tests.ml_backend.servers import ImageHost, private_workers, uvicorn_app
 
@@ -117,15 +122,13 @@ def test_allowlist_setting_is_parsed_and_checked():
 
 def test_auth_and_size_settings():
     defaults = Settings.from_env({})
-    assert (defaults.api_token, defaults.webhook_auth, defaults.max_request_bytes) == \
-        (None, False, 20 * 2**20)
+    assert (defaults.api_token, defaults.max_request_bytes) == (None, 20 * 2**20)
     assert not defaults.auth_enabled
-    custom = Settings.from_env({"API_TOKEN": "t", "WEBHOOK_AUTH": "yes",
-                                "MAX_REQUEST_BYTES": "4096"})
-    assert (custom.api_token, custom.webhook_auth, custom.max_request_bytes) == ("t", True, 4096)
+    custom = Settings.from_env({"API_TOKEN": "t", "MAX_REQUEST_BYTES": "4096"})
+    assert (custom.api_token, custom.max_request_bytes) == ("t", 4096)
     assert custom.auth_enabled
-    for name, bad in (("WEBHOOK_AUTH", "maybe"), ("MAX_REQUEST_BYTES", "10"),
-                      ("MAX_REQUEST_BYTES", "20MB")):
+    for name, bad in (("MAX_REQUEST_BYTES", "10"), ("MAX_REQUEST_BYTES", "20MB"),
+                      ("ANNOTATION_STORE_MB", "0"), ("TRAIN_QUEUE_TTL_S", "1")):
         with pytest.raises(SettingsError, match=name):
             Settings.from_env({name: bad})
 
@@ -179,10 +182,10 @@ def auth_client(stack, **env: str) -> TestClient:
     return TestClient(create_app(Settings.from_env({**stack[2], **env})))
 
 
-def test_bearer_token_guards_all_but_health_and_webhook(stack):
+def test_bearer_token_guards_all_but_health(stack):
     with auth_client(stack, API_TOKEN=API_TOKEN) as client:
         assert client.get("/health").status_code == 200
-        assert client.post("/webhook", json={"action": "TASKS_CREATED"}).status_code == 200
+        assert client.post("/webhook", json={"action": "TASKS_CREATED"}).status_code == 401
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_TOKEN},
                         {"Authorization": f"Token {API_TOKEN}"}):
             refused = client.post("/predict", json=GOOD, headers=headers)
@@ -207,13 +210,36 @@ def test_basic_auth_and_bearer_token_both_work(stack):
         assert refused.headers["WWW-Authenticate"].startswith("Basic")
 
 
-def test_webhook_auth_makes_the_webhook_need_credentials(stack):
-    with auth_client(stack, API_TOKEN=API_TOKEN, WEBHOOK_AUTH="true") as client:
-        assert client.post("/webhook", json={"action": "TASKS_CREATED"}).status_code == 401
-        ok = client.post("/webhook", json={"action": "TASKS_CREATED"},
-                         headers={"Authorization": f"Bearer {API_TOKEN}"})
-        assert ok.status_code == 200
-        assert client.get("/health").status_code == 200
+def test_strangers_can_neither_train_nor_forge_nor_delete_records_when_auth_is_on(stack):
+    """Label Studio sends START_TRAINING with the connection's basic auth and annotation
+    webhooks with the webhook's headers; a request with neither changes nothing."""
+    redis_client, keys = redis.Redis.from_url(stack[2]["REDIS_URL"]), RedisKeys(stack[2]["KEY_PREFIX"])
+    trainer = TrainerHeartbeat(redis_client, keys, "trainer-sec", ttl_s=60)
+    trainer.publish()
+    created = load_fixture("webhook_annotation_created.json")
+    train = {"action": "START_TRAINING", "project": {"id": 19}}
+    try:
+        with auth_client(stack, BASIC_AUTH_USER="ls", BASIC_AUTH_PASS=BASIC_PASS) as client:
+            assert client.post("/setup", json=SETUP, auth=("ls", BASIC_PASS)).status_code == 200
+            assert client.post("/webhook", json=created,
+                               auth=("ls", BASIC_PASS)).status_code == 200
+            for body in (train, {"action": "START_TRAINING"}, created,
+                         {"action": "ANNOTATIONS_DELETED", "annotations": [{"id": 17}]},
+                         {"action": "TASKS_DELETED", "tasks": [{"id": 4}]}):
+                for auth in (None, ("ls", "wrong"), ("stranger", BASIC_PASS)):
+                    refused = client.post("/webhook", json=body, auth=auth)
+                    assert refused.status_code == 401, (body.get("action"), auth)
+            assert redis_client.get(keys.train_lock) is None  # no job was requested
+            [record] = AnnotationStore(redis_client, keys).all()  # the real one, untouched
+            assert record.annotation_id == 17
+            answer = client.post("/webhook", json=train, auth=("ls", BASIC_PASS))
+            assert answer.status_code == 200 and answer.json()["training"]["status"] == "queued"
+        with auth_client(stack, API_TOKEN=API_TOKEN) as client:  # a webhook header works too
+            ok = client.post("/webhook", json={"action": "TASKS_CREATED"},
+                             headers={"Authorization": f"Bearer {API_TOKEN}"})
+            assert ok.status_code == 200
+    finally:
+        trainer.stop()
 
 
 # ------------------------------------------------------------------ no credential leaks

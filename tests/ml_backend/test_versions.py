@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import subprocess
 import sys
 
@@ -95,6 +96,8 @@ def test_cli_list_status_and_rollback(registry, clean_redis, tmp_path):
     clean_redis.set(KEYS.train_progress, json.dumps({
         "state": "training", "job_id": "j9", "version": "v2", "epoch": 1, "epochs": 3,
         "step": 2, "steps": 5, "loss": 0.5, "eta_s": 12.0, "updated_at": 0}))
+    # a lock this young counts as held while its job is not visible: the progress is current
+    clean_redis.set(KEYS.train_lock, json.dumps({"job_id": "j9", "at": time.time()}))
     listed = cli(tmp_path, "list")
     assert listed.returncode == 0, listed.stderr
     assert "* v1" in listed.stdout and "mIoU 0.1000 -> 0.2000" in listed.stdout
