@@ -25,19 +25,15 @@ from label_studio_sdk.converter.brush import mask2rle
 from PIL import Image
 
 from ml_backend.annotations import AnnotationStore
+from ml_backend.errors import TrainingError
 from ml_backend.schemas import RedisKeys
 from ml_backend.settings import Settings
-from ml_backend.trainer import (
-    TrainingQueue,
-    TrainingRun,
-    TrainRequest,
-    promotion_refusal,
-    split_tasks,
-)
-from ml_backend.versions import VersionRegistry, read_serving
+from ml_backend.trainer import TrainingRun, promotion_refusal, split_tasks
+from ml_backend.training_queue import TrainingQueue, TrainRequest
+from ml_backend.versions import VersionRecord, VersionRegistry, read_serving, utc_now
 from ml_backend.worker import WorkerRuntime
 from ml_backend.worker import build_model as build_worker_model
-from talk2sam.build import build_model, save_checkpoint
+from talk2sam.build import CHECKPOINT_FORMAT, build_model, save_checkpoint
 from talk2sam.data.synthetic import SyntheticThinDataset
 from talk2sam.weights import DEMO_CHECKPOINT
 from tests.ml_backend.conftest import PREFIX, REPO, WorkerPool, backend_env
@@ -145,6 +141,13 @@ def reset_project(project: FakeProject) -> Iterator[FakeProject]:
     project.export_status = 200
 
 
+def serve_demo(client: redis.Redis, versions_dir: Path) -> VersionRegistry:
+    """What a worker started on the demo does first: register it as the serving version."""
+    registry = VersionRegistry(client, RedisKeys(PREFIX), versions_dir)
+    registry.ensure_base(DEMO, str(DEMO_CHECKPOINT))
+    return registry
+
+
 def request(settings: Settings, client: redis.Redis) -> dict:
     return TrainingQueue(settings, client).request(
         TrainRequest(project=PROJECT, reason="test", requested_at="now"))
@@ -176,6 +179,10 @@ class Trainer:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:]
+
+    def wait_live(self, client: redis.Redis) -> None:
+        wait_for(lambda: client.exists(RedisKeys(PREFIX).trainer_heartbeat(self.name)), 60,
+                 f"trainer {self.name} did not start", self.log)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -221,6 +228,7 @@ def test_job_promotes_a_version_that_a_running_worker_picks_up(
     keys = RedisKeys(PREFIX)
     try:
         workers.wait_ready(clean_redis)
+        trainer.wait_live(clean_redis)
         assert request(settings, clean_redis)["status"] == "queued"
         assert request(settings, clean_redis)["status"] in ("already queued", "already running")
         wait_for(lambda: progress(clean_redis).get("state") in ("done", "failed"), TRAIN_WAIT_S,
@@ -268,6 +276,7 @@ def test_unreachable_label_studio_falls_back_to_recorded_pairs_and_a_worse_model
         fake_ls, reset_project, clean_redis, tmp_path):
     reset_project.export_status = 503
     record_webhooks(clean_redis, reset_project)
+    serve_demo(clean_redis, tmp_path)
     settings = Settings.from_env(trainer_env(fake_ls, reset_project, tmp_path,
                                              PROMOTE_MIN_GAIN="1.0"))
     summary = TrainingRun(settings, clean_redis, "job-in-process").run(
@@ -283,15 +292,58 @@ def test_unreachable_label_studio_falls_back_to_recorded_pairs_and_a_worse_model
 
 def test_a_failing_job_leaves_the_serving_version_and_records_why(
         fake_ls, reset_project, clean_redis, tmp_path):
+    """As found: the workers serve the demo, a trainer is started with no model settings (it
+    would build the random tiny model) and the job has no data. The demo keeps serving."""
     reset_project.export_status = 503  # and nothing recorded: no data at all
-    settings = Settings.from_env(trainer_env(fake_ls, reset_project, tmp_path))
-    with pytest.raises(Exception, match="need brush annotations"):
-        TrainingRun(settings, clean_redis, "job-no-data").run(TrainRequest(project=PROJECT))
+    serve_demo(clean_redis, tmp_path)
+    env = trainer_env(fake_ls, reset_project, tmp_path)
+    del env["MODEL_CHECKPOINT"]
+    with pytest.raises(TrainingError, match="need brush annotations"):
+        TrainingRun(Settings.from_env(env), clean_redis, "job-no-data").run(
+            TrainRequest(project=PROJECT))
     registry = VersionRegistry(clean_redis, RedisKeys(PREFIX), tmp_path)
     failed = [r for r in registry.list() if r.status == "failed"]
     assert len(failed) == 1 and "need brush annotations" in failed[0].reason
+    assert failed[0].parent == DEMO  # it started from what serves, not from its own settings
     assert registry.serving().name == DEMO
+    assert "talk2sam-tiny-random" not in {r.name for r in registry.list()}
     assert progress(clean_redis)["state"] == "failed"
+
+
+def test_a_trainer_never_registers_its_own_model(fake_ls, reset_project, clean_redis,
+                                                 tmp_path):
+    settings = Settings.from_env(trainer_env(fake_ls, reset_project, tmp_path))
+    with pytest.raises(TrainingError, match="no serving version is registered"):
+        TrainingRun(settings, clean_redis, "job-nothing-serves").run(
+            TrainRequest(project=PROJECT))
+    registry = VersionRegistry(clean_redis, RedisKeys(PREFIX), tmp_path)
+    assert registry.list() == [] and registry.serving() is None
+    assert "start them" in progress(clean_redis)["error"]
+    # the workers serve a base model these settings (the demo checkpoint) do not build
+    registry.ensure_base("talk2sam-tiny-random", None)
+    with pytest.raises(TrainingError, match="settings build another one"):
+        TrainingRun(settings, clean_redis, "job-other-base").run(TrainRequest(project=PROJECT))
+    assert [(r.name, r.status) for r in registry.list()] == [("talk2sam-tiny-random", "serving")]
+
+
+def test_a_rollback_during_training_is_not_undone(fake_ls, reset_project, clean_redis,
+                                                  tmp_path):
+    registry = serve_demo(clean_redis, tmp_path)
+    registry.put(VersionRecord(name="earlier", created=utc_now(), status="retired",
+                               checkpoint=str(DEMO_CHECKPOINT)))
+
+    class RolledBackMeanwhile(TrainingRun):
+        def progress(self, **fields):
+            super().progress(**fields)
+            if fields.get("state") == "saving":  # a user runs `versions.py rollback earlier`
+                registry.promote("earlier", reason="rollback")
+
+    settings = Settings.from_env(trainer_env(fake_ls, reset_project, tmp_path))
+    summary = RolledBackMeanwhile(settings, clean_redis, "job-rolled-back").run(
+        TrainRequest(project=PROJECT))
+    assert summary["status"] == "rejected" and "earlier serves now" in summary["reason"]
+    assert registry.serving().name == "earlier"
+    assert registry.get(summary["version"]).status == "rejected"
 
 
 def test_sigkill_mid_epoch_keeps_the_serving_checkpoint_and_the_next_run_succeeds(
@@ -299,6 +351,7 @@ def test_sigkill_mid_epoch_keeps_the_serving_checkpoint_and_the_next_run_succeed
     versions = tmp_path / "versions"
     keys = RedisKeys(PREFIX)
     env = trainer_env(fake_ls, reset_project, versions)
+    serve_demo(clean_redis, versions)
     first = TrainingRun(Settings.from_env(env), clean_redis, "job-first").run(
         TrainRequest(project=PROJECT))
     registry = VersionRegistry(clean_redis, keys, versions)
@@ -310,6 +363,7 @@ def test_sigkill_mid_epoch_keeps_the_serving_checkpoint_and_the_next_run_succeed
                    tmp_path / "slow.log", "trainer-slow")
     try:
         settings = Settings.from_env(env)
+        slow.wait_live(clean_redis)
         killed_job = request(settings, clean_redis)["job_id"]
         wait_for(lambda: progress(clean_redis).get("state") == "training"
                  and progress(clean_redis).get("step", 0) >= 1, TRAIN_WAIT_S,
@@ -365,6 +419,62 @@ def test_worker_follows_the_serving_version_and_survives_one_that_cannot_load(
     assert runtime.model.model_version == "v2"
     assert json.loads(clean_redis.get(keys.heartbeat("follower")))["model_version"] == "v2"
     runtime.fetcher.close()
+
+
+def test_any_failure_while_loading_a_version_keeps_the_old_one_serving(
+        fake_ls, clean_redis, tmp_path, monkeypatch):
+    """Not only the model layer's own errors: a checkpoint whose config lacks a key (KeyError
+    deep in the build) or CUDA running out of memory beside the loaded model."""
+    settings = Settings.from_env(backend_env(fake_ls, DEVICE="cpu"))
+    runtime = WorkerRuntime(settings, build_worker_model(settings), "survivor", clean_redis)
+    keys = RedisKeys(PREFIX)
+    odd = tmp_path / "odd.pt"
+    import torch
+
+    torch.save({"format": CHECKPOINT_FORMAT, "version": "odd", "config": {"name": "x"},
+                "uses_text": True, "clip_mode": "frozen", "state": {}}, odd)
+    clean_redis.set(keys.serving, json.dumps({"name": "odd", "checkpoint": str(odd)}))
+    runtime.follow_serving_version()
+    assert runtime.model.model_version == "talk2sam-tiny-random"
+
+    import ml_backend.worker as worker_module
+
+    def out_of_memory(_settings):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(worker_module, "build_model", out_of_memory)
+    clean_redis.set(keys.serving, json.dumps({"name": "big", "checkpoint": str(odd)}))
+    runtime.follow_serving_version()
+    assert runtime.model.model_version == "talk2sam-tiny-random"
+    assert clean_redis.hget(keys.metrics("survivor"), "reload_failures") == b"2"
+    # it still answers jobs with the model it held
+    runtime.model.use_image("k", lambda: np.zeros((64, 64, 3), np.uint8))
+    assert runtime.model.predict(np.array([[4.0, 4, 40, 40]]), ["wire"]).masks.shape == (1, 64, 64)
+    runtime.fetcher.close()
+
+
+def test_after_redis_lost_its_data_new_workers_serve_what_versions_json_names(
+        fake_ls, clean_redis, tmp_path):
+    versions = tmp_path / "versions"
+    env = backend_env(fake_ls, VERSIONS_DIR=str(versions), DEVICE="cpu")
+    registry = VersionRegistry(clean_redis, RedisKeys(PREFIX), versions)
+    path = save_checkpoint(build_model("tiny"), registry.checkpoint_path("v7"), "v7")
+    registry.ensure_base("talk2sam-tiny-random", None)
+    registry.put(VersionRecord(name="v7", created=utc_now(), status="rejected",
+                               checkpoint=str(path)))
+    registry.promote("v7")
+    clean_redis.flushdb()  # Redis restarted without its data (no AOF, a new volume)
+    workers = WorkerPool(env, tmp_path)
+    workers.start("after-flush")
+    try:
+        workers.wait_ready(clean_redis)
+        beat = json.loads(clean_redis.get(RedisKeys(PREFIX).heartbeat("after-flush")))
+        assert beat["model_version"] == "v7", workers.log("after-flush")
+        assert read_serving(clean_redis, RedisKeys(PREFIX)).name == "v7"  # pointer restored
+        assert {r.name: r.status for r in registry.list()} == {
+            "talk2sam-tiny-random": "retired", "v7": "serving"}
+    finally:
+        workers.stop()
 
 
 def test_a_serving_version_without_checkpoint_is_the_base_model_loaded_once(
