@@ -31,6 +31,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -370,3 +371,58 @@ def backend_env(label_studio: LabelStudioServer, redis_url: str) -> dict[str, st
         "LOG_LEVEL": "INFO",
         "PYTHONUNBUFFERED": "1",
     })
+
+
+# ---------------------------------------------------------------- the local stack
+
+
+@dataclass(frozen=True)
+class StackRun:
+    """``talk2sam-stack`` as the README starts it, with its own embedded Redis.
+
+    Attributes:
+        url: the backend's base URL.
+        service: the stack process (its log holds every child's lines).
+        data_dir: its ``--data-dir`` (``stack.json``, the AOF, ``versions/``).
+    """
+
+    url: str
+    service: Service
+    data_dir: Path
+
+    def redis_url(self) -> str:
+        """The embedded server's URL (database 1, as the stack gives its children)."""
+        state = json.loads((self.data_dir / "stack.json").read_text())
+        return f"redis://127.0.0.1:{state['server_port']}/1"
+
+    def stop(self) -> None:
+        self.service.process.send_signal(signal.SIGINT)  # Ctrl-C, as a user stops it
+        try:
+            self.service.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.service.stop()
+
+
+def start_stack(work_dir: Path, env: Mapping[str, str], args: Sequence[str] = ()) -> StackRun:
+    """Start ``python -m ml_backend.stack`` with no REDIS_URL, no model settings and no weights
+    (plus ``env``), and wait until its backend counts a live worker."""
+    port = free_port()
+    stack_env = child_env({"MODEL_DIR": str(work_dir / "no-weights"), "PYTHONUNBUFFERED": "1",
+                           **env})
+    for name in ("REDIS_URL", "MODEL_CONFIG", "MODEL_CHECKPOINT", "MODEL", "VERSIONS_DIR",
+                 "KEY_PREFIX"):
+        if name not in env:
+            stack_env.pop(name, None)
+    data_dir = work_dir / "data"
+    service = Service.start("stack", [sys.executable, "-m", "ml_backend.stack", "--host",
+                                      "127.0.0.1", "--port", str(port), "--data-dir",
+                                      str(data_dir), *args], stack_env, work_dir / "stack.log")
+    run = StackRun(url=f"http://127.0.0.1:{port}", service=service, data_dir=data_dir)
+    try:
+        wait_until(lambda: workers_live(run.url) >= 1, "the stack's backend with a live worker",
+                   start_timeout_s(), [service])
+    except BaseException:
+        run.stop()
+        raise
+    return run
+

@@ -4,24 +4,13 @@ and gets masks back."""
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from label_studio_sdk import LabelStudio
 
-from tests.e2e.harness import (
-    LabelStudioServer,
-    Service,
-    child_env,
-    free_port,
-    start_timeout_s,
-    wait_until,
-    workers_live,
-)
+from tests.e2e.harness import LabelStudioServer, start_stack
 from tests.e2e.test_label_studio_e2e import (
     assert_mask_covers_wire,
     brush_items,
@@ -40,27 +29,13 @@ DEMO_VERSION = "talk2sam-tiny-synthetic-demo"
 def stack_url(label_studio: LabelStudioServer, tmp_path_factory: pytest.TempPathFactory
               ) -> Iterator[str]:
     """`talk2sam-stack` as the README starts it: no REDIS_URL, no model settings, no weights."""
-    work_dir = tmp_path_factory.mktemp("stack")
-    port = free_port()
-    env = child_env({"LABEL_STUDIO_URL": label_studio.url,
-                     "LABEL_STUDIO_API_KEY": label_studio.token,
-                     "MODEL_DIR": str(work_dir / "no-weights"), "PYTHONUNBUFFERED": "1"})
-    for name in ("REDIS_URL", "MODEL_CONFIG", "MODEL_CHECKPOINT", "MODEL"):
-        env.pop(name, None)
-    service = Service.start("stack", [sys.executable, "-m", "ml_backend.stack", "--host",
-                                      "127.0.0.1", "--port", str(port), "--data-dir",
-                                      str(work_dir / "data")], env, work_dir / "stack.log")
-    url = f"http://127.0.0.1:{port}"
+    stack = start_stack(tmp_path_factory.mktemp("stack"),
+                        {"LABEL_STUDIO_URL": label_studio.url,
+                         "LABEL_STUDIO_API_KEY": label_studio.token})
     try:
-        wait_until(lambda: workers_live(url) >= 1, "the stack's backend with a live worker",
-                   start_timeout_s(), [service])
-        yield url
+        yield stack.url
     finally:
-        service.process.send_signal(signal.SIGINT)  # Ctrl-C, as a user stops it
-        try:
-            service.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            service.stop()
+        stack.stop()
 
 
 def test_label_studio_gets_masks_from_the_stacks_demo_model(

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import redis
 
 from ml_backend.errors import InvalidRequestError
 from ml_backend.model import Talk2SamBackend
-from ml_backend.schemas import BoxPrediction, PredictJobResult, encode_mask
+from ml_backend.schemas import BoxPrediction, PredictJobResult, RedisKeys, encode_mask
 from ml_backend.settings import Settings
-from tests.ml_backend.conftest import load_fixture
+from tests.ml_backend.conftest import PREFIX, REDIS_URL, load_fixture
 
 
 class RecordingQueue:
@@ -20,6 +21,8 @@ class RecordingQueue:
     def __init__(self) -> None:
         self.specs = []
         self.warmed = []
+        self.redis = redis.Redis.from_url(REDIS_URL)  # /setup records the project there
+        self.keys = RedisKeys(PREFIX)
 
     def predict(self, specs):
         self.specs.append(specs)

@@ -225,8 +225,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, tiny_mod
     before = path.read_bytes()
 
     def full_disk(obj, f, *args, **kwargs):
-        with open(f, "wb") as out:
-            out.write(b"partial")
+        f.write(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full_disk)
@@ -234,3 +233,18 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, tiny_mod
         save_checkpoint(tiny_model, path, version="v2")
     assert path.read_bytes() == before and read_checkpoint(path)["version"] == "v1"
     assert [p.name for p in tmp_path.iterdir()] == ["serving.pt"]
+
+
+def test_a_checkpoint_is_on_the_disk_before_its_name_is(tmp_path, tiny_model, monkeypatch):
+    """The data is fsynced before the rename, and the folder after it: a power cut leaves the
+    old file or the whole new one under the name, never a name over unwritten data."""
+    import os
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(
+        ("fsync", os.path.isdir(f"/proc/self/fd/{fd}"))), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", None)),
+                                                     real_replace(a, b))[1])
+    save_checkpoint(tiny_model, tmp_path / "v1.pt", version="v1")
+    assert events == [("fsync", False), ("replace", None), ("fsync", True)]

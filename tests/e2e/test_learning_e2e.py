@@ -1,0 +1,169 @@
+"""The learning loop under the README's main command, with a real Label Studio 1.23.2.
+
+`talk2sam-stack` runs with its defaults (embedded Redis, the demo model, one worker, one trainer;
+no LABEL_STUDIO_URL: it learns Label Studio's address and token from /setup). Corrected brush
+annotations of some tasks are saved through Label Studio's API (its webhook delivers them to the
+backend), *Start training* is pressed through Label Studio, and the promoted version must segment
+*other* tasks (never trained on, never held out by the trainer) better than the version that
+served before: IoU against the drawn wires, through Label Studio's interactive predictions.
+
+Run with ``pytest -m e2e tests/e2e`` (see ``conftest.py`` for what it starts).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import redis
+from label_studio_sdk import LabelStudio
+from label_studio_sdk.converter.brush import decode_rle, mask2rle
+
+from ml_backend.schemas import RedisKeys
+from tests.e2e.harness import REPO_ROOT, LabelStudioServer, StackRun, start_stack, wait_until
+from tests.e2e.synthetic_images import WireImage, make_wire_image
+from tests.e2e.test_label_studio_e2e import (
+    LOWER_CASE_CONFIG,
+    brush_items,
+    import_local_files,
+    predict_interactive,
+    rectangle,
+)
+
+pytestmark = pytest.mark.e2e
+
+PROMOTION_WAIT_S = 240  # what a user waits after pressing Start training
+SIZES = ((400, 300), (520, 380), (360, 480), (640, 360))
+
+
+def sky_wires(root: Path, prefix: str, seeds: Sequence[int]) -> list[WireImage]:
+    """Sagging wires over a sky, a fence below, in several sizes (not the demo's generator)."""
+    return [make_wire_image(root / f"{prefix}_{seed}.png", seed, *SIZES[i % len(SIZES)])
+            for i, seed in enumerate(seeds)]
+
+
+def corrected_brush(image: WireImage, region_id: str) -> dict[str, Any]:
+    """The wire painted with the brush, as the editor saves it (Label Studio's RLE)."""
+    return {"id": region_id, "from_name": "mask", "to_name": "image", "type": "brushlabels",
+            "origin": "manual", "original_width": image.width, "original_height": image.height,
+            "image_rotation": 0,
+            "value": {"format": "rle", "rle": mask2rle(image.mask.astype(np.uint8) * 255),
+                      "brushlabels": ["wire"]}}
+
+
+def served_iou(client: LabelStudio, ml_id: int, task_id: int, image: WireImage
+               ) -> tuple[float, str]:
+    """IoU of the mask Label Studio gets for a box around the wire, and its model_version."""
+    data = predict_interactive(client, ml_id, task_id,
+                               {"result": [rectangle(image, "wire", f"q{task_id}")]})
+    (item,) = brush_items(data["result"])
+    alpha = np.reshape(decode_rle(item["value"]["rle"]), (image.height, image.width, 4))[..., 3]
+    mask = alpha > 0
+    union = np.count_nonzero(mask | image.mask)
+    return np.count_nonzero(mask & image.mask) / union, data["model_version"]
+
+
+def setup_version(stack: StackRun, project_id: int) -> str:
+    answer = httpx.post(f"{stack.url}/setup", json={"project": f"{project_id}.0"}, timeout=5)
+    return answer.json()["model_version"]
+
+
+def error_lines(log: str) -> list[str]:
+    return [line for line in log.splitlines() if re.search(r"\b(ERROR|CRITICAL|Traceback)\b", line)]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackRun]:
+    """The README's main command, nothing set but where its data goes."""
+    run = start_stack(tmp_path_factory.mktemp("learning-stack"), {})
+    try:
+        yield run
+    finally:
+        run.stop()
+
+
+def test_start_training_in_label_studio_promotes_a_version_that_segments_other_tasks_better(
+        label_studio: LabelStudioServer, ls_client: LabelStudio, stack: StackRun) -> None:
+    project_id = int(ls_client.projects.create(title="e2e learning",
+                                               label_config=LOWER_CASE_CONFIG).id)
+    root = label_studio.files_root / "learning"
+    corrected = sky_wires(root, "corrected", range(300, 310))
+    others = sky_wires(root, "other", range(400, 406))
+    task_ids = import_local_files(ls_client, label_studio, project_id, corrected + others)
+    corrected_ids, other_ids = task_ids[:len(corrected)], task_ids[len(corrected):]
+    ml_id = int(ls_client.ml.create(project=project_id, url=stack.url, is_interactive=True,
+                                    title="talk2sam stack").id)
+    before_version = setup_version(stack, project_id)
+    before = [served_iou(ls_client, ml_id, t, img) for t, img in zip(other_ids, others)]
+    assert {v for _, v in before} == {before_version}
+
+    for task_id, image in zip(corrected_ids, corrected):
+        ls_client.annotations.create(task_id, project=project_id, result=[
+            rectangle(image, "wire", f"r{task_id}"), corrected_brush(image, f"m{task_id}")])
+    client = redis.Redis.from_url(stack.redis_url())
+    keys = RedisKeys()
+    wait_until(lambda: client.hlen(keys.annotations) == len(corrected),
+               "annotations recorded from Label Studio's webhook", 30, [stack.service])
+
+    pressed = time.monotonic()
+    ls_client.ml.train(ml_id)
+    assert ls_client.ml.get(ml_id).state not in ("ER", "ERROR"), ls_client.ml.get(ml_id)
+    wait_until(lambda: setup_version(stack, project_id) != before_version,
+               f"a new model_version within {PROMOTION_WAIT_S} s of Start training",
+               PROMOTION_WAIT_S, [stack.service], interval_s=2.0)
+    waited = time.monotonic() - pressed
+    new_version = setup_version(stack, project_id)
+
+    after = [served_iou(ls_client, ml_id, t, img) for t, img in zip(other_ids, others)]
+    assert {v for _, v in after} == {new_version}
+    iou_before = float(np.mean([iou for iou, _ in before]))
+    iou_after = float(np.mean([iou for iou, _ in after]))
+    print(f"\nStart training -> {new_version} served after {waited:.0f} s; IoU on "
+          f"{len(others)} other tasks: {iou_before:.3f} ({before_version}) -> {iou_after:.3f}; "
+          f"per task before {[round(i, 3) for i, _ in before]} after "
+          f"{[round(i, 3) for i, _ in after]}")
+    assert iou_after > iou_before, (before, after)
+
+    progress = json.loads(client.get(keys.train_progress))
+    assert progress["result"] == "promoted" and progress["metrics"]["source"] == "label-studio"
+    assert progress["metrics"]["new"]["miou"] > progress["metrics"]["old"]["miou"]
+    metrics = httpx.get(f"{stack.url}/metrics", timeout=5).text
+    assert f'talk2sam_training_last_result{{result="promoted",version="{new_version}"}} 1' \
+        in metrics
+    status = subprocess.run(
+        [sys.executable, "scripts/versions.py", "status"], cwd=REPO_ROOT, capture_output=True,
+        text=True, timeout=60, env={"REDIS_URL": stack.redis_url(), "PATH": "/usr/bin:/bin",
+                                    "PYTHONPATH": str(REPO_ROOT),
+                                    "VERSIONS_DIR": str(stack.data_dir / "versions")})
+    assert f"serving: {new_version}" in status.stdout and "-> promoted (held-out mIoU" in \
+        status.stdout, status.stdout + status.stderr
+    log = stack.service.log_path.read_text(errors="replace")
+    assert "training job" in log and "epoch" in log  # progress reached the stack's log
+    assert error_lines(log) == [], error_lines(log)
+    ls_client.projects.delete(project_id)
+
+
+def test_start_training_without_a_trainer_is_an_error_label_studio_shows(
+        label_studio: LabelStudioServer, ls_client: LabelStudio,
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    run = start_stack(tmp_path_factory.mktemp("no-trainer-stack"), {}, ["--no-trainer"])
+    try:
+        project_id = int(ls_client.projects.create(title="e2e no trainer",
+                                                   label_config=LOWER_CASE_CONFIG).id)
+        ml_id = int(ls_client.ml.create(project=project_id, url=run.url, is_interactive=True).id)
+        ls_client.ml.train(ml_id)
+        ml = ls_client.ml.get(ml_id)
+        assert ml.state in ("ER", "ERROR") and "no trainer is running" in \
+            (ml.error_message or ""), ml
+        ls_client.projects.delete(project_id)
+    finally:
+        run.stop()
