@@ -111,9 +111,14 @@ class Talk2SamBackend:
               hostname: str | None = None, access_token: str | None = None,
               **kwargs: Any) -> dict[str, str]:
         """Remember the project's schema and Label Studio credentials; answer from memory."""
-        entry = ProjectSetup(schema=schema, hostname=(hostname or "").rstrip("/") or None,
-                             access_token=access_token or None)
         with self._lock:
+            # a call without hostname or token (a health probe, a script) keeps what is known
+            known = (self._projects.get(_project_id(project)) if project else None) \
+                or self._last_setup
+            entry = ProjectSetup(
+                schema=schema if schema is not None else known and known.schema,
+                hostname=(hostname or "").rstrip("/") or (known.hostname if known else None),
+                access_token=access_token or (known.access_token if known else None))
             if project:
                 self._projects[_project_id(project)] = entry
             self._last_setup = entry

@@ -39,10 +39,10 @@ down explicitly; no other module reads ``os.environ``.
 | VERSIONS_DIR | unset | where ``versions.json`` and fine-tuned checkpoints are written (shared by trainer and workers); unset: MODEL_DIR |
 | TRAIN_EVERY_N | 0 | request a fine-tuning job after this many new annotations of a project; 0: only on START_TRAINING |
 | TRAIN_EPOCHS | 2 | epochs of one fine-tuning job |
-| TRAIN_LR | 0.0001 | learning rate of fine-tuning |
+| TRAIN_LR | 0.0005 | learning rate of fine-tuning (AdamW; on ten corrected wire tasks the demo's IoU on other tasks went 0.40 -> 0.80 in 100 steps) |
 | TRAIN_OPTIMIZER | ``adamw`` | ``adamw`` or ``sgd`` (the paper's) |
 | TRAIN_BATCH_SIZE | 4 | objects per optimiser step |
-| TRAIN_MIN_STEPS | 60 | optimiser steps a job runs at least (more epochs when the corrected objects are few) |
+| TRAIN_MIN_STEPS | 100 | optimiser steps a job runs at least (more epochs when the corrected objects are few) |
 | TRAIN_LOSS_POINTS | 12544 | points sampled by the BCE + Dice loss per mask (SAM-HQ: 112 x 112) |
 | TRAIN_HOLDOUT_PERCENT | 20 | share of tasks (by a hash of the task id, stable) held out for evaluation |
 | TRAIN_TIMEOUT_S | 3600 | longest one fine-tuning job may run |
@@ -117,10 +117,10 @@ class Settings:
     versions_dir: str | None = None
     train_every_n: int = 0
     train_epochs: int = 2
-    train_lr: float = 1e-4
+    train_lr: float = 5e-4
     train_optimizer: str = "adamw"
     train_batch_size: int = 4
-    train_min_steps: int = 60
+    train_min_steps: int = 100
     train_loss_points: int = 112 * 112
     train_holdout_percent: int = 20
     train_timeout_s: int = 3600

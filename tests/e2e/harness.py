@@ -360,6 +360,7 @@ def backend_env(label_studio: LabelStudioServer, redis_url: str) -> dict[str, st
     return child_env({
         "REDIS_URL": redis_url,
         "KEY_PREFIX": f"talk2sam-e2e-{secrets.token_hex(4)}:",
+        "VERSIONS_DIR": str(label_studio.data_dir / "backend-versions"),  # this session's own
         "LABEL_STUDIO_URL": label_studio.url,
         "LABEL_STUDIO_API_KEY": label_studio.token,
         "MODEL": "talk2sam",
