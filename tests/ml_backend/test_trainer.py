@@ -129,7 +129,8 @@ def trainer_env(fake_ls, project: FakeProject, versions_dir: Path, **overrides: 
                       VERSIONS_DIR=str(versions_dir), TRAIN_EPOCHS="8", TRAIN_BATCH_SIZE="2",
                       TRAIN_LOSS_POINTS="256", TRAIN_LR="0.003", TRAIN_OPTIMIZER="adamw",
                       TRAIN_HOLDOUT_PERCENT="34", PROMOTE_MIN_GAIN="-1", OMP_NUM_THREADS="1",
-                      TQDM_DISABLE="1", MODEL_CHECKPOINT=str(DEMO_CHECKPOINT))
+                      TQDM_DISABLE="1", MODEL_CHECKPOINT=str(DEMO_CHECKPOINT),
+                      TRAIN_MIN_STEPS="0")
     env.update(overrides)
     return env
 
