@@ -38,26 +38,30 @@ TASK_DELETE_EVENTS = frozenset({"TASKS_DELETED"})
 KEPT_TYPES = ("rectanglelabels", "brushlabels")
 MAX_SIDE_PX = 65_535
 
-# Replace or add fields, keeping KEYS[2] = total bytes of KEYS[1]'s values; refuse (-1, nothing
-# written) when the total would pass ARGV[1]. A missing counter is recomputed once.
-_PUT = """
+# KEYS[2] holds the total bytes of KEYS[1]'s values; a missing counter (records of an older
+# version, a counter lost alone) is recomputed from the hash first.
+_TOTAL = """
 local total = tonumber(redis.call('get', KEYS[2]) or '-1')
 if total < 0 then
   total = 0
   for _, f in ipairs(redis.call('hkeys', KEYS[1])) do
     total = total + redis.call('hstrlen', KEYS[1], f)
   end
+  redis.call('set', KEYS[2], total)
 end
+"""
+# Replace or add fields; refuse (-1, nothing written) when the total would pass ARGV[1] and grow.
+_PUT = _TOTAL + """
+local before = total
 for i = 2, #ARGV, 2 do
   total = total - redis.call('hstrlen', KEYS[1], ARGV[i]) + string.len(ARGV[i + 1])
 end
-if total > tonumber(ARGV[1]) then return -1 end
+if total > tonumber(ARGV[1]) and total > before then return -1 end
 for i = 2, #ARGV, 2 do redis.call('hset', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('set', KEYS[2], total)
 return total
 """
-_DROP = """
-local total = tonumber(redis.call('get', KEYS[2]) or '0')
+_DROP = _TOTAL + """
 local removed = 0
 for i = 1, #ARGV do
   local size = redis.call('hstrlen', KEYS[1], ARGV[i])
@@ -276,9 +280,6 @@ class AnnotationStore:
         if project is not None:
             records = [r for r in records if r.project == project]
         return sorted(records, key=lambda r: r.annotation_id)
-
-    def stored_bytes(self) -> int:
-        return int(self.redis.get(self.keys.annotations_bytes) or 0)
 
     def count_new(self, projects: Iterable[int | None]) -> int:
         """Add the recorded annotations to their project's counter; returns the largest count."""

@@ -28,13 +28,15 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from ml_backend.annotations import (
     DELETE_EVENTS,
     RECORD_EVENTS,
     TASK_DELETE_EVENTS,
     AnnotationStore,
 )
-from ml_backend.errors import InvalidRequestError
+from ml_backend.errors import InvalidRequestError, NoTrainerError
 from ml_backend.ls_protocol import (
     BoxPrompt,
     LabelConfig,
@@ -45,8 +47,6 @@ from ml_backend.ls_protocol import (
     task_boxes,
     word_for_label,
 )
-from redis.exceptions import RedisError
-
 from ml_backend.queue_client import QueueClient
 from ml_backend.schemas import PredictJobResult, PredictJobSpec, decode_mask
 from ml_backend.settings import Settings
@@ -113,8 +113,8 @@ class Talk2SamBackend:
         """Remember the project's schema and Label Studio credentials; answer from memory."""
         with self._lock:
             # a call without hostname or token (a health probe, a script) keeps what is known
-            known = (self._projects.get(_project_id(project)) if project else None) \
-                or self._last_setup
+            # of the same project (of the last one, for a call that names none)
+            known = self._projects.get(_project_id(project)) if project else self._last_setup
             entry = ProjectSetup(
                 schema=schema if schema is not None else known and known.schema,
                 hostname=(hostname or "").rstrip("/") or (known.hostname if known else None),
@@ -198,7 +198,11 @@ class Talk2SamBackend:
             every = self.settings.train_every_n
             if records and every and self.annotations.count_new([project]) >= every:
                 if self._set_up(project):
-                    answer["training"] = self._request_training(project, "TRAIN_EVERY_N")
+                    try:
+                        answer["training"] = self._request_training(project, "TRAIN_EVERY_N")
+                    except NoTrainerError as exc:  # the annotation is recorded all the same
+                        log.warning("TRAIN_EVERY_N reached for project %s: %s", project, exc)
+                        answer["training"] = {"status": "no trainer", "error": str(exc)}
                 else:
                     log.warning("TRAIN_EVERY_N reached for project %s, which was never set up "
                                 "here: no training requested", project)

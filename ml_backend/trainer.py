@@ -177,9 +177,14 @@ class TrainingRun:
             log.error("training job %s refused: %s", self.job_id, reason)
             raise
         name = self._new_name()
-        record = self.registry.put(VersionRecord(
-            name=name, created=utc_now(), status="training", parent=parent.name,
-            job_id=self.job_id, project=req.project))
+        try:
+            record = self.registry.put(VersionRecord(
+                name=name, created=utc_now(), status="training", parent=parent.name,
+                job_id=self.job_id, project=req.project))
+        except BaseException as exc:
+            self.progress(state="failed", error=f"cannot record version {name}: "
+                          f"{type(exc).__name__}: {exc}"[:500], finished_at=time.time())
+            raise
         self.progress(version=name, parent=parent.name)
         run_dir = self.registry.directory / "runs" / name
         try:

@@ -209,7 +209,8 @@ class TrainingQueue:
         serving = read_serving(self.redis, self.keys)
         return {"serving": serving.name if serving else None,
                 "trainers": live_trainers(self.redis, self.keys),
-                "progress": progress, "lock": lock, "queued": self.queue.count}
+                "progress": progress, "lock": lock,
+                "queued": len(self.queue.get_jobs())}  # skips (and drops) expired ids
 
 
 def write_progress(redis: Redis, keys: RedisKeys, fields: dict[str, Any]) -> None:

@@ -24,11 +24,16 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import logging
+
 from redis import Redis
 
 from ml_backend.schemas import RedisKeys
 
+log = logging.getLogger(__name__)
+
 STATUSES = ("training", "serving", "retired", "rejected", "failed")
+DEFAULT_PREFIX = RedisKeys().prefix  # what files written before they named their prefix used
 LOCK_TIMEOUT_S = 30
 
 
@@ -60,6 +65,7 @@ class VersionRecord:
         reason: why it was rejected or failed, or None.
         job_id: the training job that made it, or None.
         project: the Label Studio project it learnt from, or None.
+        config: for a base model registered by a worker, the MODEL_CONFIG it was built from.
     """
 
     name: str
@@ -71,6 +77,7 @@ class VersionRecord:
     reason: str | None = None
     job_id: str | None = None
     project: int | None = None
+    config: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -117,6 +124,12 @@ def fsync_path(path: str | os.PathLike) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _same_file(a: str | None, b: str | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 class VersionRegistry:
@@ -178,22 +191,52 @@ class VersionRegistry:
             raise VersionError(f"cannot store {record.name} as {record.status!r} with put()")
         with self._locked():
             self._restore_if_lost()
+            self._check_file()
             self.redis.hset(self.keys.versions, record.name, json.dumps(record.to_dict()))
             self._mirror()
         return record
 
-    def ensure_base(self, name: str, checkpoint: str | None) -> VersionRecord:
-        """Register the model the workers start with as serving, unless a version serves."""
+    def base_of(self, record: VersionRecord) -> VersionRecord:
+        """The base model a version was fine-tuned from (itself for a base model)."""
+        for _ in range(1000):  # a registry never holds a cycle; this bounds a corrupt one
+            parent = self.get(record.parent) if record.parent else None
+            if parent is None:
+                return record
+            record = parent
+        return record
+
+    def descends_from(self, record: VersionRecord, checkpoint: str | None,
+                      config: str | None) -> bool:
+        """Whether ``record`` is, or was fine-tuned from, the base model of these settings
+        (MODEL_CHECKPOINT, else MODEL_CONFIG)."""
+        base = self.base_of(record)
+        if not _same_file(base.checkpoint, checkpoint):
+            return False
+        return checkpoint is not None or base.config is None or base.config == config
+
+    def ensure_base(self, name: str, checkpoint: str | None,
+                    config: str | None = None) -> VersionRecord:
+        """Register the model a worker was started with as serving, unless what serves is that
+        model or was fine-tuned from it. A serving version of another base (an earlier start
+        with other model settings: the demo before real weights were downloaded, another
+        MODEL_CHECKPOINT) gives way; it stays in the registry, retired, for a rollback.
+
+        Returns:
+            The serving record.
+        """
         with self._locked():
             self._restore_if_lost()
+            self._check_file()
             current = read_serving(self.redis, self.keys)
-            if current is not None:
-                record = self.get(current.name)
-                if record is not None:
-                    return record
-            record = VersionRecord(name=name, created=utc_now(), status="serving",
-                                   checkpoint=checkpoint)
-            self._set_serving(record, previous=None)
+            previous = self.get(current.name) if current else None
+            if previous is not None and self.descends_from(previous, checkpoint, config):
+                return previous
+            known = self.get(name)
+            record = replace(known, status="serving") if known is not None and _same_file(
+                known.checkpoint, checkpoint) else VersionRecord(
+                    name=name, created=utc_now(), status="serving", checkpoint=checkpoint,
+                    config=config)
+            self._set_serving(record, previous)
             self._mirror()
             return record
 
@@ -213,6 +256,7 @@ class VersionRegistry:
         """
         with self._locked():
             self._restore_if_lost()
+            self._check_file()
             record = self.get(name)
             if record is None:
                 raise VersionError(f"no version named {name!r}; see `versions.py list`")
@@ -240,6 +284,7 @@ class VersionRegistry:
     def fail_training(self, job_id: str, reason: str) -> list[VersionRecord]:
         """Mark the ``training`` versions of ``job_id`` failed (their job is gone)."""
         with self._locked():
+            self._check_file()
             failed = [replace(r, status="failed", reason=reason) for r in self.list()
                       if r.status == "training" and r.job_id == job_id]
             for r in failed:
@@ -265,19 +310,31 @@ class VersionRegistry:
         records = sorted((json.loads(v) for v in raw.values()),
                          key=lambda r: (r["created"], r["name"]))
         current = read_serving(self.redis, self.keys)
+        try:  # Redis holds the change already; the mirror is its backup
+            atomic_write_text(self.file, json.dumps(
+                {"key_prefix": self.keys.prefix, "serving": current.name if current else None,
+                 "versions": records}, indent=1))
+        except OSError as exc:
+            log.error("the registry changed in Redis but %s was not written: %s", self.file, exc)
+
+    def _check_file(self) -> None:
+        """Refuse to change a registry whose mirror belongs to another backend (before any
+        Redis write, so that nothing changes half-way)."""
         saved = self._saved()
-        if saved and saved.get("key_prefix", self.keys.prefix) != self.keys.prefix:
+        prefix = saved.get("key_prefix", DEFAULT_PREFIX)
+        if saved and prefix != self.keys.prefix:
             raise VersionError(
-                f"{self.file} holds the registry of KEY_PREFIX {saved['key_prefix']!r}, not "
+                f"{self.file} holds the registry of KEY_PREFIX {prefix!r}, not "
                 f"{self.keys.prefix!r}: give each backend its own VERSIONS_DIR")
-        atomic_write_text(self.file, json.dumps(
-            {"key_prefix": self.keys.prefix, "serving": current.name if current else None,
-             "versions": records}, indent=1))
 
     def _saved(self) -> dict[str, Any]:
+        """The mirror's content; {} when there is none or it is unreadable."""
         try:
             saved = json.loads(self.file.read_text())
         except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            log.error("%s is unreadable, not used: %s", self.file, exc)
             return {}
         return saved if isinstance(saved, dict) else {}
 
@@ -287,7 +344,7 @@ class VersionRegistry:
         if self.redis.exists(self.keys.versions) or not self.file.is_file():
             return
         saved = self._saved()
-        if saved.get("key_prefix", self.keys.prefix) != self.keys.prefix:
+        if saved.get("key_prefix", DEFAULT_PREFIX) != self.keys.prefix:
             return
         records = {r["name"]: r for r in saved.get("versions", [])}
         if not records:

@@ -347,6 +347,7 @@ class WorkerRuntime:
         # the serving version the model was loaded for: a version without a checkpoint is the
         # configured base model, whose own name may differ (e.g. an older "-base" record)
         self.loaded_for: str | None = None
+        self.checkpoint = settings.model_checkpoint  # the file the model came from, or None
         self.fetcher = ImageFetcher(
             FetchConfig(
                 timeout_s=settings.image_fetch_timeout_s,
@@ -378,10 +379,14 @@ class WorkerRuntime:
         except (RedisError, OSError, ValueError) as exc:  # Redis down, unreadable versions.json
             log.warning("serving version unknown: %s", exc)
             return
-        if serving is None or serving.name in (self.model.model_version, self._unloadable,
-                                               self.loaded_for):
+        if serving is None:  # Redis lost everything and no versions.json to restore from
+            _register_base(self.registry, self.model.model_version, self.checkpoint,
+                           self.settings.model_config)
+            return
+        if serving.name in (self.model.model_version, self._unloadable, self.loaded_for):
             return
         started = time.perf_counter()
+        model = None
         try:
             model = build_model(settings_serving(self.settings, serving))
         except Exception as exc:  # noqa: BLE001 - whatever failed, the loaded model still serves
@@ -389,9 +394,11 @@ class WorkerRuntime:
                       self.model.model_version, type(exc).__name__, exc)
             self._unloadable = serving.name
             self.metrics.count("reload_failures")
-            _release_memory()
+        if model is None:
+            _release_memory()  # out of the except block: its traceback held the failed load
             return
         self.model = model
+        self.checkpoint = serving.checkpoint
         self._unloadable = None
         self.loaded_for = serving.name
         log.info("now serving %s (loaded in %.1f s)", self.model.model_version,
@@ -563,13 +570,14 @@ def main(argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -
     registry = VersionRegistry(redis, RedisKeys(settings.key_prefix), settings.versions_path)
     t0 = time.perf_counter()
     try:
-        model, loaded_for, unloadable = _first_model(settings, registry)
+        model, checkpoint, loaded_for, unloadable = _first_model(settings, registry)
     except ModelError as exc:
         log.error("%s", exc)
         return 3
     log.info("model %s loaded in %.1f s", model.model_version, time.perf_counter() - t0)
     _runtime = WorkerRuntime(settings, model, args.name, redis)
-    _runtime.loaded_for, _runtime._unloadable = loaded_for, unloadable
+    _runtime.checkpoint, _runtime.loaded_for, _runtime._unloadable = \
+        checkpoint, loaded_for, unloadable
     keys = RedisKeys(settings.key_prefix)
     queues = [Queue(name, connection=redis, serializer=JSONSerializer)
               for name in (keys.worker_queue(args.name), keys.predict_queue, keys.warm_queue)]
@@ -594,43 +602,58 @@ def main(argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -
 
 def _first_model(settings: Settings, registry: VersionRegistry
                  ) -> tuple[SegmentationModel, str | None, str | None]:
-    """The model to start with: the serving version's, else the configured one (registered as
-    serving when nothing serves yet).
+    """The model to start with: the serving version's when it is (or was fine-tuned from) the
+    configured model, else the configured one, registered as serving.
 
     Returns:
-        (model, the serving version it was loaded for or None, a serving version that failed
-        to load and must not be retried, or None).
+        (model, the checkpoint it came from or None, the serving version it was loaded for or
+        None, a serving version that failed to load and must not be retried, or None).
 
     Raises:
         ModelError: the configured model cannot be built either.
     """
+    if settings.model == "noop":
+        return build_model(settings), None, None, None
     try:
-        serving = registry.serving_version()  # restored from versions.json if Redis lost it
-    except (RedisError, OSError, ValueError) as exc:
+        serving = registry.serving()  # restored from versions.json if Redis lost it
+        if serving is not None and not registry.descends_from(
+                serving, settings.model_checkpoint, settings.model_config):
+            log.warning("the serving version %s comes from other model settings than this "
+                        "worker's (MODEL_CONFIG=%s, MODEL_CHECKPOINT=%s): the configured model "
+                        "serves instead (roll back with scripts/versions.py)", serving.name,
+                        settings.model_config, settings.model_checkpoint or "-")
+            serving = None
+    except (RedisError, VersionError, OSError, ValueError) as exc:
         log.warning("serving version unknown: %s", exc)
         serving = None
-    if serving is not None and settings.model != "noop":
+    failed: str | None = None
+    if serving is not None:
         try:
-            return build_model(settings_serving(settings, serving)), serving.name, None
+            model = build_model(settings_serving(settings, ServingVersion(
+                serving.name, serving.checkpoint)))
+            return model, serving.checkpoint, serving.name, None
         except Exception as exc:  # noqa: BLE001 - fall back to the configured model
             log.error("serving version %s cannot be loaded, starting with the configured "
                       "model: %s: %s", serving.name, type(exc).__name__, exc)
-            _release_memory()
-            return build_model(settings), None, serving.name
+            failed = serving.name
+        _release_memory()  # out of the except block: its traceback held the half-built model
+        return build_model(settings), settings.model_checkpoint, None, failed
     model = build_model(settings)
-    if settings.model == "noop":
-        return model, None, None
-    registered = _register_base(registry, model.model_version, settings.model_checkpoint)
+    registered = _register_base(registry, model.model_version, settings.model_checkpoint,
+                                settings.model_config)
     # another worker may have registered another model first: it is followed before any job
-    return model, (registered if registered == model.model_version else None), None
+    loaded_for = registered if registered == model.model_version else None
+    return model, settings.model_checkpoint, loaded_for, None
 
 
-def _register_base(registry: VersionRegistry, version: str, checkpoint: str | None) -> str | None:
-    """Make the model this worker was started with the serving version, unless another worker
-    registered one first (then that one is followed before the first job)."""
+def _register_base(registry: VersionRegistry, version: str, checkpoint: str | None,
+                   config: str) -> str | None:
+    """Make the model held (``version``, from ``checkpoint``) the serving one unless what
+    serves is it or a version fine-tuned from it. Returns the serving version's name, None
+    when unknown."""
     try:
-        record = registry.ensure_base(version, checkpoint)
-    except (RedisError, VersionError, OSError) as exc:
+        record = registry.ensure_base(version, checkpoint, config)
+    except (RedisError, VersionError, OSError, ValueError) as exc:
         log.error("cannot register %s as the serving version: %s", version, exc)
         return None
     if record.name == version:

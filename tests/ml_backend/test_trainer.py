@@ -145,7 +145,7 @@ def reset_project(project: FakeProject) -> Iterator[FakeProject]:
 def serve_demo(client: redis.Redis, versions_dir: Path) -> VersionRegistry:
     """What a worker started on the demo does first: register it as the serving version."""
     registry = VersionRegistry(client, RedisKeys(PREFIX), versions_dir)
-    registry.ensure_base(DEMO, str(DEMO_CHECKPOINT))
+    registry.ensure_base(DEMO, str(DEMO_CHECKPOINT), "tiny-768")
     return registry
 
 
@@ -460,9 +460,9 @@ def test_after_redis_lost_its_data_new_workers_serve_what_versions_json_names(
     env = backend_env(fake_ls, VERSIONS_DIR=str(versions), DEVICE="cpu")
     registry = VersionRegistry(clean_redis, RedisKeys(PREFIX), versions)
     path = save_checkpoint(build_model("tiny"), registry.checkpoint_path("v7"), "v7")
-    registry.ensure_base("talk2sam-tiny-random", None)
+    registry.ensure_base("talk2sam-tiny-random", None, "tiny")  # what the workers run
     registry.put(VersionRecord(name="v7", created=utc_now(), status="rejected",
-                               checkpoint=str(path)))
+                               parent="talk2sam-tiny-random", checkpoint=str(path)))
     registry.promote("v7")
     clean_redis.flushdb()  # Redis restarted without its data (no AOF, a new volume)
     workers = WorkerPool(env, tmp_path)
@@ -491,3 +491,24 @@ def test_a_serving_version_without_checkpoint_is_the_base_model_loaded_once(
     runtime.follow_serving_version()
     assert runtime.model is loaded  # not rebuilt on every check
     runtime.fetcher.close()
+
+
+def test_a_worker_serves_its_configured_model_over_a_version_of_other_settings(
+        fake_ls, clean_redis, tmp_path):
+    """The stack served the demo on a first run; restarted with other model settings (real
+    weights downloaded, another MODEL_CHECKPOINT), the worker serves what it was given."""
+    versions = tmp_path / "versions"
+    registry = serve_demo(clean_redis, versions)
+    env = backend_env(fake_ls, VERSIONS_DIR=str(versions), DEVICE="cpu")  # MODEL_CONFIG=tiny
+    workers = WorkerPool(env, tmp_path)
+    workers.start("reconfigured")
+    try:
+        workers.wait_ready(clean_redis)
+        beat = json.loads(clean_redis.get(RedisKeys(PREFIX).heartbeat("reconfigured")))
+        assert beat["model_version"] == "talk2sam-tiny-random", workers.log("reconfigured")
+        assert registry.serving().name == "talk2sam-tiny-random"
+        assert registry.get(DEMO).status == "retired"  # kept for a rollback
+        assert "comes from other model settings" in workers.log("reconfigured")
+    finally:
+        workers.stop()
+

@@ -109,3 +109,34 @@ def test_cli_list_status_and_rollback(registry, clean_redis, tmp_path):
     assert registry.get("v1").status == "retired"
     refused = cli(tmp_path, "rollback", "nope")
     assert refused.returncode == 1 and "no version named 'nope'" in refused.stderr
+
+
+def test_a_worker_started_with_other_model_settings_serves_its_own_model(registry, tmp_path):
+    """A first run serves the demo; after `download-weights` the configured real model must
+    serve, not the demo (nor a child of it) that the registry remembers."""
+    demo = tmp_path / "demo.pt"
+    demo.write_bytes(b"demo")
+    registry.ensure_base("demo", str(demo), "tiny-768")
+    finetuned(registry, "v1", parent="demo")
+    registry.promote("v1")
+    # restarted with the same settings: the fine-tuned child keeps serving
+    assert registry.ensure_base("demo", str(demo), "tiny-768").name == "v1"
+    real = registry.ensure_base("talk2sam-vit_l-base-untrained-text", None, "vit_l")
+    assert registry.serving().name == real.name and real.config == "vit_l"
+    assert {r.name: r.status for r in registry.list()} == {
+        "demo": "retired", "v1": "retired", real.name: "serving"}
+    assert registry.ensure_base("talk2sam-vit_b-base-untrained-text", None, "vit_b").name \
+        == "talk2sam-vit_b-base-untrained-text"
+    # back to the demo: its own record serves again, v1 stays there for a rollback
+    assert registry.ensure_base("demo", str(demo), "tiny-768").name == "demo"
+    assert registry.get("v1").status == "retired"
+
+
+def test_a_mirror_of_another_backend_is_refused_before_redis_changes(registry, clean_redis,
+                                                                    tmp_path):
+    (tmp_path / "versions.json").write_text(json.dumps(
+        {"key_prefix": "someone-else:", "serving": "x", "versions": []}))
+    with pytest.raises(VersionError, match="give each backend its own VERSIONS_DIR"):
+        registry.ensure_base("base", None)
+    assert read_serving(clean_redis, KEYS) is None and not clean_redis.exists(KEYS.versions)
+    assert json.loads((tmp_path / "versions.json").read_text())["key_prefix"] == "someone-else:"

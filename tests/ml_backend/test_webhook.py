@@ -87,7 +87,7 @@ def test_created_annotation_is_recorded_with_its_rectangle_and_mask(client, clea
     brush = record.result[1]
     assert brush["value"]["rle"] == CREATED["annotation"]["result"][1]["value"]["rle"]
     assert clean_redis.hexists(KEYS.annotations, "17")  # in Redis, not in the app's memory
-    assert AnnotationStore(clean_redis, KEYS).stored_bytes() == clean_redis.hstrlen(
+    assert int(clean_redis.get(KEYS.annotations_bytes)) == clean_redis.hstrlen(
         KEYS.annotations, "17")
 
 
@@ -118,8 +118,20 @@ def test_update_replaces_the_record(client, clean_redis):
     [record] = records(clean_redis)
     assert [r["type"] for r in record.result] == ["brushlabels"]
     assert record.result[0]["value"]["rle"] == brush["value"]["rle"]
-    assert AnnotationStore(clean_redis, KEYS).stored_bytes() == clean_redis.hstrlen(
+    assert int(clean_redis.get(KEYS.annotations_bytes)) == clean_redis.hstrlen(
         KEYS.annotations, "17")
+
+
+def test_a_lost_byte_counter_is_recounted_before_a_deletion(client, clean_redis):
+    """Records kept by an older version have no counter: the first change recounts them."""
+    post(client, CREATED)
+    second = copy.deepcopy(CREATED)
+    second["annotation"]["id"] = 18
+    post(client, second)
+    clean_redis.delete(KEYS.annotations_bytes)
+    post(client, {"action": "ANNOTATIONS_DELETED", "annotations": [{"id": 17}]})
+    assert int(clean_redis.get(KEYS.annotations_bytes)) == clean_redis.hstrlen(
+        KEYS.annotations, "18")
 
 
 def _rss_bytes() -> int:
@@ -166,7 +178,7 @@ def test_the_store_is_bounded_in_bytes_and_keeps_what_it_holds(make_client, clea
     else:
         pytest.fail("the store never filled up")
     assert len(records(clean_redis)) == kept > 0
-    assert AnnotationStore(clean_redis, KEYS).stored_bytes() <= 2**20
+    assert int(clean_redis.get(KEYS.annotations_bytes)) <= 2**20
     # deleting makes room again
     post(client, {"action": "ANNOTATIONS_DELETED", "annotations": [{"id": 100}]})
     assert client.post("/webhook", json=CREATED).status_code == 200
