@@ -465,15 +465,23 @@ def test_after_redis_lost_its_data_new_workers_serve_what_versions_json_names(
                                parent="talk2sam-tiny-random", checkpoint=str(path)))
     registry.promote("v7")
     clean_redis.flushdb()  # Redis restarted without its data (no AOF, a new volume)
+    version, _ = started_worker_version(env, clean_redis, tmp_path, "after-flush")
+    assert version == "v7"
+    assert read_serving(clean_redis, RedisKeys(PREFIX)).name == "v7"  # pointer restored
+    assert {r.name: r.status for r in registry.list()} == {
+        "talk2sam-tiny-random": "retired", "v7": "serving"}
+
+
+def started_worker_version(env: dict[str, str], client: redis.Redis, tmp_path: Path,
+                           name: str) -> tuple[str, str]:
+    """Start a real worker, read the model_version of its first heartbeat, stop it; returns
+    that version and the worker's log."""
     workers = WorkerPool(env, tmp_path)
-    workers.start("after-flush")
+    workers.start(name)
     try:
-        workers.wait_ready(clean_redis)
-        beat = json.loads(clean_redis.get(RedisKeys(PREFIX).heartbeat("after-flush")))
-        assert beat["model_version"] == "v7", workers.log("after-flush")
-        assert read_serving(clean_redis, RedisKeys(PREFIX)).name == "v7"  # pointer restored
-        assert {r.name: r.status for r in registry.list()} == {
-            "talk2sam-tiny-random": "retired", "v7": "serving"}
+        workers.wait_ready(client)
+        beat = json.loads(client.get(RedisKeys(PREFIX).heartbeat(name)))
+        return beat["model_version"], workers.log(name)
     finally:
         workers.stop()
 
@@ -500,15 +508,9 @@ def test_a_worker_serves_its_configured_model_over_a_version_of_other_settings(
     versions = tmp_path / "versions"
     registry = serve_demo(clean_redis, versions)
     env = backend_env(fake_ls, VERSIONS_DIR=str(versions), DEVICE="cpu")  # MODEL_CONFIG=tiny
-    workers = WorkerPool(env, tmp_path)
-    workers.start("reconfigured")
-    try:
-        workers.wait_ready(clean_redis)
-        beat = json.loads(clean_redis.get(RedisKeys(PREFIX).heartbeat("reconfigured")))
-        assert beat["model_version"] == "talk2sam-tiny-random", workers.log("reconfigured")
-        assert registry.serving().name == "talk2sam-tiny-random"
-        assert registry.get(DEMO).status == "retired"  # kept for a rollback
-        assert "comes from other model settings" in workers.log("reconfigured")
-    finally:
-        workers.stop()
+    version, log = started_worker_version(env, clean_redis, tmp_path, "reconfigured")
+    assert version == "talk2sam-tiny-random", log
+    assert registry.serving().name == "talk2sam-tiny-random"
+    assert registry.get(DEMO).status == "retired"  # kept for a rollback
+    assert "comes from other model settings" in log
 
