@@ -224,6 +224,7 @@ def create_app(settings: Settings, queue: QueueClient | None = None) -> FastAPI:
     async def metrics_route(request: Request) -> Response:
         snapshot = await run_in_threadpool(_metrics_snapshot, queue, metrics)
         snapshot["training"] = await run_in_threadpool(_training_snapshot, backend)
+        snapshot["batch_skipped"] = dict(backend.skipped)
         if request.query_params.get("format") == "json":
             return JSONResponse(snapshot)
         return PlainTextResponse(_prometheus(snapshot), media_type="text/plain; version=0.0.4")
@@ -353,6 +354,9 @@ def _prometheus(snapshot: dict[str, Any]) -> str:
     lines.append("# TYPE talk2sam_http_errors_total counter")
     for name, count in snapshot["errors"].items():
         lines.append(f'talk2sam_http_errors_total{{type="{name}"}} {count}')
+    lines.append("# TYPE talk2sam_batch_tasks_skipped_total counter")
+    for reason, count in snapshot.get("batch_skipped", {}).items():
+        lines.append(f'talk2sam_batch_tasks_skipped_total{{reason="{reason}"}} {count}')
     lines += [
         "# TYPE talk2sam_predict_seconds summary",
         f"talk2sam_predict_seconds_sum {snapshot['predict_seconds_sum']}",

@@ -25,6 +25,7 @@ import json
 import logging
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +37,7 @@ from ml_backend.annotations import (
     TASK_DELETE_EVENTS,
     AnnotationStore,
 )
-from ml_backend.errors import InvalidRequestError, NoTrainerError
+from ml_backend.errors import BackendError, InvalidRequestError, NoTrainerError
 from ml_backend.ls_protocol import (
     BoxPrompt,
     LabelConfig,
@@ -79,6 +80,7 @@ class Talk2SamBackend:
         self._projects: dict[str, ProjectSetup] = {}
         self._last_setup: ProjectSetup | None = None
         self._lock = threading.Lock()
+        self.skipped: Counter[str] = Counter()  # batch tasks left without prediction, by error
         self._model_version = settings.model_version or (
             "noop" if settings.model == "noop" else f"talk2sam-{settings.model_config}"
         )
@@ -132,48 +134,76 @@ class Talk2SamBackend:
 
     def predict(self, tasks: list[dict[str, Any]], context: dict[str, Any] | None = None, *,
                 label_config: str, project: str | None = None, request_id: str = "-",
-                **kwargs: Any) -> list[dict[str, Any]]:
-        """One prediction per task, in order.
+                **kwargs: Any) -> list[dict[str, Any] | list[Any]]:
+        """One slot per task, in order.
 
         Interactive mode (``context`` set): every rectangle of ``context.result`` of the single
-        task goes to the worker in one job. Batch mode (``context`` None): each task's boxes come
-        from its newest annotation with rectangles, else its newest prediction; tasks without
-        boxes answer empty at once (and may warm the worker's cache).
+        task goes to a worker in one job; any failure is the request's error.
+
+        Batch mode (``context`` None: Retrieve predictions, or a task opened in the editor):
+        each task's boxes come from its newest annotation with rectangles, else its newest
+        prediction. Each task stands alone: one with no box (it may warm a worker's cache),
+        one that fails (its reason is logged) or one not answered before the deadline gets an
+        empty list, which Label Studio stores nothing for, so the next Retrieve predictions
+        asks again; only answered tasks get a prediction.
 
         Raises:
-            InvalidRequestError and the queue client's errors.
+            InvalidRequestError and the queue client's errors (interactive mode; in batch mode
+            only when nothing could run at all, e.g. NoWorkerError).
         """
         config = parse_label_config(label_config)
         ls_url, token = self._label_studio_access(project)
         if context is not None:
-            if len(tasks) != 1:
-                raise InvalidRequestError(
-                    f"an interactive request carries one task, this one has {len(tasks)}"
-                )
-            boxes = boxes_from_results(context.get("result") or [], config, strict=True,
-                                       where="context")
-            per_task = [(tasks[0], boxes)]
-        else:
-            per_task = [(task, task_boxes(task, config)) for task in tasks]
+            return [self._interactive(tasks, context, config, ls_url, token, request_id)]
+        return self._batch(tasks, config, ls_url, token, request_id)
 
-        specs: list[PredictJobSpec] = []
-        for task, boxes in per_task:
-            spec = self._spec(task, boxes, config, ls_url, token, request_id)
-            if boxes:
-                specs.append(spec)
-            elif context is None and self.settings.warm_on_open:
-                self.queue.enqueue_warm(spec)
-        answers = iter(self.queue.predict(specs)) if specs else iter(())
+    def _interactive(self, tasks: list[dict[str, Any]], context: dict[str, Any],
+                     config: LabelConfig, ls_url: str | None, token: str | None,
+                     request_id: str) -> dict[str, Any]:
+        if len(tasks) != 1:
+            raise InvalidRequestError(
+                f"an interactive request carries one task, this one has {len(tasks)}")
+        boxes = boxes_from_results(context.get("result") or [], config, strict=True,
+                                   where="context")
+        if not boxes:
+            return self._empty()
+        spec = self._spec(tasks[0], boxes, config, ls_url, token, request_id)
+        (answer,) = self.queue.predict([spec])
+        self.observe_worker_version(answer.model_version)
+        return self._task_prediction(answer, boxes, config)
 
-        predictions = []
-        for _, boxes in per_task:
-            if not boxes:
-                predictions.append(self._empty())
+    def _batch(self, tasks: list[dict[str, Any]], config: LabelConfig, ls_url: str | None,
+               token: str | None, request_id: str) -> list[dict[str, Any] | list[Any]]:
+        slots: list[dict[str, Any] | list[Any]] = [[] for _ in tasks]
+        jobs: list[tuple[int, list[BoxPrompt], PredictJobSpec]] = []
+        for index, task in enumerate(tasks):
+            try:
+                boxes = task_boxes(task, config)
+                spec = self._spec(task, boxes, config, ls_url, token, request_id)
+            except BackendError as exc:
+                self._skipped(task, exc, request_id)
                 continue
-            answer = next(answers)
-            self.observe_worker_version(answer.model_version)
-            predictions.append(self._task_prediction(answer, boxes, config))
-        return predictions
+            if boxes:
+                jobs.append((index, boxes, spec))
+            elif self.settings.warm_on_open:
+                self.queue.enqueue_warm(spec)
+        outcomes = self.queue.predict_each([spec for _, _, spec in jobs]) if jobs else []
+        for (index, boxes, _), outcome in zip(jobs, outcomes):
+            try:
+                if isinstance(outcome, BackendError):
+                    raise outcome
+                self.observe_worker_version(outcome.model_version)
+                slots[index] = self._task_prediction(outcome, boxes, config)
+            except BackendError as exc:
+                self._skipped(tasks[index], exc, request_id)
+        return slots
+
+    def _skipped(self, task: dict[str, Any], exc: BackendError, request_id: str) -> None:
+        """A batch task left without a prediction: say why (it is asked for again later)."""
+        with self._lock:
+            self.skipped[type(exc).__name__] += 1
+        log.warning("request %s: task %s gets no prediction: %s: %s", request_id,
+                    task.get("id"), type(exc).__name__, exc)
 
     def fit(self, event: str, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
         """Webhook events (label-studio-ml's ``fit``): record corrections, start training.

@@ -3,8 +3,13 @@
 The web process never imports torch: jobs are enqueued by dotted path
 (``ml_backend.worker.predict_job``) with rq's ``JSONSerializer``.
 
-Routing (sticky): every worker publishes a heartbeat with the image keys whose features it
-holds. A job for an image that an idle, live worker holds goes to that worker's own queue;
+Batch mode (Retrieve predictions, :meth:`QueueClient.predict_each`): at most BATCH_WINDOW jobs
+of a request wait at a time, in the batch queue, which workers take only when no interactive
+job waits; each task's failure is its own, and what has not answered by the deadline is
+dropped, so the request answers before Label Studio's 100 s with what finished.
+
+Routing (sticky, interactive jobs): every worker publishes a heartbeat with the image keys whose
+features it holds. A job for an image that an idle, live worker holds goes to that worker's own queue;
 otherwise, or if it has not started within ``STICKY_WAIT_S``, or that worker dies, it goes to the
 shared queue that every worker takes from.
 
@@ -92,6 +97,7 @@ class QueueClient:
         self.redis = redis or Redis.from_url(settings.redis_url, socket_connect_timeout=2,
                                              health_check_interval=30)
         self.shared = self._queue(self.keys.predict_queue)
+        self.batch = self._queue(self.keys.batch_queue)
         self.warm = self._queue(self.keys.warm_queue)
 
     def _queue(self, name: str) -> Queue:
@@ -121,8 +127,9 @@ class QueueClient:
         return bool(self.redis.exists(self.keys.heartbeat(worker)))
 
     def queue_depths(self) -> dict[str, int]:
-        """Jobs waiting in the shared predict queue and the warm queue."""
-        return {"predict": self.shared.count, "warm": self.warm.count}
+        """Jobs waiting in the shared predict queue, the batch queue and the warm queue."""
+        return {"predict": self.shared.count, "batch": self.batch.count,
+                "warm": self.warm.count}
 
     # ------------------------------------------------------------ predict
 
@@ -147,12 +154,71 @@ class QueueClient:
             for p in pending:
                 self._discard_if_queued(p)
 
-    def submit(self, spec: PredictJobSpec, deadline: float) -> PendingJob:
-        """Enqueue one predict job, routed to the worker holding its image when it is idle.
+    def predict_each(self, specs: list[PredictJobSpec], timeout_s: float | None = None
+                     ) -> list[PredictJobResult | BackendError]:
+        """Batch mode: each spec's result, or the error that stopped that spec alone.
+
+        At most BATCH_WINDOW jobs wait at a time (in the batch queue, behind interactive jobs);
+        a full queue delays submission instead of failing it. A spec not answered by the
+        deadline gets :class:`JobTimeoutError` and its job is dropped.
+
+        Raises:
+            NoWorkerError: no live worker at all (nothing would run); RedisError.
+        """
+        deadline = time.monotonic() + (timeout_s or self.settings.job_timeout_s)
+        if not self.live_workers():
+            raise NoWorkerError("no live worker: start one with `python -m ml_backend.worker` "
+                                f"(Redis {self._redis_location()})")
+        outcomes: list[PredictJobResult | BackendError | None] = [None] * len(specs)
+        pending: dict[int, PendingJob] = {}
+        next_index = 0
+        try:
+            while time.monotonic() < deadline:
+                while next_index < len(specs) and len(pending) < self.settings.batch_window:
+                    try:
+                        pending[next_index] = self.submit(specs[next_index], deadline,
+                                                          batch=True)
+                    except QueueFullError:
+                        break  # other batches fill the queue: submit once a job finished
+                    except BackendError as exc:
+                        outcomes[next_index] = exc
+                    next_index += 1
+                if not pending:
+                    if next_index >= len(specs):
+                        break
+                    time.sleep(0.2)
+                    continue
+                oldest = min(pending)  # one worker answers in order: block on the oldest only
+                for index in sorted(pending):
+                    outcome = self._poll(pending[index], block_s=1 if index == oldest else 0)
+                    if outcome is not None:
+                        outcomes[index] = outcome
+                        del pending[index]
+        finally:
+            for p in pending.values():
+                self._discard_if_queued(p)
+        late = JobTimeoutError(f"not answered within JOB_TIMEOUT_S={self.settings.job_timeout_s}"
+                               " s; the next Retrieve predictions asks again")
+        return [late if outcome is None else outcome for outcome in outcomes]
+
+    def _poll(self, pending: PendingJob, block_s: int) -> PredictJobResult | BackendError | None:
+        """The job's result or error when it has one, else None (after checking its worker)."""
+        try:
+            result = pending.job.latest_result(timeout=block_s)
+            if result is not None:
+                return self._unpack(pending.job, result)
+            self._check_progress(pending)
+        except BackendError as exc:
+            return exc
+        return None
+
+    def submit(self, spec: PredictJobSpec, deadline: float, batch: bool = False) -> PendingJob:
+        """Enqueue one predict job: interactive ones go to the worker holding the image when it
+        is idle, else the shared queue; batch ones to the batch queue.
 
         Raises:
             NoWorkerError: no live worker.
-            QueueFullError: the shared queue is at QUEUE_MAX_DEPTH.
+            QueueFullError: the job's queue is at QUEUE_MAX_DEPTH.
         """
         workers = self.live_workers()
         if not workers:
@@ -160,8 +226,9 @@ class QueueClient:
                 "no live worker: start one with `python -m ml_backend.worker` "
                 f"(Redis {self._redis_location()})"
             )
+        queue = self.batch if batch else self.shared
         try:
-            depth = self.shared.count
+            depth = queue.count
         except RedisError as exc:
             raise RedisUnavailableError(f"Redis is unreachable: {exc}") from None
         if depth >= self.settings.queue_max_depth:
@@ -169,8 +236,8 @@ class QueueClient:
                 f"{depth} jobs are waiting (QUEUE_MAX_DEPTH={self.settings.queue_max_depth}); "
                 "try again later or add workers"
             )
-        holder = next((w for w in workers if spec.image_key in w.images and not w.busy), None)
-        queue = self.shared
+        holder = None if batch else next(
+            (w for w in workers if spec.image_key in w.images and not w.busy), None)
         if holder is not None:
             own = self._queue(self.keys.worker_queue(holder.name))
             if own.count == 0:
@@ -187,7 +254,8 @@ class QueueClient:
             failure_ttl=FAILURE_TTL_S,
             description=f"predict {spec.request_id} task {spec.task_id}",
         )
-        sticky = holder.name if queue is not self.shared and holder else None
+        sticky = holder.name if queue is not self.shared and queue is not self.batch and holder \
+            else None
         return PendingJob(job=job, queue=queue, sticky_worker=sticky,
                           enqueued_at=time.monotonic())
 

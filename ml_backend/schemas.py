@@ -33,6 +33,11 @@ class RedisKeys:
         return f"{self.prefix}predict"
 
     @property
+    def batch_queue(self) -> str:
+        """Queue of Retrieve-predictions jobs, taken after interactive ones."""
+        return f"{self.prefix}batch"
+
+    @property
     def warm_queue(self) -> str:
         """Low-priority queue of cache-warming jobs."""
         return f"{self.prefix}warm"

@@ -19,6 +19,7 @@ down explicitly; no other module reads ``os.environ``.
 | KEY_PREFIX | ``talk2sam:`` | prefix of every queue name and key of ours |
 | JOB_TIMEOUT_S | 90 | longest a /predict waits for its jobs; below Label Studio's 100 s predict timeout |
 | QUEUE_MAX_DEPTH | 64 | jobs waiting in the shared queue above which /predict answers 503 at once |
+| BATCH_WINDOW | 8 | jobs of one Retrieve-predictions request waiting at a time (the rest are submitted as these finish) |
 | LABEL_PROMPTS | empty | label -> text prompt, JSON object or ``"Power line=wire;Fence=fence"``; unmapped labels are their own prompt |
 | MODEL | ``talk2sam`` | ``talk2sam`` (the real predictor) or ``noop`` (rectangles, score 1.0: queue-overhead benchmarks and tests only) |
 | MODEL_CONFIG | ``tiny`` | predictor config name (``tiny``, ``tiny-768`` (the demo's), ``vit_b``, ``vit_l``, ``vit_h``, ``vit_tiny``) |
@@ -97,6 +98,7 @@ class Settings:
     key_prefix: str = "talk2sam:"
     job_timeout_s: int = 90
     queue_max_depth: int = 64
+    batch_window: int = 8
     label_prompts: Mapping[str, str] = field(default_factory=dict)
     model: str = "talk2sam"
     model_config: str = "tiny"
@@ -171,6 +173,7 @@ class Settings:
             job_timeout_s=get("JOB_TIMEOUT_S", _int_in(1, LABEL_STUDIO_PREDICT_TIMEOUT_S - 1),
                               d.job_timeout_s),
             queue_max_depth=get("QUEUE_MAX_DEPTH", _int_in(1, 100_000), d.queue_max_depth),
+            batch_window=get("BATCH_WINDOW", _int_in(1, 1024), d.batch_window),
             label_prompts=get("LABEL_PROMPTS", parse_label_prompts, {}),
             model=get("MODEL", _one_of(MODELS), d.model),
             model_config=get("MODEL_CONFIG", str, d.model_config),

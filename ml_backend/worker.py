@@ -580,7 +580,8 @@ def main(argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -
         checkpoint, loaded_for, unloadable
     keys = RedisKeys(settings.key_prefix)
     queues = [Queue(name, connection=redis, serializer=JSONSerializer)
-              for name in (keys.worker_queue(args.name), keys.predict_queue, keys.warm_queue)]
+              for name in (keys.worker_queue(args.name), keys.predict_queue, keys.batch_queue,
+                           keys.warm_queue)]  # rq takes the first queue with a job: priority
     _runtime.heartbeat.start()
     try:
         while True:  # a Redis outage ends rq's loop; the loaded model stays, the loop restarts
