@@ -7,14 +7,19 @@ URLs as Label Studio puts them in task data:
 - ``s3://``, ``gs://``, ``azure-blob://`` (cloud storage): resolved by Label Studio at
   ``/tasks/<id>/presign/?fileuri=<base64 URI>`` (the SDK's encoding), which redirects to a
   presigned URL;
-- ``http(s)://``: downloaded directly; the token is sent only to Label Studio's own host.
+- ``http(s)://``: downloaded directly; the token is sent only to Label Studio's own origin
+  (same scheme, host and port);
+- ``data:image/...;base64,...``: decoded in place, within the download size limit.
+
+Any other scheme (``file://``, ``ftp://``, ...) is refused with :class:`InvalidRequestError` (400).
 
 Which hosts (SSRF guard, :func:`check_image_url`): with ``FetchConfig.allowed_hosts`` set (the
 workers set it from IMAGE_HOST_ALLOWLIST), an absolute http(s) URL is fetched only from Label
 Studio's own host or a host of the allowlist (``*`` allows any); any other is refused with
-:class:`InvalidRequestError` before a request is made. Redirects answered by those trusted hosts
-are followed (Label Studio's presign endpoint redirects to the cloud storage's host), and httpx
-drops the ``Authorization`` header when a redirect leaves the host. Relative URLs may not climb
+:class:`InvalidRequestError` before a request is made. Redirects are followed by hand, up to
+MAX_REDIRECTS, and every hop is checked the same way; the one exception is the redirect Label
+Studio's presign endpoint answers for a cloud URI, which may lead to the storage's https host.
+The token goes only with requests to Label Studio's own origin. Relative URLs may not climb
 out of their path (``..`` segments), and a local-files path (``/data/local-files/?d=<path>``) must
 be relative to Label Studio's document root: absolute paths, ``..``, backslashes and NUL bytes are
 refused before anything is requested. The backend never reads local files itself: Label Studio
@@ -43,7 +48,7 @@ from urllib.parse import parse_qs, unquote, urljoin, urlparse
 import httpx
 import numpy as np
 from label_studio_sdk._extensions.label_studio_tools.core.utils.io import encode_presign_fileuri
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ml_backend.errors import ImageFetchError, InvalidImageError, InvalidRequestError
 
@@ -53,6 +58,8 @@ CLOUD_SCHEMES = ("s3://", "gs://", "azure-blob://")
 _ACCESS_TOKEN_MARGIN_S = 30.0
 LOCAL_FILES_PATH = "/data/local-files"
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+MAX_REDIRECTS = 5
+PRESIGN_PATH = "/presign/"
 
 
 def resolve_image_url(url: str, ls_url: str | None, task_id: int | None) -> str:
@@ -67,8 +74,8 @@ def resolve_image_url(url: str, ls_url: str | None, task_id: int | None) -> str:
         An http(s) URL.
 
     Raises:
-        ImageFetchError: when the URL needs Label Studio (relative or cloud) and none is known,
-            or has an unsupported scheme.
+        ImageFetchError: when the URL needs Label Studio (relative or cloud) and none is known.
+        InvalidRequestError: an unsupported scheme (``file://``, ...).
     """
     if url.startswith(("http://", "https://")):
         return url
@@ -80,7 +87,31 @@ def resolve_image_url(url: str, ls_url: str | None, task_id: int | None) -> str:
         return _join(ls_url, url)
     if url.startswith("upload/"):  # older exports store the upload key without /data
         return _join(ls_url, "/data/" + url)
-    raise ImageFetchError(f"unsupported image URL {url!r}")
+    raise InvalidRequestError(
+        f"unsupported image URL {url[:80]!r}: use http(s)://, a Label Studio path "
+        f"(/data/upload/..., /data/local-files/?d=...), a cloud URI ({', '.join(CLOUD_SCHEMES)})"
+        " or data:image/...;base64")
+
+
+def decode_data_uri(url: str, max_bytes: int) -> bytes:
+    """The bytes of a ``data:`` URI (base64 or percent-encoded).
+
+    Raises:
+        InvalidRequestError: malformed, or larger than ``max_bytes`` once decoded.
+    """
+    header, sep, payload = url[5:].partition(",")
+    if not sep:
+        raise InvalidRequestError("data: image URI without a ',' before its payload")
+    if len(payload) // 4 * 3 > max_bytes + 3:  # before decoding (base64 padding: +3)
+        raise InvalidRequestError(f"data: image URI is larger than {max_bytes} bytes")
+    try:
+        data = base64.b64decode(payload, validate=True) if header.endswith(";base64") \
+            else unquote(payload).encode("latin-1")
+    except (binascii.Error, ValueError, UnicodeEncodeError) as exc:
+        raise InvalidRequestError(f"data: image URI cannot be decoded: {exc}") from None
+    if len(data) > max_bytes:
+        raise InvalidRequestError(f"data: image URI is larger than {max_bytes} bytes")
+    return data
 
 
 def check_image_url(url: str, absolute: str, ls_url: str | None,
@@ -277,8 +308,8 @@ class ImageFetcher:
         self._config = config
         self._default_ls_url = default_ls_url
         self._default_token = default_token
-        self._client = httpx.Client(timeout=config.timeout_s, follow_redirects=True,
-                                    transport=transport)
+        self._client = httpx.Client(timeout=config.timeout_s, follow_redirects=False,
+                                    transport=transport)  # redirects: checked hop by hop
         self._memory = _BytesLRU(config.memory_cache_bytes)
         self._auths: dict[tuple[str, str], LabelStudioAuth] = {}
         self._auth_lock = threading.Lock()
@@ -303,6 +334,8 @@ class ImageFetcher:
         """
         ls_url = self._default_ls_url or ls_url
         token = self._default_token or token
+        if url.startswith("data:"):
+            return decode_data_uri(url, self._config.max_bytes)
         absolute = resolve_image_url(url, ls_url, task_id)
         check_image_url(url, absolute, ls_url, self._config.allowed_hosts)
         cache_key = hashlib.sha256(absolute.encode()).hexdigest()
@@ -316,35 +349,52 @@ class ImageFetcher:
         return data
 
     def _download(self, url: str, ls_url: str | None, token: str | None) -> bytes:
-        to_label_studio = bool(ls_url) and urlparse(url).netloc == urlparse(ls_url).netloc
-        auth = None
-        if to_label_studio:
-            if not token:
-                raise ImageFetchError(
-                    f"{url} needs a Label Studio token: set LABEL_STUDIO_API_KEY "
-                    "(or let Label Studio call /setup first)"
-                )
-            auth = self._auth(ls_url, token)
-        status, body = self._get(url, auth.header() if auth else {})
-        if status == 401 and auth is not None:
-            status, body = self._get(url, auth.header(force_refresh=True))
+        """GET ``url``, following redirects by hand: every hop is checked like the first URL
+        and only requests to Label Studio's own origin carry the token."""
+        for _ in range(MAX_REDIRECTS + 1):
+            auth = None
+            if ls_url and _origin(url) == _origin(ls_url):
+                if not token:
+                    raise ImageFetchError(
+                        f"{url} needs a Label Studio token: set LABEL_STUDIO_API_KEY "
+                        "(or let Label Studio call /setup first)"
+                    )
+                auth = self._auth(ls_url, token)
+            status, body, location = self._get(url, auth.header() if auth else {})
+            if status == 401 and auth is not None:
+                status, body, location = self._get(url, auth.header(force_refresh=True))
+            if location is None:
+                break
+            target = urljoin(url, location)
+            if not target.startswith(("http://", "https://")):
+                raise InvalidRequestError(f"{url} redirects to an unsupported URL {target[:80]!r}")
+            presigned = auth is not None and PRESIGN_PATH in urlparse(url).path \
+                and target.startswith("https://")
+            if not presigned:  # a presign redirect names the cloud storage's own host
+                check_image_url(target, target, ls_url, self._config.allowed_hosts)
+            url = target
+        else:
+            raise ImageFetchError(f"more than {MAX_REDIRECTS} redirects downloading the image")
         if status != 200:
             hint = " (check the token; personal access tokens need /api/token/refresh)" \
                 if status in (401, 403) else ""
             raise ImageFetchError(f"downloading {url} gave HTTP {status}{hint}")
         return body
 
-    def _get(self, url: str, headers: dict[str, str]) -> tuple[int, bytes]:
-        """(status, body) of a GET, refusing bodies over ``max_bytes`` while they stream."""
+    def _get(self, url: str, headers: dict[str, str]) -> tuple[int, bytes, str | None]:
+        """(status, body, redirect location or None) of one GET, refusing bodies over
+        ``max_bytes`` while they stream."""
         try:
             with self._client.stream("GET", url, headers=headers) as response:
+                if response.is_redirect:
+                    return response.status_code, b"", response.headers.get("location")
                 chunks, size = [], 0
                 for chunk in response.iter_bytes():
                     size += len(chunk)
                     if size > self._config.max_bytes:
                         raise ImageFetchError(f"{url} is larger than {self._config.max_bytes} bytes")
                     chunks.append(chunk)
-                return response.status_code, b"".join(chunks)
+                return response.status_code, b"".join(chunks), None
         except httpx.HTTPError as exc:
             raise ImageFetchError(f"cannot download {url}: {exc}") from None
 
@@ -376,9 +426,8 @@ class ImageFetcher:
 
 
 def decode_rgb(data: bytes, max_pixels: int) -> np.ndarray:
-    """Decode image bytes to RGB.
-
-    EXIF orientation is not applied: Label Studio draws boxes on the image as stored.
+    """Decode image bytes to RGB, EXIF orientation applied: Label Studio's editor shows the image
+    as browsers do (oriented), so its boxes and sizes are in that frame.
 
     Args:
         data: encoded image (PNG, JPEG, WebP, ...).
@@ -397,7 +446,7 @@ def decode_rgb(data: bytes, max_pixels: int) -> np.ndarray:
                 raise InvalidImageError(
                     f"image of {width}x{height} pixels exceeds MAX_IMAGE_PIXELS={max_pixels}"
                 )
-            rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)
+            rgb = np.asarray(ImageOps.exif_transpose(image).convert("RGB"), dtype=np.uint8)
     except InvalidImageError:
         raise
     except Image.DecompressionBombError as exc:  # Pillow's own limit, checked on open

@@ -14,6 +14,7 @@ area left inside the image after clipping is refused with :class:`InvalidRequest
 from __future__ import annotations
 
 import math
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -251,6 +252,8 @@ class BoxPrompt:
         box_xyxy: XYXY float pixels in the original image, clipped to it.
         width, height: the original image size the rectangle was drawn on.
         text: free-text prompt typed for this box in the config's TextArea, or None.
+        image_rotation: the editor's image rotation (degrees) when it was drawn; the
+            coordinates are in the image's own frame, and the answer carries it back.
     """
 
     label: str
@@ -258,6 +261,7 @@ class BoxPrompt:
     width: int
     height: int
     text: str | None = None
+    image_rotation: int = 0
 
 
 def boxes_from_results(
@@ -349,8 +353,11 @@ def _box_prompt(item: Mapping[str, Any], config: LabelConfig, where: str,
             f"({', '.join(config.brush_labels)})"
         )
     box = rotated_box_pct_to_xyxy(x, y, w, h, rotation, width, height)
+    turned = item.get("image_rotation", 0)
+    image_rotation = int(turned) % 360 if isinstance(turned, (int, float)) and not isinstance(
+        turned, bool) and math.isfinite(turned) and int(turned) % 90 == 0 else 0
     return BoxPrompt(label=label, box_xyxy=clip_box_xyxy(box, width, height),
-                     width=width, height=height, text=text)
+                     width=width, height=height, text=text, image_rotation=image_rotation)
 
 
 def _positive_int(item: Mapping[str, Any], key: str, where: str) -> int:
@@ -395,7 +402,8 @@ def word_for_label(label: str, label_prompts: Mapping[str, str]) -> str:
 # ---------------------------------------------------------------- answers
 
 
-def brush_result(mask: np.ndarray, label: str, config: LabelConfig, score: float) -> dict[str, Any]:
+def brush_result(mask: np.ndarray, label: str, config: LabelConfig, score: float,
+                 image_rotation: int = 0) -> dict[str, Any]:
     """One Label Studio brush result for a mask.
 
     Args:
@@ -403,19 +411,22 @@ def brush_result(mask: np.ndarray, label: str, config: LabelConfig, score: float
         label: the BrushLabels label.
         config: the parsed label config (names of the control and image).
         score: the model's confidence for this mask (decoder-predicted IoU).
+        image_rotation: the rotation of the box it answers (carried back as drawn).
 
     Returns:
-        A ``brushlabels`` result item with RLE made by ``mask2rle``.
+        A ``brushlabels`` result item with its own region id and RLE made by ``mask2rle``.
     """
     height, width = mask.shape
     rle = mask2rle(np.where(mask, 255, 0).astype(np.uint8))
     return {
+        "id": uuid.uuid4().hex[:10],  # a region of its own (an id shared with the box would
+        # make Label Studio merge them into one region)
         "from_name": config.brush_name,
         "to_name": config.image_name,
         "type": "brushlabels",
         "original_width": int(width),
         "original_height": int(height),
-        "image_rotation": 0,
+        "image_rotation": image_rotation,
         "value": {"format": "rle", "rle": [int(v) for v in rle], "brushlabels": [label]},
         "score": float(score),
     }

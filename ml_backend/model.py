@@ -309,7 +309,7 @@ class Talk2SamBackend:
                          config: LabelConfig) -> dict[str, Any]:
         results = [
             brush_result(decode_mask(p.mask, answer.height, answer.width), box.label, config,
-                         p.score)
+                         p.score, box.image_rotation)
             for box, p in zip(boxes, answer.predictions)
         ]
         scores = [p.score for p in answer.predictions]

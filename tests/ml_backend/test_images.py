@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ml_backend.errors import ImageFetchError, InvalidImageError
+from ml_backend.errors import ImageFetchError, InvalidImageError, InvalidRequestError
 from ml_backend.images import FetchConfig, ImageFetcher, decode_rgb, resolve_image_url
 from tests.ml_backend.conftest import synthetic_png
 
@@ -39,8 +39,9 @@ def test_url_resolution():
         resolve_image_url("/data/upload/19/a.png", None, 4)
     with pytest.raises(ImageFetchError, match="task id"):
         resolve_image_url("gs://b/a.png", LS, None)
-    with pytest.raises(ImageFetchError, match="unsupported"):
-        resolve_image_url("ftp://x/a.png", LS, None)
+    for url in ("ftp://x/a.png", "file:///etc/passwd", "javascript:alert(1)"):
+        with pytest.raises(InvalidRequestError, match="unsupported image URL"):  # the client's
+            resolve_image_url(url, LS, None)
 
 
 class FakeServer:
@@ -123,3 +124,74 @@ def test_corrupt_and_oversized_images_are_refused():
         decode_rgb(b"\x89PNG\r\n\x1a\nnot a png", max_pixels=10**6)
     with pytest.raises(InvalidImageError, match="MAX_IMAGE_PIXELS"):
         decode_rgb(synthetic_png(400, 300), max_pixels=1000)
+
+
+def test_every_redirect_hop_is_checked_and_the_token_stays_on_label_studio():
+    """An allowed host redirecting to the metadata service, or Label Studio redirecting to a
+    host nobody allowed, is refused before that host is asked; the token never leaves."""
+    seen: list[tuple[str, str]] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append((str(request.url), request.headers.get("authorization", "")))
+        if request.url.host == "cdn.example":
+            return httpx.Response(302, headers={"location": "http://169.254.169.254/latest/"})
+        if request.url.path == "/data/upload/1/moved.png":
+            return httpx.Response(302, headers={"location": "https://cdn.example/img.png"})
+        if request.url.path == "/data/upload/1/away.png":
+            return httpx.Response(302, headers={"location": "http://evil.example/x.png"})
+        if request.url.path == "/data/upload/1/loop.png":
+            return httpx.Response(302, headers={"location": "/data/upload/1/loop.png"})
+        return httpx.Response(200, content=b"img")
+
+    f = ImageFetcher(FetchConfig(allowed_hosts=("cdn.example",)), default_ls_url=LS,
+                     default_token="legacy", transport=httpx.MockTransport(answer))
+    with pytest.raises(InvalidRequestError, match="169.254.169.254"):
+        f.fetch("https://cdn.example/a.png", None, None)
+    with pytest.raises(InvalidRequestError, match="evil.example"):
+        f.fetch("/data/upload/1/away.png", None, None)
+    with pytest.raises(InvalidRequestError, match="169.254.169.254"):
+        f.fetch("/data/upload/1/moved.png", None, None)  # LS -> CDN (allowed) -> metadata
+    with pytest.raises(ImageFetchError, match="redirects"):
+        f.fetch("/data/upload/1/loop.png", None, None)
+    assert not any("169.254" in url or "evil" in url for url, _ in seen)
+    assert all(auth == "" for url, auth in seen if not url.startswith(LS))
+    assert all(auth == "Token legacy" for url, auth in seen if url.startswith(LS))
+
+
+def test_a_presign_redirect_may_reach_the_cloud_storage_host():
+    def answer(request: httpx.Request) -> httpx.Response:
+        if "/presign/" in request.url.path:
+            return httpx.Response(303, headers={"location": "https://bucket.s3.example/k?sig=1"})
+        assert request.headers.get("authorization") is None  # the token stays behind
+        return httpx.Response(200, content=b"cloud-bytes")
+
+    f = ImageFetcher(FetchConfig(allowed_hosts=()), default_ls_url=LS, default_token="legacy",
+                     transport=httpx.MockTransport(answer))
+    assert f.fetch("s3://bucket/k.png", None, None, task_id=7) == b"cloud-bytes"
+
+
+def test_data_uris_are_decoded_within_the_size_limit():
+    png = synthetic_png(40, 30)
+    uri = "data:image/png;base64," + base64.b64encode(png).decode()
+    f = fetcher(FakeServer(), max_bytes=len(png))
+    assert f.fetch(uri, None, None) == png
+    assert decode_rgb(f.fetch(uri, None, None), max_pixels=10**6).shape == (30, 40, 3)
+    with pytest.raises(InvalidRequestError, match="larger than"):
+        fetcher(FakeServer(), max_bytes=len(png) - 1).fetch(uri, None, None)
+    with pytest.raises(InvalidRequestError, match="cannot be decoded"):
+        f.fetch("data:image/png;base64,@@@", None, None)
+
+
+def test_exif_orientation_is_applied_as_browsers_show_the_image():
+    """Stored 300 wide x 200 high with Orientation 6 (rotate 90 clockwise to display): the
+    editor shows, and boxes are drawn on, a 200 x 300 image whose top row is the stored left
+    column read bottom-up."""
+    stored = np.zeros((200, 300, 3), np.uint8)
+    stored[:, :10] = 255  # the stored left edge becomes the displayed top edge
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    Image.fromarray(stored).save(buffer, format="JPEG", quality=95, exif=exif.tobytes())
+    rgb = decode_rgb(buffer.getvalue(), max_pixels=10**6)
+    assert rgb.shape == (300, 200, 3)
+    assert rgb[:10].mean() > 200 and rgb[20:].mean() < 30
