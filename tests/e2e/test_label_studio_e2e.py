@@ -292,3 +292,31 @@ def test_retrieve_predictions_for_annotated_tasks(
         masks = brush_items(predictions[0].result)
         assert len(masks) == 1, predictions[0].result
         assert_mask_covers_wire(masks[0], image, labels[task_id])
+
+
+def test_a_phone_photo_stored_sideways_gets_masks_where_the_annotator_sees_the_wire(
+        label_studio: LabelStudioServer, ls_client: LabelStudio, backend: Backend,
+        tmp_path: Path) -> None:
+    """A JPEG stored 300x400 with EXIF Orientation 6, shown by browsers (and Label Studio's
+    editor) as 400x300: the box is drawn on the shown image, and the mask must cover the wire
+    there, at the shown size."""
+    shown = make_wire_image(tmp_path / "shown.png", 44)  # the picture as the annotator sees it
+    stored = Image.open(shown.path).transpose(Image.Transpose.ROTATE_90)  # 90 degrees left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to display"
+    jpeg = tmp_path / "phone_photo.jpg"
+    stored.save(jpeg, format="JPEG", quality=95, exif=exif.tobytes())
+    project_id = int(ls_client.projects.create(title="e2e exif",
+                                               label_config=LOWER_CASE_CONFIG).id)
+    response = httpx.post(f"{label_studio.url}/api/projects/{project_id}/import",
+                          params={"return_task_ids": "true"}, headers=label_studio.headers,
+                          files={"file": (jpeg.name, jpeg.read_bytes(), "image/jpeg")},
+                          timeout=60)
+    response.raise_for_status()
+    (task_id,) = response.json()["task_ids"]
+    ml = ls_client.ml.create(project=project_id, url=backend.url, is_interactive=True)
+    data = predict_interactive(ls_client, int(ml.id), int(task_id),
+                               {"result": [rectangle(shown, "wire", "exif")]})
+    (item,) = brush_items(data["result"])
+    assert_mask_covers_wire(item, shown, "wire")  # size 400x300, the wire covered, in the box
+    ls_client.projects.delete(project_id)
