@@ -6,7 +6,7 @@
 | POST /setup | 3 s | from memory: remembers schema and credentials, returns ``model_version`` |
 | POST /predict | 100 s | the only route that touches the queue |
 | POST /webhook | 1 s | records annotations for training, START_TRAINING enqueues a fine-tuning job (Redis only) |
-| GET /metrics | - | Prometheus text, or JSON with ``?format=json`` |
+| GET /metrics | - | Prometheus text (``ml_backend.metrics``), or JSON with ``?format=json`` |
 
 Errors: typed errors are mapped to HTTP statuses in :data:`HTTP_STATUS`, the one place; bodies
 are ``{"error": {"type", "message", "request_id"}}``; tracebacks go to the log only. Optional
@@ -32,17 +32,18 @@ import logging
 import os
 import secrets
 import sys
-import threading
+import tempfile
 import time
 import uuid
-from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from redis.exceptions import RedisError
 from starlette.concurrency import run_in_threadpool
+from starlette.routing import Match
 
 from ml_backend.errors import (
     AnnotationStoreFullError,
@@ -61,10 +62,16 @@ from ml_backend.errors import (
     WorkerDiedError,
 )
 from ml_backend.ls_protocol import parse_predict_request
+from ml_backend.metrics import (
+    HttpMetrics,
+    RedisCollector,
+    exposition_registry,
+    prometheus_text,
+    snapshot,
+)
 from ml_backend.model import Talk2SamBackend
 from ml_backend.queue_client import QueueClient, RedisUnavailableError
 from ml_backend.settings import Settings, settings_for_command
-from ml_backend.training_queue import ACTIVE_STATES
 from talk2sam.configs import UNTRAINED_TEXT_NOTE, UNTRAINED_TEXT_SUFFIX  # plain data: no torch
 
 log = logging.getLogger(__name__)
@@ -94,28 +101,6 @@ def http_status(exc: Exception) -> int:
     return next((code for cls, code in HTTP_STATUS.items() if isinstance(exc, cls)), 500)
 
 
-class AppMetrics:
-    """Counters of this web process (thread-safe)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.requests: Counter[tuple[str, int]] = Counter()
-        self.errors: Counter[str] = Counter()
-        self.predict_seconds_sum = 0.0
-        self.predict_count = 0
-        self.workers_live = 0
-        self.started_at = time.time()
-
-    def record(self, path: str, status: int, seconds: float, error: str | None) -> None:
-        with self._lock:
-            self.requests[(path, status)] += 1
-            if error:
-                self.errors[error] += 1
-            if path == "/predict":
-                self.predict_seconds_sum += seconds
-                self.predict_count += 1
-
-
 def create_app(settings: Settings, queue: QueueClient | None = None) -> FastAPI:
     """Build the FastAPI app.
 
@@ -128,16 +113,21 @@ def create_app(settings: Settings, queue: QueueClient | None = None) -> FastAPI:
     """
     queue = queue or QueueClient(settings)
     backend = Talk2SamBackend(settings, queue)
-    metrics = AppMetrics()
+    own_registry = CollectorRegistry()
+    http = HttpMetrics(own_registry)
+    backend.on_skipped = lambda reason: http.batch_skipped.labels(reason).inc()
+    scrape_registry = exposition_registry(own_registry, settings.prometheus_multiproc_dir,
+                                          RedisCollector(queue, backend.training))
+    workers_seen = {"live": 0}  # last count, for /health (answered from memory)
 
     def refresh_workers() -> None:
         try:
             workers = queue.live_workers()
         except NoWorkerError as exc:
             log.warning("%s", exc)
-            metrics.workers_live = 0
+            workers_seen["live"] = 0
             return
-        metrics.workers_live = len(workers)
+        workers_seen["live"] = len(workers)
         versions = {w.model_version for w in workers}
         if len(versions) == 1:
             backend.observe_worker_version(versions.pop())
@@ -161,7 +151,6 @@ def create_app(settings: Settings, queue: QueueClient | None = None) -> FastAPI:
 
     app = FastAPI(title="talk2sam ML backend", lifespan=lifespan)
     app.state.backend = backend
-    app.state.metrics = metrics
 
     @app.middleware("http")
     async def request_context(request: Request, call_next: Any) -> Response:
@@ -180,14 +169,19 @@ def create_app(settings: Settings, queue: QueueClient | None = None) -> FastAPI:
             error_name = type(exc).__name__
             response = _error_response(exc, request_id, settings)
         response.headers["X-Request-ID"] = request_id
-        metrics.record(request.url.path, response.status_code, time.perf_counter() - started,
-                       error_name)
+        route = _route_template(app, request)
+        http.requests.labels(route, request.method, str(response.status_code)).inc()
+        if error_name:
+            http.errors.labels(error_name).inc()
+        if route == "/predict":
+            http.predict_seconds.observe(time.perf_counter() - started)
         return response
 
+    @app.get("/")
     @app.get("/health")
     async def health() -> dict[str, Any]:
         answer = {"status": "UP", "model_class": type(backend).__name__,
-                  "model_version": backend.model_version, "workers": metrics.workers_live}
+                  "model_version": backend.model_version, "workers": workers_seen["live"]}
         if backend.model_version.endswith(UNTRAINED_TEXT_SUFFIX):
             answer["warning"] = UNTRAINED_TEXT_NOTE
         return answer
@@ -222,14 +216,21 @@ def create_app(settings: Settings, queue: QueueClient | None = None) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics_route(request: Request) -> Response:
-        snapshot = await run_in_threadpool(_metrics_snapshot, queue, metrics)
-        snapshot["training"] = await run_in_threadpool(_training_snapshot, backend)
-        snapshot["batch_skipped"] = dict(backend.skipped)
         if request.query_params.get("format") == "json":
-            return JSONResponse(snapshot)
-        return PlainTextResponse(_prometheus(snapshot), media_type="text/plain; version=0.0.4")
+            return JSONResponse(await run_in_threadpool(snapshot, queue, backend.training))
+        body = await run_in_threadpool(prometheus_text, scrape_registry)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _route_template(app: FastAPI, request: Request) -> str:
+    """The matched route's path template, or ``unmatched`` (no series per unknown path)."""
+    route = request.scope.get("route")
+    if route is None:  # refused before routing (auth, size): match it here
+        route = next((r for r in app.router.routes
+                      if r.matches(request.scope)[0] == Match.FULL), None)
+    return getattr(route, "path", None) or "unmatched"
 
 
 def _check_content_length(request: Request, max_bytes: int) -> None:
@@ -308,111 +309,6 @@ def _error_response(exc: Exception, request_id: str, settings: Settings) -> JSON
     )
 
 
-def _metrics_snapshot(queue: QueueClient, metrics: AppMetrics) -> dict[str, Any]:
-    """App counters plus the workers' Redis counters."""
-    snapshot: dict[str, Any] = {
-        "requests": [{"path": p, "status": s, "count": n} for (p, s), n in metrics.requests.items()],
-        "errors": dict(metrics.errors),
-        "predict_seconds_sum": metrics.predict_seconds_sum,
-        "predict_count": metrics.predict_count,
-        "uptime_s": time.time() - metrics.started_at,
-    }
-    try:
-        workers = queue.live_workers()
-        snapshot["queue_depth"] = queue.queue_depths()
-        totals: Counter[str] = Counter()
-        per_worker = {}
-        for name in [w.name for w in workers]:
-            raw = queue.redis.hgetall(queue.keys.metrics(name))
-            values = {k.decode(): float(v) for k, v in raw.items()}
-            per_worker[name] = values
-            totals.update(values)
-    except (BackendError, RedisError) as exc:  # metrics must not fail because Redis is down
-        log.warning("worker metrics unavailable: %s", exc)
-        workers, per_worker, totals = [], {}, Counter()
-    snapshot["workers_live"] = len(workers)
-    snapshot["workers"] = [{**w.to_dict(), "counters": per_worker.get(w.name, {})}
-                           for w in workers]
-    snapshot["worker_totals"] = dict(totals)
-    return snapshot
-
-
-def _training_snapshot(backend: Talk2SamBackend) -> dict[str, Any]:
-    """Serving version and the current or last fine-tuning job's progress."""
-    try:
-        return backend.training.status()
-    except RedisError as exc:
-        log.warning("training status unavailable: %s", exc)
-        return {}
-
-
-def _prometheus(snapshot: dict[str, Any]) -> str:
-    lines = ["# TYPE talk2sam_http_requests_total counter"]
-    for row in snapshot["requests"]:
-        lines.append(f'talk2sam_http_requests_total{{path="{row["path"]}",'
-                     f'status="{row["status"]}"}} {row["count"]}')
-    lines.append("# TYPE talk2sam_http_errors_total counter")
-    for name, count in snapshot["errors"].items():
-        lines.append(f'talk2sam_http_errors_total{{type="{name}"}} {count}')
-    lines.append("# TYPE talk2sam_batch_tasks_skipped_total counter")
-    for reason, count in snapshot.get("batch_skipped", {}).items():
-        lines.append(f'talk2sam_batch_tasks_skipped_total{{reason="{reason}"}} {count}')
-    lines += [
-        "# TYPE talk2sam_predict_seconds summary",
-        f"talk2sam_predict_seconds_sum {snapshot['predict_seconds_sum']}",
-        f"talk2sam_predict_seconds_count {snapshot['predict_count']}",
-        "# TYPE talk2sam_workers_live gauge",
-        f"talk2sam_workers_live {snapshot['workers_live']}",
-    ]
-    for queue_name, depth in snapshot.get("queue_depth", {}).items():
-        lines.append(f'talk2sam_queue_depth{{queue="{queue_name}"}} {depth}')
-    counters = ("jobs", "warm_jobs", "job_errors", "boxes", "cache_hits", "cache_misses",
-                "reload_failures")
-    for counter in counters:
-        lines.append(f"# TYPE talk2sam_worker_{counter}_total counter")
-        for worker in snapshot["workers"]:
-            value = worker["counters"].get(counter, 0)
-            lines.append(f'talk2sam_worker_{counter}_total{{worker="{worker["name"]}"}} {value:g}')
-    lines.append("# TYPE talk2sam_job_seconds histogram")
-    for worker in snapshot["workers"]:
-        c, label = worker["counters"], f'worker="{worker["name"]}"'
-        for key in sorted((k for k in c if k.startswith("latency_le_")),
-                          key=lambda k: float(k.removeprefix("latency_le_"))):
-            lines.append(f'talk2sam_job_seconds_bucket{{{label},le="{key[11:]}"}} {c[key]:g}')
-        lines.append(f'talk2sam_job_seconds_bucket{{{label},le="+Inf"}} '
-                     f'{c.get("latency_count", 0):g}')
-        lines.append(f"talk2sam_job_seconds_sum{{{label}}} {c.get('latency_sum_s', 0):g}")
-        lines.append(f"talk2sam_job_seconds_count{{{label}}} {c.get('latency_count', 0):g}")
-    training = snapshot.get("training") or {}
-    if training.get("serving"):
-        lines += ["# TYPE talk2sam_serving_version gauge",
-                  f'talk2sam_serving_version{{version="{training["serving"]}"}} 1']
-    if "trainers" in training:
-        lines += ["# TYPE talk2sam_trainers_live gauge",
-                  f"talk2sam_trainers_live {len(training['trainers'])}"]
-    progress = training.get("progress") or {}
-    if progress:
-        running = progress.get("state") in ACTIVE_STATES
-        lines += ["# TYPE talk2sam_training_running gauge",
-                  f"talk2sam_training_running {int(running)}",
-                  "# TYPE talk2sam_training_state gauge",
-                  f'talk2sam_training_state{{state="{progress.get("state")}"}} 1']
-        for key in ("epoch", "epochs", "loss", "eta_s"):
-            if isinstance(progress.get(key), (int, float)):
-                lines += [f"# TYPE talk2sam_training_{key} gauge",
-                          f"talk2sam_training_{key} {progress[key]:g}"]
-        if progress.get("result"):  # the last job's outcome and its held-out scores
-            lines += ["# TYPE talk2sam_training_last_result gauge",
-                      f'talk2sam_training_last_result{{result="{progress["result"]}",'
-                      f'version="{progress.get("version")}"}} 1',
-                      "# TYPE talk2sam_training_heldout_miou gauge"]
-            for model, scores in (progress.get("metrics") or {}).items():
-                if isinstance(scores, dict) and isinstance(scores.get("miou"), (int, float)):
-                    lines.append(f'talk2sam_training_heldout_miou{{model="{model}"}} '
-                                 f'{scores["miou"]:g}')
-    return "\n".join(lines) + "\n"
-
-
 def app_from_env() -> FastAPI:
     """App factory for uvicorn (``--factory``): settings from the environment."""
     settings = Settings.from_env(os.environ)
@@ -432,6 +328,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1,
                         help="uvicorn processes; each is light (no model)")
     args = parser.parse_args(argv)
+    if args.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # each process writes its counters there and /metrics sums them (prometheus_client
+        # reads the variable when it is imported, in every worker process)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="talk2sam-metrics-")
     settings = settings_for_command(os.environ)
     if settings is None:
         return 2

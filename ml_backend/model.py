@@ -25,7 +25,7 @@ import json
 import logging
 import threading
 import time
-from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,7 +80,8 @@ class Talk2SamBackend:
         self._projects: dict[str, ProjectSetup] = {}
         self._last_setup: ProjectSetup | None = None
         self._lock = threading.Lock()
-        self.skipped: Counter[str] = Counter()  # batch tasks left without prediction, by error
+        # told the error type of each batch task left without a prediction (/metrics)
+        self.on_skipped: Callable[[str], None] = lambda reason: None
         self._model_version = settings.model_version or (
             "noop" if settings.model == "noop" else f"talk2sam-{settings.model_config}"
         )
@@ -200,8 +201,7 @@ class Talk2SamBackend:
 
     def _skipped(self, task: dict[str, Any], exc: BackendError, request_id: str) -> None:
         """A batch task left without a prediction: say why (it is asked for again later)."""
-        with self._lock:
-            self.skipped[type(exc).__name__] += 1
+        self.on_skipped(type(exc).__name__)
         log.warning("request %s: task %s gets no prediction: %s: %s", request_id,
                     task.get("id"), type(exc).__name__, exc)
 

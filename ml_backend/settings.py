@@ -37,6 +37,7 @@ down explicitly; no other module reads ``os.environ``.
 | STICKY_WAIT_S | 2.0 | how long a job routed to the worker holding its image may wait before it moves to the shared queue |
 | WARM_ON_OPEN | true | batch tasks with no box enqueue a low-priority job that caches their image's features |
 | LOG_LEVEL | ``INFO`` | Python logging level |
+| PROMETHEUS_MULTIPROC_DIR | unset | prometheus_client's multiprocess folder: /metrics sums the web processes' counters (``python -m ml_backend.app --workers N`` makes one when unset) |
 | VERSIONS_DIR | unset | where ``versions.json`` and fine-tuned checkpoints are written (shared by trainer and workers); unset: MODEL_DIR |
 | TRAIN_EVERY_N | 0 | request a fine-tuning job after this many new annotations of a project; 0: only on START_TRAINING |
 | TRAIN_EPOCHS | 2 | epochs of one fine-tuning job |
@@ -116,6 +117,7 @@ class Settings:
     sticky_wait_s: float = 2.0
     warm_on_open: bool = True
     log_level: str = "INFO"
+    prometheus_multiproc_dir: str | None = None
     versions_dir: str | None = None
     train_every_n: int = 0
     train_epochs: int = 2
@@ -195,6 +197,7 @@ class Settings:
             sticky_wait_s=get("STICKY_WAIT_S", _float_in(0.0, 60.0), d.sticky_wait_s),
             warm_on_open=get("WARM_ON_OPEN", _bool, d.warm_on_open),
             log_level=get("LOG_LEVEL", _log_level, d.log_level),
+            prometheus_multiproc_dir=get.opt("PROMETHEUS_MULTIPROC_DIR", str),
             versions_dir=get.opt("VERSIONS_DIR", str),
             train_every_n=get("TRAIN_EVERY_N", _int_in(0, 1_000_000), d.train_every_n),
             train_epochs=get("TRAIN_EPOCHS", _int_in(1, 10_000), d.train_epochs),

@@ -182,11 +182,30 @@ def test_webhook_is_acknowledged(client):
     assert response.json()["event"] == "ANNOTATION_CREATED"
 
 
-def test_metrics_prometheus_text(client):
+def test_metrics_parse_as_prometheus_text_with_route_templates(client):
+    from prometheus_client.parser import text_string_to_metric_families
+
     client.post("/predict", json=load_fixture("predict_interactive_request.json"))
+    for path in ('/%22', '/a"b', "/x\\y", "/random-1", "/random-2"):  # quotes, scans, 404s
+        assert client.get(path).status_code == 404
     text = client.get("/metrics").text
-    assert "talk2sam_workers_live 2" in text
-    assert 'talk2sam_worker_jobs_total{worker="tiny-a"}' in text
+    families = {f.name: f for f in text_string_to_metric_families(text)}  # parses, or raises
+    requests = {(s.labels["route"], s.labels["method"], s.labels["status"]): s.value
+                for s in families["talk2sam_http_requests"].samples
+                if s.name.endswith("_total")}
+    assert requests[("/predict", "POST", "200")] == 1
+    assert requests[("unmatched", "GET", "404")] == 5  # one series for every unknown path
+    assert {route for route, _, _ in requests} <= {"/predict", "unmatched", "/metrics"}
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in families.values() for s in f.samples}
+    assert samples[("talk2sam_workers_live", ())] == 2
+    assert samples[("talk2sam_worker_jobs_total", (("worker", "tiny-a"),))] + \
+        samples[("talk2sam_worker_jobs_total", (("worker", "tiny-b"),))] >= 1
+    assert ("talk2sam_predict_seconds_count", ()) in samples
+
+
+def test_root_answers_like_health(client):
+    assert client.get("/").json() == client.get("/health").json()
 
 
 def _free_port() -> int:
@@ -195,24 +214,49 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_served_by_uvicorn_command(fake_ls, clean_redis, tmp_path):
+def _start_app(env: dict, tmp_path, *args: str) -> tuple[subprocess.Popen, str, httpx.Response]:
+    """``python -m ml_backend.app`` on a free port; returns it, its URL and a first /health."""
     port = _free_port()
     with open(tmp_path / "app.log", "wb") as log:  # the child keeps its own fd
         proc = subprocess.Popen(
-            [sys.executable, "-m", "ml_backend.app", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=REPO, env=backend_env(fake_ls), stdout=log, stderr=subprocess.STDOUT,
-        )
+            [sys.executable, "-m", "ml_backend.app", "--host", "127.0.0.1", "--port", str(port),
+             *args], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return proc, url, httpx.get(f"{url}/health", timeout=1)
+        except httpx.TransportError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise AssertionError((tmp_path / "app.log").read_text()) from None
+            time.sleep(0.2)
+
+
+def test_metrics_sum_over_the_processes_of_a_multi_worker_app(fake_ls, clean_redis, tmp_path):
+    proc, url, _ = _start_app(backend_env(fake_ls), tmp_path, "--workers", "2")
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                health = httpx.get(f"{url}/health", timeout=1)
-                break
-            except httpx.TransportError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise AssertionError((tmp_path / "app.log").read_text()) from None
-                time.sleep(0.2)
+        time.sleep(2)  # both processes up
+        with httpx.Client() as client:  # new connections spread over both processes
+            for _ in range(30):
+                assert httpx.get(f"{url}/health", timeout=5).status_code == 200
+            from prometheus_client.parser import text_string_to_metric_families
+
+            counts = set()
+            for _ in range(6):
+                text = client.get(f"{url}/metrics", headers={"Connection": "close"}).text
+                counts.add(next(s.value for f in text_string_to_metric_families(text)
+                                for s in f.samples if s.name == "talk2sam_http_requests_total"
+                                and s.labels["route"] == "/health"))
+    finally:
+        proc.terminate()
+        proc.wait(20)
+    assert counts == {31.0}, counts  # every scrape sees both processes' requests
+
+
+def test_served_by_uvicorn_command(fake_ls, clean_redis, tmp_path):
+    proc, url, health = _start_app(backend_env(fake_ls), tmp_path)
+    try:
         assert health.status_code == 200
         assert health.elapsed.total_seconds() < 1.0
         response = httpx.post(f"{url}/predict", timeout=30,

@@ -31,7 +31,8 @@ ALLOWED = {
     "worker": {"errors", "images", "schemas", "settings", "versions"},
     "model": {"annotations", "errors", "ls_protocol", "queue_client", "schemas", "settings",
               "training_queue", "versions"},
-    "app": {"errors", "ls_protocol", "model", "queue_client", "settings", "training_queue"},
+    "metrics": {"errors", "queue_client", "training_queue"},
+    "app": {"errors", "ls_protocol", "metrics", "model", "queue_client", "settings"},
 }
 # Modules the request-handling process must never load: the web side is torch-free and leaves
 # decoding masks, pairing them with boxes and training to the trainer process.
