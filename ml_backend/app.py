@@ -192,6 +192,7 @@ def create_app(settings: Settings, queue: QueueClient | None = None) -> FastAPI:
         return backend.setup(
             project=_opt_str(body, "project"), schema=_opt_str(body, "schema"),
             hostname=_opt_str(body, "hostname"), access_token=_opt_str(body, "access_token"),
+            extra_params=body.get("extra_params"),
         )
 
     @app.post("/predict")

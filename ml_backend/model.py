@@ -26,7 +26,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -64,6 +65,7 @@ class ProjectSetup:
     schema: str | None
     hostname: str | None
     access_token: str | None
+    label_prompts: Mapping[str, str] = field(default_factory=dict)  # from extra_params
 
 
 class Talk2SamBackend:
@@ -112,8 +114,15 @@ class Talk2SamBackend:
 
     def setup(self, project: str | None = None, schema: str | None = None,
               hostname: str | None = None, access_token: str | None = None,
-              **kwargs: Any) -> dict[str, str]:
-        """Remember the project's schema and Label Studio credentials; answer from memory."""
+              extra_params: Any = None, **kwargs: Any) -> dict[str, str]:
+        """Remember the project's schema, Label Studio credentials and the model's extra
+        params (``{"label_prompts": {"Power line": "wire"}}``: this project's label -> prompt
+        map, over LABEL_PROMPTS); answer from memory.
+
+        Raises:
+            InvalidRequestError: extra_params that are not such an object.
+        """
+        prompts = project_label_prompts(extra_params)
         with self._lock:
             # a call without hostname or token (a health probe, a script) keeps what is known
             # of the same project (of the last one, for a call that names none)
@@ -121,7 +130,9 @@ class Talk2SamBackend:
             entry = ProjectSetup(
                 schema=schema if schema is not None else known and known.schema,
                 hostname=(hostname or "").rstrip("/") or (known.hostname if known else None),
-                access_token=access_token or (known.access_token if known else None))
+                access_token=access_token or (known.access_token if known else None),
+                label_prompts=prompts if extra_params is not None
+                else (known.label_prompts if known else {}))
             if project:
                 self._projects[_project_id(project)] = entry
             self._last_setup = entry
@@ -153,13 +164,13 @@ class Talk2SamBackend:
             only when nothing could run at all, e.g. NoWorkerError).
         """
         config = parse_label_config(label_config)
-        ls_url, token = self._label_studio_access(project)
+        access = self._project_access(project)
         if context is not None:
-            return [self._interactive(tasks, context, config, ls_url, token, request_id)]
-        return self._batch(tasks, config, ls_url, token, request_id)
+            return [self._interactive(tasks, context, config, access, request_id)]
+        return self._batch(tasks, config, access, request_id)
 
     def _interactive(self, tasks: list[dict[str, Any]], context: dict[str, Any],
-                     config: LabelConfig, ls_url: str | None, token: str | None,
+                     config: LabelConfig, access: ProjectSetup,
                      request_id: str) -> dict[str, Any]:
         if len(tasks) != 1:
             raise InvalidRequestError(
@@ -168,19 +179,19 @@ class Talk2SamBackend:
                                    where="context")
         if not boxes:
             return self._empty()
-        spec = self._spec(tasks[0], boxes, config, ls_url, token, request_id)
+        spec = self._spec(tasks[0], boxes, config, access, request_id)
         (answer,) = self.queue.predict([spec])
         self.observe_worker_version(answer.model_version)
         return self._task_prediction(answer, boxes, config)
 
-    def _batch(self, tasks: list[dict[str, Any]], config: LabelConfig, ls_url: str | None,
-               token: str | None, request_id: str) -> list[dict[str, Any] | list[Any]]:
+    def _batch(self, tasks: list[dict[str, Any]], config: LabelConfig, access: ProjectSetup,
+               request_id: str) -> list[dict[str, Any] | list[Any]]:
         slots: list[dict[str, Any] | list[Any]] = [[] for _ in tasks]
         jobs: list[tuple[int, list[BoxPrompt], PredictJobSpec]] = []
         for index, task in enumerate(tasks):
             try:
                 boxes = task_boxes(task, config)
-                spec = self._spec(task, boxes, config, ls_url, token, request_id)
+                spec = self._spec(task, boxes, config, access, request_id)
             except BackendError as exc:
                 self._skipped(task, exc, request_id)
                 continue
@@ -255,10 +266,10 @@ class Talk2SamBackend:
         return {"status": "ignored", "event": str(event)}
 
     def _request_training(self, project: int | None, reason: str) -> dict[str, Any]:
-        ls_url, token = self._label_studio_access(str(project) if project is not None else None)
-        answer = self.training.request(TrainRequest(project=project, ls_url=ls_url,
-                                                    ls_token=token, reason=reason,
-                                                    requested_at=utc_now()))
+        access = self._project_access(str(project) if project is not None else None)
+        answer = self.training.request(TrainRequest(
+            project=project, ls_url=access.hostname, ls_token=access.access_token,
+            reason=reason, requested_at=utc_now(), label_prompts=dict(access.label_prompts)))
         if answer["status"] == "queued":  # the job will see every annotation made so far
             self.annotations.reset_new(project)
         return answer
@@ -274,18 +285,22 @@ class Talk2SamBackend:
                 return True
         return bool(self.queue.redis.hexists(self.queue.keys.projects, str(project)))
 
-    def _label_studio_access(self, project: str | None) -> tuple[str | None, str | None]:
-        """Label Studio URL and token for image downloads: settings first, then /setup's."""
+    def _project_access(self, project: str | None) -> ProjectSetup:
+        """Label Studio URL and token for image downloads (settings first, then /setup's) and
+        the label -> prompt map (LABEL_PROMPTS, the project's extra_params over it)."""
         with self._lock:
             entry = self._projects.get(_project_id(project)) if project else None
             entry = entry or self._last_setup
-        hostname = entry.hostname if entry else None
-        token = entry.access_token if entry else None
-        return (self.settings.label_studio_url or hostname,
-                self.settings.label_studio_api_key or token)
+        return ProjectSetup(
+            schema=entry.schema if entry else None,
+            hostname=self.settings.label_studio_url or (entry.hostname if entry else None),
+            access_token=self.settings.label_studio_api_key or (
+                entry.access_token if entry else None),
+            label_prompts={**self.settings.label_prompts,
+                           **(entry.label_prompts if entry else {})})
 
-    def _spec(self, task: dict[str, Any], boxes: list[BoxPrompt], config: LabelConfig, ls_url: str | None, token: str | None,
-              request_id: str) -> PredictJobSpec:
+    def _spec(self, task: dict[str, Any], boxes: list[BoxPrompt], config: LabelConfig,
+              access: ProjectSetup, request_id: str) -> PredictJobSpec:
         sizes = {(b.width, b.height) for b in boxes}
         if len(sizes) > 1:
             raise InvalidRequestError(
@@ -297,12 +312,12 @@ class Talk2SamBackend:
             request_id=request_id,
             task_id=task_id if isinstance(task_id, int) else None,
             image_url=image_url_of(task, config),
-            ls_url=ls_url,
-            ls_token=token,
+            ls_url=access.hostname,
+            ls_token=access.access_token,
             width=width,
             height=height,
             boxes_xyxy=[list(b.box_xyxy) for b in boxes],
-            words=[b.text or word_for_label(b.label, self.settings.label_prompts) for b in boxes],
+            words=[b.text or word_for_label(b.label, access.label_prompts) for b in boxes],
         )
 
     def _task_prediction(self, answer: PredictJobResult, boxes: list[BoxPrompt],
@@ -318,6 +333,31 @@ class Talk2SamBackend:
 
     def _empty(self) -> dict[str, Any]:
         return {"result": [], "score": 0.0, "model_version": self.model_version}
+
+
+def project_label_prompts(extra_params: Any) -> dict[str, str]:
+    """The ``label_prompts`` of a model's extra params (a JSON object or its text; null: {}).
+
+    Raises:
+        InvalidRequestError: naming what is wrong.
+    """
+    if extra_params is None or extra_params == "":
+        return {}
+    if isinstance(extra_params, str):
+        try:
+            extra_params = json.loads(extra_params)
+        except ValueError as exc:
+            raise InvalidRequestError(f"extra_params is not JSON: {exc}") from None
+    if not isinstance(extra_params, dict):
+        raise InvalidRequestError('extra_params must be a JSON object, e.g. '
+                                  '{"label_prompts": {"Power line": "wire"}}')
+    prompts = extra_params.get("label_prompts", {})
+    if not isinstance(prompts, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and k.strip() and v.strip()
+            for k, v in prompts.items()):
+        raise InvalidRequestError("extra_params.label_prompts must map labels to non-empty "
+                                  "prompt strings")
+    return {k.strip(): v.strip() for k, v in prompts.items()}
 
 
 def _payload_project(data: dict[str, Any]) -> int | None:

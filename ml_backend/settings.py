@@ -8,8 +8,8 @@ down explicitly; no other module reads ``os.environ``.
 
 | variable | default | meaning |
 |---|---|---|
-| LABEL_STUDIO_URL | unset | base URL of Label Studio, used to download task images; when unset the ``hostname`` sent to /setup is used |
-| LABEL_STUDIO_API_KEY | unset | legacy token or personal access token (JWT refresh token); when unset the ``access_token`` sent to /setup is used |
+| LABEL_STUDIO_URL (or LABEL_STUDIO_HOST) | unset | base URL of Label Studio, used to download task images; when unset the ``hostname`` sent to /setup is used |
+| LABEL_STUDIO_API_KEY (or LABEL_STUDIO_ACCESS_TOKEN) | unset | legacy token or personal access token (JWT refresh token); when unset the ``access_token`` sent to /setup is used |
 | MODEL_DIR | ``.cache/talk2sam`` | directory of model weights (``weights_dir`` of the predictor) |
 | BASIC_AUTH_USER / BASIC_AUTH_PASS | unset | HTTP basic auth on every route but /health (/webhook included: docs/RELIABILITY.md shows the webhook header to set in Label Studio); both or neither |
 | API_TOKEN | unset | bearer token (``Authorization: Bearer <token>``) accepted on the same routes, beside basic auth |
@@ -20,7 +20,7 @@ down explicitly; no other module reads ``os.environ``.
 | JOB_TIMEOUT_S | 90 | longest a /predict waits for its jobs; below Label Studio's 100 s predict timeout |
 | QUEUE_MAX_DEPTH | 64 | jobs waiting in the shared queue above which /predict answers 503 at once |
 | BATCH_WINDOW | 8 | jobs of one Retrieve-predictions request waiting at a time (the rest are submitted as these finish) |
-| LABEL_PROMPTS | empty | label -> text prompt, JSON object or ``"Power line=wire;Fence=fence"``; unmapped labels are their own prompt |
+| LABEL_PROMPTS | empty | label -> text prompt, JSON object or ``"Power line=wire;Fence=fence"``; unmapped labels are their own prompt. Per project: the model's *Extra params* in Label Studio, ``{"label_prompts": {...}}``, over this |
 | MODEL | ``talk2sam`` | ``talk2sam`` (the real predictor) or ``noop`` (rectangles, score 1.0: queue-overhead benchmarks and tests only) |
 | MODEL_CONFIG | ``tiny`` | predictor config name (``tiny``, ``tiny-768`` (the demo's), ``vit_b``, ``vit_l``, ``vit_h``, ``vit_tiny``) |
 | MODEL_CHECKPOINT | unset | path of a Talk2SAM checkpoint of trained parts |
@@ -162,8 +162,11 @@ class Settings:
         d = cls()
         get = _Reader(env)
         settings = cls(
-            label_studio_url=get.opt("LABEL_STUDIO_URL", _http_url),
-            label_studio_api_key=get.opt("LABEL_STUDIO_API_KEY", str),
+            # the names of Label Studio's own ML backend examples work as well
+            label_studio_url=get.opt("LABEL_STUDIO_URL", _http_url)
+            or get.opt("LABEL_STUDIO_HOST", _http_url),
+            label_studio_api_key=get.opt("LABEL_STUDIO_API_KEY", str)
+            or get.opt("LABEL_STUDIO_ACCESS_TOKEN", str),
             model_dir=get("MODEL_DIR", str, d.model_dir),
             basic_auth_user=get.opt("BASIC_AUTH_USER", str),
             basic_auth_pass=get.opt("BASIC_AUTH_PASS", str),

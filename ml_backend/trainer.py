@@ -286,7 +286,8 @@ class TrainingRun:
                 log.warning("%s left out: %s", region.name, exc)
                 skipped += 1
                 continue
-            item["word"] = word_for_label(region.word, self.settings.label_prompts)
+            item["word"] = word_for_label(region.word, {**self.settings.label_prompts,
+                                                        **req.label_prompts})
             items.append(item)
         return items, skipped
 

@@ -20,7 +20,7 @@ import os
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from redis import Redis
@@ -61,6 +61,7 @@ class TrainRequest:
         ls_token: token known to the web process, or None (LABEL_STUDIO_API_KEY wins).
         reason: why it was requested (``START_TRAINING``, ``TRAIN_EVERY_N``, ``cli``).
         requested_at: UTC ISO time.
+        label_prompts: label -> prompt map of the project (LABEL_PROMPTS and its extra_params).
     """
 
     project: int | None
@@ -68,6 +69,7 @@ class TrainRequest:
     ls_token: str | None = None
     reason: str = "START_TRAINING"
     requested_at: str = ""
+    label_prompts: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

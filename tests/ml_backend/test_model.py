@@ -114,3 +114,28 @@ def test_webhook_is_ignored_politely():
     model, _ = backend()
     assert model.fit("TASKS_CREATED", {"action": "TASKS_CREATED", "tasks": [{"id": 1}]}) == {
         "status": "ignored", "event": "TASKS_CREATED"}
+
+
+def test_extra_params_give_a_project_its_own_prompts():
+    """The model's Extra params in Label Studio (sent with /setup) map this project's labels;
+    LABEL_PROMPTS stays the default of the others."""
+    model, queue = backend(LABEL_PROMPTS="wire=power line", LABEL_STUDIO_URL="http://ls:8080")
+    model.setup(project="19.1795635706", extra_params={"label_prompts": {"wire": "guy wire"}})
+    model.setup(project="20.1795635706", extra_params=None)
+    predict(model, "predict_interactive_request.json")  # project 19
+    assert queue.specs[-1][0].words == ["guy wire"]
+    body = load_fixture("predict_interactive_request.json")
+    model.predict(body["tasks"], body["params"]["context"], label_config=body["label_config"],
+                  project="20.1795635706")
+    assert queue.specs[-1][0].words == ["power line"]
+    model.setup(project="19.1795635706", extra_params='{"label_prompts": {"wire": "cable"}}')
+    predict(model, "predict_interactive_request.json")
+    assert queue.specs[-1][0].words == ["cable"]  # Label Studio may store them as text
+
+
+@pytest.mark.parametrize("extra", ["{not json", [1], {"label_prompts": {"wire": ""}},
+                                   {"label_prompts": ["wire"]}])
+def test_malformed_extra_params_are_refused_at_setup(extra):
+    model, _ = backend()
+    with pytest.raises(InvalidRequestError, match="extra_params"):
+        model.setup(project="19.1", extra_params=extra)

@@ -73,3 +73,11 @@ def test_commands_name_the_invalid_variable(capsys):
     assert settings_for_command({"JOB_TIMEOUT_S": "500"}) is None
     assert "JOB_TIMEOUT_S" in capsys.readouterr().err
     assert settings_for_command({}) == Settings.from_env({})
+
+
+def test_label_studio_example_names_are_aliases():
+    settings = Settings.from_env({"LABEL_STUDIO_HOST": "http://ls:8080/",
+                                  "LABEL_STUDIO_ACCESS_TOKEN": "tok"})
+    assert (settings.label_studio_url, settings.label_studio_api_key) == ("http://ls:8080", "tok")
+    both = Settings.from_env({"LABEL_STUDIO_URL": "http://a:1", "LABEL_STUDIO_HOST": "http://b:2"})
+    assert both.label_studio_url == "http://a:1"  # our own name wins
