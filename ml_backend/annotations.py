@@ -28,6 +28,7 @@ from typing import Any
 from redis import Redis
 
 from ml_backend.errors import AnnotationStoreFullError, InvalidRequestError
+from ml_backend.ls_format import declared_rle_values
 from ml_backend.schemas import RedisKeys
 
 log = logging.getLogger(__name__)
@@ -111,20 +112,6 @@ class RecordedAnnotation:
     @property
     def brush_regions(self) -> int:
         return sum(r.get("type") == "brushlabels" for r in self.result)
-
-
-def declared_rle_values(rle: Any) -> int:
-    """How many values a Label Studio brush RLE says it expands to: its first 32 bits.
-
-    Raises:
-        InvalidRequestError: not a list of byte values, or shorter than its header.
-    """
-    if not isinstance(rle, list) or len(rle) < 5:
-        raise InvalidRequestError("brush RLE must be a list of at least 5 byte values")
-    head = rle[:4]
-    if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in head):
-        raise InvalidRequestError("brush RLE must hold byte values (0-255)")
-    return int.from_bytes(bytes(head), "big")
 
 
 def check_brush(result: Mapping[str, Any], max_pixels: int) -> None:

@@ -41,6 +41,11 @@ class QueueFullError(BackendError):
     """The shared queue holds more jobs than QUEUE_MAX_DEPTH."""
 
 
+class AnnotationFormatError(BackendError, ValueError):
+    """A Label Studio annotation or export that cannot be read (several labels on a region, an
+    RLE that does not match its size, a missing image)."""
+
+
 class NoTrainerError(BackendError):
     """Training was requested but no trainer process is alive to take the job."""
 

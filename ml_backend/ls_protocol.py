@@ -1,10 +1,10 @@
-"""Label Studio's side of the protocol: request parsing, geometry and brush results.
+"""Label Studio's side of the protocol: request parsing and brush results.
 
 Label Studio sends rectangles in percent of the original image (XYWH, rotation in degrees about
 the top-left corner); the model wants XYXY float pixels in the original image. The label config
 is parsed with ``label_studio_sdk.label_interface.LabelInterface``: controls are found by type and
-target, never by hard-coded names. Masks become brush results through
-``label_studio_sdk.converter.brush.mask2rle``.
+target, never by hard-coded names. The geometry and the brush RLE are ``ml_backend.ls_format``'s;
+the workers send each mask as brush RLE already, and it is passed on as it came.
 
 Box policy: a rectangle that sticks out of the image (the editor allows tiny float overshoots)
 is clipped to the image; one that is NaN/infinite, has a non-positive width or height, or has no
@@ -20,87 +20,13 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-import numpy as np
-from label_studio_sdk.converter.brush import mask2rle
 from label_studio_sdk.label_interface import LabelInterface
 
 from ml_backend.errors import InvalidRequestError
-
-BoxXYXY = tuple[float, float, float, float]
+from ml_backend.ls_format import clip_box_xyxy, rotated_box_pct_to_xyxy
 MAX_PROMPT_CHARS = 200  # as talk2sam.text.MAX_WORD_CHARS: refused here, before any job is queued
 # Each box comes back as a full-size mask: thousands of them would exhaust a worker's memory.
 MAX_BOXES_PER_TASK = 256
-
-
-# ---------------------------------------------------------------- geometry (pure)
-
-
-def box_pct_to_xyxy(
-    x_pct: float, y_pct: float, w_pct: float, h_pct: float, width_px: int, height_px: int
-) -> BoxXYXY:
-    """Label Studio rectangle (percent of the original image, XYWH) -> XYXY float pixels."""
-    return (
-        x_pct * width_px / 100,
-        y_pct * height_px / 100,
-        (x_pct + w_pct) * width_px / 100,
-        (y_pct + h_pct) * height_px / 100,
-    )
-
-
-def box_xyxy_to_pct(box_xyxy: BoxXYXY, width_px: int, height_px: int) -> tuple[float, ...]:
-    """Inverse of :func:`box_pct_to_xyxy`: XYXY pixels -> (x, y, width, height) percent."""
-    x0, y0, x1, y1 = box_xyxy
-    return (
-        x0 * 100 / width_px,
-        y0 * 100 / height_px,
-        (x1 - x0) * 100 / width_px,
-        (y1 - y0) * 100 / height_px,
-    )
-
-
-def rotated_box_pct_to_xyxy(
-    x_pct: float,
-    y_pct: float,
-    w_pct: float,
-    h_pct: float,
-    rotation_deg: float,
-    width_px: int,
-    height_px: int,
-) -> BoxXYXY:
-    """Axis-aligned pixel bounds of a Label Studio rectangle rotated about its top-left corner.
-
-    Rotation is clockwise on screen (y points down), as Label Studio draws it; 0 degrees gives
-    exactly :func:`box_pct_to_xyxy`.
-    """
-    if rotation_deg % 360 == 0:
-        return box_pct_to_xyxy(x_pct, y_pct, w_pct, h_pct, width_px, height_px)
-    x0, y0 = x_pct * width_px / 100, y_pct * height_px / 100
-    w, h = w_pct * width_px / 100, h_pct * height_px / 100
-    cos, sin = math.cos(math.radians(rotation_deg)), math.sin(math.radians(rotation_deg))
-    corners = [(x0 + dx * cos - dy * sin, y0 + dx * sin + dy * cos)
-               for dx, dy in ((0, 0), (w, 0), (0, h), (w, h))]
-    xs, ys = [c[0] for c in corners], [c[1] for c in corners]
-    return (min(xs), min(ys), max(xs), max(ys))
-
-
-def clip_box_xyxy(box_xyxy: BoxXYXY, width_px: int, height_px: int) -> BoxXYXY:
-    """Clip an XYXY pixel box to the image ``[0, width] x [0, height]``.
-
-    Raises:
-        InvalidRequestError: when no area is left inside the image.
-    """
-    x0, y0, x1, y1 = box_xyxy
-    clipped = (min(max(x0, 0.0), width_px), min(max(y0, 0.0), height_px),
-               min(max(x1, 0.0), width_px), min(max(y1, 0.0), height_px))
-    if clipped[2] - clipped[0] <= 0 or clipped[3] - clipped[1] <= 0:
-        raise InvalidRequestError(
-            f"box {_fmt_box(box_xyxy)} px lies outside the {width_px}x{height_px} image"
-        )
-    return clipped
-
-
-def _fmt_box(box: Sequence[float]) -> str:
-    return "(" + ", ".join(f"{v:.1f}" for v in box) + ")"
 
 
 # ---------------------------------------------------------------- label config
@@ -257,7 +183,7 @@ class BoxPrompt:
     """
 
     label: str
-    box_xyxy: BoxXYXY
+    box_xyxy: tuple[float, float, float, float]
     width: int
     height: int
     text: str | None = None
@@ -402,22 +328,21 @@ def word_for_label(label: str, label_prompts: Mapping[str, str]) -> str:
 # ---------------------------------------------------------------- answers
 
 
-def brush_result(mask: np.ndarray, label: str, config: LabelConfig, score: float,
-                 image_rotation: int = 0) -> dict[str, Any]:
-    """One Label Studio brush result for a mask.
+def brush_result(rle: list[int], width: int, height: int, label: str, config: LabelConfig,
+                 score: float, image_rotation: int = 0) -> dict[str, Any]:
+    """One Label Studio brush result.
 
     Args:
-        mask: (H, W) bool, the original image's frame.
+        rle: the mask as brush RLE (``ls_format.mask_to_rle``, made by the worker).
+        width, height: the original image's size.
         label: the BrushLabels label.
         config: the parsed label config (names of the control and image).
         score: the model's confidence for this mask (decoder-predicted IoU).
         image_rotation: the rotation of the box it answers (carried back as drawn).
 
     Returns:
-        A ``brushlabels`` result item with its own region id and RLE made by ``mask2rle``.
+        A ``brushlabels`` result item with its own region id.
     """
-    height, width = mask.shape
-    rle = mask2rle(np.where(mask, 255, 0).astype(np.uint8))
     return {
         "id": uuid.uuid4().hex[:10],  # a region of its own (an id shared with the box would
         # make Label Studio merge them into one region)
@@ -427,6 +352,6 @@ def brush_result(mask: np.ndarray, label: str, config: LabelConfig, score: float
         "original_width": int(width),
         "original_height": int(height),
         "image_rotation": image_rotation,
-        "value": {"format": "rle", "rle": [int(v) for v in rle], "brushlabels": [label]},
+        "value": {"format": "rle", "rle": rle, "brushlabels": [label]},
         "score": float(score),
     }

@@ -50,7 +50,7 @@ from ml_backend.ls_protocol import (
     word_for_label,
 )
 from ml_backend.queue_client import QueueClient
-from ml_backend.schemas import PredictJobResult, PredictJobSpec, decode_mask
+from ml_backend.schemas import PredictJobResult, PredictJobSpec
 from ml_backend.settings import Settings
 from ml_backend.training_queue import TrainingQueue, TrainRequest
 from ml_backend.versions import utc_now
@@ -323,8 +323,8 @@ class Talk2SamBackend:
     def _task_prediction(self, answer: PredictJobResult, boxes: list[BoxPrompt],
                          config: LabelConfig) -> dict[str, Any]:
         results = [
-            brush_result(decode_mask(p.mask, answer.height, answer.width), box.label, config,
-                         p.score, box.image_rotation)
+            brush_result(p.rle, answer.width, answer.height, box.label, config, p.score,
+                         box.image_rotation)
             for box, p in zip(boxes, answer.predictions)
         ]
         scores = [p.score for p in answer.predictions]

@@ -8,9 +8,7 @@ imports nothing of ours.
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import zlib
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -134,19 +132,6 @@ def image_key(image_url: str, ls_url: str | None) -> str:
     return hashlib.sha1(raw, usedforsecurity=False).hexdigest()[:16]
 
 
-def encode_mask(mask: np.ndarray) -> str:
-    """(H, W) bool mask -> base64 of zlib-compressed ``np.packbits`` (row-major)."""
-    packed = np.packbits(np.ascontiguousarray(mask, dtype=bool), axis=None)
-    return base64.b64encode(zlib.compress(packed.tobytes(), 1)).decode("ascii")
-
-
-def decode_mask(data: str, height: int, width: int) -> np.ndarray:
-    """Inverse of :func:`encode_mask`: returns an (height, width) bool array."""
-    packed = np.frombuffer(zlib.decompress(base64.b64decode(data)), dtype=np.uint8)
-    bits = np.unpackbits(packed, count=height * width)
-    return bits.reshape(height, width).astype(bool)
-
-
 @dataclass(frozen=True)
 class PredictJobSpec:
     """One image and all its boxes: one job, one decoder call.
@@ -190,12 +175,13 @@ class BoxPrediction:
     """The model's answer for one box.
 
     Attributes:
-        mask: :func:`encode_mask` of the (height, width) bool mask of the job's result.
+        rle: the (height, width) mask as Label Studio's brush RLE (``ls_format.mask_to_rle``),
+            passed on to Label Studio as it is.
         score: the decoder's predicted IoU (confidence), in [0, 1] for a trained model.
         text_score: max-head text/image similarity, or None without a text prompt.
     """
 
-    mask: str
+    rle: list[int]
     score: float
     text_score: float | None = None
 

@@ -60,6 +60,7 @@ from rq.serializers import JSONSerializer
 from ml_backend.annotations import AnnotationStore
 from ml_backend.errors import BackendError, TrainingError
 from ml_backend.images import FetchConfig, ImageFetcher, decode_rgb
+from ml_backend.ls_format import LabelStudioExportDataset
 from ml_backend.ls_protocol import word_for_label
 from ml_backend.schemas import RedisKeys
 from ml_backend.settings import Settings, settings_for_command
@@ -274,8 +275,6 @@ class TrainingRun:
 
     def _items(self, tasks: list[dict[str, Any]], req: TrainRequest) -> tuple[list[dict], int]:
         """Items of the tasks' brush regions; unusable ones are counted and left out."""
-        from talk2sam.data.datasets import LabelStudioExportDataset
-
         task_ids = {str(t.get("data", {}).get("image")): int(t["id"]) for t in tasks}
         dataset = LabelStudioExportDataset(tasks, self._load_image(req, task_ids))
         items, skipped = [], 0

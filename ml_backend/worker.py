@@ -53,6 +53,7 @@ from ml_backend.errors import (
     ModelError,
 )
 from ml_backend.images import FetchConfig, ImageFetcher, decode_rgb
+from ml_backend.ls_format import mask_to_rle
 from ml_backend.schemas import (
     BoxPrediction,
     JobError,
@@ -60,7 +61,6 @@ from ml_backend.schemas import (
     PredictJobSpec,
     RedisKeys,
     WorkerHeartbeat,
-    encode_mask,
 )
 from ml_backend.settings import Settings, settings_for_command
 from ml_backend.versions import ServingVersion, VersionError, VersionRegistry
@@ -422,7 +422,7 @@ class WorkerRuntime:
             boxes = _boxes_in_image_frame(spec, height, width)
             output = self.model.predict(boxes, spec.words)
             predictions = [
-                BoxPrediction(mask=encode_mask(mask), score=float(score),
+                BoxPrediction(rle=mask_to_rle(mask), score=float(score),
                               text_score=None if output.text_scores is None
                               else float(output.text_scores[i]))
                 for i, (mask, score) in enumerate(zip(output.masks, output.scores))

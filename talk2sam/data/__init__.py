@@ -1,8 +1,8 @@
-"""Data: benchmark loaders, Label Studio exports and synthetic thin structures, as `Item` dicts."""
+"""Data: benchmark loaders, dataset formats of other packages and synthetic thin structures, as
+`Item` dicts."""
 
 from talk2sam.data.datasets import (
     DIS5K_DROPPED_CLASSES,
-    LabelStudioExportDataset,
     MaskFileDataset,
     MaskRecord,
     big,
@@ -37,7 +37,6 @@ __all__ = [
     "ImageFormatError",
     "Item",
     "ItemDataset",
-    "LabelStudioExportDataset",
     "MaskFileDataset",
     "MaskRecord",
     "SyntheticSample",

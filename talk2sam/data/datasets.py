@@ -9,7 +9,7 @@ file name, the box is the mask's tight box (`talk2sam.data.items.mask_box_xyxy`)
   `<group#>#<Group>#<class#>#<Class>#<name>` -> `split('#')[3]`; scene / action classes dropped.
 - BIG: `<name>_im.jpg` with `<name>_gt.png` in one folder; the word is parsed from `<name>`.
 - Generic folder: `images/<name>.<ext>`, `masks/<name>.png`, `words.json` or `words.csv`.
-- Label Studio JSON export: brush masks paired with rectangles of the same label.
+- Formats of other installed packages, by entry point (`FORMAT_ENTRY_POINTS`).
 
 Underscores in words become spaces (the word is a CLIP text prompt). Files are read lazily, one
 item per `__getitem__`, so building a dataset only lists folders.
@@ -371,174 +371,20 @@ def write_published_layout(dataset: ItemDataset, root: str | Path, format: str,
     return root
 
 
-# --- Label Studio -------------------------------------------------------------------------------
+BUILTIN_FORMATS = ("folder", "thinobject5k", "dis5k", "big")
+# Formats other installed packages add: an entry point NAME = "module:factory" in this group;
+# factory(root, images_root=..., split=...) returns an ItemDataset. The ML backend adds its
+# Label Studio export format ("labelstudio") this way.
+FORMAT_ENTRY_POINTS = "talk2sam.datasets"
 
 
-def ls_rectangle_xyxy(value: dict[str, Any], width: int, height: int) -> np.ndarray:
-    """Label Studio rectangle (percent of the original image, top-left XYWH, rotation in degrees
-    clockwise about the top-left corner) -> axis-aligned XYXY float32 pixels enclosing it."""
-    x, y = value["x"] * width / 100, value["y"] * height / 100
-    w, h = value["width"] * width / 100, value["height"] * height / 100
-    angle = math.radians(value.get("rotation", 0) or 0)
-    cos, sin = math.cos(angle), math.sin(angle)
-    xs = [x + dx * cos - dy * sin for dx, dy in ((0, 0), (w, 0), (w, h), (0, h))]
-    ys = [y + dx * sin + dy * cos for dx, dy in ((0, 0), (w, 0), (w, h), (0, h))]
-    return np.array([min(xs), min(ys), max(xs), max(ys)], dtype=np.float32)
+def _plugin_formats() -> dict[str, Any]:
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep for ep in entry_points(group=FORMAT_ENTRY_POINTS)}
 
 
-def ls_brush_mask(result: dict[str, Any]) -> np.ndarray:
-    """Decode a Label Studio `brushlabels` result (RLE) to an (H, W) bool mask.
-
-    The RLE encodes an (H, W, 4) RGBA uint8 image; the alpha channel is the painted mask and
-    foreground is alpha > 128, like every ground truth here.
-
-    Raises:
-        AnnotationError: not an RLE brush, or the RLE length does not match the stated size.
-    """
-    # Imported here: label_studio_sdk.converter pulls in nltk and more (about 0.4 s), and only
-    # Label Studio exports need it.
-    from label_studio_sdk.converter.brush import decode_rle
-
-    value = result.get("value", {})
-    if value.get("format", "rle") != "rle" or "rle" not in value:
-        raise AnnotationError(f"brush result {result.get('id')!r} has no RLE")
-    if "original_height" not in result or "original_width" not in result:
-        raise AnnotationError(f"brush result {result.get('id')!r} lacks original_height/width")
-    height, width = int(result["original_height"]), int(result["original_width"])
-    rle = value["rle"]
-    # The first 32 bits declare how many values the RLE expands to, and the decoder allocates
-    # that many: check it before decoding anything.
-    declared = int.from_bytes(bytes(rle[:4]), "big") if len(rle) >= 5 else -1
-    if declared != height * width * 4:
-        raise AnnotationError(
-            f"brush result {result.get('id')!r}: RLE declares {declared} values, "
-            f"expected {height}x{width}x4"
-        )
-    flat = decode_rle(rle)
-    if flat.size != height * width * 4:
-        raise AnnotationError(
-            f"brush result {result.get('id')!r}: RLE holds {flat.size} values, "
-            f"expected {height}x{width}x4"
-        )
-    return flat.reshape(height, width, 4)[:, :, 3] > 128
-
-
-def _pixels_inside(mask: np.ndarray, box: np.ndarray) -> int:
-    """Mask pixels whose centres lie in a continuous XYXY box."""
-    x0, y0 = max(0, math.ceil(box[0] - 0.5)), max(0, math.ceil(box[1] - 0.5))
-    x1, y1 = math.ceil(box[2] - 0.5), math.ceil(box[3] - 0.5)
-    return int(np.count_nonzero(mask[y0 : max(y0, y1), x0 : max(x0, x1)]))
-
-
-def _single_label(result: dict[str, Any], key: str) -> str:
-    labels = result.get("value", {}).get(key) or []
-    if len(labels) != 1:
-        raise AnnotationError(
-            f"{key} result {result.get('id')!r} has {len(labels)} labels; expected exactly one"
-        )
-    return str(labels[0])
-
-
-@dataclass(frozen=True)
-class _LsRegion:
-    name: str
-    image_ref: str
-    word: str
-    brush: dict[str, Any]
-    rectangles: tuple[dict[str, Any], ...]  # same-label rectangles of the same annotation
-
-
-class LabelStudioExportDataset:
-    """Objects annotated in Label Studio, from its JSON export: one item per brush region.
-
-    Pairing rule: a `brushlabels` region's word is its label; its box is the `rectanglelabels`
-    region of the same annotation with the same label (when several, the one holding most mask
-    pixels, then the smallest; when none holds any, or there is none, the mask's tight box).
-    Rectangle boxes are continuous pixels (`ls_rectangle_xyxy`); mask boxes use the inclusive
-    convention of `mask_box_xyxy`. Cancelled annotations (`was_cancelled`) are skipped.
-
-    Args:
-        export: path of the export file, or its parsed list of tasks.
-        load_image: image reference (URL or path as in `task["data"]`) -> image array or PIL
-            image; the result is normalised by `to_rgb_uint8`. The backend plugs in its fetcher.
-        image_key: the `task["data"]` key of the image; default "image", or the only key.
-
-    Raises:
-        AnnotationError: malformed export, a region with several labels, no image reference.
-    """
-
-    def __init__(
-        self,
-        export: str | Path | list[dict[str, Any]],
-        load_image: Callable[[str], np.ndarray | Image.Image],
-        image_key: str | None = None,
-    ):
-        tasks = json.loads(Path(export).read_text()) if isinstance(export, (str, Path)) else export
-        if not isinstance(tasks, list):
-            raise AnnotationError("a Label Studio JSON export must be a list of tasks")
-        self._load_image = load_image
-        self._cache: tuple[str, np.ndarray] | None = None  # last image: regions share images
-        self.regions = [r for task in tasks for r in self._task_regions(task, image_key)]
-
-    @staticmethod
-    def _task_regions(task: dict[str, Any], image_key: str | None) -> list[_LsRegion]:
-        data = task.get("data", {})
-        key = image_key or ("image" if "image" in data else None)
-        if key is None and len(data) == 1:
-            key = next(iter(data))
-        if key is None or not isinstance(data.get(key), str):
-            raise AnnotationError(
-                f"task {task.get('id')!r}: no image reference in data keys {sorted(data)}; "
-                "pass image_key"
-            )
-        regions = []
-        for ann in task.get("annotations", []):
-            if ann.get("was_cancelled"):
-                continue
-            results = ann.get("result", [])
-            rects = [r for r in results if r.get("type") == "rectanglelabels"]
-            for res in results:
-                if res.get("type") != "brushlabels":
-                    continue
-                word = _single_label(res, "brushlabels")
-                same = tuple(r for r in rects if _single_label(r, "rectanglelabels") == word)
-                name = f"task{task.get('id')}_ann{ann.get('id')}_{res.get('id')}"
-                regions.append(_LsRegion(name, data[key], word, res, same))
-        return regions
-
-    def __len__(self) -> int:
-        return len(self.regions)
-
-    def _image(self, ref: str) -> np.ndarray:
-        if self._cache is None or self._cache[0] != ref:
-            self._cache = (ref, to_rgb_uint8(self._load_image(ref)))
-        return self._cache[1]
-
-    def __getitem__(self, index: int) -> Item:
-        region = self.regions[index]
-        mask = ls_brush_mask(region.brush)
-        image = self._image(region.image_ref)
-        if image.shape[:2] != mask.shape:
-            raise ImageFormatError(
-                f"{region.name}: image {region.image_ref!r} is {image.shape[1]}x{image.shape[0]} "
-                f"but the annotation was made on {mask.shape[1]}x{mask.shape[0]}"
-            )
-        box = None
-        if region.rectangles:
-            boxes = [
-                ls_rectangle_xyxy(r["value"], mask.shape[1], mask.shape[0])
-                for r in region.rectangles
-            ]
-            # Most mask pixels inside first, then the smallest rectangle.
-            scores = [
-                (_pixels_inside(mask, b), -float((b[2] - b[0]) * (b[3] - b[1]))) for b in boxes
-            ]
-            best = max(range(len(boxes)), key=scores.__getitem__)
-            box = boxes[best] if scores[best][0] > 0 else None
-        return make_item(image, mask, _clean_word(region.word), region.name, box)
-
-
-FORMATS = ("folder", "thinobject5k", "dis5k", "big", "labelstudio")
+FORMATS = BUILTIN_FORMATS + tuple(sorted(set(_plugin_formats()) - set(BUILTIN_FORMATS)))
 
 
 def open_dataset(root: str | Path, format: str, split: str | None = None,
@@ -546,12 +392,12 @@ def open_dataset(root: str | Path, format: str, split: str | None = None,
     """A dataset by its published layout name (the commands' `--format`).
 
     Args:
-        root: the dataset folder (a Label Studio JSON export file for "labelstudio").
+        root: the dataset folder (or, for a format of another package, what it reads).
         format: one of FORMATS.
         split: thinobject5k: the list file `list/<split>.txt`; dis5k: split folders,
-            comma-separated (default DIS-TR); ignored otherwise.
-        images_root: labelstudio: the folder holding the task images (found by the
-            `?d=relative/path` of local-files URLs or by file name).
+            comma-separated (default DIS-TR); passed on to other packages' formats.
+        images_root: for formats that name images by reference (e.g. labelstudio): the folder
+            holding them.
 
     Raises:
         DatasetLayoutError: unknown format, or the layout's own errors.
@@ -565,28 +411,10 @@ def open_dataset(root: str | Path, format: str, split: str | None = None,
         return dis5k(root, tuple(split.split(",")) if split else ("DIS-TR",))
     if format == "big":
         return big(root)
-    if format == "labelstudio":
-        return LabelStudioExportDataset(root, _local_image_loader(images_root))
+    plugin = _plugin_formats().get(format)
+    if plugin is not None:
+        return plugin.load()(root, images_root=images_root, split=split)
     raise DatasetLayoutError(f"unknown dataset format {format!r}; choose one of {FORMATS}")
-
-
-def _local_image_loader(images_root: str | Path | None) -> Callable[[str], Any]:
-    """Label Studio image reference -> PIL image from disk (``?d=relative/path`` or file name)."""
-    from urllib.parse import parse_qs, urlparse
-
-    def load(ref: str) -> Any:
-        candidates = [Path(ref)]
-        if images_root:
-            local = parse_qs(urlparse(ref).query).get("d", [""])[0]
-            if local:
-                candidates.append(Path(images_root) / local)
-            candidates.append(Path(images_root) / Path(urlparse(ref).path).name)
-        for path in candidates:
-            if path.is_file():
-                return Image.open(path)
-        raise DatasetLayoutError(f"image {ref!r} not found; pass --images-root DIR")
-
-    return load
 
 
 class Subset:

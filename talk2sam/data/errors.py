@@ -1,4 +1,4 @@
-"""Typed errors of the data package (datasets, synthetic generator, Label Studio exports)."""
+"""Typed errors of the data package (datasets, synthetic generator)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ class ImageFormatError(DatasetError):
 
 
 class AnnotationError(DatasetError):
-    """A Label Studio export (or a words file) is malformed or cannot be paired with its image."""
+    """An annotation file (a words file) is malformed or cannot be paired with its image."""
 
 
 class EmptyMaskError(DatasetError):

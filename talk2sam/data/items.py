@@ -7,8 +7,8 @@ An item is one prompted object: an RGB image, the object's mask, its class word 
 
 Box convention (file datasets and synthetic data): the tight box of the mask in SAM-HQ's
 `masks_to_boxes` convention, `(x_min, y_min, x_max, y_max)` where the maxima are the indices of the
-last foreground column / row (inclusive), not one past them. Label Studio rectangles keep their own
-continuous pixel coordinates (see `talk2sam.data.datasets.LabelStudioExportDataset`).
+last foreground column / row (inclusive), not one past them. A box given with an item (a drawn
+rectangle) keeps its own continuous pixel coordinates.
 
 Images and masks are converted on purpose, never by a library default that clips:
 - 8-bit RGB stays; grayscale is repeated to three channels; alpha is dropped (as OpenCV's

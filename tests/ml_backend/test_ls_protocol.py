@@ -11,16 +11,19 @@ from hypothesis import strategies as st
 from label_studio_sdk.converter.brush import decode_rle
 
 from ml_backend.errors import InvalidRequestError
-from ml_backend.ls_protocol import (
+from ml_backend.ls_format import (
     box_pct_to_xyxy,
     box_xyxy_to_pct,
+    clip_box_xyxy,
+    mask_to_rle,
+    rotated_box_pct_to_xyxy,
+)
+from ml_backend.ls_protocol import (
     boxes_from_results,
     brush_result,
-    clip_box_xyxy,
     image_url_of,
     parse_label_config,
     parse_predict_request,
-    rotated_box_pct_to_xyxy,
     task_boxes,
     word_for_label,
 )
@@ -202,7 +205,8 @@ def test_predict_request_shape():
 def test_brush_result_round_trips_through_label_studio_rle():
     mask = np.zeros((300, 400), dtype=bool)
     mask[49:85, 100:280] = True
-    item = brush_result(mask, "wire", CONFIG, 0.75)
+    item = brush_result(mask_to_rle(mask), 400, 300, "wire", CONFIG, 0.75)
+    assert len(item["id"]) == 10  # a region of its own
     assert {k: item[k] for k in ("from_name", "to_name", "type", "original_width",
                                  "original_height", "image_rotation", "score")} == {
         "from_name": "mask", "to_name": "image", "type": "brushlabels", "original_width": 400,

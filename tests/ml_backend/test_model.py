@@ -10,7 +10,8 @@ import redis
 
 from ml_backend.errors import InvalidRequestError
 from ml_backend.model import Talk2SamBackend
-from ml_backend.schemas import BoxPrediction, PredictJobResult, RedisKeys, encode_mask
+from ml_backend.ls_format import mask_to_rle
+from ml_backend.schemas import BoxPrediction, PredictJobResult, RedisKeys
 from ml_backend.settings import Settings
 from tests.ml_backend.conftest import PREFIX, REDIS_URL, load_fixture
 
@@ -28,7 +29,7 @@ class RecordingQueue:
         self.specs.append(specs)
         return [PredictJobResult(
             worker="w", model_version="v-worker", width=s.width, height=s.height,
-            predictions=[BoxPrediction(mask=encode_mask(np.ones((s.height, s.width), bool)),
+            predictions=[BoxPrediction(rle=mask_to_rle(np.ones((s.height, s.width), bool)),
                                        score=0.5 + 0.1 * i) for i in range(len(s.boxes_xyxy))],
         ) for s in specs]
 

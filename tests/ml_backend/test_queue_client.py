@@ -95,12 +95,13 @@ def test_same_image_is_routed_to_the_worker_holding_it(fake_ls, noop_workers):
 
 
 def test_noop_model_fills_the_box(fake_ls, noop_workers):
-    from ml_backend.schemas import decode_mask
+    from ml_backend.ls_format import brush_mask
 
     queue = QueueClient(Settings.from_env(backend_env(fake_ls, MODEL="noop")))
     (result,) = queue.predict([spec()])
     assert (result.width, result.height, result.model_version) == (400, 300, "noop")
-    mask = decode_mask(result.predictions[0].mask, 300, 400)
+    mask = brush_mask({"original_width": 400, "original_height": 300,
+                       "value": {"rle": result.predictions[0].rle}})
     assert mask.sum() == 180 * 36 and mask[49:85, 100:280].all()
     assert result.predictions[0].score == 1.0
 

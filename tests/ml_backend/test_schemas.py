@@ -9,21 +9,24 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from ml_backend.ls_format import brush_mask, mask_to_rle
 from ml_backend.schemas import (
     BoxPrediction,
     JobError,
     PredictJobResult,
     PredictJobSpec,
-    decode_mask,
-    encode_mask,
     image_key,
 )
 
 
 @given(arrays(bool, st.tuples(st.integers(1, 40), st.integers(1, 40))))
-def test_mask_encoding_round_trip(mask):
+def test_a_mask_crosses_redis_as_the_brush_rle_label_studio_gets(mask):
     height, width = mask.shape
-    assert np.array_equal(decode_mask(encode_mask(mask), height, width), mask)
+    prediction = BoxPrediction(rle=mask_to_rle(mask), score=0.5)
+    back = BoxPrediction(**json.loads(json.dumps(prediction.__dict__)))
+    decoded = brush_mask({"original_width": width, "original_height": height,
+                          "value": {"rle": back.rle}})
+    assert np.array_equal(decoded, mask)
 
 
 def test_spec_and_result_survive_json():
@@ -32,7 +35,7 @@ def test_spec_and_result_survive_json():
                           boxes_xyxy=[[1.0, 2.0, 3.0, 4.0]], words=["wire"])
     assert PredictJobSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
     result = PredictJobResult(worker="w", model_version="v", width=4, height=3, cache_hit=True,
-                              predictions=[BoxPrediction(mask="eJw=", score=0.5)],
+                              predictions=[BoxPrediction(rle=[0, 0, 0, 4, 1], score=0.5)],
                               error=JobError("ImageFetchError", "boom"))
     assert PredictJobResult.from_dict(json.loads(json.dumps(result.to_dict()))) == result
 

@@ -2,7 +2,6 @@ import json
 
 import numpy as np
 import pytest
-from label_studio_sdk.converter.brush import mask2rle
 from PIL import Image
 
 from talk2sam.data import (
@@ -10,7 +9,6 @@ from talk2sam.data import (
     DatasetLayoutError,
     EmptyMaskError,
     ImageFormatError,
-    LabelStudioExportDataset,
     big,
     dis5k,
     folder_dataset,
@@ -18,7 +16,7 @@ from talk2sam.data import (
     thinobject5k,
     to_rgb_uint8,
 )
-from talk2sam.data.datasets import big_word, dis5k_word, ls_rectangle_xyxy, thinobject5k_word
+from talk2sam.data.datasets import big_word, dis5k_word, thinobject5k_word
 
 H, W = 12, 16
 
@@ -226,120 +224,3 @@ def test_size_mismatch_and_empty_mask_raise(tmp_path):
         ds[0]
     with pytest.raises(EmptyMaskError):
         ds[1]
-
-
-# --- Label Studio export -------------------------------------------------------------------------
-
-
-def brush(rid, label, mask):
-    return {
-        "id": rid,
-        "type": "brushlabels",
-        "from_name": "tag",
-        "to_name": "image",
-        "original_width": mask.shape[1],
-        "original_height": mask.shape[0],
-        "image_rotation": 0,
-        "value": {
-            "format": "rle",
-            "rle": mask2rle(mask.astype(np.uint8) * 255),
-            "brushlabels": [label],
-        },
-    }
-
-
-def rectangle(rid, label, x, y, w, h, rotation=0):
-    return {
-        "id": rid,
-        "type": "rectanglelabels",
-        "from_name": "label",
-        "to_name": "image",
-        "original_width": W,
-        "original_height": H,
-        "image_rotation": 0,
-        "value": {
-            "x": x,
-            "y": y,
-            "width": w,
-            "height": h,
-            "rotation": rotation,
-            "rectanglelabels": [label],
-        },
-    }
-
-
-def test_label_studio_export_pairing(tmp_path):
-    wire, fence = rect_mask(2, 1, 9, 2), rect_mask(10, 4, 14, 10)
-    tasks = [
-        {
-            "id": 7,
-            "data": {"image": "/data/upload/1/scene.png"},
-            "annotations": [
-                {
-                    "id": 70,
-                    "result": [
-                        # Two "wire" rectangles: the one holding the mask is chosen.
-                        rectangle("r0", "wire", 75, 75, 10, 10),
-                        rectangle("r1", "wire", 12.5, 0, 50, 25),  # x 2..10, y 0..3 px
-                        brush("b1", "wire", wire),
-                        brush("b2", "fence", fence),  # no fence rectangle: mask bounds
-                    ],
-                },
-                {"id": 71, "was_cancelled": True, "result": [brush("b3", "cable", wire)]},
-            ],
-        }
-    ]
-    export = tmp_path / "export.json"
-    export.write_text(json.dumps(tasks))
-    rgb = np.random.default_rng(0).integers(0, 256, (H, W, 3), dtype=np.uint8)
-    calls = []
-
-    def load_image(ref):
-        calls.append(ref)
-        return Image.fromarray(rgb).convert("L")  # normalised to RGB by the dataset
-
-    ds = LabelStudioExportDataset(export, load_image)
-    assert len(ds) == 2
-    first, second = ds[0], ds[1]
-    assert calls == ["/data/upload/1/scene.png"]  # one fetch for the two regions
-    assert first["word"] == "wire" and second["word"] == "fence"
-    assert first["image"].shape == (H, W, 3)
-    np.testing.assert_array_equal(first["mask"], wire)
-    np.testing.assert_array_equal(second["mask"], fence)
-    np.testing.assert_allclose(first["box_xyxy"], [2, 0, 10, 3])
-    assert list(second["box_xyxy"]) == [10, 4, 14, 10]
-    assert first["name"] == "task7_ann70_b1"
-
-    # The parsed list works as well as the file; a wrong image size is refused.
-    small = LabelStudioExportDataset(tasks, lambda ref: np.zeros((H, W - 1, 3), np.uint8))
-    with pytest.raises(ImageFormatError, match="15x12"):
-        small[0]
-
-
-def test_label_studio_export_errors():
-    mask = rect_mask(1, 1, 4, 4)
-    two_labels = brush("b", "wire", mask)
-    two_labels["value"]["brushlabels"] = ["wire", "cable"]
-    task = {"id": 1, "data": {"image": "a.png"}, "annotations": [{"result": [two_labels]}]}
-    with pytest.raises(AnnotationError, match="2 labels"):
-        LabelStudioExportDataset([task], lambda ref: None)
-    no_image = {"id": 2, "data": {"a": "x", "b": "y"}, "annotations": []}
-    with pytest.raises(AnnotationError, match="image_key"):
-        LabelStudioExportDataset([no_image], lambda ref: None)
-    assert len(LabelStudioExportDataset([no_image], lambda ref: None, image_key="b")) == 0
-    bad_rle = brush("b", "wire", mask)
-    bad_rle["original_width"] = W + 1
-    task = {"id": 3, "data": {"img": "a.png"}, "annotations": [{"result": [bad_rle]}]}
-    ds = LabelStudioExportDataset([task], lambda ref: np.zeros((H, W, 3), np.uint8))
-    with pytest.raises(AnnotationError, match="RLE"):
-        ds[0]
-    with pytest.raises(AnnotationError, match="list of tasks"):
-        LabelStudioExportDataset({"tasks": []}, lambda ref: None)  # type: ignore[arg-type]
-
-
-def test_ls_rectangle_percent_and_rotation():
-    value = {"x": 10, "y": 10, "width": 20, "height": 10}
-    np.testing.assert_allclose(ls_rectangle_xyxy(value, 200, 100), [20, 10, 60, 20])
-    # Rotated 90 degrees clockwise about its top-left corner (20, 10): it now hangs below it.
-    rotated = dict(value, rotation=90)
-    np.testing.assert_allclose(ls_rectangle_xyxy(rotated, 200, 100), [10, 10, 20, 50], atol=1e-4)
