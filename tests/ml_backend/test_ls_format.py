@@ -15,15 +15,7 @@ from ml_backend.ls_format import (
     mask_to_rle,
     rectangle_xyxy,
 )
-
-H, W = 12, 16
-
-
-def rect_mask(x0, y0, x1, y1, shape=(H, W)):
-    """Mask with columns x0..x1 and rows y0..y1 set (inclusive)."""
-    mask = np.zeros(shape, dtype=bool)
-    mask[y0 : y1 + 1, x0 : x1 + 1] = True
-    return mask
+from tests.talk2sam.test_data_datasets import H, W, rect_mask
 
 
 def brush(rid, label, mask):
