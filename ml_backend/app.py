@@ -23,6 +23,7 @@ Start: ``python -m ml_backend.app --host 0.0.0.0 --port 9090``.
 from __future__ import annotations
 
 import argparse
+import atexit
 import asyncio
 import base64
 import binascii
@@ -31,6 +32,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import sys
 import tempfile
 import time
@@ -93,7 +95,8 @@ HTTP_STATUS: dict[type[Exception], int] = {
     JobFailedError: 500,
 }
 WORKER_REFRESH_S = 2.0
-OPEN_PATHS = frozenset({"/health"})
+KNOWN_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
+OPEN_PATHS = frozenset({"/", "/health"})  # probes
 
 
 def http_status(exc: Exception) -> int:
@@ -170,7 +173,8 @@ def create_app(settings: Settings, queue: QueueClient | None = None) -> FastAPI:
             response = _error_response(exc, request_id, settings)
         response.headers["X-Request-ID"] = request_id
         route = _route_template(app, request)
-        http.requests.labels(route, request.method, str(response.status_code)).inc()
+        method = request.method if request.method in KNOWN_METHODS else "other"
+        http.requests.labels(route, method, str(response.status_code)).inc()
         if error_name:
             http.errors.labels(error_name).inc()
         if route == "/predict":
@@ -331,8 +335,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # each process writes its counters there and /metrics sums them (prometheus_client
-        # reads the variable when it is imported, in every worker process)
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="talk2sam-metrics-")
+        # reads the variable when it is imported, in every worker process); a fresh folder
+        # per start, removed at exit, so no counts carry over from an earlier run
+        folder = tempfile.mkdtemp(prefix="talk2sam-metrics-")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+    elif os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
     settings = settings_for_command(os.environ)
     if settings is None:
         return 2

@@ -350,7 +350,9 @@ class ImageFetcher:
 
     def _download(self, url: str, ls_url: str | None, token: str | None) -> bytes:
         """GET ``url``, following redirects by hand: every hop is checked like the first URL
-        and only requests to Label Studio's own origin carry the token."""
+        and only requests to Label Studio's own origin carry the token. Errors name the URL
+        asked for, never a redirect's target (a presigned URL carries its signature)."""
+        asked = url
         for _ in range(MAX_REDIRECTS + 1):
             auth = None
             if ls_url and _origin(url) == _origin(ls_url):
@@ -360,30 +362,31 @@ class ImageFetcher:
                         "(or let Label Studio call /setup first)"
                     )
                 auth = self._auth(ls_url, token)
-            status, body, location = self._get(url, auth.header() if auth else {})
+            status, body, location = self._get(url, auth.header() if auth else {}, asked)
             if status == 401 and auth is not None:
-                status, body, location = self._get(url, auth.header(force_refresh=True))
+                status, body, location = self._get(url, auth.header(force_refresh=True), asked)
             if location is None:
                 break
             target = urljoin(url, location)
             if not target.startswith(("http://", "https://")):
-                raise InvalidRequestError(f"{url} redirects to an unsupported URL {target[:80]!r}")
+                raise InvalidRequestError(f"{asked} redirects to an unsupported URL scheme")
             presigned = auth is not None and PRESIGN_PATH in urlparse(url).path \
                 and target.startswith("https://")
             if not presigned:  # a presign redirect names the cloud storage's own host
                 check_image_url(target, target, ls_url, self._config.allowed_hosts)
             url = target
         else:
-            raise ImageFetchError(f"more than {MAX_REDIRECTS} redirects downloading the image")
+            raise ImageFetchError(f"more than {MAX_REDIRECTS} redirects downloading {asked}")
         if status != 200:
             hint = " (check the token; personal access tokens need /api/token/refresh)" \
                 if status in (401, 403) else ""
-            raise ImageFetchError(f"downloading {url} gave HTTP {status}{hint}")
+            raise ImageFetchError(f"downloading {asked} gave HTTP {status}{hint}")
         return body
 
-    def _get(self, url: str, headers: dict[str, str]) -> tuple[int, bytes, str | None]:
+    def _get(self, url: str, headers: dict[str, str], asked: str
+             ) -> tuple[int, bytes, str | None]:
         """(status, body, redirect location or None) of one GET, refusing bodies over
-        ``max_bytes`` while they stream."""
+        ``max_bytes`` while they stream; errors name ``asked``."""
         try:
             with self._client.stream("GET", url, headers=headers) as response:
                 if response.is_redirect:
@@ -392,11 +395,13 @@ class ImageFetcher:
                 for chunk in response.iter_bytes():
                     size += len(chunk)
                     if size > self._config.max_bytes:
-                        raise ImageFetchError(f"{url} is larger than {self._config.max_bytes} bytes")
+                        raise ImageFetchError(
+                            f"{asked} is larger than {self._config.max_bytes} bytes")
                     chunks.append(chunk)
                 return response.status_code, b"".join(chunks), None
         except httpx.HTTPError as exc:
-            raise ImageFetchError(f"cannot download {url}: {exc}") from None
+            raise ImageFetchError(f"cannot download {asked}: {type(exc).__name__}: "
+                                  f"{str(exc).split('?')[0][:200]}") from None
 
     def _auth(self, ls_url: str, token: str) -> LabelStudioAuth:
         with self._auth_lock:

@@ -198,7 +198,7 @@ class LabelStudioExportDataset:
     Pairing rule: a `brushlabels` region's word is its label; its box is the `rectanglelabels`
     region of the same annotation with the same label (when several, the one holding most mask
     pixels, then the smallest; when none holds any, or there is none, the mask's tight box).
-    Rectangle boxes are continuous pixels (`ls_rectangle_xyxy`); mask boxes use the inclusive
+    Rectangle boxes are continuous pixels (`rectangle_xyxy`); mask boxes use the inclusive
     convention of `mask_box_xyxy`. Cancelled annotations (`was_cancelled`) are skipped.
 
     Args:
@@ -284,8 +284,6 @@ class LabelStudioExportDataset:
                          region.name, box)
 
 
-
-
 def open_export(root: str | Path, images_root: str | Path | None = None,
                 split: str | None = None) -> LabelStudioExportDataset:
     """The ``labelstudio`` dataset format: a JSON export file, images from disk."""
@@ -305,9 +303,9 @@ def local_image_loader(images_root: str | Path | None) -> Callable[[str], Any]:
             candidates.append(Path(images_root) / Path(urlparse(ref).path).name)
         for path in candidates:
             if path.is_file():
-                from PIL import Image
+                from PIL import Image, ImageOps
 
-                return Image.open(path)
+                return ImageOps.exif_transpose(Image.open(path))  # as the workers see it
         raise AnnotationFormatError(f"image {ref!r} not found; pass --images-root DIR")
 
     return load

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -24,6 +24,7 @@ from label_studio_sdk.label_interface import LabelInterface
 
 from ml_backend.errors import InvalidRequestError
 from ml_backend.ls_format import clip_box_xyxy, rotated_box_pct_to_xyxy
+
 MAX_PROMPT_CHARS = 200  # as talk2sam.text.MAX_WORD_CHARS: refused here, before any job is queued
 # Each box comes back as a full-size mask: thousands of them would exhaust a worker's memory.
 MAX_BOXES_PER_TASK = 256

@@ -139,7 +139,8 @@ class Talk2SamBackend:
         if project:  # START_TRAINING is accepted only for projects set up here (any process)
             try:
                 self.queue.redis.hset(self.queue.keys.projects, _project_id(project), json.dumps(
-                    {"hostname": entry.hostname, "at": time.time()}))
+                    {"hostname": entry.hostname, "label_prompts": dict(entry.label_prompts),
+                     "at": time.time()}))
             except RedisError as exc:
                 log.warning("project %s not recorded: %s", project, exc)
         return {"model_version": self.model_version}
@@ -287,17 +288,36 @@ class Talk2SamBackend:
 
     def _project_access(self, project: str | None) -> ProjectSetup:
         """Label Studio URL and token for image downloads (settings first, then /setup's) and
-        the label -> prompt map (LABEL_PROMPTS, the project's extra_params over it)."""
+        the label -> prompt map (LABEL_PROMPTS, the project's extra_params over it).
+
+        A project set up by another web process, or before a restart, is found in Redis (its
+        hostname and prompts; tokens stay in memory); prompts never come from another project.
+        """
         with self._lock:
-            entry = self._projects.get(_project_id(project)) if project else None
-            entry = entry or self._last_setup
+            own = self._projects.get(_project_id(project)) if project else None
+            last = self._last_setup
+        if own is None and project:
+            own = self._recorded_setup(_project_id(project))
+        fallback = own or last
         return ProjectSetup(
-            schema=entry.schema if entry else None,
-            hostname=self.settings.label_studio_url or (entry.hostname if entry else None),
+            schema=own.schema if own else None,
+            hostname=self.settings.label_studio_url or (own and own.hostname) or (
+                last.hostname if last else None),
             access_token=self.settings.label_studio_api_key or (
-                entry.access_token if entry else None),
-            label_prompts={**self.settings.label_prompts,
-                           **(entry.label_prompts if entry else {})})
+                fallback.access_token if fallback else None),
+            label_prompts={**self.settings.label_prompts, **(own.label_prompts if own else {})})
+
+    def _recorded_setup(self, project: str) -> ProjectSetup | None:
+        try:
+            raw = self.queue.redis.hget(self.queue.keys.projects, project)
+        except RedisError as exc:
+            log.warning("project %s setup unknown: %s", project, exc)
+            return None
+        if raw is None:
+            return None
+        data = json.loads(raw)
+        return ProjectSetup(schema=None, hostname=data.get("hostname"), access_token=None,
+                            label_prompts=data.get("label_prompts") or {})
 
     def _spec(self, task: dict[str, Any], boxes: list[BoxPrompt], config: LabelConfig,
               access: ProjectSetup, request_id: str) -> PredictJobSpec:

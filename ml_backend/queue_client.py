@@ -189,8 +189,11 @@ class QueueClient:
                     time.sleep(0.2)
                     continue
                 oldest = min(pending)  # one worker answers in order: block on the oldest only
+                block_s = 1 if deadline - time.monotonic() > 1 else 0  # never past the deadline
+                if not block_s:
+                    time.sleep(0.05)
                 for index in sorted(pending):
-                    outcome = self._poll(pending[index], block_s=1 if index == oldest else 0)
+                    outcome = self._poll(pending[index], block_s if index == oldest else 0)
                     if outcome is not None:
                         outcomes[index] = outcome
                         del pending[index]
@@ -210,6 +213,8 @@ class QueueClient:
             self._check_progress(pending)
         except BackendError as exc:
             return exc
+        except RedisError as exc:  # this task's answer is lost; the finished ones are kept
+            return RedisUnavailableError(f"Redis is unreachable: {exc}")
         return None
 
     def submit(self, spec: PredictJobSpec, deadline: float, batch: bool = False) -> PendingJob:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -29,8 +28,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from talk2sam.data.errors import AnnotationError, DatasetLayoutError, ImageFormatError
-from talk2sam.data.items import Item, ItemDataset, load_mask, load_rgb, make_item, to_rgb_uint8
+from talk2sam.data.errors import AnnotationError, DatasetLayoutError
+from talk2sam.data.items import Item, ItemDataset, load_mask, load_rgb, make_item
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 DIS5K_SPLITS = ("DIS-TR", "DIS-VD", "DIS-TE1", "DIS-TE2", "DIS-TE3", "DIS-TE4")
@@ -413,8 +412,29 @@ def open_dataset(root: str | Path, format: str, split: str | None = None,
         return big(root)
     plugin = _plugin_formats().get(format)
     if plugin is not None:
-        return plugin.load()(root, images_root=images_root, split=split)
+        try:
+            return _PluginDataset(plugin.load()(root, images_root=images_root, split=split))
+        except ValueError as exc:  # the contract: a plugin reports bad data as ValueError
+            raise AnnotationError(f"{format}: {exc}") from exc
     raise DatasetLayoutError(f"unknown dataset format {format!r}; choose one of {FORMATS}")
+
+
+class _PluginDataset:
+    """Another package's dataset, its ValueErrors reported as this package's AnnotationError."""
+
+    def __init__(self, dataset: ItemDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Item:
+        try:
+            return self.dataset[index]
+        except AnnotationError:
+            raise
+        except ValueError as exc:
+            raise AnnotationError(str(exc)) from exc
 
 
 class Subset:

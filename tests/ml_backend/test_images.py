@@ -170,6 +170,19 @@ def test_a_presign_redirect_may_reach_the_cloud_storage_host():
     assert f.fetch("s3://bucket/k.png", None, None, task_id=7) == b"cloud-bytes"
 
 
+def test_errors_never_show_a_presigned_url():
+    def answer(request: httpx.Request) -> httpx.Response:
+        if "/presign/" in request.url.path:
+            return httpx.Response(303, headers={"location": "https://b.s3.example/k?X-Sig=secret"})
+        return httpx.Response(403)
+
+    f = ImageFetcher(FetchConfig(allowed_hosts=()), default_ls_url=LS, default_token="legacy",
+                     transport=httpx.MockTransport(answer))
+    with pytest.raises(ImageFetchError, match="HTTP 403") as refused:
+        f.fetch("s3://bucket/k.png", None, None, task_id=7)
+    assert "secret" not in str(refused.value) and "presign" in str(refused.value)
+
+
 def test_data_uris_are_decoded_within_the_size_limit():
     png = synthetic_png(40, 30)
     uri = "data:image/png;base64," + base64.b64encode(png).decode()

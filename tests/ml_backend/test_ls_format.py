@@ -155,3 +155,12 @@ def test_the_labelstudio_format_reaches_talk2sam_through_its_entry_point(tmp_pat
     assert "labelstudio" in FORMATS
     dataset = open_dataset(export, "labelstudio", images_root=tmp_path)
     assert len(dataset) == 1 and dataset[0]["word"] == "wire"
+    # its errors reach talk2sam's commands as talk2sam's own (printed, not a traceback)
+    from talk2sam.data import AnnotationError
+
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps([{"id": 3, "data": {"image": "/data/local-files/?d=gone.png"},
+                                   "annotations": [{"id": 4, "result": [
+                                       brush("b", "wire", mask)]}]}]))
+    with pytest.raises(AnnotationError, match="not found"):
+        open_dataset(broken, "labelstudio", images_root=tmp_path)[0]

@@ -140,3 +140,19 @@ def test_malformed_extra_params_are_refused_at_setup(extra):
     model, _ = backend()
     with pytest.raises(InvalidRequestError, match="extra_params"):
         model.setup(project="19.1", extra_params=extra)
+
+
+def test_a_projects_prompts_reach_another_web_process_and_no_other_project():
+    """Label Studio calls /setup on one process; an interactive box may reach another (or the
+    same one after a restart): the project's prompts come from Redis, never from another
+    project's /setup."""
+    first, _ = backend(LABEL_STUDIO_URL="http://ls:8080")
+    first.setup(project="19.1795635706", extra_params={"label_prompts": {"wire": "guy wire"}})
+    second, queue = backend(LABEL_STUDIO_URL="http://ls:8080")
+    second.setup(project="33.1", extra_params={"label_prompts": {"wire": "fence wire"}})
+    predict(second, "predict_interactive_request.json")  # project 19, set up on `first`
+    assert queue.specs[-1][0].words == ["guy wire"]
+    body = load_fixture("predict_interactive_request.json")
+    second.predict(body["tasks"], body["params"]["context"], label_config=body["label_config"],
+                   project="41.1")  # never set up anywhere
+    assert queue.specs[-1][0].words == ["wire"]

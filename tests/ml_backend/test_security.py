@@ -185,6 +185,7 @@ def auth_client(stack, **env: str) -> TestClient:
 def test_bearer_token_guards_all_but_health(stack):
     with auth_client(stack, API_TOKEN=API_TOKEN) as client:
         assert client.get("/health").status_code == 200
+        assert client.get("/").status_code == 200  # probes of the root, as /health
         assert client.post("/webhook", json={"action": "TASKS_CREATED"}).status_code == 401
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_TOKEN},
                         {"Authorization": f"Token {API_TOKEN}"}):
