@@ -494,7 +494,8 @@ class Stack:
             if (dead := self._dead_child()) is not None:
                 return dead
             status = health(url)
-            if status and int(status.get("workers") or 0) >= 1:
+            if status and int(status.get("workers") or 0) >= 1 and (
+                    not trainer_threads or self._trainer_live(env["REDIS_URL"], settings)):
                 log.info("%s", banner(opts.host, opts.port, env["REDIS_URL"], embedded,
                                       opts.data_dir, status, choice, trainer_threads))
                 break
@@ -512,6 +513,23 @@ class Stack:
             time.sleep(POLL_S)
         log.info("received %s; stopping", signal.Signals(signals.received).name)
         return 0
+
+    @staticmethod
+    def _trainer_live(redis_url: str, settings: Settings) -> bool:
+        """Whether the trainer has announced itself (Start training would be refused before)."""
+        from redis import Redis
+        from redis.exceptions import RedisError
+
+        from ml_backend.schemas import RedisKeys
+        from ml_backend.training_queue import live_trainers
+
+        client = Redis.from_url(redis_url, socket_connect_timeout=1)
+        try:
+            return bool(live_trainers(client, RedisKeys(settings.key_prefix)))
+        except RedisError:
+            return False
+        finally:
+            client.close()
 
     def _dead_child(self) -> int | None:
         for child in self.children:

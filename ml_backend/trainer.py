@@ -438,18 +438,18 @@ def main(argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -
     global _context
     redis = Redis.from_url(settings.redis_url)
     _context = (settings, redis)
-    if settings.torch_threads:
-        import torch  # the job imports it anyway; its CPU share is set before any work
-
-        torch.set_num_threads(settings.torch_threads)
     keys = RedisKeys(settings.key_prefix)
     heartbeat = TrainerHeartbeat(redis, keys, args.name, settings.worker_heartbeat_ttl_s)
     queue = Queue(keys.train_queue, connection=redis, serializer=JSONSerializer)
     worker = SimpleWorker([queue], name=args.name, connection=redis, serializer=JSONSerializer)
-    heartbeat.start()
+    heartbeat.start()  # live at once: a Start training pressed meanwhile waits in the queue
     log.info("trainer %s listening on %s (versions in %s)", args.name, keys.train_queue,
              settings.versions_path)
     try:
+        if settings.torch_threads:
+            import torch  # the job imports it anyway; its CPU share is set before any work
+
+            torch.set_num_threads(settings.torch_threads)
         worker.work(burst=args.burst, logging_level=settings.log_level, with_scheduler=False)
     finally:
         heartbeat.stop()

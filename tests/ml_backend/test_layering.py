@@ -17,7 +17,7 @@ PACKAGE = REPO / "ml_backend"
 # Each module may import only the ml_backend modules listed (and anything outside the package).
 ALLOWED = {
     "settings": set(),
-    "stack": {"settings"},
+    "stack": {"schemas", "settings", "training_queue"},
     "schemas": set(),
     "errors": set(),
     "images": {"errors"},
