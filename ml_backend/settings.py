@@ -28,6 +28,7 @@ down explicitly; no other module reads ``os.environ``.
 | DEVICE | unset | torch device of the workers; unset: CUDA when available, else CPU |
 | TORCH_THREADS | unset | CPU math threads per worker; unset: torch's default (all cores). Several CPU workers on one host: cores / workers |
 | IMAGE_CACHE_SIZE | 8 | images whose features a worker keeps (LRU) |
+| IMAGE_CACHE_MB | 1024 | bytes of those features at most (ViT-H with DINOv2 ViT-L: about 30 MiB an image in float32); images warmed for a batch never evict the ones predict jobs used |
 | MASK_BOX_MARGIN_PX | 0.0 | drop mask pixels centred farther than this outside their box; -1 keeps all |
 | IMAGE_DOWNLOAD_CACHE_MB | 256 | downloaded image bytes a worker keeps in memory, by URL |
 | IMAGE_DOWNLOAD_DIR | unset | when set, downloaded images are also cached on disk there |
@@ -108,6 +109,7 @@ class Settings:
     device: str | None = None
     torch_threads: int | None = None
     image_cache_size: int = 8
+    image_cache_mb: int = 1024
     mask_box_margin_px: float = 0.0  # negative: keep the model's mask as it is
     image_download_cache_mb: int = 256
     image_download_dir: str | None = None
@@ -187,6 +189,7 @@ class Settings:
             device=get.opt("DEVICE", str),
             torch_threads=get.opt("TORCH_THREADS", _int_in(1, 1024)),
             image_cache_size=get("IMAGE_CACHE_SIZE", _int_in(1, 1024), d.image_cache_size),
+            image_cache_mb=get("IMAGE_CACHE_MB", _int_in(1, 1_000_000), d.image_cache_mb),
             mask_box_margin_px=get("MASK_BOX_MARGIN_PX", _float_in(-1.0, 10_000.0),
                                    d.mask_box_margin_px),
             image_download_cache_mb=get("IMAGE_DOWNLOAD_CACHE_MB", _int_in(0, 1_000_000),

@@ -6,8 +6,9 @@ a :class:`Talk2SamWorker`, an rq ``SimpleWorker`` that executes jobs in its own 
 own queue (sticky jobs for images it holds) first, then the shared predict queue, then the warm
 queue.
 
-Per-image features are kept in an LRU (IMAGE_CACHE_SIZE): a second box on the same image skips
-the download, decoding and ``set_image``. A heartbeat thread publishes every
+Per-image features are kept in a :class:`FeatureCache` (IMAGE_CACHE_SIZE images, IMAGE_CACHE_MB
+bytes; warm jobs never evict images that predict jobs used): a second box on the same image
+skips the download, decoding and ``set_image``. A heartbeat thread publishes every
 ``WORKER_HEARTBEAT_TTL_S / 3`` seconds which images the worker holds and whether it is busy
 (rq's SimpleWorker sends no heartbeat of its own while a job runs). Counters (jobs, cache
 hits/misses, latency histogram) are kept in a Redis hash per worker for /metrics.
@@ -89,8 +90,10 @@ class SegmentationModel(Protocol):
 
     model_version: str
 
-    def use_image(self, key: str, load_rgb: Callable[[], np.ndarray]) -> tuple[bool, int, int]:
-        """Make ``key`` the current image; returns (cache_hit, height, width)."""
+    def use_image(self, key: str, load_rgb: Callable[[], np.ndarray],
+                  warm: bool = False) -> tuple[bool, int, int]:
+        """Make ``key`` the current image (``warm``: for a warm job, see :class:`FeatureCache`);
+        returns (cache_hit, height, width)."""
 
     def predict(self, boxes_xyxy: np.ndarray, words: Sequence[str] | None) -> ModelOutput:
         """Segment (N, 4) XYXY pixel boxes of the current image."""
@@ -99,33 +102,67 @@ class SegmentationModel(Protocol):
         """Keys of the images held, least recently used first."""
 
 
-class _LRU:
-    """Key -> value, bounded, least recently used evicted first; the heartbeat thread reads its
-    keys while a job writes it, hence the lock."""
+class FeatureCache:
+    """Key -> per-image state, bounded in entries and in bytes, least recently used first out.
 
-    def __init__(self, size: int):
-        self.size = size
-        self._items: OrderedDict[str, Any] = OrderedDict()
+    Entries put by warm jobs (``warm=True``) are *cold* until a predict job uses them: a warm
+    put may evict only cold entries and is dropped when that is not enough, so warming a batch
+    never evicts the images annotators are working on; a predict put evicts cold entries
+    first, then the least recently used. The heartbeat thread reads the keys while a job writes,
+    hence the lock.
+
+    Args:
+        max_items: IMAGE_CACHE_SIZE.
+        max_bytes: IMAGE_CACHE_MB in bytes.
+    """
+
+    def __init__(self, max_items: int, max_bytes: int):
+        self.max_items, self.max_bytes = max_items, max_bytes
+        self._items: OrderedDict[str, tuple[Any, int, bool]] = OrderedDict()  # value, bytes, cold
+        self._bytes = 0
         self._lock = threading.Lock()
 
-    def get(self, key: str) -> Any | None:
+    def get(self, key: str, warm: bool = False) -> Any | None:
+        with self._lock:
+            if key not in self._items:
+                return None
+            value, size, cold = self._items.pop(key)
+            self._items[key] = (value, size, cold and warm)  # a predict job makes it hot
+            return value
+
+    def put(self, key: str, value: Any, nbytes: int, warm: bool = False) -> bool:
+        """Store ``value``; returns False when a warm put found no room (nothing stored)."""
         with self._lock:
             if key in self._items:
-                self._items.move_to_end(key)
-                return self._items[key]
-            return None
-
-    def put(self, key: str, value: Any) -> None:
-        with self._lock:
-            self._items[key] = value
-            self._items.move_to_end(key)
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
+                self._bytes -= self._items.pop(key)[1]
+            order = [k for k, (_, _, cold) in self._items.items() if cold]
+            if not warm:
+                order += [k for k, (_, _, cold) in self._items.items() if not cold]
+            doomed, freed = [], 0
+            for victim in order:
+                if len(self._items) + 1 - len(doomed) <= self.max_items and \
+                        self._bytes - freed + nbytes <= self.max_bytes:
+                    break
+                doomed.append(victim)
+                freed += self._items[victim][1]
+            fits = len(self._items) + 1 - len(doomed) <= self.max_items and \
+                self._bytes - freed + nbytes <= self.max_bytes
+            if warm and not fits:
+                return False
+            for victim in doomed:
+                self._bytes -= self._items.pop(victim)[1]
+            self._items[key] = (value, nbytes, warm)
+            self._bytes += nbytes
+            return True
 
     def keys(self) -> list[str]:
         """Keys, least recently used first."""
         with self._lock:
             return list(self._items)
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
 
 
 class Talk2SamModel:
@@ -137,15 +174,16 @@ class Talk2SamModel:
         box_margin_px: drop mask pixels farther than this outside their box; None keeps all.
     """
 
-    def __init__(self, predictor: Any, cache_size: int, box_margin_px: float | None = None):
+    def __init__(self, predictor: Any, cache: FeatureCache, box_margin_px: float | None = None):
         self._predictor = predictor
         self.box_margin_px = box_margin_px
-        self._features = _LRU(cache_size)
+        self._features = cache
         self._current: str | None = None
         self.model_version: str = predictor.model_version
 
-    def use_image(self, key: str, load_rgb: Callable[[], np.ndarray]) -> tuple[bool, int, int]:
-        cached = self._features.get(key)
+    def use_image(self, key: str, load_rgb: Callable[[], np.ndarray],
+                  warm: bool = False) -> tuple[bool, int, int]:
+        cached = self._features.get(key, warm=warm)
         if cached is not None:
             if self._current != key:
                 self._predictor.set_features(cached)
@@ -154,7 +192,7 @@ class Talk2SamModel:
         self._current = None
         self._predictor.set_image(load_rgb())
         features = self._predictor.features
-        self._features.put(key, features)
+        self._features.put(key, features, features.nbytes(), warm=warm)
         self._current = key
         return False, features.height, features.width
 
@@ -176,16 +214,18 @@ class NoopModel:
 
     model_version = "noop"
 
-    def __init__(self, cache_size: int):
-        self._sizes = _LRU(cache_size)
+    def __init__(self, cache: FeatureCache):
+        self._sizes = cache
         self._current: tuple[int, int] = (0, 0)
 
-    def use_image(self, key: str, load_rgb: Callable[[], np.ndarray]) -> tuple[bool, int, int]:
-        size = self._sizes.get(key)
+    def use_image(self, key: str, load_rgb: Callable[[], np.ndarray],
+                  warm: bool = False) -> tuple[bool, int, int]:
+        size = self._sizes.get(key, warm=warm)
         hit = size is not None
         if size is None:
-            size = load_rgb().shape[:2]
-            self._sizes.put(key, size)
+            rgb = load_rgb()
+            size = rgb.shape[:2]
+            self._sizes.put(key, size, rgb.nbytes, warm=warm)  # as features would weigh
         self._current = size
         return hit, size[0], size[1]
 
@@ -208,7 +248,7 @@ def build_model(settings: Settings) -> SegmentationModel:
         ModelError: when the predictor cannot be built (unknown config, missing weights).
     """
     if settings.model == "noop":
-        return NoopModel(settings.image_cache_size)
+        return NoopModel(feature_cache(settings))
     import torch
 
     from talk2sam.errors import Talk2SamError  # the model layer; only workers import torch
@@ -232,7 +272,11 @@ def build_model(settings: Settings) -> SegmentationModel:
     if (warning := untrained_text_warning(predictor.model)) is not None:
         log.warning("%s", warning)
     margin = settings.mask_box_margin_px
-    return Talk2SamModel(predictor, settings.image_cache_size, margin if margin >= 0 else None)
+    return Talk2SamModel(predictor, feature_cache(settings), margin if margin >= 0 else None)
+
+
+def feature_cache(settings: Settings) -> FeatureCache:
+    return FeatureCache(settings.image_cache_size, settings.image_cache_mb * 2**20)
 
 
 # ---------------------------------------------------------------- metrics and heartbeat
@@ -447,7 +491,8 @@ class WorkerRuntime:
     def warm(self, spec: PredictJobSpec) -> dict[str, Any]:
         """Cache an image's features without predicting."""
         try:
-            hit, _, _ = self.model.use_image(spec.image_key, lambda: self._load_rgb(spec))
+            hit, _, _ = self.model.use_image(spec.image_key, lambda: self._load_rgb(spec),
+                                             warm=True)
         except Exception as exc:  # job boundary, as in predict
             if _expected_error(exc) is None:
                 raise

@@ -10,6 +10,7 @@ import pytest
 from ml_backend.errors import ImageFetchError
 from ml_backend.schemas import PredictJobSpec
 from ml_backend.worker import (
+    FeatureCache,
     NoopModel,
     Talk2SamModel,
     _boxes_in_image_frame,
@@ -21,6 +22,9 @@ from ml_backend.worker import (
 class Features:
     height: int
     width: int
+
+    def nbytes(self) -> int:
+        return self.height * self.width  # a stand-in weight: one byte a pixel
 
 
 class CountingPredictor:
@@ -48,7 +52,7 @@ def image(height: int, width: int):
 
 def test_feature_cache_skips_set_image_and_evicts_least_recent():
     predictor = CountingPredictor()
-    model = Talk2SamModel(predictor, cache_size=2)
+    model = Talk2SamModel(predictor, FeatureCache(max_items=2, max_bytes=10**6))
     assert model.use_image("a", image(30, 40)) == (False, 30, 40)
     assert model.use_image("a", image(30, 40)) == (True, 30, 40)
     assert predictor.set_features_calls == 0  # already the current image
@@ -61,8 +65,36 @@ def test_feature_cache_skips_set_image_and_evicts_least_recent():
     assert predictor.set_image_calls == 4
 
 
+def test_the_cache_is_bounded_in_bytes():
+    cache = FeatureCache(max_items=100, max_bytes=1000)
+    for key in "abcd":
+        cache.put(key, key, 300)
+    assert cache.keys() == ["b", "c", "d"] and cache.nbytes == 900
+    cache.put("big", "big", 700)  # evicts the two least recent
+    assert cache.keys() == ["d", "big"] and cache.nbytes == 1000
+    cache.put("huge", "huge", 5000)  # larger than the bound: stored alone
+    assert cache.keys() == ["huge"]
+
+
+def test_warming_never_evicts_the_images_annotators_are_on():
+    cache = FeatureCache(max_items=3, max_bytes=10**6)
+    cache.put("open-1", 1, 10)
+    cache.put("open-2", 2, 10)  # images predict jobs used
+    assert cache.put("batch-1", 3, 10, warm=True)
+    assert cache.put("batch-2", 4, 10, warm=True)  # room made among warmed images only
+    assert cache.keys() == ["open-1", "open-2", "batch-2"]
+    for n in range(3, 10):
+        cache.put(f"batch-{n}", n, 10, warm=True)
+    assert cache.keys() == ["open-1", "open-2", "batch-9"]
+    cache.get("batch-9")  # an annotator opens a warmed image: it is theirs now
+    cache.put("open-3", 5, 10)  # a predict job evicts the least recently used
+    assert cache.keys() == ["open-2", "batch-9", "open-3"]
+    assert not cache.put("batch-10", 6, 10, warm=True)  # no warmed image left to give way
+    assert cache.keys() == ["open-2", "batch-9", "open-3"]
+
+
 def test_noop_model_fills_rectangles_with_score_one():
-    model = NoopModel(cache_size=4)
+    model = NoopModel(FeatureCache(max_items=4, max_bytes=10**9))
     model.use_image("k", image(300, 400))
     out = model.predict(np.array([[100.0, 49.0, 280.0, 85.0]]), ["wire"])
     assert out.masks.shape == (1, 300, 400) and out.masks.sum() == 180 * 36
