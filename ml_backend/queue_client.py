@@ -60,6 +60,7 @@ RESULT_TTL_S = 60
 FAILURE_TTL_S = 600
 WARM_JOB_TIMEOUT_S = 60
 QUEUED_TTL_MARGIN_S = 10
+WORKERS_CACHE_S = 0.5  # heartbeats refresh every TTL/3: a fresher read would show nothing new
 
 
 class RedisUnavailableError(NoWorkerError):
@@ -96,6 +97,7 @@ class QueueClient:
         self.keys = RedisKeys(settings.key_prefix)
         self.redis = redis or Redis.from_url(settings.redis_url, socket_connect_timeout=2,
                                              health_check_interval=30)
+        self._workers_seen: tuple[float, list[WorkerHeartbeat]] | None = None
         self.shared = self._queue(self.keys.predict_queue)
         self.batch = self._queue(self.keys.batch_queue)
         self.warm = self._queue(self.keys.warm_queue)
@@ -123,6 +125,16 @@ class QueueClient:
             raise RedisUnavailableError(f"Redis is unreachable: {exc}") from None
         return [WorkerHeartbeat.from_dict(json.loads(b)) for b in beats if b is not None]
 
+    def _recent_workers(self) -> list[WorkerHeartbeat]:
+        """:meth:`live_workers`, read at most every WORKERS_CACHE_S (submits stay one round
+        trip); an empty answer is never reused."""
+        seen = self._workers_seen
+        if seen is not None and seen[1] and time.monotonic() - seen[0] < WORKERS_CACHE_S:
+            return seen[1]
+        workers = self.live_workers()
+        self._workers_seen = (time.monotonic(), workers)
+        return workers
+
     def _is_alive(self, worker: str) -> bool:
         return bool(self.redis.exists(self.keys.heartbeat(worker)))
 
@@ -148,11 +160,17 @@ class QueueClient:
         """
         deadline = time.monotonic() + (timeout_s or self.settings.job_timeout_s)
         pending = [self.submit(spec, deadline) for spec in specs]
+        answered: set[str] = set()
         try:
-            return [self.wait(p, deadline) for p in pending]
+            results = []
+            for p in pending:
+                results.append(self.wait(p, deadline))
+                answered.add(p.job.id)
+            return results
         finally:
             for p in pending:
-                self._discard_if_queued(p)
+                if p.job.id not in answered:  # an answered job left its queue: no LREM
+                    self._discard_if_queued(p)
 
     def predict_each(self, specs: list[PredictJobSpec], timeout_s: float | None = None
                      ) -> list[PredictJobResult | BackendError]:
@@ -225,33 +243,21 @@ class QueueClient:
             NoWorkerError: no live worker.
             QueueFullError: the job's queue is at QUEUE_MAX_DEPTH.
         """
-        workers = self.live_workers()
+        workers = self._recent_workers()
         if not workers:
             raise NoWorkerError(
                 "no live worker: start one with `python -m ml_backend.worker` "
                 f"(Redis {self._redis_location()})"
             )
-        queue = self.batch if batch else self.shared
-        try:
-            depth = queue.count
-        except RedisError as exc:
-            raise RedisUnavailableError(f"Redis is unreachable: {exc}") from None
-        if depth >= self.settings.queue_max_depth:
-            raise QueueFullError(
-                f"{depth} jobs are waiting (QUEUE_MAX_DEPTH={self.settings.queue_max_depth}); "
-                "try again later or add workers"
-            )
+        limited = self.batch if batch else self.shared
         holder = None if batch else next(
             (w for w in workers if spec.image_key in w.images and not w.busy), None)
-        if holder is not None:
-            own = self._queue(self.keys.worker_queue(holder.name))
-            if own.count == 0:
-                queue = own
+        queue = self._queue(self.keys.worker_queue(holder.name)) if holder else limited
         remaining = max(1, math.ceil(deadline - time.monotonic()))
-        job = queue.enqueue(
+        job = queue.create_job(
             PREDICT_JOB,
             kwargs={"spec": spec.to_dict()},
-            job_timeout=remaining,
+            timeout=remaining,
             # Outlives the wait by a margin (the waiter drops it when it gives up); a job
             # whose waiter died is dropped by Redis unstarted.
             ttl=remaining + QUEUED_TTL_MARGIN_S,
@@ -259,6 +265,19 @@ class QueueClient:
             failure_ttl=FAILURE_TTL_S,
             description=f"predict {spec.request_id} task {spec.task_id}",
         )
+        try:  # the depth check and the job in one round trip; refused jobs are taken back
+            pipe = self.redis.pipeline()
+            queue.enqueue_job(job, pipeline=pipe)  # starts the transaction (MULTI) itself
+            pipe.llen(limited.key)
+            depth = int(pipe.execute()[-1]) - (queue is limited)  # waiting before this one
+        except RedisError as exc:
+            raise RedisUnavailableError(f"Redis is unreachable: {exc}") from None
+        if depth >= self.settings.queue_max_depth and queue is limited:
+            self._discard_if_queued(PendingJob(job, queue, None, time.monotonic()))
+            raise QueueFullError(
+                f"{depth} jobs are waiting (QUEUE_MAX_DEPTH={self.settings.queue_max_depth}); "
+                "try again later or add workers"
+            )
         sticky = holder.name if queue is not self.shared and queue is not self.batch and holder \
             else None
         return PendingJob(job=job, queue=queue, sticky_worker=sticky,
