@@ -65,9 +65,9 @@ from ml_backend.ls_protocol import word_for_label
 from ml_backend.schemas import RedisKeys
 from ml_backend.settings import Settings, settings_for_command
 from ml_backend.training_queue import (
-    TrainerHeartbeat,
     TrainRequest,
     release_lock,
+    trainer_heartbeat,
     write_progress,
 )
 from ml_backend.versions import VersionError, VersionRecord, VersionRegistry, utc_now
@@ -439,7 +439,7 @@ def main(argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -
     redis = Redis.from_url(settings.redis_url)
     _context = (settings, redis)
     keys = RedisKeys(settings.key_prefix)
-    heartbeat = TrainerHeartbeat(redis, keys, args.name, settings.worker_heartbeat_ttl_s)
+    heartbeat = trainer_heartbeat(redis, keys, args.name, settings.worker_heartbeat_ttl_s)
     queue = Queue(keys.train_queue, connection=redis, serializer=JSONSerializer)
     worker = SimpleWorker([queue], name=args.name, connection=redis, serializer=JSONSerializer)
     heartbeat.start()  # live at once: a Start training pressed meanwhile waits in the queue

@@ -9,7 +9,7 @@ e.g. SIGKILL) is taken over, and the version that job was making is marked faile
 
 A request with no live trainer is refused (:class:`NoTrainerError`, HTTP 503): a job nobody
 takes would only sit in Redis. Trainers announce themselves in ``RedisKeys.trainers`` and keep a
-heartbeat key alive (:class:`TrainerHeartbeat`).
+heartbeat key alive (:func:`trainer_heartbeat`, an ``ml_backend.heartbeat.Heartbeat``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -31,6 +30,7 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
 from ml_backend.errors import NoTrainerError, TrainingError
+from ml_backend.heartbeat import Heartbeat
 from ml_backend.schemas import TRAIN_JOB, RedisKeys
 from ml_backend.settings import Settings
 from ml_backend.versions import VersionRegistry, read_serving
@@ -224,39 +224,8 @@ def release_lock(redis: Redis, keys: RedisKeys, job_id: str) -> bool:
     return bool(redis.eval(_RELEASE_LOCK, 1, keys.train_lock, job_id))
 
 
-class TrainerHeartbeat:
-    """Publishes ``RedisKeys.trainer_heartbeat(name)`` from a daemon thread and lists the
-    trainer in ``RedisKeys.trainers``, so a request can tell a running job from one whose
-    trainer died, and refuse when no trainer is alive."""
-
-    def __init__(self, redis: Redis, keys: RedisKeys, name: str, ttl_s: int):
-        self._redis, self._keys, self._name, self._ttl_s = redis, keys, name, ttl_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="trainer-heartbeat", daemon=True)
-
-    def start(self) -> None:
-        self.publish()
-        self._thread.start()
-
-    def publish(self) -> None:
-        try:
-            pipe = self._redis.pipeline(transaction=False)
-            pipe.set(self._keys.trainer_heartbeat(self._name),
-                     json.dumps({"name": self._name, "pid": os.getpid(),
-                                 "seen_at": time.time()}), ex=self._ttl_s)
-            pipe.sadd(self._keys.trainers, self._name)
-            pipe.execute()
-        except Exception:  # a dead heartbeat thread would make a live trainer look dead
-            log.exception("trainer heartbeat not published")
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._ttl_s / 3):
-            self.publish()
-
-    def stop(self) -> None:
-        self._stop.set()
-        try:
-            self._redis.delete(self._keys.trainer_heartbeat(self._name))
-            self._redis.srem(self._keys.trainers, self._name)
-        except RedisError:
-            pass
+def trainer_heartbeat(redis: Redis, keys: RedisKeys, name: str, ttl_s: int) -> Heartbeat:
+    """A trainer's heartbeat, so a request can tell a running job from one whose trainer died,
+    and refuse when no trainer is alive."""
+    return Heartbeat(redis, keys.trainer_heartbeat(name), keys.trainers, name, ttl_s,
+                     lambda: {"name": name, "pid": os.getpid(), "seen_at": time.time()})

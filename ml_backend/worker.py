@@ -27,7 +27,6 @@ changes again.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import socket
@@ -53,6 +52,7 @@ from ml_backend.errors import (
     InvalidRequestError,
     ModelError,
 )
+from ml_backend.heartbeat import Heartbeat
 from ml_backend.images import FetchConfig, ImageFetcher, decode_rgb
 from ml_backend.ls_format import mask_to_rle
 from ml_backend.schemas import (
@@ -320,53 +320,6 @@ class WorkerMetrics:
             log.warning("metrics not recorded: %s", exc)
 
 
-class Heartbeat:
-    """Publishes this worker's :class:`WorkerHeartbeat` from a daemon thread.
-
-    Args:
-        redis: connection (its own; redis-py clients are thread-safe).
-        keys: key names.
-        name: worker name.
-        ttl_s: the heartbeat expires this long after the last refresh.
-        state: returns the current heartbeat fields.
-    """
-
-    def __init__(self, redis: Redis, keys: RedisKeys, name: str, ttl_s: int,
-                 state: Callable[[], WorkerHeartbeat]):
-        self._redis, self._keys, self._name, self._ttl_s = redis, keys, name, ttl_s
-        self._state = state
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
-
-    def start(self) -> None:
-        self.publish()
-        self._thread.start()
-
-    def publish(self) -> None:
-        """Write the heartbeat now; failures are logged, never raised (a dead heartbeat thread
-        would make a healthy worker look dead)."""
-        try:
-            beat = self._state()
-            pipe = self._redis.pipeline(transaction=False)
-            pipe.set(self._keys.heartbeat(self._name), json.dumps(beat.to_dict()), ex=self._ttl_s)
-            pipe.sadd(self._keys.workers, self._name)
-            pipe.execute()
-        except Exception:  # see the docstring
-            log.exception("heartbeat not published")
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._ttl_s / 3):
-            self.publish()
-
-    def stop(self) -> None:
-        self._stop.set()
-        try:
-            self._redis.delete(self._keys.heartbeat(self._name))
-            self._redis.srem(self._keys.workers, self._name)
-        except RedisError:
-            pass
-
-
 # ---------------------------------------------------------------- runtime and jobs
 
 
@@ -404,8 +357,9 @@ class WorkerRuntime:
             default_token=settings.label_studio_api_key,
         )
         self.metrics = WorkerMetrics(redis, self.keys.metrics(name))
-        self.heartbeat = Heartbeat(redis, self.keys, name, settings.worker_heartbeat_ttl_s,
-                                   self.heartbeat_state)
+        self.heartbeat = Heartbeat(redis, self.keys.heartbeat(name), self.keys.workers, name,
+                                   settings.worker_heartbeat_ttl_s,
+                                   lambda: self.heartbeat_state().to_dict())
         self._job_id: str | None = None
 
     def heartbeat_state(self) -> WorkerHeartbeat:

@@ -18,7 +18,7 @@ from ml_backend.images import FetchConfig, ImageFetcher
 from ml_backend.annotations import AnnotationStore
 from ml_backend.schemas import RedisKeys
 from ml_backend.settings import Settings, SettingsError
-from ml_backend.training_queue import TrainerHeartbeat
+from ml_backend.training_queue import trainer_heartbeat
 from tests.ml_backend.conftest import backend_env, load_fixture
 from tests.ml_backend.servers import ImageHost, private_workers, uvicorn_app
 
@@ -215,7 +215,7 @@ def test_strangers_can_neither_train_nor_forge_nor_delete_records_when_auth_is_o
     """Label Studio sends START_TRAINING with the connection's basic auth and annotation
     webhooks with the webhook's headers; a request with neither changes nothing."""
     redis_client, keys = redis.Redis.from_url(stack[2]["REDIS_URL"]), RedisKeys(stack[2]["KEY_PREFIX"])
-    trainer = TrainerHeartbeat(redis_client, keys, "trainer-sec", ttl_s=60)
+    trainer = trainer_heartbeat(redis_client, keys, "trainer-sec", ttl_s=60)
     trainer.publish()
     created = load_fixture("webhook_annotation_created.json")
     train = {"action": "START_TRAINING", "project": {"id": 19}}

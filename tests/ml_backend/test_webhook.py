@@ -21,7 +21,7 @@ from ml_backend.annotations import AnnotationStore
 from ml_backend.app import create_app
 from ml_backend.schemas import RedisKeys
 from ml_backend.settings import Settings
-from ml_backend.training_queue import TrainerHeartbeat
+from ml_backend.training_queue import trainer_heartbeat
 from tests.ml_backend.conftest import PREFIX, backend_env, load_fixture
 
 CREATED = load_fixture("webhook_annotation_created.json")
@@ -53,7 +53,7 @@ def client(make_client):
 @pytest.fixture
 def trainer(clean_redis):
     """A live trainer's heartbeat (the queueing side needs no model)."""
-    beat = TrainerHeartbeat(clean_redis, KEYS, "trainer-test", ttl_s=60)
+    beat = trainer_heartbeat(clean_redis, KEYS, "trainer-test", ttl_s=60)
     beat.publish()
     yield beat
     beat.stop()
