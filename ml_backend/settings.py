@@ -21,11 +21,12 @@ down explicitly; no other module reads ``os.environ``.
 | QUEUE_MAX_DEPTH | 64 | jobs waiting in the shared queue above which /predict answers 503 at once |
 | BATCH_WINDOW | 8 | jobs of one Retrieve-predictions request waiting at a time (the rest are submitted as these finish) |
 | LABEL_PROMPTS | empty | label -> text prompt, JSON object or ``"Power line=wire;Fence=fence"``; unmapped labels are their own prompt. Per project: the model's *Extra params* in Label Studio, ``{"label_prompts": {...}}``, over this |
-| MODEL | ``talk2sam`` | ``talk2sam`` (the real predictor) or ``noop`` (rectangles, score 1.0: queue-overhead benchmarks and tests only) |
+| MODEL | ``talk2sam`` | ``talk2sam`` (the real predictor), ``noop`` (rectangles, score 1.0: queue-overhead benchmarks and tests only) or ``random`` (MODEL_CONFIG's architecture with random weights, no file read: timing benchmarks only, its masks mean nothing) |
 | MODEL_CONFIG | ``tiny`` | predictor config name (``tiny``, ``tiny-768`` (the demo's), ``vit_b``, ``vit_l``, ``vit_h``, ``vit_tiny``) |
 | MODEL_CHECKPOINT | unset | path of a Talk2SAM checkpoint of trained parts |
 | MODEL_VERSION | unset | model_version reported to Label Studio; unset: the one the workers report |
 | DEVICE | unset | torch device of the workers; unset: CUDA when available, else CPU |
+| ENCODER_DTYPE | ``auto`` | dtype of the two image encoders: ``auto`` (bfloat16 on CUDA and on CPUs with native bfloat16, else float32), ``float32`` or ``bfloat16``; the decoder always runs in float32 |
 | TORCH_THREADS | unset | CPU math threads per worker; unset: torch's default (all cores). Several CPU workers on one host: cores / workers |
 | IMAGE_CACHE_SIZE | 8 | images whose features a worker keeps (LRU) |
 | IMAGE_CACHE_MB | 1024 | bytes of those features at most (ViT-H with DINOv2 ViT-L: about 30 MiB an image in float32); images warmed for a batch never evict the ones predict jobs used |
@@ -66,7 +67,8 @@ from urllib.parse import parse_qs, urlparse
 
 T = TypeVar("T")
 
-MODELS = ("talk2sam", "noop")
+MODELS = ("talk2sam", "noop", "random")
+ENCODER_DTYPES = ("auto", "float32", "bfloat16")
 TRAIN_OPTIMIZERS = ("adamw", "sgd")
 LABEL_STUDIO_PREDICT_TIMEOUT_S = 100
 
@@ -107,6 +109,7 @@ class Settings:
     model_checkpoint: str | None = None
     model_version: str | None = None
     device: str | None = None
+    encoder_dtype: str = "auto"
     torch_threads: int | None = None
     image_cache_size: int = 8
     image_cache_mb: int = 1024
@@ -187,6 +190,7 @@ class Settings:
             model_checkpoint=get.opt("MODEL_CHECKPOINT", str),
             model_version=get.opt("MODEL_VERSION", str),
             device=get.opt("DEVICE", str),
+            encoder_dtype=get("ENCODER_DTYPE", _one_of(ENCODER_DTYPES), d.encoder_dtype),
             torch_threads=get.opt("TORCH_THREADS", _int_in(1, 1024)),
             image_cache_size=get("IMAGE_CACHE_SIZE", _int_in(1, 1024), d.image_cache_size),
             image_cache_mb=get("IMAGE_CACHE_MB", _int_in(1, 1_000_000), d.image_cache_mb),

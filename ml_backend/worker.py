@@ -264,6 +264,9 @@ def build_model(settings: Settings) -> SegmentationModel:
             weights_dir=settings.model_dir,
             checkpoint=settings.model_checkpoint,
             device=settings.device,
+            random_init=settings.model == "random",
+            encoder_dtype=None if settings.encoder_dtype == "auto"
+            else getattr(torch, settings.encoder_dtype),
         )
     except Talk2SamError as exc:
         raise ModelError(f"cannot build the model: {exc}") from exc

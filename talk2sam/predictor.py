@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from talk2sam import geometry
+from talk2sam import geometry, sam_hq
 from talk2sam.errors import ImageNotSetError, InvalidImageError, InvalidPromptError
 from talk2sam.model import ImageFeatures, Talk2Sam
 
@@ -23,12 +23,12 @@ MAX_PIXELS_DEFAULT = 100_000_000
 @dataclass
 class Prediction:
     """masks: (N, H, W) bool, original frame; logits: (N, S/4, S/4) float32, SAM's low-res padded
-    frame; scores: (N,) float32 predicted IoU clipped to [0, 1] (the decoder's confidence);
+    frame, or None unless `predict(..., return_logits=True)`; scores: (N,) float32 predicted IoU clipped to [0, 1] (the decoder's confidence);
     text_scores: (N,) float32 eq. 4 max-head similarity, or None (box only);
     sim_maps: (N, gh, gw) float32, DINOv2 square frame, or None."""
 
     masks: np.ndarray
-    logits: np.ndarray
+    logits: np.ndarray | None
     scores: np.ndarray
     text_scores: np.ndarray | None
     sim_maps: np.ndarray | None
@@ -62,6 +62,22 @@ def normalize_image(image: np.ndarray, max_pixels: int = MAX_PIXELS_DEFAULT) -> 
     return np.array(img[..., :3], dtype=np.uint8, order="C", copy=True)
 
 
+def default_encoder_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 where the hardware computes it natively (CUDA; CPUs with AVX-512 BF16 or AMX,
+    as oneDNN reports them), else float32. On such a CPU bfloat16 encoders halved set_image for
+    vit_tiny-dinob, and the demo's masks agreed with float32 ones at a median IoU of 0.998
+    (docs/PERFORMANCE.md)."""
+    if device.type == "cuda":
+        return torch.bfloat16
+    if device.type == "cpu" and torch.backends.mkldnn.is_available():
+        try:
+            if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+                return torch.bfloat16
+        except (AttributeError, RuntimeError):  # an older or a stripped build: stay safe
+            pass
+    return torch.float32
+
+
 class Talk2SamPredictor:
     """Args:
         model: a built Talk2Sam (or box-only SAM-HQ), on its device.
@@ -69,19 +85,27 @@ class Talk2SamPredictor:
         overlap_encoders: on CUDA, run DINOv2 in a side stream beside SAM-HQ's encoder
             (see `Talk2Sam.encode_image`); off by default until measured on a GPU with
             `scripts/benchmark.py`. No effect on CPU.
-        encoder_dtype: autocast dtype of the two image encoders; None: bfloat16 on CUDA,
-            float32 elsewhere. Everything after them (similarity map, prompt encoder, decoder)
+        encoder_dtype: autocast dtype of the two image encoders; None: `default_encoder_dtype`
+            (bfloat16 on CUDA and on CPUs with native bfloat16, else float32). Everything after them (similarity map, prompt encoder, decoder)
             runs in float32, as training and evaluation run it: features are cast to float32
             when they leave the encoders.
+        channels_last: keep SAM-HQ's convolutions in NHWC (`Talk2Sam.use_channels_last`);
+            None: on the CPU only, where it was measured to help.
     """
 
     def __init__(self, model: Talk2Sam, max_pixels: int = MAX_PIXELS_DEFAULT,
-                 overlap_encoders: bool = False, encoder_dtype: torch.dtype | None = None):
+                 overlap_encoders: bool = False, encoder_dtype: torch.dtype | None = None,
+                 channels_last: bool | None = None):
         self.model = model.eval()
         self.max_pixels = max_pixels
         self.overlap_encoders = overlap_encoders
         self.encoder_dtype = encoder_dtype
+        if channels_last or (channels_last is None and self.device.type == "cpu"):
+            model.use_channels_last()
         self.features: ImageFeatures | None = None
+        # the HQ decoder's per-image features of the current image, beside the embedding they
+        # came from: a second box on the same image skips a third of a CPU decode
+        self._hq: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def model_version(self) -> str:
@@ -92,10 +116,8 @@ class Talk2SamPredictor:
         return self.model.device
 
     def _encoder_autocast(self) -> contextlib.AbstractContextManager:
-        dtype = self.encoder_dtype
-        if dtype is None and self.device.type == "cuda":
-            dtype = torch.bfloat16
-        if dtype is None or dtype == torch.float32:
+        dtype = self.encoder_dtype or default_encoder_dtype(self.device)
+        if dtype == torch.float32:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=dtype)
 
@@ -113,11 +135,18 @@ class Talk2SamPredictor:
 
     def reset_image(self) -> None:
         self.features = None
+        self._hq = None
+
+    def _hq_features(self, feats: ImageFeatures) -> torch.Tensor:
+        if self._hq is None or self._hq[0] is not feats.sam_embedding:
+            self._hq = (feats.sam_embedding, sam_hq.hq_features(
+                self.model.sam, feats.sam_embedding, feats.sam_interm))
+        return self._hq[1]
 
     @torch.inference_mode()
     def predict(self, boxes_xyxy: np.ndarray | Sequence[Sequence[float]],
                 words: Sequence[str] | str | None = None,
-                box_margin_px: float | None = None) -> Prediction:
+                box_margin_px: float | None = None, return_logits: bool = False) -> Prediction:
         """Segment N boxes of the current image in one decoder call.
 
         Args:
@@ -126,6 +155,7 @@ class Talk2SamPredictor:
             words: N words (or one word for all boxes); None runs box-only SAM-HQ.
             box_margin_px: if given, mask pixels farther than this outside their box are
                 dropped (an annotator's box says where the object is); None keeps SAM's mask.
+            return_logits: also return SAM's low-res logits (copied off the device).
         Raises:
             ImageNotSetError, InvalidPromptError.
         """
@@ -141,7 +171,8 @@ class Talk2SamPredictor:
                 raise InvalidPromptError(f"{len(boxes)} boxes but {len(words)} words")
             if not self.model.uses_text:
                 words = None  # box-only model: the word cannot steer it
-        out = self.model.decode(feats, torch.from_numpy(boxes).float(), words)  # float32
+        out = self.model.decode(feats, torch.from_numpy(boxes).float(), words,  # float32
+                                hq=self._hq_features(feats))
         logits = self.model.upscale(out.low_res_logits, feats)
 
         def numpy(t: torch.Tensor | None) -> np.ndarray | None:
@@ -152,7 +183,7 @@ class Talk2SamPredictor:
             masks &= geometry.box_masks(boxes, feats.height, feats.width, box_margin_px)
         return Prediction(
             masks=masks,
-            logits=numpy(out.low_res_logits[:, 0]),
+            logits=numpy(out.low_res_logits[:, 0]) if return_logits else None,
             scores=numpy(out.iou.clamp(0.0, 1.0)),  # the IoU head is unbounded; IoU is not
             text_scores=numpy(out.text_scores),
             sim_maps=numpy(out.sim_maps),
@@ -161,9 +192,10 @@ class Talk2SamPredictor:
 
 def build_predictor(config: str = "tiny", weights_dir: str | None = None,
                     checkpoint: str | None = None, device: str | None = None,
-                    use_text: bool = True, random_init: bool = False) -> Talk2SamPredictor:
+                    use_text: bool = True, random_init: bool = False,
+                    encoder_dtype: torch.dtype | None = None) -> Talk2SamPredictor:
     """The one entry point for serving: build (or load a checkpoint), move to the device.
-    device None -> CUDA when available, else CPU."""
+    device None -> CUDA when available, else CPU; encoder_dtype: see Talk2SamPredictor."""
     from talk2sam.build import build_model, load_checkpoint
 
     if checkpoint:
@@ -171,4 +203,4 @@ def build_predictor(config: str = "tiny", weights_dir: str | None = None,
     else:
         model = build_model(config, weights_dir, use_text=use_text, random_init=random_init)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return Talk2SamPredictor(model.to(device))
+    return Talk2SamPredictor(model.to(device), encoder_dtype=encoder_dtype)

@@ -84,6 +84,14 @@ def encode_image(sam: Sam, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 DECODER_OUTPUTS = ("sam+hq", "hq", "sam")
 
 
+def hq_features(sam: Sam, embedding: torch.Tensor, interm: torch.Tensor) -> torch.Tensor:
+    """The HQ decoder's per-image features (1, C/8, S/4, S/4), as MaskDecoderHQ.forward makes
+    them: they depend on the image and the decoder's weights only, not on the prompts."""
+    decoder = sam.mask_decoder
+    return decoder.embedding_encoder(embedding) + decoder.compress_vit_feat(
+        interm.permute(0, 3, 1, 2))
+
+
 def decode(
     sam: Sam,
     embedding: torch.Tensor,
@@ -92,6 +100,7 @@ def decode(
     mask_prompt: torch.Tensor | None,
     output: str = "sam+hq",
     map_gate: nn.Module | None = None,
+    hq: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode N boxes of ONE image in one call.
 
@@ -104,6 +113,8 @@ def decode(
             single-mask output (the plain-SAM baseline of the paper's tables).
         map_gate: None: the encoded mask prompt replaces the "no mask" embedding; a module:
             "no mask" + map_gate(encoded prompt) (residual mode).
+        hq: `hq_features` of this image computed earlier with the same decoder weights, or
+            None to compute them (training always does: they carry gradients).
     Returns:
         low-res logits (N, 1, S/4, S/4) and predicted IoU (N,).
     """
@@ -117,14 +128,12 @@ def decode(
         if mask_prompt is not None:
             dense = dense + map_gate(sam.prompt_encoder.mask_downscaling(mask_prompt))
     # as MaskDecoderHQ.forward does, but keeping SAM's and the HQ logits apart
-    hq_features = decoder.embedding_encoder(embedding) + decoder.compress_vit_feat(
-        interm.permute(0, 3, 1, 2))
     masks, iou = decoder.predict_masks(
         image_embeddings=embedding,
         image_pe=sam.prompt_encoder.get_dense_pe(),
         sparse_prompt_embeddings=sparse,
         dense_prompt_embeddings=dense,
-        hq_features=hq_features,
+        hq_features=hq_features(sam, embedding, interm) if hq is None else hq,
     )
     sam_logits, hq_logits = masks[:, 0:1], masks[:, -1:]
     logits = {"sam+hq": sam_logits + hq_logits, "hq": hq_logits, "sam": sam_logits}[output]

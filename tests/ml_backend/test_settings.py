@@ -40,6 +40,7 @@ def test_label_studio_names_are_read():
     ({"STICKY_WAIT_S": "nan"}, "STICKY_WAIT_S"),
     ({"BASIC_AUTH_USER": "u"}, "BASIC_AUTH_PASS"),
     ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
+    ({"ENCODER_DTYPE": "float16"}, "ENCODER_DTYPE"),
 ])
 def test_bad_values_name_the_variable(env, variable):
     with pytest.raises(SettingsError) as info:
@@ -65,6 +66,12 @@ def test_torch_threads_is_optional_and_validated():
     assert Settings.from_env({"TORCH_THREADS": "2"}).torch_threads == 2
     with pytest.raises(SettingsError, match="TORCH_THREADS"):
         Settings.from_env({"TORCH_THREADS": "0"})
+
+
+def test_encoder_dtype_and_the_random_model():
+    assert Settings.from_env({}).encoder_dtype == "auto"
+    settings = Settings.from_env({"ENCODER_DTYPE": "float32", "MODEL": "random"})
+    assert settings.encoder_dtype == "float32" and settings.model == "random"
 
 
 def test_commands_name_the_invalid_variable(capsys):

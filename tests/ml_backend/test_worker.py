@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
+import torch
 
 from ml_backend.errors import ImageFetchError
 from ml_backend.schemas import PredictJobSpec
@@ -119,3 +120,15 @@ def test_boxes_follow_the_decoded_image_size(declared, actual, expected):
                           width=declared[0], height=declared[1],
                           boxes_xyxy=[[100.0, 49.0, 280.0, 85.0]], words=None)
     assert _boxes_in_image_frame(spec, *actual).tolist() == [expected]
+
+
+def test_random_model_builds_the_configured_architecture_without_files(tmp_path):
+    # MODEL=random: timing benchmarks of real sizes need no weight file; the version says so
+    from ml_backend.settings import Settings
+    from ml_backend.worker import build_model
+
+    model = build_model(Settings.from_env({
+        "MODEL": "random", "MODEL_CONFIG": "tiny", "MODEL_DIR": str(tmp_path),
+        "ENCODER_DTYPE": "float32"}))
+    assert model.model_version.endswith("-random")
+    assert model._predictor.encoder_dtype is torch.float32

@@ -80,8 +80,8 @@ def test_a_trained_gate_lets_the_word_steer_the_mask(rgb_300x400):
     predictor = Talk2SamPredictor(model)
     predictor.set_image(rgb_300x400)
     box = [[100, 49, 280, 85]]
-    assert not np.allclose(predictor.predict(box, "wire").logits,
-                           predictor.predict(box, "fence").logits)
+    assert not np.allclose(predictor.predict(box, "wire", return_logits=True).logits,
+                           predictor.predict(box, "fence", return_logits=True).logits)
 
 
 def test_unknown_dense_mode_is_refused():
@@ -140,7 +140,7 @@ def test_only_the_image_encoders_run_in_reduced_precision(rgb_300x400):
     assert all(t.dtype == torch.float32 for t in (feats.sam_embedding, feats.sam_interm,
                                                   feats.dino_patches, feats.dino_cls_attn))
     box = [[100, 49, 280, 85]]
-    pred = predictor.predict(box, "wire")
+    pred = predictor.predict(box, "wire", return_logits=True)
     with torch.no_grad():  # the decoder as training and evaluation run it: float32, no autocast
         reference = model.decode(feats, torch.tensor(box, dtype=torch.float32), ["wire"])
     np.testing.assert_array_equal(pred.logits, reference.low_res_logits[:, 0].numpy())

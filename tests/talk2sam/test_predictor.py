@@ -1,16 +1,17 @@
 import numpy as np
 import pytest
+import torch
 
 from talk2sam.build import build_model
 from talk2sam.configs import get_config
 from talk2sam.errors import ImageNotSetError, InvalidImageError, InvalidPromptError
-from talk2sam.predictor import Talk2SamPredictor, normalize_image
+from talk2sam.predictor import Talk2SamPredictor, default_encoder_dtype, normalize_image
 
 
 def test_predictions_at_original_resolution_for_several_boxes(tiny_predictor, rgb_300x400):
     tiny_predictor.set_image(rgb_300x400)
     pred = tiny_predictor.predict([[100, 49, 280, 85], [10, 10, 120, 200], [0, 0, 400, 300]],
-                                  ["wire", "fence", "bicycle"])
+                                  ["wire", "fence", "bicycle"], return_logits=True)
     assert pred.masks.shape == (3, 300, 400) and pred.masks.dtype == np.bool_
     assert pred.logits.shape == (3, 64, 64) and pred.logits.dtype == np.float32
     assert pred.scores.shape == (3,) and pred.scores.dtype == np.float32
@@ -22,9 +23,9 @@ def test_predictions_at_original_resolution_for_several_boxes(tiny_predictor, rg
 def test_batched_boxes_equal_one_by_one(tiny_predictor, rgb_300x400):
     tiny_predictor.set_image(rgb_300x400)
     boxes, words = [[100, 49, 280, 85], [10, 10, 120, 200]], ["wire", "fence"]
-    together = tiny_predictor.predict(boxes, words)
+    together = tiny_predictor.predict(boxes, words, return_logits=True)
     for i in range(2):
-        alone = tiny_predictor.predict([boxes[i]], [words[i]])
+        alone = tiny_predictor.predict([boxes[i]], [words[i]], return_logits=True)
         np.testing.assert_allclose(alone.logits[0], together.logits[i], atol=1e-4)
 
 
@@ -34,11 +35,50 @@ def test_text_changes_the_map_and_the_logits(rgb_300x400):
     predictor = Talk2SamPredictor(build_model(get_config("tiny", dense_mode="replace")))
     predictor.set_image(rgb_300x400)
     box = [[100, 49, 280, 85]]
-    wire, fence = predictor.predict(box, "wire"), predictor.predict(box, "fence")
+    wire = predictor.predict(box, "wire", return_logits=True)
+    fence = predictor.predict(box, "fence", return_logits=True)
     assert not np.allclose(wire.sim_maps, fence.sim_maps)
     assert not np.allclose(wire.logits, fence.logits)
-    again = predictor.predict(box, "wire")  # cached text embedding, same answer
+    again = predictor.predict(box, "wire", return_logits=True)  # cached text embedding, same answer
     np.testing.assert_array_equal(again.logits, wire.logits)
+
+
+def test_logits_are_copied_off_the_device_only_when_asked(tiny_predictor, rgb_300x400):
+    tiny_predictor.set_image(rgb_300x400)
+    assert tiny_predictor.predict([[100, 49, 280, 85]], "wire").logits is None
+
+
+def test_the_hq_features_follow_the_image(rgb_300x400):
+    # the predictor keeps the HQ decoder's per-image features for the current image only: after
+    # another image, its masks are those of a fresh predictor on that image
+    model = build_model(get_config("tiny", dense_mode="replace"))
+    other = np.ascontiguousarray(rgb_300x400[::-1, ::-1])
+    box = [[100, 49, 280, 85]]
+    seen = Talk2SamPredictor(model)
+    seen.set_image(rgb_300x400)
+    first = seen.predict(box, "wire", return_logits=True).logits
+    seen.set_image(other)
+    after = seen.predict(box, "wire", return_logits=True).logits
+    fresh = Talk2SamPredictor(model)
+    fresh.set_image(other)
+    np.testing.assert_array_equal(after, fresh.predict(box, "wire", return_logits=True).logits)
+    assert not np.allclose(first, after)
+
+
+def test_channels_last_gives_the_same_masks(rgb_300x400):
+    model = build_model(get_config("tiny", dense_mode="replace"))
+    box = [[100, 49, 280, 85], [10, 10, 120, 200]]
+    plain = Talk2SamPredictor(model, channels_last=False)
+    plain.set_image(rgb_300x400)
+    reference = plain.predict(box, "wire", return_logits=True)
+    nhwc = Talk2SamPredictor(model, channels_last=True)
+    assert model.channels_last
+    assert model.sam.image_encoder.patch_embed.proj.weight.is_contiguous(
+        memory_format=torch.channels_last)
+    nhwc.set_image(rgb_300x400)
+    pred = nhwc.predict(box, "wire", return_logits=True)
+    np.testing.assert_allclose(pred.logits, reference.logits, atol=1e-3)
+    assert (pred.masks == reference.masks).mean() > 0.999
 
 
 def test_box_only_mode_runs_through_the_same_predictor(rgb_300x400):
@@ -102,3 +142,11 @@ def test_masks_can_be_kept_inside_their_boxes(tiny_predictor, rgb_300x400):
     ys, xs = np.nonzero(pred.masks[0])
     if len(xs):
         assert xs.min() >= 98 and xs.max() <= 282 and ys.min() >= 47 and ys.max() <= 87
+
+
+def test_encoders_default_to_bfloat16_only_where_the_hardware_has_it(monkeypatch):
+    assert default_encoder_dtype(torch.device("cuda")) is torch.bfloat16
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert default_encoder_dtype(torch.device("cpu")) is torch.float32
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert default_encoder_dtype(torch.device("cpu")) is torch.bfloat16
