@@ -59,22 +59,16 @@ TOKEN = "bench-token"
 START_TIMEOUT_S = 120
 
 
-# ---------------------------------------------------------------- model tables (1-3)
+# ---------------------------------------------------------------- model tables
 
 
-def model_tables(config: str, device: str | None, images: int, repeats: int,
-                 prompts: int) -> Iterator[Table]:
-    """Tables 1-3 and the encoder-overlap experiment for one model config, as they finish."""
+def model_tables(pair, images, repeats: int, prompts: int) -> tuple[Table, Table]:
+    """Cold and warm latency of one config (SAM-HQ vs Talk2SAM on one SAM-HQ module)."""
     from talk2sam import bench
 
-    pair = bench.build_pair(config, device)
-    imgs = bench.synthetic_images(images, seed=1)
-    bench.warm_up(pair, imgs[0])
-    cold = bench.cold_table(pair, imgs, repeats)
-    yield cold
-    yield bench.warm_table(pair, imgs, prompts, cold)
-    yield bench.batch_table(pair, imgs[0], repeats=max(3, repeats))
-    yield bench.overlap_table(pair, imgs, repeats)
+    bench.warm_up(pair, images[0])
+    cold = bench.cold_table(pair, images, repeats)
+    return cold, bench.warm_table(pair, images, prompts, cold)
 
 
 # ---------------------------------------------------------------- image server
@@ -131,12 +125,12 @@ class ImageServer:
 
 
 def backend_env(redis_url: str, ls_url: str, model: str, threads: int | None = None,
-                device: str | None = None) -> dict[str, str]:
+                device: str | None = None, config: str = "tiny") -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("LABEL_STUDIO_", "BASIC_AUTH_", "MODEL", "IMAGE_"))}
     env.update({
         "REDIS_URL": redis_url, "KEY_PREFIX": PREFIX, "LABEL_STUDIO_URL": ls_url,
-        "LABEL_STUDIO_API_KEY": TOKEN, "MODEL": model, "MODEL_CONFIG": "tiny",
+        "LABEL_STUDIO_API_KEY": TOKEN, "MODEL": model, "MODEL_CONFIG": config,
         "JOB_TIMEOUT_S": "90", "LOG_LEVEL": "WARNING", "WARM_ON_OPEN": "false",
         "PYTHONPATH": str(REPO),
     })
@@ -165,8 +159,7 @@ class Stack:
     env: dict[str, str]
     redis_url: str
     workers: dict[str, subprocess.Popen] = field(default_factory=dict)
-    app: subprocess.Popen | None = None
-    app_url: str = ""
+    apps: dict[str, tuple[subprocess.Popen, str]] = field(default_factory=dict)  # name: (process, url)
     log_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="t2s-bench-")))
 
     def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen:
@@ -183,10 +176,15 @@ class Stack:
             env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
         self.workers[name] = self._spawn(name, ["-m", "ml_backend.worker", "--name", name], env)
 
-    def start_app(self, port: int) -> None:
-        self.app = self._spawn("app", ["-m", "ml_backend.app", "--host", "127.0.0.1",
-                                       "--port", str(port)], self.env)
-        self.app_url = f"http://127.0.0.1:{port}"
+    def start_app(self, port: int, name: str = "app", **env: str) -> None:
+        """One backend web process; ``env`` overrides settings of this one (e.g. WARM_ON_OPEN)."""
+        proc = self._spawn(name, ["-m", "ml_backend.app", "--host", "127.0.0.1", "--port",
+                                  str(port)], {**self.env, **env})
+        self.apps[name] = (proc, f"http://127.0.0.1:{port}")
+
+    @property
+    def app_url(self) -> str:
+        return next(iter(self.apps.values()))[1]
 
     def wait_ready(self) -> None:
         import httpx
@@ -206,26 +204,27 @@ class Stack:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"workers not ready: {sorted(pending)}")
             time.sleep(0.05)
-        while self.app is not None:
-            try:
-                if httpx.get(f"{self.app_url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if self.app.poll() is not None:
-                raise RuntimeError(f"app exited:\n{self.log('app')}")
-            if time.monotonic() > deadline:
-                raise TimeoutError("app not ready")
-            time.sleep(0.05)
+        for name, (proc, url) in self.apps.items():
+            while True:
+                try:
+                    if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited:\n{self.log(name)}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{name} not ready")
+                time.sleep(0.05)
 
     def rss(self) -> dict[str, float | None]:
         out = {name: rss_peak_mib(p.pid) for name, p in self.workers.items()}
-        if self.app is not None:
-            out["app (uvicorn)"] = rss_peak_mib(self.app.pid)
+        out.update({"app (uvicorn)" if name == "app" else name: rss_peak_mib(proc.pid)
+                    for name, (proc, _) in self.apps.items()})
         return out
 
     def stop(self) -> None:
-        procs = list(self.workers.values()) + ([self.app] if self.app else [])
+        procs = list(self.workers.values()) + [proc for proc, _ in self.apps.values()]
         for proc in procs:
             if proc.poll() is None:
                 proc.terminate()
@@ -462,9 +461,63 @@ def e2e_table(redis_url: str, server: ImageServer, requests: int, clients: int =
     for label, samples in (("idle", idle), (f"{clients} clients post /predict", loaded)):
         health.rows.append([label, fmt_ms(median_ms(samples)), fmt_ms(percentile_ms(samples, 99)),
                             fmt_ms(1000 * max(samples)), str(len(samples))])
-    health.values["health_p99_loaded_ms"] = percentile_ms(loaded, 99)
+    health.values.update(health_p99_loaded_ms=percentile_ms(loaded, 99),
+                         health_p99_idle_ms=percentile_ms(idle, 99),
+                         health_n_loaded=float(len(loaded)))
     health.notes.append("Target: p99 < 20 ms under load.")
     return predict, health, rss
+
+
+# ---------------------------------------------------------------- time to first mask
+
+
+OPEN_FIXTURE = FIXTURE.with_name("predict_on_open_request.json")
+
+
+def open_body(name: str) -> dict:
+    """The request Label Studio sends when an annotator opens a task (no context), its image
+    renamed to ``name`` (400x300)."""
+    body = json.loads(OPEN_FIXTURE.read_text())
+    body["tasks"][0]["data"]["image"] = f"/data/upload/19/{name}_400x300.png"
+    return body
+
+
+def first_mask_samples(redis_url: str, server: ImageServer, config: str, tasks: int,
+                       think_s: float, device: str | None = None
+                       ) -> tuple[dict[str, list[float]], float | None]:
+    """Time from "task opened" to "first box answered", through the backend and one worker
+    running ``config`` (MODEL=random: real sizes with random weights). Two web processes share
+    the worker, one with WARM_ON_OPEN=true and one with false; tasks alternate between them,
+    each on a new image. A task is opened (Label Studio's on-open /predict), the annotator
+    draws for ``think_s``, then the box arrives (the captured interactive request).
+
+    Returns:
+        seconds from the box to its answer, keyed "warm" / "cold", and the worker's peak RSS.
+    """
+    import httpx
+
+    env = backend_env(redis_url, server.url, "random", device=device, config=config)
+    samples: dict[str, list[float]] = {"warm": [], "cold": []}
+    with running_stack(env, redis_url, [f"bench-first-{config}"]) as stack:
+        stack.start_app(free_port(), "app", WARM_ON_OPEN="true")
+        stack.start_app(free_port(), "app-no-warming", WARM_ON_OPEN="false")
+        stack.wait_ready()
+        urls = {"warm": stack.apps["app"][1], "cold": stack.apps["app-no-warming"][1]}
+        with httpx.Client(timeout=120) as http:
+            http.post(f"{urls['cold']}/predict", json=predict_body(f"first-{config}-warmup"))
+            for i in range(2 * tasks):
+                case = ("warm", "cold")[i % 2]
+                name = f"first-{config}-{i}"
+                http.post(f"{urls[case]}/predict", json=open_body(name)).raise_for_status()
+                time.sleep(think_s)
+                start = time.perf_counter()
+                resp = http.post(f"{urls[case]}/predict", json=predict_body(name))
+                resp.raise_for_status()
+                if not resp.json().get("results"):
+                    raise RuntimeError(f"/predict answered no result: {resp.text[:300]}")
+                samples[case].append(time.perf_counter() - start)
+        rss = next(iter(stack.rss().values()))
+    return samples, rss
 
 
 # ---------------------------------------------------------------- (6) throughput
@@ -514,14 +567,150 @@ def rss_table(rss: dict[str, float | None]) -> Table:
     return table
 
 
-def model_rss_table(config: str) -> Table:
-    import resource
+# ---------------------------------------------------------------- the three summary tables
 
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    table = Table("Peak memory of this benchmark process", ["process", "peak RSS MiB"])
-    table.rows.append([f"benchmark with `{config}` (SAM-HQ + Talk2SAM, shared SAM module)",
-                       f"{peak:,.0f}"])
-    return table
+
+def _ms_n(samples: Sequence[float]) -> str:
+    return f"{fmt_ms(median_ms(samples))} (n = {len(samples)})"
+
+
+def cpu_tables(args: argparse.Namespace, server: ImageServer) -> Iterator[Table]:
+    """Table A: the configs side by side on this machine's CPU (or ``--device``), then each
+    config's detail tables. Per config: cold and warm latency in this process, then time to
+    first mask through the backend and a worker of that config (MODEL=random)."""
+    import gc
+
+    from talk2sam import bench
+
+    summary = Table(
+        "Configs side by side: cold, warm, time to first mask, memory",
+        ["config", "SAM-HQ cold ms", "Talk2SAM cold ms (n)", "ratio", "warm box ms (n)",
+         f"first box, task warmed on open ms (n)", "first box, no warming ms (n)",
+         "worker peak RSS MiB"])
+    details: list[Table] = []
+    images = synthetic_images(args.images, seed=1)
+    for config in args.configs:
+        pair = bench.build_pair(config, args.device)
+        cold, warm = model_tables(pair, images, args.repeats, args.prompts)
+        described = pair.describe()
+        del pair
+        gc.collect()
+        first, rss = first_mask_samples(args.redis_url, server, config, args.tasks,
+                                        args.think_s, args.device)
+        for table in (cold, warm):
+            table.title = f"`{config}`: {table.title}"
+        details += [cold, warm]
+        n_cold = args.images * args.repeats
+        summary.rows.append([
+            f"`{config}`", fmt_ms(cold.values["cold_samhq_ms"]),
+            f"{fmt_ms(cold.values['cold_talk2sam_ms'])} ({n_cold})",
+            f"{cold.values['cold_ratio']:.2f}",
+            f"{fmt_ms(warm.values['warm_box_ms'])} ({args.images * args.prompts})",
+            _ms_n(first["warm"]), _ms_n(first["cold"]),
+            "n/a" if rss is None else f"{rss:,.0f}"])
+        summary.values.update({f"{config}_first_warm_ms": median_ms(first["warm"]),
+                               f"{config}_first_cold_ms": median_ms(first["cold"]),
+                               f"{config}_warm_box_ms": warm.values["warm_box_ms"]})
+        summary.notes.append(f"- `{config}`: {described}.")
+    summary.notes += [
+        "",
+        f"Cold: set_image + the first box (Talk2SAM with a word it has not seen, CLIP "
+        f"included), {args.images} images x {args.repeats} passes. Warm: one more box on the "
+        f"cached image with a cached word. First box: the annotator opens a task (Label "
+        f"Studio's on-open /predict, no box), draws for {args.think_s:g} s, and the box's "
+        f"/predict is timed from its sending to its answer, through the web process and one "
+        f"worker process of the config (random weights); tasks alternate between a web "
+        f"process with WARM_ON_OPEN=true and one with false, each task on a new image. "
+        f"Memory: the worker's peak RSS (model, caches, imports).",
+    ]
+    yield summary
+    yield from details
+
+
+def gpu_tables(args: argparse.Namespace) -> Iterator[Table]:
+    """Table C: per config on ``--device`` (CUDA when lent): cold SAM-HQ vs Talk2SAM with the
+    encoders one after the other and overlapped, warm per box, 16 boxes in one call, float32
+    vs bfloat16 encoders and their mask agreement, peak GPU memory."""
+    import gc
+
+    import torch
+
+    from talk2sam import bench
+
+    summary = Table(
+        "GPU: cold, warm, batched boxes, precision, memory",
+        ["config", "SAM-HQ cold ms", "Talk2SAM cold ms", "ratio", "ratio, encoders overlapped",
+         "warm box ms", "16 boxes, one call, ms/box", "bf16 / fp32 set_image",
+         "bf16 mask IoU median (min)", "peak GPU memory GiB"])
+    details: list[Table] = []
+    images = synthetic_images(args.images, seed=1)
+    for config in args.configs:
+        cuda = torch.device(args.device or "cuda").type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        pair = bench.build_pair(config, args.device)
+        cold, warm = model_tables(pair, images, args.repeats, args.prompts)
+        pair.talk2sam.overlap_encoders = True
+        overlapped = bench.cold_table(pair, images, args.repeats)
+        pair.talk2sam.overlap_encoders = False
+        overlapped.title = f"`{config}`: encoders overlapped: {overlapped.title}"
+        batch = bench.batch_table(pair, images[0], counts=(1, 16), repeats=args.repeats)
+        precision = bench.precision_table(pair, images)
+        peak = f"{torch.cuda.max_memory_allocated() / 2**30:.2f}" if cuda else "n/a (CPU)"
+        for table in (cold, warm, batch, precision):
+            table.title = f"`{config}`: {table.title}"
+        details += [cold, overlapped, warm, batch, precision]
+        p = precision.values
+        summary.rows.append([
+            f"`{config}`", fmt_ms(cold.values["cold_samhq_ms"]),
+            fmt_ms(cold.values["cold_talk2sam_ms"]), f"{cold.values['cold_ratio']:.2f}",
+            f"{overlapped.values['cold_talk2sam_ms'] / cold.values['cold_samhq_ms']:.2f}",
+            fmt_ms(warm.values["warm_box_ms"]), fmt_ms(batch.values["batch_16_ms_per_box"]),
+            f"{p['bf16_ratio']:.2f}", f"{p['bf16_iou_median']:.4f} ({p['bf16_iou_min']:.4f})",
+            peak])
+        summary.notes.append(f"- `{config}`: {pair.describe()}.")
+        del pair
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+    n = args.images * args.repeats
+    summary.notes += ["", f"Random weights (timing only). Medians: cold n = {n} per model, "
+                      f"warm n = {args.images * args.prompts}, batched n = {args.repeats}. "
+                      f"Encoders in the default dtype (bfloat16 on CUDA) except in the "
+                      f"precision column. Paper (V100, ViT-B): 302 vs 142 ms, ratio 2.13."]
+    yield summary
+    yield from details
+
+
+def service_tables(args: argparse.Namespace, server: ImageServer) -> Iterator[Table]:
+    """Table B: queue overhead vs bare rq, /health under load, throughput 1 vs 2 workers (tiny
+    workers), then the detail tables they come from."""
+    rss: dict[str, float | None] = {}
+    queue, more = queue_table(args.redis_url, server, args.calls, args.device)
+    rss.update(more)
+    predict, health, more = e2e_table(args.redis_url, server, max(5, args.calls // 4),
+                                      device=args.device)
+    rss.update(more)
+    throughput, more = throughput_table(args.redis_url, server, args.batch,
+                                        os.cpu_count() or 1, args.device)
+    rss.update(more)
+    q, h, t = queue.values, health.values, throughput.values
+    summary = Table("The service: queue, /health, throughput",
+                    ["measurement", "value", "baseline in the same run", "ratio"])
+    summary.rows += [
+        [f"queue overhead, MODEL=noop (median, n = {args.calls})",
+         f"{fmt_ms(q['overhead_noop_ms'])} ms", f"bare rq round trip {fmt_ms(q['overhead_bare_rq_ms'])} ms",
+         f"{q['overhead_noop_ms'] / q['overhead_bare_rq_ms']:.2f}"],
+        ["QueueClient.submit alone (median)", f"{fmt_ms(q['submit_noop_ms'])} ms", "", ""],
+        [f"/health p99 while 2 clients post /predict (n = {h['health_n_loaded']:.0f})",
+         f"{fmt_ms(h['health_p99_loaded_ms'])} ms", f"idle p99 {fmt_ms(h['health_p99_idle_ms'])} ms",
+         f"{h['health_p99_loaded_ms'] / h['health_p99_idle_ms']:.2f}"],
+        [f"throughput, 2 workers ({args.batch} new images)", f"{t['throughput_2']:.2f} images/s",
+         f"best 1 worker {t['throughput_1']:.2f} images/s",
+         f"{t['throughput_2'] / t['throughput_1']:.2f}x"],
+    ]
+    yield summary
+    yield from (queue, predict, health, throughput, rss_table(rss))
 
 
 # ---------------------------------------------------------------- report
@@ -538,77 +727,82 @@ def machine() -> str:
             f"{torch.get_num_threads()} intra-op threads; load average {load[0]:.2f}")
 
 
+CPU_CONFIGS = ("tiny-768", "vit_tiny-dinob", "vit_b-dinob")
+GPU_CONFIGS = ("vit_b", "vit_l", "vit_h")
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python scripts/benchmark.py", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", nargs="?", default="all", choices=("cpu", "service", "gpu", "all"),
+                        help="which table: cpu (configs side by side), service, gpu; all: cpu "
+                             "and service")
     parser.add_argument("--quick", action="store_true",
-                        help="tiny configs, few images and calls: a smoke run of every table")
-    parser.add_argument("--config", default=None,
-                        help="model config of tables 1-3 (tiny, vit_b, vit_b-dinob, vit_l, ...); "
-                             "real sizes get random weights. Default tiny")
-    parser.add_argument("--device", default=None, help="torch device (default: CUDA if any)")
+                        help="the tiny config, few images and calls: a smoke run of every table")
+    parser.add_argument("--configs", default=None,
+                        help=f"comma-separated model configs (cpu default: "
+                             f"{','.join(CPU_CONFIGS)}; gpu default: {','.join(GPU_CONFIGS)}); "
+                             f"real sizes get random weights")
+    parser.add_argument("--device", default=None,
+                        help="torch device (default: CUDA if any; gpu: cuda)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads of this process, i.e. tables 1-3 "
+                        help="torch intra-op threads of this process and of the workers "
                              "(default: torch's choice)")
     parser.add_argument("--repeats", type=int, default=None,
-                        help="passes over the images for cold latency (default 3, quick 2)")
-    parser.add_argument("--images", type=int, default=None, help="images (default 4, quick 3)")
+                        help="passes over the images for cold latency (default 1, quick 1)")
+    parser.add_argument("--images", type=int, default=None, help="images (default 3, quick 2)")
     parser.add_argument("--prompts", type=int, default=None,
-                        help="warm prompts per image (default 10, quick 5)")
+                        help="warm prompts per image (default 5, quick 3)")
+    parser.add_argument("--tasks", type=int, default=None,
+                        help="tasks opened per case for time to first mask (default 3, quick 2)")
+    parser.add_argument("--think-s", type=float, default=None,
+                        help="seconds between opening a task and its first box (default 3, "
+                             "quick 0.5)")
     parser.add_argument("--calls", type=int, default=None,
                         help="queue round trips per model (default 50, quick 20)")
     parser.add_argument("--batch", type=int, default=None,
                         help="images of the throughput batch (default 16, quick 8)")
     parser.add_argument("--redis-url", default=REDIS_URL,
                         help=f"Redis database to use and FLUSH (default {REDIS_URL})")
-    parser.add_argument("--skip-model", action="store_true", help="skip tables 1-3")
-    parser.add_argument("--skip-service", action="store_true", help="skip tables 4-7")
     parser.add_argument("--out", default=None, help="also write the report to this .md file")
     args = parser.parse_args(argv)
     quick = args.quick
-    args.config = args.config or "tiny"
-    for name, normal, small in (("repeats", 3, 2), ("images", 4, 3), ("prompts", 10, 5),
-                                ("calls", 50, 20), ("batch", 16, 8)):
+    defaults = GPU_CONFIGS if args.what == "gpu" else CPU_CONFIGS
+    args.configs = (args.configs.split(",") if args.configs else
+                    ["tiny"] if quick else list(defaults))
+    if args.what == "gpu" and args.device is None:
+        args.device = "cuda"
+    for name, normal, small in (("repeats", 1, 1), ("images", 3, 2), ("prompts", 5, 3),
+                                ("tasks", 3, 2), ("think_s", 3.0, 0.5), ("calls", 50, 20),
+                                ("batch", 16, 8)):
         if getattr(args, name) is None:
             setattr(args, name, small if quick else normal)
     return args
 
 
 def run(args: argparse.Namespace) -> str:
-    """Run the selected benchmarks; returns the markdown report. Each table also goes to
-    stderr as soon as it is measured (long runs on a CPU)."""
+    """Run the selected tables; returns the markdown report. Each table also goes to stderr as
+    soon as it is measured (long runs on a CPU)."""
     tables: list[Table] = []
     started = time.perf_counter()
     header = [f"Command: `python scripts/benchmark.py {' '.join(args.argv)}`",
               f"Machine: {machine()}"]
 
-    def add(*done: Table) -> None:
-        tables.extend(done)
+    def add(done: Iterator[Table]) -> None:
         for table in done:
+            tables.append(table)
             print(table.markdown(), file=sys.stderr, flush=True)
 
-    if not args.skip_model:
-        for table in model_tables(args.config, args.device, args.images, args.repeats,
-                                  args.prompts):
-            add(table)
-        add(model_rss_table(args.config))
-    if not args.skip_service:
+    if args.what == "gpu":
+        add(gpu_tables(args))
+    else:
         server = ImageServer()
         try:
-            rss: dict[str, float | None] = {}
-            queue, more = queue_table(args.redis_url, server, args.calls, args.device)
-            add(queue)
-            rss.update(more)
-            predict, health, more = e2e_table(args.redis_url, server, max(5, args.calls // 4),
-                                              device=args.device)
-            add(predict, health)
-            rss.update(more)
-            throughput, more = throughput_table(args.redis_url, server, args.batch,
-                                                os.cpu_count() or 1, args.device)
-            add(throughput)
-            rss.update(more)
-            add(rss_table(rss))
+            if args.what in ("cpu", "all"):
+                add(cpu_tables(args, server))
+            if args.what in ("service", "all"):
+                add(service_tables(args, server))
         finally:
             server.close()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -625,6 +819,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+        os.environ["TORCH_THREADS"] = str(args.threads)  # the workers it starts, too
     report = run(args)
     sys.stdout.write(report)
     if args.out:

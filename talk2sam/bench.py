@@ -248,6 +248,7 @@ def batch_table(pair: Pair, image: np.ndarray, counts: Sequence[int] = (1, 4, 16
         table.rows.append([str(n), fmt_ms(one_ms), fmt_ms(many_ms), f"{many_ms / one_ms:.2f}x",
                            fmt_ms(one_ms / n)])
         table.values[f"batch_{n}_speedup"] = many_ms / one_ms
+        table.values[f"batch_{n}_ms_per_box"] = one_ms / n
     table.notes.append(f"median of {repeats} runs each")
     return table
 
@@ -302,4 +303,44 @@ def overlap_table(pair: Pair, images: Sequence[np.ndarray], repeats: int = 1) ->
     table.rows.append([f"overlapped ({how})", fmt_ms(ovl_ms), str(len(ovl)),
                        f"{ovl_ms / seq_ms:.2f}"])
     table.values.update(sequential_ms=seq_ms, overlapped_ms=ovl_ms)
+    return table
+
+
+def precision_table(pair: Pair, images: Sequence[np.ndarray], boxes: int = 4) -> Table:
+    """Talk2SAM's image encoders in float32 vs bfloat16 (autocast; the decoder stays float32):
+    set_image time, and how far the masks of the same boxes and word agree (IoU of the two
+    masks; with random weights masks can be near-empty or near-full, so the share of pixels
+    on which they agree is given too)."""
+    pred = pair.talk2sam
+    kept = pred.encoder_dtype
+    times: dict[torch.dtype, list[float]] = {torch.float32: [], torch.bfloat16: []}
+    ious, same = [], []
+    try:
+        for i, image in enumerate(images):
+            box = boxes_for(image, boxes, seed=i)
+            masks = {}
+            for dtype in times:
+                pred.encoder_dtype = dtype
+                times[dtype].append(timed(pair.device, pred.set_image, image))
+                masks[dtype] = pred.predict(box, "wire").masks
+            a, b = masks[torch.float32], masks[torch.bfloat16]
+            for k in range(len(box)):
+                union = (a[k] | b[k]).sum()
+                ious.append(float((a[k] & b[k]).sum() / union) if union else 1.0)
+                same.append(float((a[k] == b[k]).mean()))
+    finally:
+        pred.encoder_dtype = kept
+    fp32_ms, bf16_ms = median_ms(times[torch.float32]), median_ms(times[torch.bfloat16])
+    table = Table("Image encoders in float32 vs bfloat16 (Talk2SAM set_image; decoder float32)",
+                  ["encoders", "set_image median ms", "n", "ratio", "mask IoU median (min)",
+                   "pixels agreeing"])
+    table.rows.append(["float32", fmt_ms(fp32_ms), str(len(times[torch.float32])), "1.00", "",
+                       ""])
+    table.rows.append(["bfloat16", fmt_ms(bf16_ms), str(len(times[torch.bfloat16])),
+                       f"{bf16_ms / fp32_ms:.2f}",
+                       f"{statistics.median(ious):.4f} ({min(ious):.4f})",
+                       f"{100 * statistics.median(same):.2f} %"])
+    table.values.update(fp32_ms=fp32_ms, bf16_ms=bf16_ms, bf16_ratio=bf16_ms / fp32_ms,
+                        bf16_iou_median=statistics.median(ious), bf16_iou_min=min(ious),
+                        bf16_pixels_agree=statistics.median(same))
     return table

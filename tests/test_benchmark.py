@@ -62,6 +62,7 @@ def test_model_tables(pair, images):
     assert {"warm_box_ms", "warm_word_ms", "warm_box_share"} <= warm.values.keys()
     batch = bench.batch_table(pair, images[0], counts=(1, 2), repeats=1)
     assert [row[0] for row in batch.rows] == ["1", "2"]
+    assert batch.values["batch_2_ms_per_box"] > 0
     overlap = bench.overlap_table(pair, images[:1])
     assert overlap.values["sequential_ms"] > 0 and overlap.values["overlapped_ms"] > 0
     for table in (cold, warm, batch, overlap):
@@ -80,10 +81,26 @@ def test_percentile_is_nearest_rank():
 def test_quick_defaults_and_help(capsys):
     script = load_script()
     args = script.parse_args(["--quick"])
-    assert (args.config, args.images, args.calls) == ("tiny", 3, 20)
+    assert (args.what, args.configs, args.images, args.calls) == ("all", ["tiny"], 2, 20)
+    assert script.parse_args(["cpu"]).configs == ["tiny-768", "vit_tiny-dinob", "vit_b-dinob"]
+    gpu = script.parse_args(["gpu"])
+    assert (gpu.configs, gpu.device) == (["vit_b", "vit_l", "vit_h"], "cuda")
     with pytest.raises(SystemExit):
         script.parse_args(["--help"])
-    assert "--config" in capsys.readouterr().out
+    assert "--configs" in capsys.readouterr().out
+
+
+def test_gpu_tables_run_on_the_cpu_with_the_tiny_config():
+    # the prepared GPU script's code path, minus CUDA: every column filled, agreement in [0, 1]
+    script = load_script()
+    args = script.parse_args(["gpu", "--device", "cpu", "--configs", "tiny", "--images", "1",
+                              "--prompts", "1"])
+    summary, *details = list(script.gpu_tables(args))
+    (row,) = summary.rows
+    assert row[0] == "`tiny`" and row[-1] == "n/a (CPU)" and all(row)
+    precision = next(t for t in details if "bfloat16" in t.title)
+    assert 0.0 <= precision.values["bf16_iou_median"] <= 1.0
+    assert [r[0] for r in precision.rows] == ["float32", "bfloat16"]
 
 
 def test_image_server_serves_distinct_pngs():
@@ -117,6 +134,26 @@ def test_queue_table_with_the_noop_worker():
         table, rss = script.queue_table(REDIS_URL, server, calls=2, models=("noop",))
     finally:
         server.close()
-    assert {"overhead_bare_rq_ms", "overhead_noop_ms"} <= table.values.keys()
+    assert {"overhead_bare_rq_ms", "overhead_noop_ms", "submit_noop_ms"} <= table.values.keys()
     assert list(rss) == ["worker, MODEL=noop"]
     assert "| MODEL=noop" in table.markdown()
+
+
+def test_time_to_first_mask_through_the_backend():
+    # opens tasks through two web processes (warming on and off) and one MODEL=random worker:
+    # every box is answered with a result (the function raises on an empty one)
+    redis = pytest.importorskip("redis")
+    try:
+        redis.Redis.from_url(REDIS_URL).ping()
+    except redis.ConnectionError as exc:
+        pytest.skip(f"needs a Redis server at {REDIS_URL}: {exc}")
+    script = load_script()
+    if not script.OPEN_FIXTURE.exists():
+        pytest.skip(f"needs the captured request {script.OPEN_FIXTURE}")
+    server = script.ImageServer()
+    try:
+        samples, rss = script.first_mask_samples(REDIS_URL, server, "tiny", tasks=1, think_s=0.2)
+    finally:
+        server.close()
+    assert [len(samples["warm"]), len(samples["cold"])] == [1, 1]
+    assert rss is None or rss > 0

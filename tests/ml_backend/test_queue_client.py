@@ -94,6 +94,27 @@ def test_same_image_is_routed_to_the_worker_holding_it(fake_ls, noop_workers):
     assert second.worker == first.worker and second.cache_hit
 
 
+def test_a_task_warmed_on_open_is_answered_from_the_cache_of_the_worker_that_warmed_it(
+        fake_ls, noop_workers, clean_redis):
+    # opening a task (no box) warms its image on one worker; the first box then goes to that
+    # worker's own queue and finds the image's features there
+    queue = QueueClient(Settings.from_env(backend_env(fake_ls, MODEL="noop")))
+    opened = spec(url="/data/upload/19/opened_400x300.png", boxes_xyxy=[], words=[])
+    assert queue.enqueue_warm(opened)
+    deadline, holders = time.monotonic() + 10, []
+    while not holders and time.monotonic() < deadline:
+        holders = [w.name for w in queue.live_workers() if opened.image_key in w.images]
+        time.sleep(0.05)
+    assert holders, "no worker warmed the opened task's image"
+    assert not queue.enqueue_warm(opened)  # held already: no second warm job
+    time.sleep(0.3)  # the holder is idle again
+    pending = queue.submit(spec(url="/data/upload/19/opened_400x300.png"),
+                           time.monotonic() + 10)
+    assert pending.sticky_worker == holders[0]
+    answer = queue.wait(pending, time.monotonic() + 10)
+    assert answer.worker == holders[0] and answer.cache_hit
+
+
 def test_noop_model_fills_the_box(fake_ls, noop_workers):
     from ml_backend.ls_format import brush_mask
 
