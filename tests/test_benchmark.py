@@ -30,6 +30,14 @@ def load_script():
     return sys.modules[name]
 
 
+def needs_redis() -> None:
+    redis = pytest.importorskip("redis")
+    try:
+        redis.Redis.from_url(REDIS_URL).ping()
+    except redis.ConnectionError as exc:
+        pytest.skip(f"needs a Redis server at {REDIS_URL}: {exc}")
+
+
 @pytest.fixture(scope="module")
 def pair() -> bench.Pair:
     return bench.build_pair("tiny", "cpu")
@@ -123,11 +131,7 @@ def test_fixture_request_is_renamed():
 
 
 def test_queue_table_with_the_noop_worker():
-    redis = pytest.importorskip("redis")
-    try:
-        redis.Redis.from_url(REDIS_URL).ping()
-    except redis.ConnectionError as exc:
-        pytest.skip(f"needs a Redis server at {REDIS_URL}: {exc}")
+    needs_redis()
     script = load_script()
     server = script.ImageServer()
     try:
@@ -142,11 +146,7 @@ def test_queue_table_with_the_noop_worker():
 def test_time_to_first_mask_through_the_backend():
     # opens tasks through two web processes (warming on and off) and one MODEL=random worker:
     # every box is answered with a result (the function raises on an empty one)
-    redis = pytest.importorskip("redis")
-    try:
-        redis.Redis.from_url(REDIS_URL).ping()
-    except redis.ConnectionError as exc:
-        pytest.skip(f"needs a Redis server at {REDIS_URL}: {exc}")
+    needs_redis()
     script = load_script()
     if not script.OPEN_FIXTURE.exists():
         pytest.skip(f"needs the captured request {script.OPEN_FIXTURE}")
