@@ -82,6 +82,17 @@ def cmd_download(args: argparse.Namespace) -> int:
     from talk2sam import weights
 
     names = args.only or [w for w in weights.WEIGHT_FILES]
+    if args.config:
+        from talk2sam.configs import get_config
+
+        try:
+            cfg = get_config(args.config)
+        except Talk2SamError as exc:
+            raise SystemExit(str(exc)) from exc
+        names = [n for n in (cfg.sam_weights, cfg.dino_weights, cfg.psi_weights,
+                             cfg.clip_weights) if n]
+        if not names:
+            print(f"config {args.config} needs no weight file (random or shipped weights)")
     for name in names:
         if name not in weights.WEIGHT_FILES:
             raise SystemExit(f"unknown weight file {name!r}; known: {sorted(weights.WEIGHT_FILES)}")
@@ -129,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     dl = sub.add_parser("download-weights", help="download the official weight files")
     dl.add_argument("--only", action="append", help="file name (repeatable); default: all")
+    dl.add_argument("--config", help="only the files this model config needs, e.g. "
+                                     "vit_tiny-dinob (the CPU configuration)")
     dl.add_argument("--weights-dir", help="target directory (default $TALK2SAM_WEIGHTS_DIR)")
     dl.set_defaults(func=cmd_download)
 

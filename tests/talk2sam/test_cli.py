@@ -22,3 +22,18 @@ def test_segment_reports_missing_weights(tmp_path, capsys):
                  "--config", "vit_b", "--weights-dir", str(tmp_path)])
     assert code == 2
     assert "sam_hq_vit_b.pth" in capsys.readouterr().err
+
+
+def test_download_weights_for_one_config_names_only_its_files(tmp_path, capsys):
+    from talk2sam.weights import WEIGHT_FILES
+
+    needed = ["sam_hq_vit_tiny.pth", "dinov2_vitb14_reg4_pretrain.pth", "vitb_mlp_infonce.pth",
+              "ViT-B-16.pt"]
+    for name in needed:  # present already (sparse files of the registered size): no download
+        with open(tmp_path / name, "wb") as f:
+            f.truncate(WEIGHT_FILES[name].size_bytes or 1)
+    assert main(["download-weights", "--config", "vit_tiny-dinob",
+                 "--weights-dir", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == needed
+    assert all("already present" in line for line in lines)
