@@ -625,6 +625,8 @@ def cpu_tables(args: argparse.Namespace, server: ImageServer) -> Iterator[Table]
     ]
     yield summary
     yield from details
+    if args.tuning:
+        yield bench.tuning_table(args.tuning, images, args.prompts, args.device)
 
 
 def gpu_tables(args: argparse.Namespace) -> Iterator[Table]:
@@ -759,6 +761,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--think-s", type=float, default=None,
                         help="seconds between opening a task and its first box (default 3, "
                              "quick 0.5)")
+    parser.add_argument("--tuning", default=None,
+                        help="cpu: also the step-by-step tuning table of this config "
+                             "(default vit_tiny-dinob, quick tiny; 'none' skips it)")
     parser.add_argument("--calls", type=int, default=None,
                         help="queue round trips per model (default 50, quick 20)")
     parser.add_argument("--batch", type=int, default=None,
@@ -771,6 +776,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     defaults = GPU_CONFIGS if args.what == "gpu" else CPU_CONFIGS
     args.configs = (args.configs.split(",") if args.configs else
                     ["tiny"] if quick else list(defaults))
+    if args.tuning is None:
+        args.tuning = "tiny" if quick else "vit_tiny-dinob"
+    args.tuning = None if args.tuning == "none" else args.tuning
     if args.what == "gpu" and args.device is None:
         args.device = "cuda"
     for name, normal, small in (("repeats", 1, 1), ("images", 3, 2), ("prompts", 5, 3),

@@ -344,3 +344,44 @@ def precision_table(pair: Pair, images: Sequence[np.ndarray], boxes: int = 4) ->
                         bf16_iou_median=statistics.median(ious), bf16_iou_min=min(ious),
                         bf16_pixels_agree=statistics.median(same))
     return table
+
+
+def tuning_table(config: str, images: Sequence[np.ndarray], prompts: int = 5,
+                 device: str | None = None) -> Table:
+    """The CPU path's tuning, one step at a time on one config: set_image and a warm box
+    (cached word) with float32 NCHW encoders and the HQ features recomputed per call (the
+    path before tuning), then channels-last, then the HQ features kept per image, then
+    bfloat16 encoders (`default_encoder_dtype`; only where the CPU computes it natively)."""
+    from talk2sam.predictor import default_encoder_dtype
+
+    pair = build_pair(config, device)
+    pred, model = pair.talk2sam, pair.talk2sam.model
+    steps = [("float32, NCHW, HQ features per call (before tuning)", False, False, torch.float32),
+             ("+ channels-last SAM-HQ", True, False, torch.float32),
+             ("+ HQ features kept per image", True, True, torch.float32)]
+    if default_encoder_dtype(pair.device) == torch.bfloat16:
+        steps.append(("+ bfloat16 encoders (the default here)", True, True, torch.bfloat16))
+    table = Table(f"`{config}`: the CPU path, one step at a time",
+                  ["step", "set_image median ms", "warm box median ms", "n (images / boxes)",
+                   "set_image ratio", "warm box ratio"])
+    base: tuple[float, float] | None = None
+    for label, channels_last, keep_hq, dtype in steps:
+        model.sam.to(memory_format=torch.channels_last if channels_last
+                     else torch.contiguous_format)
+        model.channels_last = channels_last
+        pred.encoder_dtype = dtype
+        encode, box = [], []
+        for i, image in enumerate(images):
+            encode.append(timed(pair.device, pred.set_image, image))
+            pred.predict(boxes_for(image, 1), "wire")  # "wire" cached
+            for j in range(prompts):
+                if not keep_hq:
+                    pred._hq = None  # as every call did before the predictor kept them
+                box.append(timed(pair.device, pred.predict, boxes_for(image, 1, seed=j), "wire"))
+        enc_ms, box_ms = median_ms(encode), median_ms(box)
+        base = base or (enc_ms, box_ms)
+        table.rows.append([label, fmt_ms(enc_ms), fmt_ms(box_ms), f"{len(encode)} / {len(box)}",
+                           f"{enc_ms / base[0]:.2f}", f"{box_ms / base[1]:.2f}"])
+    table.notes.append(f"{pair.describe()}; {torch.get_num_threads()} intra-op threads. Each "
+                       f"step keeps the ones above it.")
+    return table

@@ -157,3 +157,14 @@ def test_time_to_first_mask_through_the_backend():
         server.close()
     assert [len(samples["warm"]), len(samples["cold"])] == [1, 1]
     assert rss is None or rss > 0
+
+
+def test_tuning_table_has_one_row_per_step(images):
+    import torch
+
+    from talk2sam.predictor import default_encoder_dtype
+
+    table = bench.tuning_table("tiny", images[:1], prompts=1, device="cpu")
+    bf16 = default_encoder_dtype(torch.device("cpu")) is torch.bfloat16
+    assert len(table.rows) == (4 if bf16 else 3)
+    assert table.rows[0][4:] == ["1.00", "1.00"]  # ratios against the path before tuning
