@@ -12,7 +12,7 @@ progress (epoch, loss, ETA) and outcome lines appear in this log.
   package, data in ``--data-dir`` (default ``.cache/stack``) with AOF persistence on, and the
   children get ``REDIS_URL=redis://127.0.0.1:PORT/1``.
 - Model: ``MODEL_CONFIG`` / ``MODEL_CHECKPOINT`` when set; else a real config whose weight files
-  are all in ``MODEL_DIR``; else the synthetic-data demo checkpoint
+  are all in ``MODEL_DIR`` (the most accurate with a GPU, ``vit_tiny-dinob`` first without); else the synthetic-data demo checkpoint
   ``talk2sam/assets/demo_tiny_synthetic.pt`` when shipped; else the ``tiny`` config with random
   weights. The log says which, loudly when it is a demo.
 - Versions: ``VERSIONS_DIR`` when set; else ``<data-dir>/versions`` (``versions.json`` and the
@@ -48,9 +48,12 @@ from talk2sam.weights import DEMO_CHECKPOINT  # no torch: the registry of files 
 
 log = logging.getLogger("ml_backend.stack")
 
-# Real configs tried when MODEL_DIR holds weights, most accurate first.
+# Real configs tried when MODEL_DIR holds weights: with a GPU the most accurate first; without
+# one the CPU configuration first (about 1.3 s a new image on two cores, docs/PERFORMANCE.md)
 REAL_CONFIGS = ("vit_h", "vit_l", "vit_b", "vit_tiny",
                 "vit_h-dinob", "vit_l-dinob", "vit_b-dinob", "vit_tiny-dinob")
+CPU_REAL_CONFIGS = ("vit_tiny-dinob", "vit_tiny", "vit_b-dinob", "vit_b",
+                    "vit_l-dinob", "vit_l", "vit_h-dinob", "vit_h")
 STATE_FILE = "stack.json"
 REDIS_DB = 1  # database 0 belongs to Label Studio's own rq queues
 STOP_TIMEOUT_S = 15.0
@@ -82,12 +85,13 @@ class ModelChoice:
     demo: bool
 
 
-def real_config_in(model_dir: str | os.PathLike) -> str | None:
-    """The first of :data:`REAL_CONFIGS` whose weight files are all present in ``model_dir``."""
+def real_config_in(model_dir: str | os.PathLike, gpu: bool = True) -> str | None:
+    """The first of :data:`REAL_CONFIGS` (:data:`CPU_REAL_CONFIGS` when ``gpu`` is False) whose
+    weight files are all present in ``model_dir``."""
     from talk2sam.configs import CONFIGS  # plain dataclasses: no torch
 
     directory = Path(model_dir)
-    for name in REAL_CONFIGS:
+    for name in REAL_CONFIGS if gpu else CPU_REAL_CONFIGS:
         cfg = CONFIGS[name]
         files = (cfg.sam_weights, cfg.dino_weights, cfg.psi_weights, cfg.clip_weights)
         if all(f and (directory / f).is_file() for f in files):
@@ -95,8 +99,15 @@ def real_config_in(model_dir: str | os.PathLike) -> str | None:
     return None
 
 
+def has_gpu(env: Mapping[str, str]) -> bool:
+    """Whether the workers will run on a GPU: DEVICE says so, else an NVIDIA device node exists
+    (the stack does not import torch)."""
+    device = env.get("DEVICE", "").strip()
+    return device.startswith("cuda") if device else Path("/dev/nvidia0").exists()
+
+
 def choose_model(env: Mapping[str, str], model_dir: str,
-                 demo_checkpoint: Path = DEMO_CHECKPOINT) -> ModelChoice:
+                 demo_checkpoint: Path = DEMO_CHECKPOINT, gpu: bool | None = None) -> ModelChoice:
     """Decide which model the workers load (see the module docstring)."""
     if env.get("MODEL", "").strip() == "noop":
         return ModelChoice({}, "MODEL=noop: rectangles with score 1.0 (benchmarks and tests only)",
@@ -107,10 +118,12 @@ def choose_model(env: Mapping[str, str], model_dir: str,
                                                   ("MODEL_CHECKPOINT", checkpoint)) if v)
         return ModelChoice({}, f"model from the environment: {what} (weights in {model_dir})",
                            demo=False)
-    found = real_config_in(model_dir)
+    gpu = has_gpu(env) if gpu is None else gpu
+    found = real_config_in(model_dir, gpu)
     if found:
+        where = "" if gpu else " (no GPU found: the CPU configuration first; MODEL_CONFIG picks another)"
         return ModelChoice({"MODEL_CONFIG": found},
-                           f"real weights: config {found} from {model_dir}", demo=False)
+                           f"real weights: config {found} from {model_dir}{where}", demo=False)
     hint = (f"no real weights in MODEL_DIR={model_dir}; get them with `talk2sam download-weights "
             f"--weights-dir {model_dir}` or set MODEL_CONFIG/MODEL_CHECKPOINT")
     if demo_checkpoint.is_file():

@@ -48,8 +48,21 @@ def test_real_weights_in_model_dir_are_found(tmp_path):
     cfg = CONFIGS["vit_b"]
     for name in (cfg.sam_weights, cfg.dino_weights, cfg.psi_weights, cfg.clip_weights):
         (tmp_path / name).write_bytes(b"")
-    choice = stack.choose_model({}, str(tmp_path), tmp_path / "none.pt")
+    choice = stack.choose_model({}, str(tmp_path), tmp_path / "none.pt", gpu=True)
     assert choice.env == {"MODEL_CONFIG": "vit_b"} and not choice.demo
+
+
+def test_without_a_gpu_the_cpu_configuration_comes_first(tmp_path):
+    from talk2sam.configs import CONFIGS
+
+    for config in ("vit_b", "vit_tiny-dinob"):
+        cfg = CONFIGS[config]
+        for name in (cfg.sam_weights, cfg.dino_weights, cfg.psi_weights, cfg.clip_weights):
+            (tmp_path / name).write_bytes(b"")
+    on_gpu = stack.choose_model({"DEVICE": "cuda"}, str(tmp_path), tmp_path / "none.pt")
+    assert on_gpu.env == {"MODEL_CONFIG": "vit_b"}
+    on_cpu = stack.choose_model({"DEVICE": "cpu"}, str(tmp_path), tmp_path / "none.pt")
+    assert on_cpu.env == {"MODEL_CONFIG": "vit_tiny-dinob"} and "no GPU" in on_cpu.description
 
 
 def test_demo_checkpoint_then_random_tiny(tmp_path):
