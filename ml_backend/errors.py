@@ -100,3 +100,36 @@ def error_from_name(name: str, message: str) -> BackendError:
         An instance of the named class; an unknown name gives a :class:`JobFailedError`.
     """
     return _BY_NAME.get(name, JobFailedError)(message)
+
+
+# ---------------------------------------------------------------- outside a request
+
+
+class RedisUnavailableError(NoWorkerError):
+    """Redis cannot be reached, so no worker can be either."""
+
+
+class SettingsError(ValueError):
+    """An environment variable has a value the backend cannot use.
+
+    Args:
+        variable: the variable's name.
+        message: what is wrong with its value.
+    """
+
+    def __init__(self, variable: str, message: str):
+        super().__init__(f"{variable}: {message}")
+        self.variable = variable
+
+
+class VersionError(ValueError):
+    """A version that does not exist, or cannot serve (no checkpoint file), or a promotion whose
+    premise no longer holds (the version it was trained from stopped serving)."""
+
+
+class StackError(RuntimeError):
+    """The stack cannot start (port taken, another stack on the same data dir, bad setting)."""
+
+
+class ChildExitedError(RuntimeError):
+    """A child process ended while it was waited on; the message carries its log's tail."""

@@ -51,6 +51,7 @@ from label_studio_sdk._extensions.label_studio_tools.core.utils.io import encode
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ml_backend.errors import ImageFetchError, InvalidImageError, InvalidRequestError
+from talk2sam.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -422,12 +423,9 @@ class ImageFetcher:
     def _write_disk(self, cache_key: str, data: bytes) -> None:
         if not self._config.disk_cache_dir:
             return
-        os.makedirs(self._config.disk_cache_dir, exist_ok=True)
-        path = os.path.join(self._config.disk_cache_dir, cache_key)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)  # atomic: concurrent workers never read half a file
+        # atomic: concurrent workers never read half a file
+        atomic_write_bytes(os.path.join(self._config.disk_cache_dir, cache_key), data,
+                           durable=False)
 
 
 def decode_rgb(data: bytes, max_pixels: int) -> np.ndarray:

@@ -41,6 +41,7 @@ from ml_backend.errors import (
     JobTimeoutError,
     NoWorkerError,
     QueueFullError,
+    RedisUnavailableError,
     WorkerDiedError,
     error_from_name,
 )
@@ -61,10 +62,6 @@ FAILURE_TTL_S = 600
 WARM_JOB_TIMEOUT_S = 60
 QUEUED_TTL_MARGIN_S = 10
 WORKERS_CACHE_S = 0.5  # heartbeats refresh every TTL/3: a fresher read would show nothing new
-
-
-class RedisUnavailableError(NoWorkerError):
-    """Redis cannot be reached, so no worker can be either."""
 
 
 @dataclass

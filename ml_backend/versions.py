@@ -17,7 +17,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -28,18 +27,15 @@ import logging
 
 from redis import Redis
 
+from ml_backend.errors import VersionError
 from ml_backend.schemas import RedisKeys
+from talk2sam.files import atomic_write_text, fsync_path
 
 log = logging.getLogger(__name__)
 
 STATUSES = ("training", "serving", "retired", "rejected", "failed")
 DEFAULT_PREFIX = RedisKeys().prefix  # what files written before they named their prefix used
 LOCK_TIMEOUT_S = 30
-
-
-class VersionError(ValueError):
-    """A version that does not exist, or cannot serve (no checkpoint file), or a promotion whose
-    premise no longer holds (the version it was trained from stopped serving)."""
 
 
 @dataclass(frozen=True)
@@ -98,32 +94,6 @@ def read_serving(redis: Redis, keys: RedisKeys) -> ServingVersion | None:
         return None
     data = json.loads(raw)
     return ServingVersion(name=data["name"], checkpoint=data.get("checkpoint"))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a fsynced temp file in the same folder and a rename,
-    then fsync the folder so the rename itself survives a power cut."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_path(path.parent)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def fsync_path(path: str | os.PathLike) -> None:
-    """Flush a file's (or a folder's) data to the disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _same_file(a: str | None, b: str | None) -> bool:

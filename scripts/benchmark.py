@@ -29,7 +29,6 @@ import json
 import os
 import platform
 import re
-import subprocess
 import sys
 import tempfile
 import threading
@@ -44,6 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a file: make talk2sam and ml_backend importable
     sys.path.insert(0, str(REPO))
 
+from ml_backend.processes import Child, free_port, spawn, wait_until
 from talk2sam.bench import (
     Table,
     fmt_ms,
@@ -158,17 +158,12 @@ class Stack:
 
     env: dict[str, str]
     redis_url: str
-    workers: dict[str, subprocess.Popen] = field(default_factory=dict)
-    apps: dict[str, tuple[subprocess.Popen, str]] = field(default_factory=dict)  # name: (process, url)
+    workers: dict[str, Child] = field(default_factory=dict)
+    apps: dict[str, tuple[Child, str]] = field(default_factory=dict)  # name: (process, url)
     log_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="t2s-bench-")))
 
-    def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen:
-        with open(self.log_dir / f"{name}.log", "wb") as log:  # the child keeps its own fd
-            return subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, stdout=log,
-                                    stderr=subprocess.STDOUT)
-
-    def log(self, name: str) -> str:
-        return (self.log_dir / f"{name}.log").read_text(errors="replace")[-3000:]
+    def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> Child:
+        return spawn(name, [sys.executable, *args], env, self.log_dir / f"{name}.log", cwd=REPO)
 
     def start_worker(self, name: str, threads: int | None = None) -> None:
         env = dict(self.env)
@@ -193,29 +188,11 @@ class Stack:
         from ml_backend.schemas import RedisKeys
 
         client, keys = Redis.from_url(self.redis_url), RedisKeys(PREFIX)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        pending = dict(self.workers)
-        while pending:
-            for name, proc in list(pending.items()):
-                if client.exists(keys.heartbeat(name)):
-                    del pending[name]
-                elif proc.poll() is not None:
-                    raise RuntimeError(f"worker {name} exited:\n{self.log(name)}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"workers not ready: {sorted(pending)}")
-            time.sleep(0.05)
-        for name, (proc, url) in self.apps.items():
-            while True:
-                try:
-                    if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if proc.poll() is not None:
-                    raise RuntimeError(f"{name} exited:\n{self.log(name)}")
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{name} not ready")
-                time.sleep(0.05)
+        children = list(self.workers.values()) + [child for child, _ in self.apps.values()]
+        wait_until(lambda: all(client.exists(keys.heartbeat(n)) for n in self.workers),
+                   "workers", START_TIMEOUT_S, children, 0.05)
+        for name, (_, url) in self.apps.items():
+            wait_until(lambda: _health_ok(httpx, url), name, START_TIMEOUT_S, children, 0.05)
 
     def rss(self) -> dict[str, float | None]:
         out = {name: rss_peak_mib(p.pid) for name, p in self.workers.items()}
@@ -224,16 +201,15 @@ class Stack:
         return out
 
     def stop(self) -> None:
-        procs = list(self.workers.values()) + [proc for proc, _ in self.apps.values()]
-        for proc in procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        for child in list(self.workers.values()) + [child for child, _ in self.apps.values()]:
+            child.stop()
+
+
+def _health_ok(httpx, url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def flush(redis_url: str) -> None:
@@ -257,14 +233,6 @@ def running_stack(env: dict[str, str], redis_url: str, workers: Sequence[str],
     finally:
         stack.stop()
         flush(redis_url)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def job_spec(ls_url: str, name: str, boxes: int = 1, word: str | None = "wire"):
@@ -301,8 +269,8 @@ def bare_rq_samples(redis_url: str, calls: int) -> list[float]:
 
     flush(redis_url)
     name = f"{PREFIX}bare"
-    proc = subprocess.Popen([sys.executable, "-c", BARE_RQ_WORKER, redis_url, name], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    child = spawn("bare rq worker", [sys.executable, "-c", BARE_RQ_WORKER, redis_url, name],
+                  os.environ, Path(tempfile.gettempdir()) / "t2s-bench-bare-rq.log", cwd=REPO)
     try:
         queue = Queue(name, connection=Redis.from_url(redis_url), serializer=JSONSerializer)
         samples = []
@@ -315,8 +283,7 @@ def bare_rq_samples(redis_url: str, calls: int) -> list[float]:
                 samples.append(time.perf_counter() - start)
         return samples
     finally:
-        proc.terminate()
-        proc.wait(15)
+        child.stop()
         flush(redis_url)
 
 
@@ -585,7 +552,7 @@ def cpu_tables(args: argparse.Namespace, server: ImageServer) -> Iterator[Table]
     summary = Table(
         "Configs side by side: cold, warm, time to first mask, memory",
         ["config", "SAM-HQ cold ms", "Talk2SAM cold ms (n)", "ratio", "warm box ms (n)",
-         f"first box, task warmed on open ms (n)", "first box, no warming ms (n)",
+         "first box, task warmed on open ms (n)", "first box, no warming ms (n)",
          "worker peak RSS MiB"])
     details: list[Table] = []
     images = synthetic_images(args.images, seed=1)

@@ -7,7 +7,6 @@ import datetime as dt
 import os
 import pickle
 import struct
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from torch import nn
 from talk2sam import weights
 from talk2sam.configs import UNTRAINED_TEXT_SUFFIX, ModelConfig, get_config
 from talk2sam.errors import ConfigError, WeightsError, WeightsMismatchError
+from talk2sam.files import atomic_write
 from talk2sam.model import Talk2Sam
 from talk2sam.projection import Projection, rename_psi_keys
 from talk2sam.sam_hq import build_sam_hq
@@ -212,25 +212,9 @@ def save_checkpoint(model: Talk2Sam, path: str | os.PathLike, version: str,
 
 
 def atomic_save(obj: object, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file in the same folder, fsync it, rename it over `path` and
-    fsync the folder: a crash, a power cut or a full disk leaves the old file intact (and no
-    temporary file behind), never a renamed file whose data is not on the disk yet."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        folder = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """torch.save through `files.atomic_write`: a crash leaves the old file intact, never a
+    renamed file whose data is not on the disk yet."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

@@ -16,16 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from ml_backend import stack
+from ml_backend import model_choice, processes, stack
 from tests.ml_backend.conftest import REPO, FakeLabelStudio, fake_ls, load_fixture  # noqa: F401
 
 READY_TIMEOUT_S = 120
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def port_open(port: int) -> bool:
@@ -38,7 +34,7 @@ def port_open(port: int) -> bool:
 
 
 def test_model_from_the_environment_is_kept(tmp_path):
-    choice = stack.choose_model({"MODEL_CONFIG": "vit_b"}, str(tmp_path), tmp_path / "none.pt")
+    choice = model_choice.choose_model({"MODEL_CONFIG": "vit_b"}, str(tmp_path), tmp_path / "none.pt")
     assert choice.env == {} and not choice.demo and "MODEL_CONFIG=vit_b" in choice.description
 
 
@@ -48,7 +44,7 @@ def test_real_weights_in_model_dir_are_found(tmp_path):
     cfg = CONFIGS["vit_b"]
     for name in (cfg.sam_weights, cfg.dino_weights, cfg.psi_weights, cfg.clip_weights):
         (tmp_path / name).write_bytes(b"")
-    choice = stack.choose_model({}, str(tmp_path), tmp_path / "none.pt", gpu=True)
+    choice = model_choice.choose_model({}, str(tmp_path), tmp_path / "none.pt", gpu=True)
     assert choice.env == {"MODEL_CONFIG": "vit_b"} and not choice.demo
 
 
@@ -59,44 +55,44 @@ def test_without_a_gpu_the_cpu_configuration_comes_first(tmp_path):
         cfg = CONFIGS[config]
         for name in (cfg.sam_weights, cfg.dino_weights, cfg.psi_weights, cfg.clip_weights):
             (tmp_path / name).write_bytes(b"")
-    on_gpu = stack.choose_model({"DEVICE": "cuda"}, str(tmp_path), tmp_path / "none.pt")
+    on_gpu = model_choice.choose_model({"DEVICE": "cuda"}, str(tmp_path), tmp_path / "none.pt")
     assert on_gpu.env == {"MODEL_CONFIG": "vit_b"}
-    on_cpu = stack.choose_model({"DEVICE": "cpu"}, str(tmp_path), tmp_path / "none.pt")
+    on_cpu = model_choice.choose_model({"DEVICE": "cpu"}, str(tmp_path), tmp_path / "none.pt")
     assert on_cpu.env == {"MODEL_CONFIG": "vit_tiny-dinob"} and "no GPU" in on_cpu.description
 
 
 def test_demo_checkpoint_then_random_tiny(tmp_path):
     demo = tmp_path / "demo.pt"
     demo.write_bytes(b"")
-    with_demo = stack.choose_model({}, str(tmp_path), demo)
+    with_demo = model_choice.choose_model({}, str(tmp_path), demo)
     assert with_demo.env == {"MODEL_CONFIG": "tiny-768", "MODEL_CHECKPOINT": str(demo)}
     assert with_demo.demo and "synthetic data" in with_demo.description
     demo.unlink()
-    random = stack.choose_model({}, str(tmp_path), demo)
+    random = model_choice.choose_model({}, str(tmp_path), demo)
     assert random.env == {"MODEL_CONFIG": "tiny"} and "RANDOM weights" in random.description
 
 
 def test_banner_names_the_url_and_label_studio_settings():
     text = stack.banner("0.0.0.0", 9090, "redis://127.0.0.1:16379/1", True, Path(".cache/stack"),
-                        {"workers": 1, "model_version": "v"}, stack.ModelChoice({}, "", False), 1)
+                        {"workers": 1, "model_version": "v"}, model_choice.ModelChoice({}, "", False), 1)
     assert "http://localhost:9090" in text and "ready" in text
     assert "LABEL_STUDIO_ML_BLOCK_LOCAL_IP=false" in text
     assert "LABEL_STUDIO_SSRF_PROTECTION_ENABLED=false" in text
     assert "trainer: 1 (1 CPU thread(s)" in text
     without = stack.banner("0.0.0.0", 9090, "redis://127.0.0.1:16379/1", True,
                            Path(".cache/stack"), {"workers": 1, "model_version": "v"},
-                           stack.ModelChoice({}, "", False), None)
+                           model_choice.ModelChoice({}, "", False), None)
     assert "trainer: none (--no-trainer): 'Start training' answers 503" in without
 
 
 def test_banner_flags_an_untrained_text_branch():
     text = stack.banner("0.0.0.0", 9090, "redis://127.0.0.1:16379/1", True, Path(".cache/stack"),
                         {"workers": 1, "model_version": "talk2sam-vit_b-base-untrained-text"},
-                        stack.ModelChoice({}, "", False), 1)
+                        model_choice.ModelChoice({}, "", False), 1)
     assert "[UNTRAINED TEXT BRANCH]" in text and "From base to trained" in text
     trained = stack.banner("0.0.0.0", 9090, "redis://127.0.0.1:16379/1", True,
                            Path(".cache/stack"), {"workers": 1, "model_version": "v3"},
-                           stack.ModelChoice({}, "", False), 1)
+                           model_choice.ModelChoice({}, "", False), 1)
     assert "UNTRAINED" not in trained
 
 
@@ -104,13 +100,13 @@ def test_banner_flags_an_untrained_text_branch():
 
 
 def test_orphan_server_of_a_killed_run_is_stopped(tmp_path):
-    server = stack.EmbeddedRedis(tmp_path, free_port())
+    server = stack.EmbeddedRedis(tmp_path, processes.free_port())
     server.start()
     try:
         state = stack.StateFile(tmp_path / stack.STATE_FILE)
         state.write(stack_pid=2**22 + 1, server_pid=server.pid, children=[])
         state.stop_leftovers()
-        assert not stack.pid_alive(server.pid)
+        assert not processes.pid_alive(server.pid)
         assert not state.path.exists()
     finally:
         server.stop()
@@ -135,7 +131,7 @@ def test_a_running_stack_on_the_same_data_dir_is_refused(tmp_path):
 
 @pytest.fixture
 def running_stack(fake_ls: FakeLabelStudio, tmp_path):  # noqa: F811 - the imported fixture
-    port, redis_port = free_port(), free_port()
+    port, redis_port = processes.free_port(), processes.free_port()
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("REDIS_URL", "LABEL_STUDIO_", "MODEL", "BASIC_AUTH_"))}
     env.update({"LABEL_STUDIO_URL": fake_ls.url, "LABEL_STUDIO_API_KEY": fake_ls.token,
@@ -164,18 +160,18 @@ def running_stack(fake_ls: FakeLabelStudio, tmp_path):  # noqa: F811 - the impor
             proc.wait()
         state = run.get("state") or {}
         leftovers = [p for p in [state.get("server_pid"), *state.get("children", [])]
-                     if p and stack.pid_alive(p)]
-        stack.stop_pids(leftovers, 5.0)
+                     if p and processes.pid_alive(p)]
+        processes.stop_pids(leftovers, 5.0)
 
 
 def test_stack_serves_a_brush_and_stops_everything_on_ctrl_c(running_stack):
     proc, state = running_stack["proc"], running_stack["state"]
     pids = [state["server_pid"], *state["children"]]
-    assert len(pids) == 4 and all(stack.pid_alive(p) for p in pids)  # Redis, worker, trainer, app
+    assert len(pids) == 4 and all(processes.pid_alive(p) for p in pids)  # Redis, worker, trainer, app
     log = running_stack["log"]()
     assert "embedded Valkey" in log and "trainer: 1 (" in log
     trainer_pid = state["children"][1]
-    assert "ml_backend.trainer" in stack.command_line(trainer_pid)
+    assert "ml_backend.trainer" in processes.command_line(trainer_pid)
     assert os.getpriority(os.PRIO_PROCESS, trainer_pid) >= stack.TRAINER_NICE  # yields the CPU
     assert (running_stack["data_dir"] / "versions" / "versions.json").is_file()  # registered
 
@@ -193,7 +189,7 @@ def test_stack_serves_a_brush_and_stops_everything_on_ctrl_c(running_stack):
 
     proc.send_signal(signal.SIGINT)
     assert proc.wait(60) == 0, running_stack["log"]()[-4000:]
-    assert not [p for p in pids if stack.pid_alive(p)]
+    assert not [p for p in pids if processes.pid_alive(p)]
     assert not port_open(running_stack["port"]) and not port_open(running_stack["redis_port"])
     assert not (running_stack["data_dir"] / stack.STATE_FILE).exists()
     assert (running_stack["data_dir"] / "appendonlydir").is_dir()  # AOF persistence was on

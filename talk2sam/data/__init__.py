@@ -11,7 +11,7 @@ from talk2sam.data.datasets import (
     thinobject5k,
     write_folder_dataset,
 )
-from talk2sam.data.errors import (
+from talk2sam.errors import (
     AnnotationError,
     DatasetError,
     DatasetLayoutError,

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from talk2sam.data.errors import AnnotationError, DatasetLayoutError
+from talk2sam.errors import AnnotationError, DatasetLayoutError
 from talk2sam.data.items import Item, ItemDataset, load_mask, load_rgb, make_item
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")

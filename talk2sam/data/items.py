@@ -30,7 +30,7 @@ from typing import Protocol, TypedDict
 import numpy as np
 from PIL import Image
 
-from talk2sam.data.errors import EmptyMaskError, ImageFormatError
+from talk2sam.errors import EmptyMaskError, ImageFormatError
 from talk2sam.metrics import binarize_gt
 
 _WIDE_INT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from talk2sam.data.errors import DatasetError
+from talk2sam.errors import DatasetError
 from talk2sam.data.items import Item, make_item, mask_box_xyxy
 
 CLASS_WORDS: dict[str, tuple[str, ...]] = {

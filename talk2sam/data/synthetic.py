@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from talk2sam.data.errors import DatasetError
+from talk2sam.errors import DatasetError
 from talk2sam.data.items import Item, ItemDataset, make_item, mask_box_xyxy
 
 Region = tuple[float, float, float, float]  # x0, y0, x1, y1 pixels

@@ -16,14 +16,12 @@ from label_studio_sdk import LabelStudio
 from tests.e2e.harness import (
     Backend,
     LabelStudioServer,
-    Service,
     backend_env,
-    free_port,
     start_label_studio,
     start_timeout_s,
-    wait_until,
     workers_live,
 )
+from ml_backend.processes import free_port, spawn, wait_until
 
 BACKEND_WORKERS = 1
 
@@ -64,9 +62,9 @@ def backend(label_studio: LabelStudioServer, e2e_redis_url: str,
     work_dir = tmp_path_factory.mktemp("backend")
     port = free_port()
     env = backend_env(label_studio, e2e_redis_url)
-    workers = [Service.start(f"worker-{i}", [sys.executable, "-m", "ml_backend.worker"], env,
+    workers = [spawn(f"worker-{i}", [sys.executable, "-m", "ml_backend.worker"], env,
                              work_dir / f"worker-{i}.log") for i in range(BACKEND_WORKERS)]
-    app = Service.start("backend", [sys.executable, "-m", "ml_backend.app", "--host", "127.0.0.1",
+    app = spawn("backend", [sys.executable, "-m", "ml_backend.app", "--host", "127.0.0.1",
                                     "--port", str(port)], env, work_dir / "app.log")
     started = Backend(url=f"http://127.0.0.1:{port}", env=env, app=app, workers=tuple(workers))
     try:

@@ -29,11 +29,9 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -41,6 +39,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from ml_backend.processes import Child, free_port, spawn, wait_until
 from talk2sam.weights import DEMO_CHECKPOINT
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -62,95 +61,11 @@ def start_timeout_s() -> float:
     return float(os.environ.get("E2E_START_TIMEOUT_S", "600"))
 
 
-def free_port() -> int:
-    """A TCP port that was free on 127.0.0.1 a moment ago (callers verify what they got)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def child_env(extra: Mapping[str, str]) -> dict[str, str]:
     """The environment of a child process: ours without venv leaks, plus ``extra``."""
     env = {k: v for k, v in os.environ.items() if k not in _FOREIGN_ENV}
     env.update(extra)
     return env
-
-
-@dataclass
-class Service:
-    """A child process started in its own process group, with its output in a log file."""
-
-    name: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-
-    @classmethod
-    def start(cls, name: str, argv: Sequence[str], env: Mapping[str, str], log_path: Path,
-              cwd: Path = REPO_ROOT) -> Service:
-        log = log_path.open("wb")
-        try:
-            process = subprocess.Popen(list(argv), env=dict(env), cwd=cwd, stdout=log,
-                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                       start_new_session=True)
-        finally:
-            log.close()  # the child holds its own copy
-        return cls(name=name, process=process, log_path=log_path)
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def check_alive(self) -> None:
-        """Fail the test run, showing the log, when the process has exited."""
-        code = self.process.poll()
-        if code is not None:
-            pytest.fail(f"{self.name} exited with code {code}; last lines of {self.log_path}:\n"
-                        f"{self.log_tail()}", pytrace=False)
-
-    def stop(self, grace_s: float = 15.0) -> None:
-        """SIGTERM the whole process group, then SIGKILL what is left after ``grace_s``."""
-        pgid = self.process.pid  # start_new_session: the child leads its own group
-        for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-            try:
-                os.killpg(pgid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                self.process.wait(timeout=wait_s)
-            except subprocess.TimeoutExpired:
-                continue
-            if not _group_alive(pgid):
-                break
-        if self.process.poll() is None:
-            self.process.wait(timeout=5)
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def wait_until(ready: Callable[[], bool], what: str, timeout_s: float,
-               services: Sequence[Service] = (), interval_s: float = 0.5) -> None:
-    """Poll ``ready()`` until it returns true; fail naming ``what`` on timeout or a dead service."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        for service in services:
-            service.check_alive()
-        if ready():
-            return
-        if time.monotonic() > deadline:
-            tails = "\n".join(f"--- {s.name} ({s.log_path}):\n{s.log_tail()}" for s in services)
-            pytest.fail(f"{what} not ready after {timeout_s:.0f} s\n{tails}", pytrace=False)
-        time.sleep(interval_s)
 
 
 def http_ok(url: str, headers: Mapping[str, str] | None = None) -> bool:
@@ -192,7 +107,7 @@ class LabelStudioServer:
     password: str
     data_dir: Path
     files_root: Path
-    service: Service
+    service: Child
 
     @property
     def headers(self) -> dict[str, str]:
@@ -294,7 +209,7 @@ def start_label_studio(work_dir: Path, attempts: int = 3) -> LabelStudioServer:
         shutil.copyfile(template, data_dir / "label_studio.sqlite3")
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        service = Service.start(
+        service = spawn(
             "label-studio",
             [str(bin_path), "start", "--no-browser", "--internal-host", "127.0.0.1",
              "--port", str(port), "--host", url, "--data-dir", str(data_dir),
@@ -320,7 +235,7 @@ def start_label_studio(work_dir: Path, attempts: int = 3) -> LabelStudioServer:
     pytest.fail(f"Label Studio moved off its port {attempts} times in a row", pytrace=False)
 
 
-def _wait_for_listen_line(service: Service) -> int:
+def _wait_for_listen_line(service: Child) -> int:
     bound: list[int] = []
 
     def listening() -> bool:
@@ -350,8 +265,8 @@ class Backend:
 
     url: str
     env: Mapping[str, str]
-    app: Service
-    workers: tuple[Service, ...]
+    app: Child
+    workers: tuple[Child, ...]
 
 
 def backend_env(label_studio: LabelStudioServer, redis_url: str) -> dict[str, str]:
@@ -388,7 +303,7 @@ class StackRun:
     """
 
     url: str
-    service: Service
+    service: Child
     data_dir: Path
 
     def redis_url(self) -> str:
@@ -397,9 +312,9 @@ class StackRun:
         return f"redis://127.0.0.1:{state['server_port']}/1"
 
     def stop(self) -> None:
-        self.service.process.send_signal(signal.SIGINT)  # Ctrl-C, as a user stops it
+        self.service.proc.send_signal(signal.SIGINT)  # Ctrl-C, as a user stops it
         try:
-            self.service.process.wait(timeout=30)
+            self.service.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.service.stop()
 
@@ -415,7 +330,7 @@ def start_stack(work_dir: Path, env: Mapping[str, str], args: Sequence[str] = ()
         if name not in env:
             stack_env.pop(name, None)
     data_dir = work_dir / "data"
-    service = Service.start("stack", [sys.executable, "-m", "ml_backend.stack", "--host",
+    service = spawn("stack", [sys.executable, "-m", "ml_backend.stack", "--host",
                                       "127.0.0.1", "--port", str(port), "--data-dir",
                                       str(data_dir), *args], stack_env, work_dir / "stack.log")
     run = StackRun(url=f"http://127.0.0.1:{port}", service=service, data_dir=data_dir)

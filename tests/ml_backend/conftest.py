@@ -30,6 +30,7 @@ import pytest
 import redis
 from PIL import Image, ImageDraw
 
+from ml_backend.processes import Child, spawn, wait_until
 from ml_backend.schemas import RedisKeys
 
 REPO = Path(__file__).resolve().parents[2]
@@ -194,43 +195,32 @@ class WorkerPool:
     def __init__(self, env: dict[str, str], log_dir: Path):
         self.env = env
         self.log_dir = log_dir
-        self.procs: dict[str, subprocess.Popen] = {}
+        self.children: dict[str, Child] = {}
 
     def start(self, name: str) -> None:
-        with open(self.log_dir / f"{name}.log", "wb") as log:  # the child keeps its own fd
-            self.procs[name] = subprocess.Popen(
-                [sys.executable, "-m", "ml_backend.worker", "--name", name],
-                cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-            )
+        self.children[name] = spawn(name, [sys.executable, "-m", "ml_backend.worker", "--name",
+                                           name], self.env, self.log_dir / f"{name}.log", cwd=REPO)
 
     def wait_ready(self, client: redis.Redis) -> None:
         keys = RedisKeys(PREFIX)
-        deadline = time.monotonic() + WORKER_START_TIMEOUT_S
-        for name, proc in self.procs.items():
-            while not client.exists(keys.heartbeat(name)):
-                if proc.poll() is not None:
-                    raise RuntimeError(f"worker {name} exited:\n{self.log(name)}")
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"worker {name} not ready:\n{self.log(name)}")
-                time.sleep(0.1)
+        wait_until(lambda: all(client.exists(keys.heartbeat(n)) for n in self.children),
+                   f"workers {sorted(self.children)}", WORKER_START_TIMEOUT_S,
+                   list(self.children.values()))
+
+    @property
+    def procs(self) -> dict[str, subprocess.Popen]:
+        return {name: child.proc for name, child in self.children.items()}
 
     def log(self, name: str) -> str:
-        return (self.log_dir / f"{name}.log").read_text(errors="replace")[-4000:]
+        return self.children[name].log_tail(60)
 
     def kill(self, name: str) -> None:
-        self.procs[name].send_signal(signal.SIGKILL)
-        self.procs[name].wait(10)
+        self.children[name].proc.send_signal(signal.SIGKILL)
+        self.children[name].proc.wait(10)
 
     def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs.values():
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        for child in self.children.values():
+            child.stop(10)
 
 
 @contextlib.contextmanager

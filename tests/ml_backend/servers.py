@@ -6,8 +6,7 @@ from __future__ import annotations
 import contextlib
 import re
 import shutil
-import socket
-import subprocess
+import os
 import sys
 import threading
 import time
@@ -20,6 +19,7 @@ import httpx
 import pytest
 import redis
 
+from ml_backend.processes import Child, free_port, spawn, wait_until
 from tests.ml_backend.conftest import (
     LEGACY_TOKEN,
     REPO,
@@ -27,12 +27,6 @@ from tests.ml_backend.conftest import (
     running_workers,
     synthetic_png,
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ImageHost:
@@ -96,13 +90,12 @@ class PrivateRedis:
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/1"
         self.log_path = log_dir / f"redis-{self.port}.log"
-        self.proc: subprocess.Popen | None = None
+        self.child: Child | None = None
 
     def start(self) -> None:
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-                 "--save", "", "--appendonly", "no"], stdout=log, stderr=subprocess.STDOUT)
+        self.child = spawn("redis-server", ["redis-server", "--port", str(self.port), "--bind",
+                                            "127.0.0.1", "--save", "", "--appendonly", "no"],
+                           os.environ, self.log_path)
         client = redis.Redis(port=self.port)
         deadline = time.monotonic() + 10
         while True:
@@ -115,10 +108,9 @@ class PrivateRedis:
                 time.sleep(0.05)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-        self.proc = None
+        if self.child is not None:
+            self.child.stop(10)
+        self.child = None
 
 
 @contextlib.contextmanager
@@ -140,22 +132,19 @@ def private_workers(env: dict[str, str], names: tuple[str, ...], log_dir: Path
 def uvicorn_app(env: dict[str, str], log_path: Path) -> Iterator[str]:
     """``python -m ml_backend.app`` on a free loopback port; yields its base URL."""
     port = free_port()
-    with open(log_path, "wb") as log:  # the child keeps its own fd
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "ml_backend.app", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    app = spawn("app", [sys.executable, "-m", "ml_backend.app", "--host", "127.0.0.1", "--port",
+                        str(port)], env, log_path, cwd=REPO)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                httpx.get(f"{url}/health", timeout=2)
-                break
-            except httpx.TransportError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise AssertionError(log_path.read_text()) from None
-                time.sleep(0.2)
+        wait_until(lambda: _answers(f"{url}/health"), "the app", 60, [app], 0.2)
         yield url
     finally:
-        proc.terminate()
-        proc.wait(10)
+        app.stop(10)
+
+
+def _answers(url: str) -> bool:
+    try:
+        httpx.get(url, timeout=2)
+        return True
+    except httpx.TransportError:
+        return False

@@ -18,7 +18,8 @@ from fastapi.testclient import TestClient
 from ml_backend.app import create_app
 from ml_backend.settings import Settings
 from tests.ml_backend.conftest import backend_env, load_fixture
-from tests.ml_backend.servers import ImageHost, free_port, private_workers
+from ml_backend.processes import free_port
+from tests.ml_backend.servers import ImageHost, private_workers
 
 GOOD = load_fixture("predict_interactive_request.json")
 FETCH_TIMEOUT_S = 2

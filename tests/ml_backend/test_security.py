@@ -13,7 +13,7 @@ import redis
 from fastapi.testclient import TestClient
 
 from ml_backend.app import create_app
-from ml_backend.errors import ImageFetchError, InvalidRequestError
+from ml_backend.errors import InvalidRequestError
 from ml_backend.images import FetchConfig, ImageFetcher
 from ml_backend.annotations import AnnotationStore
 from ml_backend.schemas import RedisKeys

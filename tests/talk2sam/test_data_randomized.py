@@ -7,7 +7,7 @@ import colorsys
 import numpy as np
 import pytest
 
-from talk2sam.data.errors import DatasetError
+from talk2sam.errors import DatasetError
 from talk2sam.data.heldout import HELDOUT_CLASSES, pair_set, single_set
 from talk2sam.data.randomized import (
     CLASS_WORDS,

