@@ -1,13 +1,14 @@
 """GPU worker: one predictor per process, loaded once, fed by rq.
 
-``python -m ml_backend.worker`` builds the model (:func:`build_model`, the one factory), then runs
+``python -m ml_backend.worker`` builds the model (:func:`ml_backend.worker_model.build_predictor`,
+the one factory), then runs
 a :class:`Talk2SamWorker`, an rq ``SimpleWorker`` that executes jobs in its own process: no
 ``fork()``, so the CUDA context and the warm predictor survive from job to job. It listens to its
 own queue (sticky jobs for images it holds) first, then the shared predict queue, then the warm
 queue.
 
-Per-image features are kept in a :class:`FeatureCache` (IMAGE_CACHE_SIZE images, IMAGE_CACHE_MB
-bytes; warm jobs never evict images that predict jobs used): a second box on the same image
+Per-image features are kept by the predictor (a ``FeatureCache`` of IMAGE_CACHE_SIZE images and
+IMAGE_CACHE_MB bytes; warm jobs never evict images that predict jobs used): a second box on the same image
 skips the download, decoding and ``set_image``. A heartbeat thread publishes every
 ``WORKER_HEARTBEAT_TTL_S / 3`` seconds which images the worker holds and whether it is busy
 (rq's SimpleWorker sends no heartbeat of its own while a job runs). Counters (jobs, cache
@@ -31,12 +32,10 @@ import logging
 import os
 import socket
 import sys
-import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
 
 import numpy as np
 from redis import Redis
@@ -64,222 +63,20 @@ from ml_backend.schemas import (
     WorkerHeartbeat,
 )
 from ml_backend.settings import Settings, settings_for_command
-from ml_backend.versions import ServingVersion, VersionError, VersionRegistry
+from ml_backend.versions import VersionRegistry
+from ml_backend.worker_model import (
+    box_margin,
+    build_predictor,
+    first_predictor,
+    register_base,
+    release_memory,
+    settings_serving,
+)
 
 log = logging.getLogger(__name__)
 
 VERSION_CHECK_S = 2
 LATENCY_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 90.0)
-
-
-# ---------------------------------------------------------------- models
-
-
-@dataclass(frozen=True)
-class ModelOutput:
-    """masks: (N, H, W) bool, original frame; scores: (N,) float32 confidence (predicted IoU);
-    text_scores: (N,) float32 text/image similarity, or None."""
-
-    masks: np.ndarray
-    scores: np.ndarray
-    text_scores: np.ndarray | None
-
-
-class SegmentationModel(Protocol):
-    """What a worker needs from a model: per-image state with an LRU cache, then boxes."""
-
-    model_version: str
-
-    def use_image(self, key: str, load_rgb: Callable[[], np.ndarray],
-                  warm: bool = False) -> tuple[bool, int, int]:
-        """Make ``key`` the current image (``warm``: for a warm job, see :class:`FeatureCache`);
-        returns (cache_hit, height, width)."""
-
-    def predict(self, boxes_xyxy: np.ndarray, words: Sequence[str] | None) -> ModelOutput:
-        """Segment (N, 4) XYXY pixel boxes of the current image."""
-
-    def cached_images(self) -> list[str]:
-        """Keys of the images held, least recently used first."""
-
-
-class FeatureCache:
-    """Key -> per-image state, bounded in entries and in bytes, least recently used first out.
-
-    Entries put by warm jobs (``warm=True``) are *cold* until a predict job uses them: a warm
-    put may evict only cold entries and is dropped when that is not enough, so warming a batch
-    never evicts the images annotators are working on; a predict put evicts cold entries
-    first, then the least recently used. The heartbeat thread reads the keys while a job writes,
-    hence the lock.
-
-    Args:
-        max_items: IMAGE_CACHE_SIZE.
-        max_bytes: IMAGE_CACHE_MB in bytes.
-    """
-
-    def __init__(self, max_items: int, max_bytes: int):
-        self.max_items, self.max_bytes = max_items, max_bytes
-        self._items: OrderedDict[str, tuple[Any, int, bool]] = OrderedDict()  # value, bytes, cold
-        self._bytes = 0
-        self._lock = threading.Lock()
-
-    def get(self, key: str, warm: bool = False) -> Any | None:
-        with self._lock:
-            if key not in self._items:
-                return None
-            value, size, cold = self._items.pop(key)
-            self._items[key] = (value, size, cold and warm)  # a predict job makes it hot
-            return value
-
-    def put(self, key: str, value: Any, nbytes: int, warm: bool = False) -> bool:
-        """Store ``value``; returns False when a warm put found no room (nothing stored)."""
-        with self._lock:
-            if key in self._items:
-                self._bytes -= self._items.pop(key)[1]
-            order = [k for k, (_, _, cold) in self._items.items() if cold]
-            if not warm:
-                order += [k for k, (_, _, cold) in self._items.items() if not cold]
-            doomed, freed = [], 0
-            for victim in order:
-                if len(self._items) + 1 - len(doomed) <= self.max_items and \
-                        self._bytes - freed + nbytes <= self.max_bytes:
-                    break
-                doomed.append(victim)
-                freed += self._items[victim][1]
-            fits = len(self._items) + 1 - len(doomed) <= self.max_items and \
-                self._bytes - freed + nbytes <= self.max_bytes
-            if warm and not fits:
-                return False
-            for victim in doomed:
-                self._bytes -= self._items.pop(victim)[1]
-            self._items[key] = (value, nbytes, warm)
-            self._bytes += nbytes
-            return True
-
-    def keys(self) -> list[str]:
-        """Keys, least recently used first."""
-        with self._lock:
-            return list(self._items)
-
-    @property
-    def nbytes(self) -> int:
-        return self._bytes
-
-
-class Talk2SamModel:
-    """The real predictor, with an LRU of per-image ``ImageFeatures``.
-
-    Args:
-        predictor: a ``talk2sam.predictor.Talk2SamPredictor``.
-        cache_size: images whose features are kept (on the predictor's device).
-        box_margin_px: drop mask pixels farther than this outside their box; None keeps all.
-    """
-
-    def __init__(self, predictor: Any, cache: FeatureCache, box_margin_px: float | None = None):
-        self._predictor = predictor
-        self.box_margin_px = box_margin_px
-        self._features = cache
-        self._current: str | None = None
-        self.model_version: str = predictor.model_version
-
-    def use_image(self, key: str, load_rgb: Callable[[], np.ndarray],
-                  warm: bool = False) -> tuple[bool, int, int]:
-        cached = self._features.get(key, warm=warm)
-        if cached is not None:
-            if self._current != key:
-                self._predictor.set_features(cached)
-                self._current = key
-            return True, cached.height, cached.width
-        self._current = None
-        self._predictor.set_image(load_rgb())
-        features = self._predictor.features
-        self._features.put(key, features, features.nbytes(), warm=warm)
-        self._current = key
-        return False, features.height, features.width
-
-    def predict(self, boxes_xyxy: np.ndarray, words: Sequence[str] | None) -> ModelOutput:
-        pred = self._predictor.predict(boxes_xyxy, None if words is None else list(words),
-                                       box_margin_px=self.box_margin_px)
-        return ModelOutput(masks=pred.masks, scores=pred.scores, text_scores=pred.text_scores)
-
-    def cached_images(self) -> list[str]:
-        return self._features.keys()
-
-
-class NoopModel:
-    """NOT a model: fills each box with a rectangle, score 1.0.
-
-    For measuring queue overhead in benchmarks and for tests of the plumbing only (MODEL=noop).
-    It still downloads and decodes each new image, and caches its size like features.
-    """
-
-    model_version = "noop"
-
-    def __init__(self, cache: FeatureCache):
-        self._sizes = cache
-        self._current: tuple[int, int] = (0, 0)
-
-    def use_image(self, key: str, load_rgb: Callable[[], np.ndarray],
-                  warm: bool = False) -> tuple[bool, int, int]:
-        size = self._sizes.get(key, warm=warm)
-        hit = size is not None
-        if size is None:
-            rgb = load_rgb()
-            size = rgb.shape[:2]
-            self._sizes.put(key, size, rgb.nbytes, warm=warm)  # as features would weigh
-        self._current = size
-        return hit, size[0], size[1]
-
-    def predict(self, boxes_xyxy: np.ndarray, words: Sequence[str] | None) -> ModelOutput:
-        height, width = self._current
-        masks = np.zeros((len(boxes_xyxy), height, width), dtype=bool)
-        for mask, (x0, y0, x1, y1) in zip(masks, boxes_xyxy):
-            mask[round(y0):round(y1), round(x0):round(x1)] = True
-        scores = np.ones(len(boxes_xyxy), dtype=np.float32)
-        return ModelOutput(masks=masks, scores=scores, text_scores=None)
-
-    def cached_images(self) -> list[str]:
-        return self._sizes.keys()
-
-
-def build_model(settings: Settings) -> SegmentationModel:
-    """The one model factory of the workers.
-
-    Raises:
-        ModelError: when the predictor cannot be built (unknown config, missing weights).
-    """
-    if settings.model == "noop":
-        return NoopModel(feature_cache(settings))
-    import torch
-
-    from talk2sam.errors import Talk2SamError  # the model layer; only workers import torch
-
-    if settings.torch_threads:
-        # OpenMP threads of workers sharing cores wait on each other at every operator
-        torch.set_num_threads(settings.torch_threads)
-    from talk2sam.predictor import build_predictor
-
-    try:
-        predictor = build_predictor(
-            config=settings.model_config,
-            weights_dir=settings.model_dir,
-            checkpoint=settings.model_checkpoint,
-            device=settings.device,
-            random_init=settings.model == "random",
-            encoder_dtype=None if settings.encoder_dtype == "auto"
-            else getattr(torch, settings.encoder_dtype),
-        )
-    except Talk2SamError as exc:
-        raise ModelError(f"cannot build the model: {exc}") from exc
-    from talk2sam.build import untrained_text_warning
-
-    if (warning := untrained_text_warning(predictor.model)) is not None:
-        log.warning("%s", warning)
-    margin = settings.mask_box_margin_px
-    return Talk2SamModel(predictor, feature_cache(settings), margin if margin >= 0 else None)
-
-
-def feature_cache(settings: Settings) -> FeatureCache:
-    return FeatureCache(settings.image_cache_size, settings.image_cache_mb * 2**20)
 
 
 # ---------------------------------------------------------------- metrics and heartbeat
@@ -331,12 +128,12 @@ class WorkerRuntime:
 
     Args:
         settings: backend settings.
-        model: from :func:`build_model`.
+        model: from :func:`ml_backend.worker_model.build_predictor`.
         name: the worker's name.
         redis: connection for metrics and heartbeat.
     """
 
-    def __init__(self, settings: Settings, model: SegmentationModel, name: str, redis: Redis):
+    def __init__(self, settings: Settings, model: Any, name: str, redis: Redis):
         self.settings = settings
         self.model = model
         self.name = name
@@ -369,7 +166,7 @@ class WorkerRuntime:
         return WorkerHeartbeat(name=self.name, pid=os.getpid(),
                                model_version=self.model.model_version,
                                busy=self._job_id is not None, job_id=self._job_id,
-                               images=self.model.cached_images(), seen_at=time.time())
+                               images=self.model.cached_keys(), seen_at=time.time())
 
     def follow_serving_version(self) -> None:
         """Load the serving version when it is not the one held (main thread, between jobs)."""
@@ -381,7 +178,7 @@ class WorkerRuntime:
             log.warning("serving version unknown: %s", exc)
             return
         if serving is None:  # Redis lost everything and no versions.json to restore from
-            _register_base(self.registry, self.model.model_version, self.checkpoint,
+            register_base(self.registry, self.model.model_version, self.checkpoint,
                            self.settings.model_config)
             return
         if serving.name in (self.model.model_version, self._unloadable, self.loaded_for):
@@ -389,14 +186,14 @@ class WorkerRuntime:
         started = time.perf_counter()
         model = None
         try:
-            model = build_model(settings_serving(self.settings, serving))
+            model = build_predictor(settings_serving(self.settings, serving))
         except Exception as exc:  # noqa: BLE001 - whatever failed, the loaded model still serves
             log.error("version %s cannot be loaded, %s keeps serving: %s: %s", serving.name,
                       self.model.model_version, type(exc).__name__, exc)
             self._unloadable = serving.name
             self.metrics.count("reload_failures")
         if model is None:
-            _release_memory()  # out of the except block: its traceback held the failed load
+            release_memory()  # out of the except block: its traceback held the failed load
             return
         self.model = model
         self.checkpoint = serving.checkpoint
@@ -419,9 +216,11 @@ class WorkerRuntime:
         started = time.perf_counter()
         hit: bool | None = None
         try:
-            hit, height, width = self.model.use_image(spec.image_key, lambda: self._load_rgb(spec))
+            hit = self.model.set_image(lambda: self._load_rgb(spec), key=spec.image_key)
+            height, width = self.model.features.height, self.model.features.width
             boxes = _boxes_in_image_frame(spec, height, width)
-            output = self.model.predict(boxes, spec.words)
+            output = self.model.predict(boxes, None if spec.words is None else list(spec.words),
+                                        box_margin_px=box_margin(self.settings))
             predictions = [
                 BoxPrediction(rle=mask_to_rle(mask), score=float(score),
                               text_score=None if output.text_scores is None
@@ -448,8 +247,8 @@ class WorkerRuntime:
     def warm(self, spec: PredictJobSpec) -> dict[str, Any]:
         """Cache an image's features without predicting."""
         try:
-            hit, _, _ = self.model.use_image(spec.image_key, lambda: self._load_rgb(spec),
-                                             warm=True)
+            hit = self.model.set_image(lambda: self._load_rgb(spec), key=spec.image_key,
+                                       warm=True)
         except Exception as exc:  # job boundary, as in predict
             if _expected_error(exc) is None:
                 raise
@@ -507,23 +306,6 @@ def warm_job(spec: dict[str, Any]) -> dict[str, Any]:
     return _current_runtime().warm(PredictJobSpec.from_dict(spec))
 
 
-def _release_memory() -> None:
-    """Give back what a failed load allocated (CUDA's cache keeps freed blocks otherwise)."""
-    import gc
-
-    gc.collect()
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def settings_serving(settings: Settings, serving: ServingVersion | None) -> Settings:
-    """The settings with MODEL_CHECKPOINT replaced by the serving version's checkpoint."""
-    if serving is None or settings.model == "noop":
-        return settings
-    return replace(settings, model_checkpoint=serving.checkpoint)
-
-
 class Talk2SamWorker(SimpleWorker):
     """SimpleWorker that marks the runtime busy while a job runs (for routing) and follows the
     serving model version between jobs."""
@@ -572,7 +354,7 @@ def main(argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -
     registry = VersionRegistry(redis, RedisKeys(settings.key_prefix), settings.versions_path)
     t0 = time.perf_counter()
     try:
-        model, checkpoint, loaded_for, unloadable = _first_model(settings, registry)
+        model, checkpoint, loaded_for, unloadable = first_predictor(settings, registry)
     except ModelError as exc:
         log.error("%s", exc)
         return 3
@@ -601,67 +383,6 @@ def main(argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -
         _runtime.heartbeat.stop()
         _runtime.fetcher.close()
     return 0
-
-
-def _first_model(settings: Settings, registry: VersionRegistry
-                 ) -> tuple[SegmentationModel, str | None, str | None]:
-    """The model to start with: the serving version's when it is (or was fine-tuned from) the
-    configured model, else the configured one, registered as serving.
-
-    Returns:
-        (model, the checkpoint it came from or None, the serving version it was loaded for or
-        None, a serving version that failed to load and must not be retried, or None).
-
-    Raises:
-        ModelError: the configured model cannot be built either.
-    """
-    if settings.model == "noop":
-        return build_model(settings), None, None, None
-    try:
-        serving = registry.serving()  # restored from versions.json if Redis lost it
-        if serving is not None and not registry.descends_from(
-                serving, settings.model_checkpoint, settings.model_config):
-            log.warning("the serving version %s comes from other model settings than this "
-                        "worker's (MODEL_CONFIG=%s, MODEL_CHECKPOINT=%s): the configured model "
-                        "serves instead (roll back with scripts/versions.py)", serving.name,
-                        settings.model_config, settings.model_checkpoint or "-")
-            serving = None
-    except (RedisError, VersionError, OSError, ValueError) as exc:
-        log.warning("serving version unknown: %s", exc)
-        serving = None
-    failed: str | None = None
-    if serving is not None:
-        try:
-            model = build_model(settings_serving(settings, ServingVersion(
-                serving.name, serving.checkpoint)))
-            return model, serving.checkpoint, serving.name, None
-        except Exception as exc:  # noqa: BLE001 - fall back to the configured model
-            log.error("serving version %s cannot be loaded, starting with the configured "
-                      "model: %s: %s", serving.name, type(exc).__name__, exc)
-            failed = serving.name
-        _release_memory()  # out of the except block: its traceback held the half-built model
-        return build_model(settings), settings.model_checkpoint, None, failed
-    model = build_model(settings)
-    registered = _register_base(registry, model.model_version, settings.model_checkpoint,
-                                settings.model_config)
-    # another worker may have registered another model first: it is followed before any job
-    loaded_for = registered if registered == model.model_version else None
-    return model, settings.model_checkpoint, loaded_for, None
-
-
-def _register_base(registry: VersionRegistry, version: str, checkpoint: str | None,
-                   config: str) -> str | None:
-    """Make the model held (``version``, from ``checkpoint``) the serving one unless what
-    serves is it or a version fine-tuned from it. Returns the serving version's name, None
-    when unknown."""
-    try:
-        record = registry.ensure_base(version, checkpoint, config)
-    except (RedisError, VersionError, OSError, ValueError) as exc:
-        log.error("cannot register %s as the serving version: %s", version, exc)
-        return None
-    if record.name == version:
-        log.info("serving version: %s", version)
-    return record.name
 
 
 def _wait_for_redis(redis: Redis, worker: SimpleWorker, pause_s: float = 1.0) -> None:

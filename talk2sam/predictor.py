@@ -7,7 +7,7 @@ predictor per worker process."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +15,7 @@ import torch
 
 from talk2sam import geometry, sam_hq
 from talk2sam.errors import ImageNotSetError, InvalidImageError, InvalidPromptError
+from talk2sam.feature_cache import FeatureCache
 from talk2sam.model import ImageFeatures, Talk2Sam
 
 MAX_PIXELS_DEFAULT = 100_000_000
@@ -91,11 +92,13 @@ class Talk2SamPredictor:
             when they leave the encoders.
         channels_last: keep SAM-HQ's convolutions in NHWC (`Talk2Sam.use_channels_last`);
             None: on the CPU only, where it was measured to help.
+        cache: keep the features of several images, by the `key` given to `set_image` (a
+            worker serving many tasks); None keeps only the current image's.
     """
 
     def __init__(self, model: Talk2Sam, max_pixels: int = MAX_PIXELS_DEFAULT,
                  overlap_encoders: bool = False, encoder_dtype: torch.dtype | None = None,
-                 channels_last: bool | None = None):
+                 channels_last: bool | None = None, cache: FeatureCache | None = None):
         self.model = model.eval()
         self.max_pixels = max_pixels
         self.overlap_encoders = overlap_encoders
@@ -103,6 +106,7 @@ class Talk2SamPredictor:
         if channels_last or (channels_last is None and self.device.type == "cpu"):
             model.use_channels_last()
         self.features: ImageFeatures | None = None
+        self.cache = cache
         # the HQ decoder's per-image features of the current image, beside the embedding they
         # came from: a second box on the same image skips a third of a CPU decode
         self._hq: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -122,12 +126,34 @@ class Talk2SamPredictor:
         return torch.autocast(self.device.type, dtype=dtype)
 
     @torch.inference_mode()
-    def set_image(self, image: np.ndarray) -> None:
-        """Compute everything that depends only on the image. image: (H, W[, C]) array."""
-        rgb = normalize_image(image, self.max_pixels)
+    def set_image(self, image: np.ndarray | Callable[[], np.ndarray], key: str | None = None,
+                  warm: bool = False) -> bool:
+        """Compute everything that depends only on the image.
+
+        Args:
+            image: (H, W[, C]) array, or a function returning it, called only when the
+                features of ``key`` are not cached (a worker skips the download then).
+            key: the image's name in the cache; None: not cached.
+            warm: a warm-up put (see `FeatureCache`: it never evicts images in use).
+        Returns:
+            Whether the features came from the cache.
+        """
+        if key is not None and self.cache is not None:
+            cached = self.cache.get(key, warm=warm)
+            if cached is not None:
+                self.features = cached
+                return True
+        rgb = normalize_image(image() if callable(image) else image, self.max_pixels)
         with self._encoder_autocast():
             feats = self.model.encode_image(torch.from_numpy(rgb), overlap=self.overlap_encoders)
         self.features = feats.to(self.device, dtype=torch.float32)
+        if key is not None and self.cache is not None:
+            self.cache.put(key, self.features, self.features.nbytes(), warm=warm)
+        return False
+
+    def cached_keys(self) -> list[str]:
+        """Keys of the images whose features are cached, least recently used first."""
+        return [] if self.cache is None else self.cache.keys()
 
     def set_features(self, features: ImageFeatures) -> None:
         """Reuse features computed earlier (e.g. from a worker's cache)."""
@@ -193,7 +219,8 @@ class Talk2SamPredictor:
 def build_predictor(config: str = "tiny", weights_dir: str | None = None,
                     checkpoint: str | None = None, device: str | None = None,
                     use_text: bool = True, random_init: bool = False,
-                    encoder_dtype: torch.dtype | None = None) -> Talk2SamPredictor:
+                    encoder_dtype: torch.dtype | None = None,
+                    cache: FeatureCache | None = None) -> Talk2SamPredictor:
     """The one entry point for serving: build (or load a checkpoint), move to the device.
     device None -> CUDA when available, else CPU; encoder_dtype: see Talk2SamPredictor."""
     from talk2sam.build import build_model, load_checkpoint
@@ -203,4 +230,4 @@ def build_predictor(config: str = "tiny", weights_dir: str | None = None,
     else:
         model = build_model(config, weights_dir, use_text=use_text, random_init=random_init)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return Talk2SamPredictor(model.to(device), encoder_dtype=encoder_dtype)
+    return Talk2SamPredictor(model.to(device), encoder_dtype=encoder_dtype, cache=cache)

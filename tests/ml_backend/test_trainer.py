@@ -32,7 +32,7 @@ from ml_backend.trainer import TrainingRun, promotion_refusal, split_tasks
 from ml_backend.training_queue import TrainingQueue, TrainRequest
 from ml_backend.versions import VersionRecord, VersionRegistry, read_serving, utc_now
 from ml_backend.worker import WorkerRuntime
-from ml_backend.worker import build_model as build_worker_model
+from ml_backend.worker_model import build_predictor as build_worker_model
 from talk2sam.build import CHECKPOINT_FORMAT, build_model, save_checkpoint
 from talk2sam.data.synthetic import SyntheticThinDataset
 from talk2sam.weights import DEMO_CHECKPOINT
@@ -443,13 +443,13 @@ def test_any_failure_while_loading_a_version_keeps_the_old_one_serving(
     def out_of_memory(_settings):
         raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(worker_module, "build_model", out_of_memory)
+    monkeypatch.setattr(worker_module, "build_predictor", out_of_memory)
     clean_redis.set(keys.serving, json.dumps({"name": "big", "checkpoint": str(odd)}))
     runtime.follow_serving_version()
     assert runtime.model.model_version == "talk2sam-tiny-random"
     assert clean_redis.hget(keys.metrics("survivor"), "reload_failures") == b"2"
     # it still answers jobs with the model it held
-    runtime.model.use_image("k", lambda: np.zeros((64, 64, 3), np.uint8))
+    runtime.model.set_image(lambda: np.zeros((64, 64, 3), np.uint8), key="k")
     assert runtime.model.predict(np.array([[4.0, 4, 40, 40]]), ["wire"]).masks.shape == (1, 64, 64)
     runtime.fetcher.close()
 

@@ -2,68 +2,40 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import pytest
 import torch
 
 from ml_backend.errors import ImageFetchError
 from ml_backend.schemas import PredictJobSpec
-from ml_backend.worker import (
-    FeatureCache,
-    NoopModel,
-    Talk2SamModel,
-    _boxes_in_image_frame,
-    _expected_error,
-)
+from ml_backend.worker import _boxes_in_image_frame, _expected_error
+from ml_backend.worker_model import NoopPredictor
+from talk2sam.feature_cache import FeatureCache
 
 
-@dataclass
-class Features:
-    height: int
-    width: int
-
-    def nbytes(self) -> int:
-        return self.height * self.width  # a stand-in weight: one byte a pixel
+def loader(height: int, width: int, loads: list):
+    def load() -> np.ndarray:
+        loads.append((height, width))
+        return np.zeros((height, width, 3), np.uint8)
+    return load
 
 
-class CountingPredictor:
-    """Stands in for Talk2SamPredictor's per-image state API."""
+def test_the_predictor_keeps_features_by_key_and_loads_only_on_a_miss():
+    from talk2sam.build import build_model
+    from talk2sam.predictor import Talk2SamPredictor
 
-    model_version = "fake"
-
-    def __init__(self) -> None:
-        self.features: Features | None = None
-        self.set_image_calls = 0
-        self.set_features_calls = 0
-
-    def set_image(self, rgb: np.ndarray) -> None:
-        self.set_image_calls += 1
-        self.features = Features(*rgb.shape[:2])
-
-    def set_features(self, features: Features) -> None:
-        self.set_features_calls += 1
-        self.features = features
-
-
-def image(height: int, width: int):
-    return lambda: np.zeros((height, width, 3), np.uint8)
-
-
-def test_feature_cache_skips_set_image_and_evicts_least_recent():
-    predictor = CountingPredictor()
-    model = Talk2SamModel(predictor, FeatureCache(max_items=2, max_bytes=10**6))
-    assert model.use_image("a", image(30, 40)) == (False, 30, 40)
-    assert model.use_image("a", image(30, 40)) == (True, 30, 40)
-    assert predictor.set_features_calls == 0  # already the current image
-    model.use_image("b", image(10, 20))
-    assert model.use_image("a", image(30, 40)) == (True, 30, 40)
-    assert predictor.set_features_calls == 1 and predictor.features == Features(30, 40)
-    model.use_image("c", image(5, 5))  # evicts b, the least recently used
-    assert model.cached_images() == ["a", "c"]
-    assert model.use_image("b", image(10, 20))[0] is False
-    assert predictor.set_image_calls == 4
+    predictor = Talk2SamPredictor(build_model("tiny"),
+                                  cache=FeatureCache(max_items=2, max_bytes=10**9))
+    loads: list = []
+    assert predictor.set_image(loader(30, 40, loads), key="a") is False
+    assert predictor.set_image(loader(30, 40, loads), key="a") is True
+    predictor.set_image(loader(10, 20, loads), key="b")
+    assert predictor.set_image(loader(30, 40, loads), key="a") is True
+    assert (predictor.features.height, predictor.features.width) == (30, 40)
+    predictor.set_image(loader(5, 5, loads), key="c")  # evicts b, the least recently used
+    assert predictor.cached_keys() == ["a", "c"]
+    assert predictor.set_image(loader(10, 20, loads), key="b") is False
+    assert loads == [(30, 40), (10, 20), (5, 5), (10, 20)]  # downloads happen on misses only
 
 
 def test_the_cache_is_bounded_in_bytes():
@@ -95,8 +67,10 @@ def test_warming_never_evicts_the_images_annotators_are_on():
 
 
 def test_noop_model_fills_rectangles_with_score_one():
-    model = NoopModel(FeatureCache(max_items=4, max_bytes=10**9))
-    model.use_image("k", image(300, 400))
+    model = NoopPredictor(FeatureCache(max_items=4, max_bytes=10**9))
+    loads: list = []
+    assert model.set_image(loader(300, 400, loads), key="k") is False
+    assert model.set_image(loader(300, 400, loads), key="k") is True and len(loads) == 1
     out = model.predict(np.array([[100.0, 49.0, 280.0, 85.0]]), ["wire"])
     assert out.masks.shape == (1, 300, 400) and out.masks.sum() == 180 * 36
     assert out.scores.tolist() == [1.0] and out.text_scores is None
@@ -125,10 +99,10 @@ def test_boxes_follow_the_decoded_image_size(declared, actual, expected):
 def test_random_model_builds_the_configured_architecture_without_files(tmp_path):
     # MODEL=random: timing benchmarks of real sizes need no weight file; the version says so
     from ml_backend.settings import Settings
-    from ml_backend.worker import build_model
+    from ml_backend.worker_model import build_predictor
 
-    model = build_model(Settings.from_env({
+    model = build_predictor(Settings.from_env({
         "MODEL": "random", "MODEL_CONFIG": "tiny", "MODEL_DIR": str(tmp_path),
         "ENCODER_DTYPE": "float32"}))
     assert model.model_version.endswith("-random")
-    assert model._predictor.encoder_dtype is torch.float32
+    assert model.encoder_dtype is torch.float32 and model.cache is not None

@@ -1,0 +1,199 @@
+"""The model a worker holds: built from the settings, chosen against the serving version, or
+the no-op stand-in of benchmarks and tests.
+
+The predictor owns its per-image feature cache (``talk2sam.feature_cache.FeatureCache``,
+IMAGE_CACHE_SIZE images and IMAGE_CACHE_MB bytes; warm jobs never evict images that predict jobs
+used); :class:`NoopPredictor` answers the same calls."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import NamedTuple
+
+import numpy as np
+from redis.exceptions import RedisError
+
+from ml_backend.errors import ModelError, VersionError
+from ml_backend.settings import Settings
+from ml_backend.versions import ServingVersion, VersionRegistry
+from talk2sam.feature_cache import FeatureCache
+
+log = logging.getLogger("ml_backend.worker")
+
+
+class ImageSize(NamedTuple):
+    height: int
+    width: int
+
+
+class NoPrediction:
+    """What ``NoopPredictor.predict`` returns: the fields of ``talk2sam.predictor.Prediction``
+    that a worker reads."""
+
+    def __init__(self, masks: np.ndarray, scores: np.ndarray):
+        self.masks, self.scores, self.text_scores = masks, scores, None
+
+
+class NoopPredictor:
+    """NOT a model: fills each box with a rectangle, score 1.0.
+
+    For measuring queue overhead in benchmarks and for tests of the plumbing only (MODEL=noop).
+    It still downloads and decodes each new image, and caches its size as features would be.
+    """
+
+    model_version = "noop"
+
+    def __init__(self, cache: FeatureCache):
+        self.cache = cache
+        self.features: ImageSize | None = None
+
+    def set_image(self, image: Callable[[], np.ndarray], key: str | None = None,
+                  warm: bool = False) -> bool:
+        size = self.cache.get(key, warm=warm) if key is not None else None
+        if size is not None:
+            self.features = size
+            return True
+        rgb = image() if callable(image) else image
+        self.features = ImageSize(*rgb.shape[:2])
+        if key is not None:
+            self.cache.put(key, self.features, rgb.nbytes, warm=warm)
+        return False
+
+    def predict(self, boxes_xyxy: np.ndarray, words: Sequence[str] | None = None,
+                box_margin_px: float | None = None) -> NoPrediction:
+        height, width = self.features
+        masks = np.zeros((len(boxes_xyxy), height, width), dtype=bool)
+        for mask, (x0, y0, x1, y1) in zip(masks, boxes_xyxy):
+            mask[round(y0):round(y1), round(x0):round(x1)] = True
+        return NoPrediction(masks, np.ones(len(boxes_xyxy), dtype=np.float32))
+
+    def cached_keys(self) -> list[str]:
+        return self.cache.keys()
+
+
+def feature_cache(settings: Settings) -> FeatureCache:
+    return FeatureCache(settings.image_cache_size, settings.image_cache_mb * 2**20)
+
+
+def build_predictor(settings: Settings):
+    """The one model factory of the workers: a ``Talk2SamPredictor`` with its feature cache,
+    or a :class:`NoopPredictor` (MODEL=noop).
+
+    Raises:
+        ModelError: when the predictor cannot be built (unknown config, missing weights).
+    """
+    if settings.model == "noop":
+        return NoopPredictor(feature_cache(settings))
+    import torch
+
+    from talk2sam.errors import Talk2SamError  # the model layer; only workers import torch
+
+    if settings.torch_threads:
+        # OpenMP threads of workers sharing cores wait on each other at every operator
+        torch.set_num_threads(settings.torch_threads)
+    from talk2sam import predictor as talk2sam_predictor
+
+    try:
+        predictor = talk2sam_predictor.build_predictor(
+            config=settings.model_config,
+            weights_dir=settings.model_dir,
+            checkpoint=settings.model_checkpoint,
+            device=settings.device,
+            random_init=settings.model == "random",
+            encoder_dtype=None if settings.encoder_dtype == "auto"
+            else getattr(torch, settings.encoder_dtype),
+            cache=feature_cache(settings),
+        )
+    except Talk2SamError as exc:
+        raise ModelError(f"cannot build the model: {exc}") from exc
+    from talk2sam.build import untrained_text_warning
+
+    if (warning := untrained_text_warning(predictor.model)) is not None:
+        log.warning("%s", warning)
+    return predictor
+
+
+def box_margin(settings: Settings) -> float | None:
+    """MASK_BOX_MARGIN_PX as the predictor takes it (None: keep the whole mask)."""
+    return settings.mask_box_margin_px if settings.mask_box_margin_px >= 0 else None
+
+
+def settings_serving(settings: Settings, serving: ServingVersion | None) -> Settings:
+    """The settings with MODEL_CHECKPOINT replaced by the serving version's checkpoint."""
+    if serving is None or settings.model == "noop":
+        return settings
+    return replace(settings, model_checkpoint=serving.checkpoint)
+
+
+def release_memory() -> None:
+    """Give back what a failed load allocated (CUDA's cache keeps freed blocks otherwise)."""
+    import gc
+
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def first_predictor(settings: Settings, registry: VersionRegistry
+                    ) -> tuple[object, str | None, str | None, str | None]:
+    """The model to start with: the serving version's when it is (or was fine-tuned from) the
+    configured model, else the configured one, registered as serving.
+
+    Returns:
+        (model, the checkpoint it came from or None, the serving version it was loaded for or
+        None, a serving version that failed to load and must not be retried, or None).
+
+    Raises:
+        ModelError: the configured model cannot be built either.
+    """
+    if settings.model == "noop":
+        return build_predictor(settings), None, None, None
+    try:
+        serving = registry.serving()  # restored from versions.json if Redis lost it
+        if serving is not None and not registry.descends_from(
+                serving, settings.model_checkpoint, settings.model_config):
+            log.warning("the serving version %s comes from other model settings than this "
+                        "worker's (MODEL_CONFIG=%s, MODEL_CHECKPOINT=%s): the configured model "
+                        "serves instead (roll back with scripts/versions.py)", serving.name,
+                        settings.model_config, settings.model_checkpoint or "-")
+            serving = None
+    except (RedisError, VersionError, OSError, ValueError) as exc:
+        log.warning("serving version unknown: %s", exc)
+        serving = None
+    failed: str | None = None
+    if serving is not None:
+        try:
+            model = build_predictor(settings_serving(settings, ServingVersion(
+                serving.name, serving.checkpoint)))
+            return model, serving.checkpoint, serving.name, None
+        except Exception as exc:  # noqa: BLE001 - fall back to the configured model
+            log.error("serving version %s cannot be loaded, starting with the configured "
+                      "model: %s: %s", serving.name, type(exc).__name__, exc)
+            failed = serving.name
+        release_memory()  # out of the except block: its traceback held the half-built model
+        return build_predictor(settings), settings.model_checkpoint, None, failed
+    model = build_predictor(settings)
+    registered = register_base(registry, model.model_version, settings.model_checkpoint,
+                                settings.model_config)
+    # another worker may have registered another model first: it is followed before any job
+    loaded_for = registered if registered == model.model_version else None
+    return model, settings.model_checkpoint, loaded_for, None
+
+
+def register_base(registry: VersionRegistry, version: str, checkpoint: str | None,
+                   config: str) -> str | None:
+    """Make the model held (``version``, from ``checkpoint``) the serving one unless what
+    serves is it or a version fine-tuned from it. Returns the serving version's name, None
+    when unknown."""
+    try:
+        record = registry.ensure_base(version, checkpoint, config)
+    except (RedisError, VersionError, OSError, ValueError) as exc:
+        log.error("cannot register %s as the serving version: %s", version, exc)
+        return None
+    if record.name == version:
+        log.info("serving version: %s", version)
+    return record.name
