@@ -37,14 +37,12 @@ Frozen image features are computed on DEVICE; the decoder is fine-tuned and eval
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 import os
 import shutil
 import socket
-import sys
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -54,8 +52,6 @@ from typing import Any
 import numpy as np
 from redis import Redis
 from redis.exceptions import RedisError
-from rq import Queue, SimpleWorker
-from rq.serializers import JSONSerializer
 
 from ml_backend.annotations import AnnotationStore
 from ml_backend.errors import BackendError, TrainingError
@@ -63,7 +59,8 @@ from ml_backend.images import FetchConfig, ImageFetcher, decode_rgb
 from ml_backend.ls_format import LabelStudioExportDataset
 from ml_backend.ls_protocol import word_for_label
 from ml_backend.schemas import RedisKeys
-from ml_backend.settings import Settings, settings_for_command
+from ml_backend import rq_process
+from ml_backend.settings import Settings
 from ml_backend.training_queue import (
     TrainRequest,
     release_lock,
@@ -421,43 +418,26 @@ def train_job(request: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -> int:
     """``python -m ml_backend.trainer [--name NAME] [--burst]``; settings from the environment."""
-    parser = argparse.ArgumentParser(prog="python -m ml_backend.trainer", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     # A random part: after a SIGKILL, rq keeps the old name registered for minutes, and a
     # restarted container often has the same host name and pid.
-    parser.add_argument("--name", default=f"trainer-{socket.gethostname()}-{os.getpid()}-"
-                                          f"{uuid.uuid4().hex[:4]}",
-                        help="trainer name (default: trainer-host-pid-random)")
-    parser.add_argument("--burst", action="store_true", help="quit when the queue is empty")
-    args = parser.parse_args(argv)
-    settings = settings_for_command(os.environ if env is None else env)
-    if settings is None:
+    process = rq_process.start(
+        "python -m ml_backend.trainer", __doc__ or "",
+        f"trainer-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}", argv, env)
+    if process is None:
         return 2
-    logging.basicConfig(level=settings.log_level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     global _context
-    redis = Redis.from_url(settings.redis_url)
+    settings, redis = process.settings, process.redis
     _context = (settings, redis)
     keys = RedisKeys(settings.key_prefix)
-    heartbeat = trainer_heartbeat(redis, keys, args.name, settings.worker_heartbeat_ttl_s)
-    queue = Queue(keys.train_queue, connection=redis, serializer=JSONSerializer)
-    worker = SimpleWorker([queue], name=args.name, connection=redis, serializer=JSONSerializer)
-    heartbeat.start()  # live at once: a Start training pressed meanwhile waits in the queue
-    log.info("trainer %s listening on %s (versions in %s)", args.name, keys.train_queue,
+    log.info("trainer %s listening on %s (versions in %s)", process.name, keys.train_queue,
              settings.versions_path)
-    try:
-        if settings.torch_threads:
-            import torch  # the job imports it anyway; its CPU share is set before any work
+    if settings.torch_threads:
+        import torch  # the job imports it anyway; its CPU share is set before any work
 
-            torch.set_num_threads(settings.torch_threads)
-        worker.work(burst=args.burst, logging_level=settings.log_level, with_scheduler=False)
-    finally:
-        heartbeat.stop()
-    return 0
+        torch.set_num_threads(settings.torch_threads)
+    return rq_process.serve(process, [keys.train_queue], trainer_heartbeat(
+        redis, keys, process.name, settings.worker_heartbeat_ttl_s))
 
 
 if __name__ == "__main__":
-    # Run main() in the importable module: rq resolves "ml_backend.trainer.train_job" by import.
-    import importlib
-
-    sys.exit(importlib.import_module("ml_backend.trainer").main())
+    rq_process.run_module("ml_backend.trainer")

@@ -27,11 +27,9 @@ changes again.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import socket
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -43,8 +41,8 @@ from redis.exceptions import RedisError
 from rq import SimpleWorker
 from rq.job import Job
 from rq.queue import Queue
-from rq.serializers import JSONSerializer
 
+from ml_backend import rq_process
 from ml_backend.errors import (
     BackendError,
     InvalidImageError,
@@ -62,7 +60,7 @@ from ml_backend.schemas import (
     RedisKeys,
     WorkerHeartbeat,
 )
-from ml_backend.settings import Settings, settings_for_command
+from ml_backend.settings import Settings
 from ml_backend.versions import VersionRegistry
 from ml_backend.worker_model import (
     box_margin,
@@ -338,68 +336,36 @@ class Talk2SamWorker(SimpleWorker):
 
 def main(argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -> int:
     """``python -m ml_backend.worker [--name NAME] [--burst]``; settings come from the environment."""
-    parser = argparse.ArgumentParser(prog="python -m ml_backend.worker", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--name", default=f"{socket.gethostname()}-{os.getpid()}",
-                        help="worker name (default: host-pid)")
-    parser.add_argument("--burst", action="store_true", help="quit when the queues are empty")
-    args = parser.parse_args(argv)
-    settings = settings_for_command(os.environ if env is None else env)
-    if settings is None:
+    process = rq_process.start("python -m ml_backend.worker", __doc__ or "",
+                               f"{socket.gethostname()}-{os.getpid()}", argv, env)
+    if process is None:
         return 2
-    logging.basicConfig(level=settings.log_level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     global _runtime
-    redis = Redis.from_url(settings.redis_url)
-    registry = VersionRegistry(redis, RedisKeys(settings.key_prefix), settings.versions_path)
+    settings, redis = process.settings, process.redis
+    keys = RedisKeys(settings.key_prefix)
     t0 = time.perf_counter()
     try:
-        model, checkpoint, loaded_for, unloadable = first_predictor(settings, registry)
+        model, checkpoint, loaded_for, unloadable = first_predictor(
+            settings, VersionRegistry(redis, keys, settings.versions_path))
     except ModelError as exc:
         log.error("%s", exc)
         return 3
     log.info("model %s loaded in %.1f s", model.model_version, time.perf_counter() - t0)
-    _runtime = WorkerRuntime(settings, model, args.name, redis)
+    _runtime = WorkerRuntime(settings, model, process.name, redis)
     _runtime.checkpoint, _runtime.loaded_for, _runtime._unloadable = \
         checkpoint, loaded_for, unloadable
-    keys = RedisKeys(settings.key_prefix)
-    queues = [Queue(name, connection=redis, serializer=JSONSerializer)
-              for name in (keys.worker_queue(args.name), keys.predict_queue, keys.batch_queue,
-                           keys.warm_queue)]  # rq takes the first queue with a job: priority
-    _runtime.heartbeat.start()
-    try:
-        while True:  # a Redis outage ends rq's loop; the loaded model stays, the loop restarts
-            worker = Talk2SamWorker(queues, name=args.name, connection=redis,
-                                    serializer=JSONSerializer)
-            worker.runtime = _runtime
-            try:
-                worker.work(burst=args.burst, logging_level=settings.log_level,
-                            with_scheduler=False)
-                break
-            except RedisError as exc:
-                log.warning("lost Redis (%s); serving again once it is back", exc)
-                _wait_for_redis(redis, worker)
+    runtime = _runtime
+
+    def attach(worker: Talk2SamWorker) -> None:
+        worker.runtime = runtime
+
+    try:  # rq takes the first queue with a job: its own, predict, batch, warm
+        return rq_process.serve(process, [keys.worker_queue(process.name), keys.predict_queue,
+                                          keys.batch_queue, keys.warm_queue],
+                                runtime.heartbeat, Talk2SamWorker, attach)
     finally:
-        _runtime.heartbeat.stop()
-        _runtime.fetcher.close()
-    return 0
-
-
-def _wait_for_redis(redis: Redis, worker: SimpleWorker, pause_s: float = 1.0) -> None:
-    """Block until Redis answers, then clear the old registration so the name can be reused."""
-    while True:
-        time.sleep(pause_s)
-        try:
-            redis.ping()
-            worker.register_death()
-            return
-        except RedisError:
-            continue
+        runtime.fetcher.close()
 
 
 if __name__ == "__main__":
-    # Run main() in the importable module, not in __main__: rq resolves
-    # "ml_backend.worker.predict_job" by import, and must find the runtime set here.
-    import importlib
-
-    sys.exit(importlib.import_module("ml_backend.worker").main())
+    rq_process.run_module("ml_backend.worker")
