@@ -41,7 +41,6 @@ import logging
 import os
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from urllib.parse import parse_qs, unquote, urljoin, urlparse
 
@@ -51,6 +50,7 @@ from label_studio_sdk._extensions.label_studio_tools.core.utils.io import encode
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ml_backend.errors import ImageFetchError, InvalidImageError, InvalidRequestError
+from talk2sam.feature_cache import FeatureCache
 from talk2sam.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -249,34 +249,6 @@ class LabelStudioAuth:
                                    if isinstance(expires, (int, float)) else time.time() + 60)
 
 
-class _BytesLRU:
-    """In-memory LRU of downloaded bytes bounded by their total size."""
-
-    def __init__(self, max_bytes: int):
-        self._max = max_bytes
-        self._items: OrderedDict[str, bytes] = OrderedDict()
-        self._size = 0
-        self._lock = threading.Lock()
-
-    def get(self, key: str) -> bytes | None:
-        with self._lock:
-            data = self._items.get(key)
-            if data is not None:
-                self._items.move_to_end(key)
-            return data
-
-    def put(self, key: str, data: bytes) -> None:
-        if len(data) > self._max:
-            return
-        with self._lock:
-            old = self._items.pop(key, None)
-            self._size += len(data) - (len(old) if old else 0)
-            self._items[key] = data
-            while self._size > self._max:
-                _, dropped = self._items.popitem(last=False)
-                self._size -= len(dropped)
-
-
 @dataclass(frozen=True)
 class FetchConfig:
     """Download and decode limits (from ``Settings``)."""
@@ -311,7 +283,8 @@ class ImageFetcher:
         self._default_token = default_token
         self._client = httpx.Client(timeout=config.timeout_s, follow_redirects=False,
                                     transport=transport)  # redirects: checked hop by hop
-        self._memory = _BytesLRU(config.memory_cache_bytes)
+        # downloaded bytes by URL, least recently used out first (any number of images)
+        self._memory = FeatureCache(max_items=1 << 30, max_bytes=config.memory_cache_bytes)
         self._auths: dict[tuple[str, str], LabelStudioAuth] = {}
         self._auth_lock = threading.Lock()
 
@@ -342,10 +315,10 @@ class ImageFetcher:
         cache_key = hashlib.sha256(absolute.encode()).hexdigest()
         cached = self._memory.get(cache_key) or self._read_disk(cache_key)
         if cached is not None:
-            self._memory.put(cache_key, cached)
+            self._remember(cache_key, cached)
             return cached
         data = self._download(absolute, ls_url, token)
-        self._memory.put(cache_key, data)
+        self._remember(cache_key, data)
         self._write_disk(cache_key, data)
         return data
 
@@ -410,6 +383,10 @@ class ImageFetcher:
             if key not in self._auths:
                 self._auths[key] = LabelStudioAuth(ls_url, token, self._client)
             return self._auths[key]
+
+    def _remember(self, cache_key: str, data: bytes) -> None:
+        if len(data) <= self._memory.max_bytes:  # a larger one would evict everything
+            self._memory.put(cache_key, data, len(data))
 
     def _read_disk(self, cache_key: str) -> bytes | None:
         if not self._config.disk_cache_dir:

@@ -60,9 +60,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ProjectSetup:
-    """What /setup told us about a project (kept in memory; a restart forgets it)."""
+    """What /setup told us about a project (in memory, and in Redis for the hostname and the
+    prompts)."""
 
-    schema: str | None
     hostname: str | None
     access_token: str | None
     label_prompts: Mapping[str, str] = field(default_factory=dict)  # from extra_params
@@ -115,7 +115,7 @@ class Talk2SamBackend:
     def setup(self, project: str | None = None, schema: str | None = None,
               hostname: str | None = None, access_token: str | None = None,
               extra_params: Any = None, **kwargs: Any) -> dict[str, str]:
-        """Remember the project's schema, Label Studio credentials and the model's extra
+        """Remember the project's Label Studio credentials and the model's extra
         params (``{"label_prompts": {"Power line": "wire"}}``: this project's label -> prompt
         map, over LABEL_PROMPTS); answer from memory.
 
@@ -128,7 +128,6 @@ class Talk2SamBackend:
             # of the same project (of the last one, for a call that names none)
             known = self._projects.get(_project_id(project)) if project else self._last_setup
             entry = ProjectSetup(
-                schema=schema if schema is not None else known and known.schema,
                 hostname=(hostname or "").rstrip("/") or (known.hostname if known else None),
                 access_token=access_token or (known.access_token if known else None),
                 label_prompts=prompts if extra_params is not None
@@ -300,7 +299,6 @@ class Talk2SamBackend:
             own = self._recorded_setup(_project_id(project))
         fallback = own or last
         return ProjectSetup(
-            schema=own.schema if own else None,
             hostname=self.settings.label_studio_url or (own and own.hostname) or (
                 last.hostname if last else None),
             access_token=self.settings.label_studio_api_key or (
@@ -316,7 +314,7 @@ class Talk2SamBackend:
         if raw is None:
             return None
         data = json.loads(raw)
-        return ProjectSetup(schema=None, hostname=data.get("hostname"), access_token=None,
+        return ProjectSetup(hostname=data.get("hostname"), access_token=None,
                             label_prompts=data.get("label_prompts") or {})
 
     def _spec(self, task: dict[str, Any], boxes: list[BoxPrompt], config: LabelConfig,

@@ -10,7 +10,7 @@ down explicitly; no other module reads ``os.environ``.
 |---|---|---|
 | LABEL_STUDIO_URL (or LABEL_STUDIO_HOST) | unset | base URL of Label Studio, used to download task images; when unset the ``hostname`` sent to /setup is used |
 | LABEL_STUDIO_API_KEY (or LABEL_STUDIO_ACCESS_TOKEN) | unset | legacy token or personal access token (JWT refresh token); when unset the ``access_token`` sent to /setup is used |
-| MODEL_DIR | ``.cache/talk2sam`` | directory of model weights (``weights_dir`` of the predictor) |
+| MODEL_DIR (or TALK2SAM_WEIGHTS_DIR) | ``~/.cache/talk2sam/weights`` | directory of model weights, the same for ``talk2sam download-weights`` and the workers |
 | BASIC_AUTH_USER / BASIC_AUTH_PASS | unset | HTTP basic auth on every route but /health (/webhook included: docs/RELIABILITY.md shows the webhook header to set in Label Studio); both or neither |
 | API_TOKEN | unset | bearer token (``Authorization: Bearer <token>``) accepted on the same routes, beside basic auth |
 | MAX_REQUEST_BYTES | 20971520 | larger request bodies are refused with 413 before they are parsed |
@@ -66,6 +66,7 @@ from typing import TypeVar
 from urllib.parse import parse_qs, urlparse
 
 from ml_backend.errors import SettingsError
+from talk2sam.weights import DEFAULT_WEIGHTS_DIR  # the registry of files only: no torch
 
 T = TypeVar("T")
 
@@ -81,7 +82,7 @@ class Settings:
 
     label_studio_url: str | None = None
     label_studio_api_key: str | None = None
-    model_dir: str = ".cache/talk2sam"
+    model_dir: str = str(DEFAULT_WEIGHTS_DIR)
     basic_auth_user: str | None = None
     basic_auth_pass: str | None = None
     api_token: str | None = None
@@ -161,7 +162,7 @@ class Settings:
             or get.opt("LABEL_STUDIO_HOST", _http_url),
             label_studio_api_key=get.opt("LABEL_STUDIO_API_KEY", str)
             or get.opt("LABEL_STUDIO_ACCESS_TOKEN", str),
-            model_dir=get("MODEL_DIR", str, d.model_dir),
+            model_dir=get.opt("MODEL_DIR", str) or get("TALK2SAM_WEIGHTS_DIR", str, d.model_dir),
             basic_auth_user=get.opt("BASIC_AUTH_USER", str),
             basic_auth_pass=get.opt("BASIC_AUTH_PASS", str),
             api_token=get.opt("API_TOKEN", str),

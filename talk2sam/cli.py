@@ -142,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("--only", action="append", help="file name (repeatable); default: all")
     dl.add_argument("--config", help="only the files this model config needs, e.g. "
                                      "vit_tiny-dinob (the CPU configuration)")
-    dl.add_argument("--weights-dir", help="target directory (default $TALK2SAM_WEIGHTS_DIR)")
+    dl.add_argument("--weights-dir", help="target directory (default $MODEL_DIR, else "
+                                          "~/.cache/talk2sam/weights)")
     dl.set_defaults(func=cmd_download)
 
     train_command.add_parser(sub)

@@ -12,7 +12,10 @@ from pathlib import Path
 
 from talk2sam.errors import WeightsError, WeightsMissingError
 
-WEIGHTS_DIR_ENV = "TALK2SAM_WEIGHTS_DIR"
+# the backend's name for it too (Label Studio's ML backends call it MODEL_DIR); the older
+# TALK2SAM_WEIGHTS_DIR is read when MODEL_DIR is unset
+WEIGHTS_DIR_ENV = "MODEL_DIR"
+OLD_WEIGHTS_DIR_ENV = "TALK2SAM_WEIGHTS_DIR"
 DEFAULT_WEIGHTS_DIR = Path.home() / ".cache" / "talk2sam" / "weights"
 
 # tiny Talk2SAM trained on synthetic images only (scripts/learning_check.py): lets the project run
@@ -63,11 +66,13 @@ WEIGHT_FILES: dict[str, WeightFile] = {w.name: w for w in [
 
 def weights_dir(explicit: str | os.PathLike | None = None,
                 env: dict[str, str] | None = None) -> Path:
-    """The weights directory: the argument, else $TALK2SAM_WEIGHTS_DIR, else ~/.cache/talk2sam."""
+    """The weights directory: the argument, else $MODEL_DIR (or the older
+    $TALK2SAM_WEIGHTS_DIR), else ~/.cache/talk2sam/weights."""
     if explicit:
         return Path(explicit)
     env = os.environ if env is None else env
-    return Path(env[WEIGHTS_DIR_ENV]) if env.get(WEIGHTS_DIR_ENV) else DEFAULT_WEIGHTS_DIR
+    named = env.get(WEIGHTS_DIR_ENV) or env.get(OLD_WEIGHTS_DIR_ENV)
+    return Path(named) if named else DEFAULT_WEIGHTS_DIR
 
 
 def resolve(name: str, directory: str | os.PathLike | None = None) -> Path:

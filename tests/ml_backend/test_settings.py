@@ -88,3 +88,13 @@ def test_label_studio_example_names_are_aliases():
     assert (settings.label_studio_url, settings.label_studio_api_key) == ("http://ls:8080", "tok")
     both = Settings.from_env({"LABEL_STUDIO_URL": "http://a:1", "LABEL_STUDIO_HOST": "http://b:2"})
     assert both.label_studio_url == "http://a:1"  # our own name wins
+
+
+def test_one_weights_folder_for_the_library_and_the_workers():
+    # MODEL_DIR is read by both; the older TALK2SAM_WEIGHTS_DIR only where MODEL_DIR is unset
+    from talk2sam.weights import DEFAULT_WEIGHTS_DIR, weights_dir
+
+    assert Settings.from_env({}).model_dir == str(DEFAULT_WEIGHTS_DIR) == str(weights_dir(env={}))
+    for env in ({"MODEL_DIR": "/w"}, {"TALK2SAM_WEIGHTS_DIR": "/w"},
+                {"MODEL_DIR": "/w", "TALK2SAM_WEIGHTS_DIR": "/old"}):
+        assert Settings.from_env(env).model_dir == "/w" == str(weights_dir(env=env))
