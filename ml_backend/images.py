@@ -50,7 +50,8 @@ from label_studio_sdk._extensions.label_studio_tools.core.utils.io import encode
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ml_backend.errors import ImageFetchError, InvalidImageError, InvalidRequestError
-from talk2sam.feature_cache import FeatureCache
+from ml_backend.settings import Settings
+from talk2sam.bounded_cache import BoundedCache
 from talk2sam.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -284,9 +285,20 @@ class ImageFetcher:
         self._client = httpx.Client(timeout=config.timeout_s, follow_redirects=False,
                                     transport=transport)  # redirects: checked hop by hop
         # downloaded bytes by URL, least recently used out first (any number of images)
-        self._memory = FeatureCache(max_items=1 << 30, max_bytes=config.memory_cache_bytes)
+        self._memory = BoundedCache(max_items=1 << 30, max_bytes=config.memory_cache_bytes)
         self._auths: dict[tuple[str, str], LabelStudioAuth] = {}
         self._auth_lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ImageFetcher:
+        """The fetcher of a worker or trainer process, with the limits of its settings."""
+        return cls(FetchConfig(timeout_s=settings.image_fetch_timeout_s,
+                               memory_cache_bytes=settings.image_download_cache_mb * 2**20,
+                               disk_cache_dir=settings.image_download_dir,
+                               max_pixels=settings.max_image_pixels,
+                               allowed_hosts=settings.image_host_allowlist),
+                   default_ls_url=settings.label_studio_url,
+                   default_token=settings.label_studio_api_key)
 
     def close(self) -> None:
         self._client.close()

@@ -24,7 +24,6 @@ import functools
 import json
 import logging
 import threading
-import time
 from collections.abc import Callable
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -138,8 +137,7 @@ class Talk2SamBackend:
         if project:  # START_TRAINING is accepted only for projects set up here (any process)
             try:
                 self.queue.redis.hset(self.queue.keys.projects, _project_id(project), json.dumps(
-                    {"hostname": entry.hostname, "label_prompts": dict(entry.label_prompts),
-                     "at": time.time()}))
+                    {"hostname": entry.hostname, "label_prompts": dict(entry.label_prompts)}))
             except RedisError as exc:
                 log.warning("project %s not recorded: %s", project, exc)
         return {"model_version": self.model_version}

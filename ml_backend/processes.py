@@ -135,11 +135,42 @@ class Child:
             raise ChildExitedError(f"{self.role} exited with code {code}{where}")
 
     def stop(self, grace_s: float = 15.0) -> bool:
-        """Stop the child's group; returns whether it had to be killed."""
-        killed = bool(stop_pids([self.pid], grace_s))
+        """Stop the child and its group; returns whether something had to be killed."""
+        return bool(stop_children([self], grace_s))
+
+
+def stop_children(children: Sequence[Child], grace_s: float) -> list[Child]:
+    """SIGTERM every child's group at once, wait up to ``grace_s`` for all of them, then
+    SIGKILL the groups with anything left (a leader gone, its children not).
+
+    Returns:
+        The children whose group had to be killed.
+    """
+    for child in children:
+        signal_group(child.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for child in children:
         with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(5)
-        return killed
+            child.proc.wait(max(0.0, deadline - time.monotonic()))  # reaps the leader
+    while time.monotonic() < deadline and any(_group_exists(c.pid) for c in children):
+        time.sleep(0.05)
+    killed = [c for c in children if c.proc.poll() is None or _group_exists(c.pid)]
+    for child in killed:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(child.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.proc.wait(5)
+    return killed
+
+
+def _group_exists(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def spawn(role: str, argv: Sequence[str], env: Mapping[str, str], log_path: Path | None = None,
@@ -148,8 +179,8 @@ def spawn(role: str, argv: Sequence[str], env: Mapping[str, str], log_path: Path
     to ours."""
     log = open(log_path, "ab") if log_path is not None else None  # noqa: SIM115
     try:
-        # preexec_fn is unsafe only with threads running in the parent at fork; it only
-        # calls nice and prctl
+        # preexec_fn with threads running in the parent (test servers, the benchmark's image
+        # server) is safe here: the child only calls nice and prctl before exec
         proc = subprocess.Popen(list(argv), env=dict(env), cwd=cwd, start_new_session=True,
                                 stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=subprocess.STDOUT if log else None,

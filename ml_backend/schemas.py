@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import asdict, dataclass, field
+from dataclasses import fields as dataclass_fields
 from typing import Any
 
 PREDICT_JOB = "ml_backend.worker.predict_job"
@@ -165,7 +166,7 @@ class PredictJobSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PredictJobSpec:
-        return cls(**data)
+        return cls(**known_fields(cls, data))
 
 
 @dataclass(frozen=True)
@@ -203,7 +204,6 @@ class PredictJobResult:
         cache_hit: whether the image's features were already cached in the worker.
         predictions: one per box, in the spec's order.
         error: set instead of predictions when the job failed in an expected way.
-        elapsed_s: time spent in the worker.
     """
 
     worker: str
@@ -213,17 +213,17 @@ class PredictJobResult:
     cache_hit: bool = False
     predictions: list[BoxPrediction] = field(default_factory=list)
     error: JobError | None = None
-    elapsed_s: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PredictJobResult:
-        fields = dict(data)
-        fields["predictions"] = [BoxPrediction(**p) for p in fields.get("predictions", [])]
+        fields = known_fields(cls, data)
+        fields["predictions"] = [BoxPrediction(**known_fields(BoxPrediction, p))
+                                 for p in fields.get("predictions", [])]
         error = fields.get("error")
-        fields["error"] = JobError(**error) if error else None
+        fields["error"] = JobError(**known_fields(JobError, error)) if error else None
         return cls(**fields)
 
 
@@ -233,19 +233,15 @@ class WorkerHeartbeat:
 
     Attributes:
         name: the rq worker name.
-        pid: its process id.
         model_version: its predictor version.
         busy: whether it is running a job now.
-        job_id: the job it runs, or None.
         images: image keys whose features it holds, most recent last.
         seen_at: UNIX time of this heartbeat.
     """
 
     name: str
-    pid: int
     model_version: str
     busy: bool = False
-    job_id: str | None = None
     images: list[str] = field(default_factory=list)
     seen_at: float = 0.0
 
@@ -254,4 +250,11 @@ class WorkerHeartbeat:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> WorkerHeartbeat:
-        return cls(**data)
+        return cls(**known_fields(cls, data))
+
+
+def known_fields(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` without the keys ``cls`` has no field for: a process of the previous release
+    (a worker still finishing its job during an upgrade) may send a field since removed."""
+    names = {f.name for f in dataclass_fields(cls)}
+    return {k: v for k, v in data.items() if k in names}

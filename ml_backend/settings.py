@@ -10,7 +10,7 @@ down explicitly; no other module reads ``os.environ``.
 |---|---|---|
 | LABEL_STUDIO_URL (or LABEL_STUDIO_HOST) | unset | base URL of Label Studio, used to download task images; when unset the ``hostname`` sent to /setup is used |
 | LABEL_STUDIO_API_KEY (or LABEL_STUDIO_ACCESS_TOKEN) | unset | legacy token or personal access token (JWT refresh token); when unset the ``access_token`` sent to /setup is used |
-| MODEL_DIR (or TALK2SAM_WEIGHTS_DIR) | ``~/.cache/talk2sam/weights`` | directory of model weights, the same for ``talk2sam download-weights`` and the workers |
+| MODEL_DIR (or TALK2SAM_WEIGHTS_DIR) | ``~/.cache/talk2sam/weights`` | directory of model weights, the same for ``talk2sam download-weights`` and the workers (the backend's default was ``.cache/talk2sam`` in the working folder: move its files, or set MODEL_DIR to it) |
 | BASIC_AUTH_USER / BASIC_AUTH_PASS | unset | HTTP basic auth on every route but /health (/webhook included: docs/RELIABILITY.md shows the webhook header to set in Label Studio); both or neither |
 | API_TOKEN | unset | bearer token (``Authorization: Bearer <token>``) accepted on the same routes, beside basic auth |
 | MAX_REQUEST_BYTES | 20971520 | larger request bodies are refused with 413 before they are parsed |

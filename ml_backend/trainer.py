@@ -55,7 +55,7 @@ from redis.exceptions import RedisError
 
 from ml_backend.annotations import AnnotationStore
 from ml_backend.errors import BackendError, TrainingError
-from ml_backend.images import FetchConfig, ImageFetcher, decode_rgb
+from ml_backend.images import ImageFetcher, decode_rgb
 from ml_backend.ls_format import LabelStudioExportDataset
 from ml_backend.ls_protocol import word_for_label
 from ml_backend.schemas import RedisKeys
@@ -256,12 +256,7 @@ class TrainingRun:
 
     def _load_image(self, req: TrainRequest, task_ids: dict[str, int]) -> Callable[[str], Any]:
         s = self.settings
-        self._fetcher = self._fetcher or ImageFetcher(
-            FetchConfig(timeout_s=s.image_fetch_timeout_s,
-                        memory_cache_bytes=s.image_download_cache_mb * 2**20,
-                        disk_cache_dir=s.image_download_dir, max_pixels=s.max_image_pixels,
-                        allowed_hosts=s.image_host_allowlist),
-            default_ls_url=s.label_studio_url, default_token=s.label_studio_api_key)
+        self._fetcher = self._fetcher or ImageFetcher.from_settings(s)
         fetcher = self._fetcher
 
         def load(url: str) -> Any:
@@ -431,12 +426,15 @@ def main(argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -
     keys = RedisKeys(settings.key_prefix)
     log.info("trainer %s listening on %s (versions in %s)", process.name, keys.train_queue,
              settings.versions_path)
-    if settings.torch_threads:
-        import torch  # the job imports it anyway; its CPU share is set before any work
 
-        torch.set_num_threads(settings.torch_threads)
+    def set_threads(_worker: object) -> None:  # after the heartbeat: live before torch loads
+        if settings.torch_threads:
+            import torch  # the job imports it anyway; its CPU share is set before any work
+
+            torch.set_num_threads(settings.torch_threads)
+
     return rq_process.serve(process, [keys.train_queue], trainer_heartbeat(
-        redis, keys, process.name, settings.worker_heartbeat_ttl_s))
+        redis, keys, process.name, settings.worker_heartbeat_ttl_s), prepare=set_threads)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,9 @@ a :class:`Talk2SamWorker`, an rq ``SimpleWorker`` that executes jobs in its own 
 own queue (sticky jobs for images it holds) first, then the shared predict queue, then the warm
 queue.
 
-Per-image features are kept by the predictor (a ``FeatureCache`` of IMAGE_CACHE_SIZE images and
-IMAGE_CACHE_MB bytes; warm jobs never evict images that predict jobs used): a second box on the same image
-skips the download, decoding and ``set_image``. A heartbeat thread publishes every
+Per-image features are kept by the predictor (a ``BoundedCache`` of IMAGE_CACHE_SIZE images and
+IMAGE_CACHE_MB bytes; warm jobs never evict images that predict jobs used): a second box on the
+same image skips the download, the decoding and both image encoders. A heartbeat thread publishes every
 ``WORKER_HEARTBEAT_TTL_S / 3`` seconds which images the worker holds and whether it is busy
 (rq's SimpleWorker sends no heartbeat of its own while a job runs). Counters (jobs, cache
 hits/misses, latency histogram) are kept in a Redis hash per worker for /metrics.
@@ -32,7 +32,6 @@ import os
 import socket
 import time
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -50,7 +49,7 @@ from ml_backend.errors import (
     ModelError,
 )
 from ml_backend.heartbeat import Heartbeat
-from ml_backend.images import FetchConfig, ImageFetcher, decode_rgb
+from ml_backend.images import ImageFetcher, decode_rgb
 from ml_backend.ls_format import mask_to_rle
 from ml_backend.schemas import (
     BoxPrediction,
@@ -143,17 +142,7 @@ class WorkerRuntime:
         # configured base model, whose own name may differ (e.g. an older "-base" record)
         self.loaded_for: str | None = None
         self.checkpoint = settings.model_checkpoint  # the file the model came from, or None
-        self.fetcher = ImageFetcher(
-            FetchConfig(
-                timeout_s=settings.image_fetch_timeout_s,
-                memory_cache_bytes=settings.image_download_cache_mb * 2**20,
-                disk_cache_dir=settings.image_download_dir,
-                max_pixels=settings.max_image_pixels,
-                allowed_hosts=settings.image_host_allowlist,
-            ),
-            default_ls_url=settings.label_studio_url,
-            default_token=settings.label_studio_api_key,
-        )
+        self.fetcher = ImageFetcher.from_settings(settings)
         self.metrics = WorkerMetrics(redis, self.keys.metrics(name))
         self.heartbeat = Heartbeat(redis, self.keys.heartbeat(name), self.keys.workers, name,
                                    settings.worker_heartbeat_ttl_s,
@@ -161,9 +150,8 @@ class WorkerRuntime:
         self._job_id: str | None = None
 
     def heartbeat_state(self) -> WorkerHeartbeat:
-        return WorkerHeartbeat(name=self.name, pid=os.getpid(),
-                               model_version=self.model.model_version,
-                               busy=self._job_id is not None, job_id=self._job_id,
+        return WorkerHeartbeat(name=self.name, model_version=self.model.model_version,
+                               busy=self._job_id is not None,
                                images=self.model.cached_keys(), seen_at=time.time())
 
     def follow_serving_version(self) -> None:
@@ -240,7 +228,7 @@ class WorkerRuntime:
         elapsed = time.perf_counter() - started
         self.metrics.record(job="predict", ok=result.error is None, hit=hit,
                             boxes=len(spec.boxes_xyxy), latency_s=elapsed)
-        return replace(result, elapsed_s=elapsed)
+        return result
 
     def warm(self, spec: PredictJobSpec) -> dict[str, Any]:
         """Cache an image's features without predicting."""

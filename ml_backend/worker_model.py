@@ -1,7 +1,7 @@
 """The model a worker holds: built from the settings, chosen against the serving version, or
 the no-op stand-in of benchmarks and tests.
 
-The predictor owns its per-image feature cache (``talk2sam.feature_cache.FeatureCache``,
+The predictor owns its per-image feature cache (a ``talk2sam.bounded_cache.BoundedCache`` of
 IMAGE_CACHE_SIZE images and IMAGE_CACHE_MB bytes; warm jobs never evict images that predict jobs
 used); :class:`NoopPredictor` answers the same calls."""
 
@@ -19,7 +19,7 @@ from redis.exceptions import RedisError
 from ml_backend.errors import ModelError, VersionError
 from ml_backend.settings import Settings
 from ml_backend.versions import ServingVersion, VersionRegistry
-from talk2sam.feature_cache import FeatureCache
+from talk2sam.bounded_cache import BoundedCache
 
 log = logging.getLogger("ml_backend.worker")
 
@@ -46,7 +46,7 @@ class NoopPredictor:
 
     model_version = "noop"
 
-    def __init__(self, cache: FeatureCache):
+    def __init__(self, cache: BoundedCache):
         self.cache = cache
         self.features: ImageSize | None = None
 
@@ -74,8 +74,8 @@ class NoopPredictor:
         return self.cache.keys()
 
 
-def feature_cache(settings: Settings) -> FeatureCache:
-    return FeatureCache(settings.image_cache_size, settings.image_cache_mb * 2**20)
+def feature_cache(settings: Settings) -> BoundedCache:
+    return BoundedCache(settings.image_cache_size, settings.image_cache_mb * 2**20)
 
 
 def build_predictor(settings: Settings):

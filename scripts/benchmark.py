@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a file: make talk2sam and ml_backend importable
     sys.path.insert(0, str(REPO))
 
-from ml_backend.processes import Child, free_port, spawn, wait_until
+from ml_backend.processes import Child, free_port, spawn, stop_children, wait_until
 from talk2sam.bench import (
     Table,
     fmt_ms,
@@ -201,8 +201,7 @@ class Stack:
         return out
 
     def stop(self) -> None:
-        for child in list(self.workers.values()) + [child for child, _ in self.apps.values()]:
-            child.stop()
+        stop_children(list(self.workers.values()) + [c for c, _ in self.apps.values()], 15.0)
 
 
 def _health_ok(httpx, url: str) -> bool:
@@ -270,7 +269,8 @@ def bare_rq_samples(redis_url: str, calls: int) -> list[float]:
     flush(redis_url)
     name = f"{PREFIX}bare"
     child = spawn("bare rq worker", [sys.executable, "-c", BARE_RQ_WORKER, redis_url, name],
-                  os.environ, Path(tempfile.gettempdir()) / "t2s-bench-bare-rq.log", cwd=REPO)
+                  os.environ, Path(tempfile.mkdtemp(prefix="t2s-bench-")) / "bare-rq.log",
+                  cwd=REPO)
     try:
         queue = Queue(name, connection=Redis.from_url(redis_url), serializer=JSONSerializer)
         samples = []

@@ -21,6 +21,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None],
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # as open() would make it, not mkstemp's 0600
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)

@@ -15,7 +15,7 @@ import torch
 
 from talk2sam import geometry, sam_hq
 from talk2sam.errors import ImageNotSetError, InvalidImageError, InvalidPromptError
-from talk2sam.feature_cache import FeatureCache
+from talk2sam.bounded_cache import BoundedCache
 from talk2sam.model import ImageFeatures, Talk2Sam
 
 MAX_PIXELS_DEFAULT = 100_000_000
@@ -98,7 +98,7 @@ class Talk2SamPredictor:
 
     def __init__(self, model: Talk2Sam, max_pixels: int = MAX_PIXELS_DEFAULT,
                  overlap_encoders: bool = False, encoder_dtype: torch.dtype | None = None,
-                 channels_last: bool | None = None, cache: FeatureCache | None = None):
+                 channels_last: bool | None = None, cache: BoundedCache | None = None):
         self.model = model.eval()
         self.max_pixels = max_pixels
         self.overlap_encoders = overlap_encoders
@@ -134,7 +134,7 @@ class Talk2SamPredictor:
             image: (H, W[, C]) array, or a function returning it, called only when the
                 features of ``key`` are not cached (a worker skips the download then).
             key: the image's name in the cache; None: not cached.
-            warm: a warm-up put (see `FeatureCache`: it never evicts images in use).
+            warm: a warm-up put (see `BoundedCache`: it never evicts images in use).
         Returns:
             Whether the features came from the cache.
         """
@@ -156,7 +156,7 @@ class Talk2SamPredictor:
         return [] if self.cache is None else self.cache.keys()
 
     def set_features(self, features: ImageFeatures) -> None:
-        """Reuse features computed earlier (e.g. from a worker's cache)."""
+        """Reuse features computed earlier (by another predictor on the same SAM-HQ module)."""
         self.features = features.to(self.device, dtype=torch.float32)
 
     def reset_image(self) -> None:
@@ -220,7 +220,7 @@ def build_predictor(config: str = "tiny", weights_dir: str | None = None,
                     checkpoint: str | None = None, device: str | None = None,
                     use_text: bool = True, random_init: bool = False,
                     encoder_dtype: torch.dtype | None = None,
-                    cache: FeatureCache | None = None) -> Talk2SamPredictor:
+                    cache: BoundedCache | None = None) -> Talk2SamPredictor:
     """The one entry point for serving: build (or load a checkpoint), move to the device.
     device None -> CUDA when available, else CPU; encoder_dtype: see Talk2SamPredictor."""
     from talk2sam.build import build_model, load_checkpoint

@@ -14,6 +14,7 @@ import redis
 from label_studio_sdk import LabelStudio
 
 from tests.e2e.harness import (
+    REPO_ROOT,
     Backend,
     LabelStudioServer,
     backend_env,
@@ -63,9 +64,9 @@ def backend(label_studio: LabelStudioServer, e2e_redis_url: str,
     port = free_port()
     env = backend_env(label_studio, e2e_redis_url)
     workers = [spawn(f"worker-{i}", [sys.executable, "-m", "ml_backend.worker"], env,
-                             work_dir / f"worker-{i}.log") for i in range(BACKEND_WORKERS)]
+                     work_dir / f"worker-{i}.log", cwd=REPO_ROOT) for i in range(BACKEND_WORKERS)]
     app = spawn("backend", [sys.executable, "-m", "ml_backend.app", "--host", "127.0.0.1",
-                                    "--port", str(port)], env, work_dir / "app.log")
+                            "--port", str(port)], env, work_dir / "app.log", cwd=REPO_ROOT)
     started = Backend(url=f"http://127.0.0.1:{port}", env=env, app=app, workers=tuple(workers))
     try:
         wait_until(lambda: workers_live(started.url) >= BACKEND_WORKERS,

@@ -330,9 +330,9 @@ def start_stack(work_dir: Path, env: Mapping[str, str], args: Sequence[str] = ()
         if name not in env:
             stack_env.pop(name, None)
     data_dir = work_dir / "data"
-    service = spawn("stack", [sys.executable, "-m", "ml_backend.stack", "--host",
-                                      "127.0.0.1", "--port", str(port), "--data-dir",
-                                      str(data_dir), *args], stack_env, work_dir / "stack.log")
+    service = spawn("stack", [sys.executable, "-m", "ml_backend.stack", "--host", "127.0.0.1",
+                              "--port", str(port), "--data-dir", str(data_dir), *args],
+                    stack_env, work_dir / "stack.log", cwd=REPO_ROOT)
     run = StackRun(url=f"http://127.0.0.1:{port}", service=service, data_dir=data_dir)
     try:
         wait_until(lambda: workers_live(run.url) >= 1, "the stack's backend with a live worker",

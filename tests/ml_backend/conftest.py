@@ -30,7 +30,7 @@ import pytest
 import redis
 from PIL import Image, ImageDraw
 
-from ml_backend.processes import Child, spawn, wait_until
+from ml_backend.processes import Child, spawn, stop_children, wait_until
 from ml_backend.schemas import RedisKeys
 
 REPO = Path(__file__).resolve().parents[2]
@@ -170,7 +170,7 @@ def clean_redis(redis_client: redis.Redis) -> Iterator[redis.Redis]:
 def backend_env(fake_ls: FakeLabelStudio, **overrides: str) -> dict[str, str]:
     """Environment of app and workers under test."""
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("LABEL_STUDIO_", "BASIC_AUTH_", "MODEL", "IMAGE_"))}
+           if not k.startswith(("LABEL_STUDIO_", "BASIC_AUTH_", "MODEL", "IMAGE_", "TALK2SAM_"))}
     env.update({
         "REDIS_URL": REDIS_URL,
         "KEY_PREFIX": PREFIX,
@@ -212,15 +212,14 @@ class WorkerPool:
         return {name: child.proc for name, child in self.children.items()}
 
     def log(self, name: str) -> str:
-        return self.children[name].log_tail(60)
+        return self.children[name].log_tail(10_000)
 
     def kill(self, name: str) -> None:
         self.children[name].proc.send_signal(signal.SIGKILL)
         self.children[name].proc.wait(10)
 
     def stop(self) -> None:
-        for child in self.children.values():
-            child.stop(10)
+        stop_children(list(self.children.values()), 10.0)
 
 
 @contextlib.contextmanager

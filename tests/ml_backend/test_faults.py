@@ -162,3 +162,35 @@ def test_hanging_image_host_is_502_after_the_fetch_timeout(stack, client):
     assert (status, error) == (502, "ImageFetchError")
     assert FETCH_TIMEOUT_S <= elapsed < FETCH_TIMEOUT_S + 3
     assert timed_post(client, fresh_image())[0] == 200
+
+
+def test_the_trainer_rides_a_redis_outage_out(fake_ls, tmp_path):
+    # the trainer shares the worker's process skeleton: after Redis comes back (empty), it is
+    # still running and announces itself again, so Start training is accepted
+    import sys
+
+    import redis as redis_lib
+
+    from ml_backend.processes import spawn, wait_until
+    from ml_backend.schemas import RedisKeys
+    from ml_backend.training_queue import live_trainers
+    from tests.ml_backend.conftest import PREFIX, REPO
+    from tests.ml_backend.servers import PrivateRedis
+
+    server = PrivateRedis(tmp_path)
+    server.start()
+    env = {**backend_env(fake_ls), "REDIS_URL": server.url}
+    trainer = spawn("trainer", [sys.executable, "-m", "ml_backend.trainer", "--name", "t-out"],
+                    env, tmp_path / "trainer.log", cwd=REPO)
+    client, keys = redis_lib.Redis.from_url(server.url), RedisKeys(PREFIX)
+    try:
+        wait_until(lambda: live_trainers(client, keys) == ["t-out"], "the trainer", 60, [trainer])
+        server.stop()
+        time.sleep(3)
+        server.start()
+        wait_until(lambda: live_trainers(client, keys) == ["t-out"],
+                   "the trainer after the outage", 30, [trainer])
+        assert trainer.proc.poll() is None
+    finally:
+        trainer.stop(10)
+        server.stop()

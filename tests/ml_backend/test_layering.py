@@ -24,7 +24,7 @@ ALLOWED = {
               "training_queue"},
     "schemas": set(),
     "errors": set(),
-    "images": {"errors"},
+    "images": {"errors", "settings"},
     "ls_format": {"errors"},
     "ls_protocol": {"errors", "ls_format"},
     "queue_client": {"errors", "schemas", "settings"},

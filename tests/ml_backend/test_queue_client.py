@@ -41,7 +41,7 @@ def spec(url: str = "/data/upload/19/img_400x300.png", **changes) -> PredictJobS
 def fake_heartbeat(redis, name: str = "ghost") -> None:
     """A worker that looks alive but takes no jobs."""
     keys = RedisKeys(PREFIX)
-    beat = WorkerHeartbeat(name=name, pid=0, model_version="noop", seen_at=time.time())
+    beat = WorkerHeartbeat(name=name, model_version="noop", seen_at=time.time())
     redis.set(keys.heartbeat(name), json.dumps(beat.to_dict()), ex=60)
     redis.sadd(keys.workers, name)
 

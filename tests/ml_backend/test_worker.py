@@ -10,7 +10,7 @@ from ml_backend.errors import ImageFetchError
 from ml_backend.schemas import PredictJobSpec
 from ml_backend.worker import _boxes_in_image_frame, _expected_error
 from ml_backend.worker_model import NoopPredictor
-from talk2sam.feature_cache import FeatureCache
+from talk2sam.bounded_cache import BoundedCache
 
 
 def loader(height: int, width: int, loads: list):
@@ -25,7 +25,7 @@ def test_the_predictor_keeps_features_by_key_and_loads_only_on_a_miss():
     from talk2sam.predictor import Talk2SamPredictor
 
     predictor = Talk2SamPredictor(build_model("tiny"),
-                                  cache=FeatureCache(max_items=2, max_bytes=10**9))
+                                  cache=BoundedCache(max_items=2, max_bytes=10**9))
     loads: list = []
     assert predictor.set_image(loader(30, 40, loads), key="a") is False
     assert predictor.set_image(loader(30, 40, loads), key="a") is True
@@ -39,7 +39,7 @@ def test_the_predictor_keeps_features_by_key_and_loads_only_on_a_miss():
 
 
 def test_the_cache_is_bounded_in_bytes():
-    cache = FeatureCache(max_items=100, max_bytes=1000)
+    cache = BoundedCache(max_items=100, max_bytes=1000)
     for key in "abcd":
         cache.put(key, key, 300)
     assert cache.keys() == ["b", "c", "d"] and cache.nbytes == 900
@@ -50,7 +50,7 @@ def test_the_cache_is_bounded_in_bytes():
 
 
 def test_warming_never_evicts_the_images_annotators_are_on():
-    cache = FeatureCache(max_items=3, max_bytes=10**6)
+    cache = BoundedCache(max_items=3, max_bytes=10**6)
     cache.put("open-1", 1, 10)
     cache.put("open-2", 2, 10)  # images predict jobs used
     assert cache.put("batch-1", 3, 10, warm=True)
@@ -67,7 +67,7 @@ def test_warming_never_evicts_the_images_annotators_are_on():
 
 
 def test_noop_model_fills_rectangles_with_score_one():
-    model = NoopPredictor(FeatureCache(max_items=4, max_bytes=10**9))
+    model = NoopPredictor(BoundedCache(max_items=4, max_bytes=10**9))
     loads: list = []
     assert model.set_image(loader(300, 400, loads), key="k") is False
     assert model.set_image(loader(300, 400, loads), key="k") is True and len(loads) == 1

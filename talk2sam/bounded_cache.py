@@ -1,6 +1,7 @@
-"""A per-image cache bounded in entries and in bytes, for predictors that serve many images.
+"""A cache bounded in entries and in bytes, least recently used out first: the predictor's
+per-image features, a worker's downloaded images.
 
-Torch-free: it stores whatever the predictor gives it, with the size the predictor states."""
+Torch-free: it stores whatever it is given, with the size the caller states."""
 
 from __future__ import annotations
 
@@ -9,18 +10,17 @@ from collections import OrderedDict
 from typing import Any
 
 
-class FeatureCache:
-    """Key -> per-image state, bounded in entries and in bytes, least recently used first out.
+class BoundedCache:
+    """Key -> value, bounded in entries and in bytes, least recently used first out.
 
-    Entries put by warm jobs (``warm=True``) are *cold* until a predict job uses them: a warm
-    put may evict only cold entries and is dropped when that is not enough, so warming a batch
-    never evicts the images annotators are working on; a predict put evicts cold entries
-    first, then the least recently used. The heartbeat thread reads the keys while a job writes,
-    hence the lock.
+    Entries put with ``warm=True`` (ahead of use) are *cold* until a plain ``get`` uses them: a
+    warm put may evict only cold entries and is dropped when that is not enough, so warming
+    many images never evicts the ones in use; a plain put evicts cold entries first, then the
+    least recently used. Thread-safe (a reader may list the keys while another thread writes).
 
     Args:
-        max_items: entries at most (the backend's IMAGE_CACHE_SIZE).
-        max_bytes: their bytes at most (IMAGE_CACHE_MB).
+        max_items: entries at most.
+        max_bytes: their bytes at most.
     """
 
     def __init__(self, max_items: int, max_bytes: int):
