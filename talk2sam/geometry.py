@@ -53,6 +53,33 @@ def check_boxes(boxes_xyxy: np.ndarray, height: int, width: int) -> np.ndarray:
     return clipped
 
 
+def check_clicks(clicks, rows: int, height: int, width: int
+                 ) -> tuple[np.ndarray, np.ndarray] | None:
+    """Validate clicks (per prompt, a list of (x, y, positive) original-frame pixels).
+
+    Returns:
+        None when there are none; else coordinates (rows, P, 2) float64 and labels (rows, P)
+        int64, 1 positive, 0 negative, -1 padding (SAM's point labels).
+    Raises:
+        InvalidPromptError: not one list per prompt, a non-finite coordinate, or a click
+            outside the image.
+    """
+    if clicks is None or not any(len(c) for c in clicks):
+        return None
+    if len(clicks) != rows:
+        raise InvalidPromptError(f"{rows} prompts but {len(clicks)} lists of clicks")
+    most = max(len(c) for c in clicks)
+    coords = np.zeros((rows, most, 2), dtype=np.float64)
+    labels = -np.ones((rows, most), dtype=np.int64)
+    for i, row in enumerate(clicks):
+        for j, (x, y, positive) in enumerate(row):
+            if not (np.isfinite(x) and np.isfinite(y)) or not (0 <= x <= width and 0 <= y <= height):
+                raise InvalidPromptError(
+                    f"click ({x}, {y}) of prompt {i} lies outside the {width}x{height} image")
+            coords[i, j], labels[i, j] = (x, y), int(bool(positive))
+    return coords, labels
+
+
 def canvas_scale(height: int, width: int, long_side: int) -> tuple[float, float, float, float]:
     """Per-coordinate XYXY factors from the original frame to SAM's padded canvas (the resize only
     scales; the padding is added after, bottom/right)."""

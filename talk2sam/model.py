@@ -144,18 +144,26 @@ class Talk2Sam(nn.Module):
             raise ValueError("this model has no text branch (box-only SAM-HQ)")
         return self.psi(self.text(words))
 
-    def decode(self, feats: ImageFeatures, boxes_xyxy: torch.Tensor,
+    def decode(self, feats: ImageFeatures, boxes_xyxy: torch.Tensor | None,
                words: Sequence[str] | None, output: str = "sam+hq",
-               hq: torch.Tensor | None = None) -> DecoderOutput:
-        """N boxes (N, 4) XYXY original-frame pixels (already validated) and N words (or None
-        for box only) of one image -> DecoderOutput. `output` picks the decoder's logits,
-        `hq` passes this image's `sam_hq.hq_features` computed earlier (see `sam_hq.decode`)."""
-        scale = geometry.canvas_scale(feats.height, feats.width, self.long_side)
-        boxes_canvas = boxes_xyxy.to(self.device).float() * torch.tensor(scale, device=self.device)
+               hq: torch.Tensor | None = None,
+               points: tuple[torch.Tensor, torch.Tensor] | None = None) -> DecoderOutput:
+        """N boxes (N, 4) XYXY original-frame pixels (already validated; None: clicks alone)
+        and N words (or None for box only) of one image -> DecoderOutput. `output` picks the
+        decoder's logits, `hq` passes this image's `sam_hq.hq_features` computed earlier,
+        `points` N rows of clicks: original-frame pixels (N, P, 2) and labels (N, P), 1
+        positive, 0 negative, -1 padding (see `sam_hq.decode`)."""
+        scale = torch.tensor(geometry.canvas_scale(feats.height, feats.width, self.long_side),
+                             device=self.device)
+        boxes_canvas = None if boxes_xyxy is None else boxes_xyxy.to(self.device).float() * scale
+        if points is not None:
+            points = (points[0].to(self.device).float() * scale[:2],
+                      points[1].to(self.device))
         mask_prompt = sim = scores = None
         if words is not None and self.uses_text:
-            if len(words) != len(boxes_xyxy):
-                raise ValueError(f"{len(boxes_xyxy)} boxes but {len(words)} words")
+            count = len(boxes_xyxy) if boxes_xyxy is not None else len(points[1])
+            if len(words) != count:
+                raise ValueError(f"{count} prompts but {len(words)} words")
             psi_t = self.project_words(words)
             sim = similarity_map(feats.dino_patches, feats.dino_cls_attn, psi_t,
                                  self.cfg.map_variant, self.cfg.map_scaling,
@@ -164,7 +172,7 @@ class Talk2Sam(nn.Module):
             mask_prompt = geometry.map_to_mask_frame(sim, feats.height, feats.width,
                                                      self.long_side)
         logits, iou = sam_hq.decode(self.sam, feats.sam_embedding, feats.sam_interm, boxes_canvas,
-                                    mask_prompt, output, self.map_gate, hq)
+                                    mask_prompt, output, self.map_gate, hq, points)
         return DecoderOutput(logits, iou, sim, scores)
 
     def upscale(self, logits: torch.Tensor, feats: ImageFeatures) -> torch.Tensor:

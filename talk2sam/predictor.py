@@ -16,7 +16,7 @@ import torch
 from talk2sam import geometry, sam_hq
 from talk2sam.errors import ImageNotSetError, InvalidImageError, InvalidPromptError
 from talk2sam.bounded_cache import BoundedCache
-from talk2sam.model import ImageFeatures, Talk2Sam
+from talk2sam.model import DecoderOutput, ImageFeatures, Talk2Sam
 
 MAX_PIXELS_DEFAULT = 100_000_000
 
@@ -172,23 +172,40 @@ class Talk2SamPredictor:
     @torch.inference_mode()
     def predict(self, boxes_xyxy: np.ndarray | Sequence[Sequence[float]],
                 words: Sequence[str] | str | None = None,
-                box_margin_px: float | None = None, return_logits: bool = False) -> Prediction:
-        """Segment N boxes of the current image in one decoder call.
+                box_margin_px: float | None = None, return_logits: bool = False,
+                clicks: Sequence[Sequence[tuple[float, float, bool]]] | None = None
+                ) -> Prediction:
+        """Segment N prompts of the current image: boxes, with their word and clicks.
 
         Args:
             boxes_xyxy: (N, 4) or (4,) XYXY float pixels in the original frame; boxes partly
-                outside are clipped, boxes wholly outside, empty or NaN raise.
+                outside are clipped, boxes wholly outside, empty or NaN raise. A row of NaN is
+                a prompt without a box: its clicks alone (SAM's point prompt).
             words: N words (or one word for all boxes); None runs box-only SAM-HQ.
             box_margin_px: if given, mask pixels farther than this outside their box are
                 dropped (an annotator's box says where the object is); None keeps SAM's mask.
             return_logits: also return SAM's low-res logits (copied off the device).
+            clicks: N lists of (x, y, positive) original-frame pixels refining each prompt
+                (SAM's positive and negative points); None: no clicks.
         Raises:
             ImageNotSetError, InvalidPromptError.
         """
         if self.features is None:
             raise ImageNotSetError("call set_image(image) before predict(...)")
         feats = self.features
-        boxes = geometry.check_boxes(np.asarray(boxes_xyxy), feats.height, feats.width)
+        raw = np.asarray(boxes_xyxy, dtype=np.float64)
+        raw = raw[None] if raw.ndim == 1 else raw
+        if raw.ndim != 2 or raw.shape[1] != 4 or len(raw) == 0:
+            raise InvalidPromptError(f"boxes must have shape (N, 4) XYXY, got {raw.shape}")
+        boxed = ~np.isnan(raw).all(axis=1)
+        points = geometry.check_clicks(clicks, len(raw), feats.height, feats.width)
+        if points is not None and not (points[1] >= 0).any(axis=1)[~boxed].all():
+            raise InvalidPromptError("a prompt without a box needs at least one click")
+        if points is None and not boxed.all():
+            raise InvalidPromptError("a prompt without a box needs clicks")
+        boxes = raw.copy()
+        if boxed.any():
+            boxes[boxed] = geometry.check_boxes(raw[boxed], feats.height, feats.width)
         if isinstance(words, str):
             words = [words] * len(boxes)
         if words is not None:
@@ -197,16 +214,16 @@ class Talk2SamPredictor:
                 raise InvalidPromptError(f"{len(boxes)} boxes but {len(words)} words")
             if not self.model.uses_text:
                 words = None  # box-only model: the word cannot steer it
-        out = self.model.decode(feats, torch.from_numpy(boxes).float(), words,  # float32
-                                hq=self._hq_features(feats))
+        out = self._decode(feats, boxes, boxed, words, points)
         logits = self.model.upscale(out.low_res_logits, feats)
 
         def numpy(t: torch.Tensor | None) -> np.ndarray | None:
             return None if t is None else t.float().cpu().numpy()
 
         masks = (logits > 0).cpu().numpy()
-        if box_margin_px is not None:
-            masks &= geometry.box_masks(boxes, feats.height, feats.width, box_margin_px)
+        if box_margin_px is not None and boxed.any():
+            masks[boxed] &= geometry.box_masks(boxes[boxed], feats.height, feats.width,
+                                               box_margin_px)
         return Prediction(
             masks=masks,
             logits=numpy(out.low_res_logits[:, 0]) if return_logits else None,
@@ -214,6 +231,37 @@ class Talk2SamPredictor:
             text_scores=numpy(out.text_scores),
             sim_maps=numpy(out.sim_maps),
         )
+
+    def _decode(self, feats: ImageFeatures, boxes: np.ndarray, boxed: np.ndarray,
+                words: list[str] | None, points: tuple[np.ndarray, np.ndarray] | None
+                ) -> DecoderOutput:
+        """One decoder call for the prompts with a box and one for those without (SAM's
+        prompt encoder takes boxes for all rows of a call or for none), in the rows' order."""
+        parts, order = [], []
+        for rows in (np.flatnonzero(boxed), np.flatnonzero(~boxed)):
+            if not len(rows):
+                continue
+            part_points = None
+            if points is not None:  # padded to the most clicks of these rows only
+                most = int((points[1][rows] >= 0).sum(axis=1).max())
+                part_points = None if most == 0 else (
+                    torch.from_numpy(points[0][rows, :most]).float(),
+                    torch.from_numpy(points[1][rows, :most]))
+            parts.append(self.model.decode(
+                feats, torch.from_numpy(boxes[rows]).float() if boxed[rows[0]] else None,
+                None if words is None else [words[i] for i in rows],
+                hq=self._hq_features(feats), points=part_points))
+            order.extend(rows.tolist())
+        if len(parts) == 1:
+            return parts[0]
+        back = torch.from_numpy(np.argsort(order))
+
+        def joined(name: str) -> torch.Tensor | None:
+            values = [getattr(p, name) for p in parts]
+            return None if values[0] is None else torch.cat(values)[back]
+
+        return DecoderOutput(joined("low_res_logits"), joined("iou"), joined("sim_maps"),
+                             joined("text_scores"))
 
 
 def build_predictor(config: str = "tiny", weights_dir: str | None = None,

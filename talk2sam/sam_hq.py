@@ -96,17 +96,18 @@ def decode(
     sam: Sam,
     embedding: torch.Tensor,
     interm: torch.Tensor,
-    boxes_canvas: torch.Tensor,
+    boxes_canvas: torch.Tensor | None,
     mask_prompt: torch.Tensor | None,
     output: str = "sam+hq",
     map_gate: nn.Module | None = None,
     hq: torch.Tensor | None = None,
+    points: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode N boxes of ONE image in one call.
 
     Args:
         embedding: (1, C, g, g) image embedding; interm: (1, g, g, Cv) early ViT features.
-        boxes_canvas: (N, 4) XYXY boxes in SAM's padded canvas.
+        boxes_canvas: (N, 4) XYXY boxes in SAM's padded canvas, or None (clicks alone).
         mask_prompt: (N, 1, S/4, S/4) dense map in the low-res mask frame, or None (box only).
         output: "sam+hq" sums SAM's and the HQ token's logits (SAM-HQ's `hq_token_only=False`,
             its choice for thin objects); "hq" is the HQ token alone; "sam" is SAM's own
@@ -115,6 +116,8 @@ def decode(
             "no mask" + map_gate(encoded prompt) (residual mode).
         hq: `hq_features` of this image computed earlier with the same decoder weights, or
             None to compute them (training always does: they carry gradients).
+        points: clicks, SAM's point prompt: canvas coordinates (N, P, 2) and labels (N, P),
+            1 positive, 0 negative, -1 padding; None: no clicks.
     Returns:
         low-res logits (N, 1, S/4, S/4) and predicted IoU (N,).
     """
@@ -122,9 +125,9 @@ def decode(
         raise ValueError(f"decoder output must be one of {DECODER_OUTPUTS}, got {output!r}")
     decoder = sam.mask_decoder
     if map_gate is None:
-        sparse, dense = sam.prompt_encoder(points=None, boxes=boxes_canvas, masks=mask_prompt)
+        sparse, dense = sam.prompt_encoder(points=points, boxes=boxes_canvas, masks=mask_prompt)
     else:
-        sparse, dense = sam.prompt_encoder(points=None, boxes=boxes_canvas, masks=None)
+        sparse, dense = sam.prompt_encoder(points=points, boxes=boxes_canvas, masks=None)
         if mask_prompt is not None:
             dense = dense + map_gate(sam.prompt_encoder.mask_downscaling(mask_prompt))
     # as MaskDecoderHQ.forward does, but keeping SAM's and the HQ logits apart

@@ -150,3 +150,32 @@ def test_encoders_default_to_bfloat16_only_where_the_hardware_has_it(monkeypatch
     assert default_encoder_dtype(torch.device("cpu")) is torch.float32
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
     assert default_encoder_dtype(torch.device("cpu")) is torch.bfloat16
+
+
+def test_clicks_reach_the_decoder_and_a_prompt_may_be_clicks_alone(rgb_300x400):
+    predictor = Talk2SamPredictor(build_model(get_config("tiny", dense_mode="replace")))
+    predictor.set_image(rgb_300x400)
+    box = [[100, 49, 280, 85]]
+    plain = predictor.predict(box, "wire", return_logits=True)
+    clicked = predictor.predict(box, "wire", return_logits=True, clicks=[[(150, 60, False)]])
+    assert not np.allclose(plain.logits, clicked.logits)  # a negative click is a prompt token
+    # one call with a boxed prompt and a clicks-only one (NaN box) = the two calls alone
+    nan = [float("nan")] * 4
+    both = predictor.predict([box[0], nan], ["wire", "fence"], return_logits=True,
+                             clicks=[[(150, 60, False)], [(20, 200, True), (30, 210, True)]])
+    alone = predictor.predict([nan], "fence", return_logits=True,
+                              clicks=[[(20, 200, True), (30, 210, True)]])
+    np.testing.assert_allclose(both.logits[0], clicked.logits[0], atol=1e-4)
+    np.testing.assert_allclose(both.logits[1], alone.logits[0], atol=1e-4)
+    assert both.masks.shape == (2, 300, 400)
+
+
+def test_clicks_are_checked(rgb_300x400, tiny_predictor):
+    tiny_predictor.set_image(rgb_300x400)
+    nan = [float("nan")] * 4
+    with pytest.raises(InvalidPromptError, match="needs clicks"):
+        tiny_predictor.predict([nan], "wire")
+    with pytest.raises(InvalidPromptError, match="outside"):
+        tiny_predictor.predict([[1, 1, 50, 50]], "wire", clicks=[[(500, 10, True)]])
+    with pytest.raises(InvalidPromptError, match="at least one click"):
+        tiny_predictor.predict([[1, 1, 50, 50], nan], "wire", clicks=[[(10, 10, True)], []])
