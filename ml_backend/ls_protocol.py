@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any
 
@@ -28,6 +28,8 @@ from ml_backend.ls_format import clip_box_xyxy, rotated_box_pct_to_xyxy
 MAX_PROMPT_CHARS = 200  # as talk2sam.text.MAX_WORD_CHARS: refused here, before any job is queued
 # Each box comes back as a full-size mask: thousands of them would exhaust a worker's memory.
 MAX_BOXES_PER_TASK = 256
+CLICKS_ONLY_NOTE = ("clicks only: no box of this label on the task, so SAM's point prompt "
+                    "alone made this mask; draw a box for the word and the box to steer it")
 
 
 # ---------------------------------------------------------------- label config
@@ -46,6 +48,7 @@ class LabelConfig:
         prompt_name: name of a ``<TextArea>`` on the same image whose text overrides the
             label as prompt, or None.
         control_names: names of every control in the config.
+        keypoint_names: names of the ``<KeyPointLabels>`` controls on the image (clicks).
     """
 
     image_name: str
@@ -55,6 +58,7 @@ class LabelConfig:
     rectangle_names: tuple[str, ...]
     prompt_name: str | None
     control_names: frozenset[str]
+    keypoint_names: tuple[str, ...] = ()
 
 
 @lru_cache(maxsize=64)
@@ -107,6 +111,7 @@ def parse_label_config(xml: str) -> LabelConfig:
         rectangle_names=tuple(rectangles),
         prompt_name=prompts[0] if prompts else None,
         control_names=frozenset(c.name for c in controls),
+        keypoint_names=tuple(on_image("KeyPointLabels")),
     )
 
 
@@ -181,14 +186,89 @@ class BoxPrompt:
         text: free-text prompt typed for this box in the config's TextArea, or None.
         image_rotation: the editor's image rotation (degrees) when it was drawn; the
             coordinates are in the image's own frame, and the answer carries it back.
+        clicks: (x, y, positive) pixels refining this prompt (smart KeyPointLabels of the
+            same label; Alt+click is a negative one).
+        box_xyxy None: a prompt of clicks alone (no box of its label on the task).
     """
 
     label: str
-    box_xyxy: tuple[float, float, float, float]
+    box_xyxy: tuple[float, float, float, float] | None
     width: int
     height: int
     text: str | None = None
     image_rotation: int = 0
+    clicks: tuple[tuple[float, float, bool], ...] = ()
+
+
+@dataclass(frozen=True)
+class Click:
+    """One smart keypoint: its label, pixel position, sign and the image size it was put on."""
+
+    label: str
+    x: float
+    y: float
+    positive: bool
+    width: int
+    height: int
+
+
+def clicks_from_results(results: list[Any], config: LabelConfig, where: str) -> list[Click]:
+    """Keypoints of ``results`` (already checked to be a list of objects by
+    :func:`boxes_from_results`) on the config's KeyPointLabels.
+
+    Raises:
+        InvalidRequestError: on a malformed keypoint or a label not among the BrushLabels.
+    """
+    clicks = []
+    for item in results:
+        if item.get("type") != "keypointlabels" or item.get("from_name") not in \
+                config.keypoint_names:
+            continue
+        width, height = (_positive_int(item, key, where)
+                         for key in ("original_width", "original_height"))
+        value = item.get("value")
+        if not isinstance(value, dict):
+            raise InvalidRequestError(f"{where}: keypoint has no 'value' object")
+        x, y = (_finite(value, key, where, None) for key in ("x", "y"))
+        labels = value.get("keypointlabels")
+        if not isinstance(labels, list) or len(labels) != 1 or not isinstance(labels[0], str):
+            raise InvalidRequestError(f"{where}: keypoint must carry exactly one label")
+        if labels[0] not in config.brush_labels:
+            raise InvalidRequestError(
+                f"{where}: keypoint label {labels[0]!r} is not a label of BrushLabels "
+                f"{config.brush_name!r} ({', '.join(config.brush_labels)})")
+        positive = item.get("is_positive", True)  # Label Studio: top level, Alt+click False
+        clicks.append(Click(labels[0], min(max(x, 0.0), 100.0) * width / 100.0,
+                            min(max(y, 0.0), 100.0) * height / 100.0, positive is not False,
+                            width, height))
+    if len(clicks) > MAX_BOXES_PER_TASK:
+        raise InvalidRequestError(f"{where}: {len(clicks)} keypoints, more than "
+                                  f"{MAX_BOXES_PER_TASK} per task")
+    return clicks
+
+
+def with_clicks(boxes: list[BoxPrompt], clicks: list[Click], known: list[BoxPrompt]
+                ) -> list[BoxPrompt]:
+    """Pair clicks with the box of their label: among ``boxes`` (the request's), else among
+    ``known`` (the task's drafts, annotations and predictions, or the box answered last for
+    it), else none: the clicks alone prompt SAM. Labels with clicks and no box in ``boxes``
+    are appended, one prompt each."""
+    by_label: dict[str, list[Click]] = {}
+    for click in clicks:
+        by_label.setdefault(click.label, []).append(click)
+    out = []
+    for box in boxes:
+        own = by_label.pop(box.label, [])
+        out.append(replace(box, clicks=tuple((c.x, c.y, c.positive) for c in own)))
+    for label, own in by_label.items():
+        base = next((b for b in reversed(known) if b.label == label), None)
+        points = tuple((c.x, c.y, c.positive) for c in own)
+        if base is not None and (base.width, base.height) == (own[0].width, own[0].height):
+            out.append(replace(base, clicks=points))
+        else:
+            out.append(BoxPrompt(label=label, box_xyxy=None, width=own[0].width,
+                                 height=own[0].height, clicks=points))
+    return out
 
 
 def boxes_from_results(
@@ -330,7 +410,8 @@ def word_for_label(label: str, label_prompts: Mapping[str, str]) -> str:
 
 
 def brush_result(rle: list[int], width: int, height: int, label: str, config: LabelConfig,
-                 score: float, image_rotation: int = 0) -> dict[str, Any]:
+                 score: float, image_rotation: int = 0, clicks_only: bool = False
+                 ) -> dict[str, Any]:
     """One Label Studio brush result.
 
     Args:
@@ -340,11 +421,13 @@ def brush_result(rle: list[int], width: int, height: int, label: str, config: La
         config: the parsed label config (names of the control and image).
         score: the model's confidence for this mask (decoder-predicted IoU).
         image_rotation: the rotation of the box it answers (carried back as drawn).
+        clicks_only: the mask answers clicks with no box of their label; the region's meta
+            text says so (the editor shows it with the region).
 
     Returns:
         A ``brushlabels`` result item with its own region id.
     """
-    return {
+    item = {
         "id": uuid.uuid4().hex[:10],  # a region of its own (an id shared with the box would
         # make Label Studio merge them into one region)
         "from_name": config.brush_name,
@@ -356,3 +439,6 @@ def brush_result(rle: list[int], width: int, height: int, label: str, config: La
         "value": {"format": "rle", "rle": rle, "brushlabels": [label]},
         "score": float(score),
     }
+    if clicks_only:
+        item["meta"] = {"text": [CLICKS_ONLY_NOTE]}
+    return item

@@ -43,9 +43,11 @@ from ml_backend.ls_protocol import (
     LabelConfig,
     boxes_from_results,
     brush_result,
+    clicks_from_results,
     image_url_of,
     parse_label_config,
     task_boxes,
+    with_clicks,
     word_for_label,
 )
 from ml_backend.queue_client import QueueClient
@@ -55,6 +57,7 @@ from ml_backend.training_queue import TrainingQueue, TrainRequest
 from ml_backend.versions import utc_now
 
 log = logging.getLogger(__name__)
+LAST_BOX_TTL_S = 3600  # how long a click placed after its box is paired with that box
 
 
 @dataclass(frozen=True)
@@ -164,23 +167,73 @@ class Talk2SamBackend:
         config = parse_label_config(label_config)
         access = self._project_access(project)
         if context is not None:
-            return [self._interactive(tasks, context, config, access, request_id)]
+            return [self._interactive(tasks, context, config, access, request_id, project)]
         return self._batch(tasks, config, access, request_id)
 
     def _interactive(self, tasks: list[dict[str, Any]], context: dict[str, Any],
-                     config: LabelConfig, access: ProjectSetup,
-                     request_id: str) -> dict[str, Any]:
+                     config: LabelConfig, access: ProjectSetup, request_id: str,
+                     project: str | None) -> dict[str, Any]:
         if len(tasks) != 1:
             raise InvalidRequestError(
                 f"an interactive request carries one task, this one has {len(tasks)}")
-        boxes = boxes_from_results(context.get("result") or [], config, strict=True,
-                                   where="context")
+        results = context.get("result") or []
+        boxes = boxes_from_results(results, config, strict=True, where="context")
+        clicks = clicks_from_results(results, config, "context")
+        if clicks:  # the editor sends clicks without their box: pair them here
+            boxes = with_clicks(boxes, clicks, self._known_boxes(tasks[0], config, project))
         if not boxes:
             return self._empty()
         spec = self._spec(tasks[0], boxes, config, access, request_id)
         (answer,) = self.queue.predict([spec])
         self.observe_worker_version(answer.model_version)
+        self._remember_boxes(tasks[0], boxes, project)
         return self._task_prediction(answer, boxes, config)
+
+    def _known_boxes(self, task: dict[str, Any], config: LabelConfig, project: str | None
+                     ) -> list[BoxPrompt]:
+        """Boxes a click may refine, oldest first: the task's predictions, annotations and
+        drafts as the request carries them, then the box answered last for its label."""
+        known: list[BoxPrompt] = []
+        where = f"task {task.get('id')}"
+        for source in ("predictions", "annotations", "drafts"):
+            entries = task.get(source)
+            for entry in entries if isinstance(entries, list) else []:
+                if isinstance(entry, dict) and not entry.get("was_cancelled"):
+                    known += boxes_from_results(entry.get("result") or [], config,
+                                                strict=False, where=where)
+        if project and isinstance(task.get("id"), int):
+            try:
+                stored = self.queue.redis.hgetall(
+                    self.queue.keys.last_boxes(_project_id(project), task["id"]))
+            except RedisError as exc:
+                log.warning("last boxes of task %s unknown: %s", task.get("id"), exc)
+                stored = {}
+            for raw in stored.values():
+                data = json.loads(raw)
+                known.append(BoxPrompt(label=data["label"], box_xyxy=tuple(data["box"]),
+                                       width=data["width"], height=data["height"],
+                                       text=data.get("text"),
+                                       image_rotation=data.get("image_rotation", 0)))
+        return known
+
+    def _remember_boxes(self, task: dict[str, Any], boxes: list[BoxPrompt],
+                        project: str | None) -> None:
+        if not project or not isinstance(task.get("id"), int):
+            return
+        drawn = {b.label: json.dumps({"label": b.label, "box": list(b.box_xyxy), "width": b.width,
+                                      "height": b.height, "text": b.text,
+                                      "image_rotation": b.image_rotation})
+                 for b in boxes if b.box_xyxy is not None}
+        if not drawn:
+            return
+        key = self.queue.keys.last_boxes(_project_id(project), task["id"])
+        try:
+            pipe = self.queue.redis.pipeline()
+            pipe.hset(key, mapping=drawn)
+            pipe.expire(key, LAST_BOX_TTL_S)
+            pipe.execute()
+        except RedisError as exc:
+            log.warning("boxes of task %s not remembered: %s", task.get("id"), exc)
 
     def _batch(self, tasks: list[dict[str, Any]], config: LabelConfig, access: ProjectSetup,
                request_id: str) -> list[dict[str, Any] | list[Any]]:
@@ -332,15 +385,17 @@ class Talk2SamBackend:
             ls_token=access.access_token,
             width=width,
             height=height,
-            boxes_xyxy=[list(b.box_xyxy) for b in boxes],
+            boxes_xyxy=[None if b.box_xyxy is None else list(b.box_xyxy) for b in boxes],
             words=[b.text or word_for_label(b.label, access.label_prompts) for b in boxes],
+            clicks=[[[x, y, float(positive)] for x, y, positive in b.clicks] for b in boxes]
+            if any(b.clicks for b in boxes) else None,
         )
 
     def _task_prediction(self, answer: PredictJobResult, boxes: list[BoxPrompt],
                          config: LabelConfig) -> dict[str, Any]:
         results = [
             brush_result(p.rle, answer.width, answer.height, box.label, config, p.score,
-                         box.image_rotation)
+                         box.image_rotation, clicks_only=box.box_xyxy is None)
             for box, p in zip(boxes, answer.predictions)
         ]
         scores = [p.score for p in answer.predictions]

@@ -48,6 +48,11 @@ class RedisKeys:
         """Set of worker names that have announced themselves (dead ones are pruned lazily)."""
         return f"{self.prefix}workers"
 
+    def last_boxes(self, project: str, task: int) -> str:
+        """Hash: label -> JSON box the backend last answered for that task, with a TTL; clicks
+        placed later (sent without their box) are paired with it."""
+        return f"{self.prefix}last-boxes:{project}:{task}"
+
     def heartbeat(self, worker: str) -> str:
         """JSON :class:`WorkerHeartbeat` of ``worker``, expiring when it stops refreshing it."""
         return f"{self.prefix}heartbeat:{worker}"
@@ -143,8 +148,10 @@ class PredictJobSpec:
         ls_token: Label Studio token to download with, or None (the worker's own
             LABEL_STUDIO_API_KEY wins when set).
         width, height: original image size in pixels that the boxes refer to.
-        boxes_xyxy: N boxes, XYXY float pixels in that frame, already clipped to it.
+        boxes_xyxy: N boxes, XYXY float pixels in that frame, already clipped to it; None
+            for a prompt of clicks alone.
         words: N text prompts, or None for plain SAM-HQ (box only).
+        clicks: N lists of [x, y, positive] pixels in that frame, or None (no clicks).
     """
 
     request_id: str
@@ -154,8 +161,9 @@ class PredictJobSpec:
     ls_token: str | None
     width: int
     height: int
-    boxes_xyxy: list[list[float]] = field(default_factory=list)
+    boxes_xyxy: list[list[float] | None] = field(default_factory=list)
     words: list[str] | None = None
+    clicks: list[list[list[float]]] | None = None
 
     @property
     def image_key(self) -> str:

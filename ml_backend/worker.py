@@ -204,9 +204,9 @@ class WorkerRuntime:
         try:
             hit = self.model.set_image(lambda: self._load_rgb(spec), key=spec.image_key)
             height, width = self.model.features.height, self.model.features.width
-            boxes = _boxes_in_image_frame(spec, height, width)
+            boxes, clicks = _prompts_in_image_frame(spec, height, width)
             output = self.model.predict(boxes, None if spec.words is None else list(spec.words),
-                                        box_margin_px=box_margin(self.settings))
+                                        box_margin_px=box_margin(self.settings), clicks=clicks)
             predictions = [
                 BoxPrediction(rle=mask_to_rle(mask), score=float(score),
                               text_score=None if output.text_scores is None
@@ -244,14 +244,21 @@ class WorkerRuntime:
         return {"cached": True}
 
 
-def _boxes_in_image_frame(spec: PredictJobSpec, height: int, width: int) -> np.ndarray:
-    """(N, 4) float64 XYXY boxes rescaled from the frame Label Studio declared to the image's."""
-    boxes = np.asarray(spec.boxes_xyxy, dtype=np.float64).reshape(-1, 4)
+def _prompts_in_image_frame(spec: PredictJobSpec, height: int, width: int
+                            ) -> tuple[np.ndarray, list[list[tuple[float, float, bool]]] | None]:
+    """(N, 4) float64 XYXY boxes (a NaN row: clicks alone) and the clicks, rescaled from the
+    frame Label Studio declared to the image's."""
+    boxes = np.array([[np.nan] * 4 if b is None else b for b in spec.boxes_xyxy],
+                     dtype=np.float64).reshape(-1, 4)
+    sx, sy = 1.0, 1.0
     if (spec.width, spec.height) != (width, height):
         log.warning("task %s: Label Studio says %dx%d, image is %dx%d; rescaling boxes",
                     spec.task_id, spec.width, spec.height, width, height)
-        boxes = boxes * np.array([width / spec.width, height / spec.height] * 2)
-    return boxes
+        sx, sy = width / spec.width, height / spec.height
+        boxes = boxes * np.array([sx, sy] * 2)
+    clicks = None if spec.clicks is None else [
+        [(x * sx, y * sy, bool(positive)) for x, y, positive in row] for row in spec.clicks]
+    return boxes, clicks
 
 
 def _expected_error(exc: Exception) -> JobError | None:

@@ -63,10 +63,19 @@ class NoopPredictor:
         return False
 
     def predict(self, boxes_xyxy: np.ndarray, words: Sequence[str] | None = None,
-                box_margin_px: float | None = None) -> NoPrediction:
+                box_margin_px: float | None = None,
+                clicks: Sequence[Sequence[tuple[float, float, bool]]] | None = None
+                ) -> NoPrediction:
+        """Each box filled; a prompt of clicks alone (a NaN box): a 9 px square per positive
+        click."""
         height, width = self.features
         masks = np.zeros((len(boxes_xyxy), height, width), dtype=bool)
-        for mask, (x0, y0, x1, y1) in zip(masks, boxes_xyxy):
+        for i, (mask, (x0, y0, x1, y1)) in enumerate(zip(masks, boxes_xyxy)):
+            if np.isnan(x0):
+                for x, y, positive in (clicks[i] if clicks else []):
+                    if positive:
+                        mask[max(0, round(y) - 4):round(y) + 5, max(0, round(x) - 4):round(x) + 5] = True
+                continue
             mask[round(y0):round(y1), round(x0):round(x1)] = True
         return NoPrediction(masks, np.ones(len(boxes_xyxy), dtype=np.float32))
 

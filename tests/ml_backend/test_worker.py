@@ -8,7 +8,7 @@ import torch
 
 from ml_backend.errors import ImageFetchError
 from ml_backend.schemas import PredictJobSpec
-from ml_backend.worker import _boxes_in_image_frame, _expected_error
+from ml_backend.worker import _expected_error, _prompts_in_image_frame
 from ml_backend.worker_model import NoopPredictor
 from talk2sam.bounded_cache import BoundedCache
 
@@ -93,7 +93,7 @@ def test_boxes_follow_the_decoded_image_size(declared, actual, expected):
     spec = PredictJobSpec(request_id="r", task_id=1, image_url="u", ls_url=None, ls_token=None,
                           width=declared[0], height=declared[1],
                           boxes_xyxy=[[100.0, 49.0, 280.0, 85.0]], words=None)
-    assert _boxes_in_image_frame(spec, *actual).tolist() == [expected]
+    assert _prompts_in_image_frame(spec, *actual)[0].tolist() == [expected]
 
 
 def test_random_model_builds_the_configured_architecture_without_files(tmp_path):
