@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from talk2sam.data.randomized import CLASS_WORDS, CLASSES, RandomizedSample, RandomizedThinDataset
 from talk2sam.model import Talk2Sam
 from talk2sam.similarity import similarity_map
-from talk2sam.train import gt_to_canvas, served_mask
+from talk2sam.train import gt_to_canvas, sample_clicks, served_mask
 
 MAP_LOGIT_SCALE = 10.0  # cosine in [-1, 1] -> logits in [-10, 10]
 POSITIVE_WEIGHT = 10.0  # of an object pixel against a background pixel in the dense BCE
@@ -46,6 +46,8 @@ class PretrainConfig:
     iou_loss_weight: float = 5.0
     map_loss_weight: float = 1.0
     seed: int = 0
+    click_share: float = 0.5  # as train.TrainConfig: SAM's interactive training
+    click_rounds: int = 3
 
 
 def lr_factor(step: int, config: PretrainConfig) -> float:
@@ -85,11 +87,16 @@ def dense_mask_loss(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.T
 
 
 def sample_loss(model: Talk2Sam, sample: RandomizedSample, config: PretrainConfig,
-                rng: np.random.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-    """Mask + IoU-head + grounding loss of one sample, gradients reaching every part."""
+                rng: np.random.Generator, click_rng: np.random.Generator | None = None
+                ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Mask + IoU-head + grounding loss of one sample, gradients reaching every part; with
+    ``click_rng``, clicks as `train.sample_clicks` draws them for `config.click_share` of them."""
     feats = model.encode_image(torch.from_numpy(sample.image))
     box = torch.from_numpy(sample.box_xyxy)[None]
-    out = model.decode(feats, box, [sample.word])
+    points = None if click_rng is None else sample_clicks(
+        model, feats, box[0], [sample.word], sample.masks[sample.target], click_rng,
+        config.click_share, config.click_rounds, 0.0)
+    out = model.decode(feats, box, [sample.word], points=points)
     target = gt_to_canvas(sample.masks[sample.target], model.long_side)[None].float() / 255
     bce, dice = dense_mask_loss(out.low_res_logits, target)
     with torch.no_grad():
@@ -112,6 +119,7 @@ def pretrain(model: Talk2Sam, config: PretrainConfig,
     the same run); returns one history entry per step. Leaves the model in eval mode."""
     torch.manual_seed(config.seed)
     rng = np.random.default_rng([config.seed, 1])
+    click_rng = np.random.default_rng([config.seed, 2])  # its own stream: the rest stays as it was
     data = RandomizedThinDataset(config.steps * config.batch_size, seed=config.seed)
     params = list(model.parameters())
     for p in params:
@@ -129,7 +137,7 @@ def pretrain(model: Talk2Sam, config: PretrainConfig,
         parts: dict[str, float] = {}
         for k in range(config.batch_size):  # one backward per sample: images differ in size
             loss, terms = sample_loss(model, data.sample(step * config.batch_size + k), config,
-                                      rng)
+                                      rng, click_rng)
             (loss / config.batch_size).backward()
             for key, value in terms.items():
                 parts[key] = parts.get(key, 0.0) + value / config.batch_size

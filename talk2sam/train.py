@@ -37,6 +37,7 @@ from talk2sam.build import (
 )
 from talk2sam.data.items import Item, ItemDataset
 from talk2sam.errors import ConfigError, DiskSpaceError
+from talk2sam.clicks import largest_error_click, random_error_click
 from talk2sam.losses import mask_loss
 from talk2sam.metrics import ScoreAggregator
 from talk2sam.configs import ModelConfig
@@ -68,6 +69,11 @@ class TrainConfig:
     max_seconds: float | None = None  # stop after the epoch that crosses this budget
     save_every_steps: int = 50  # mid-epoch state saves (0: only after each epoch)
     num_workers: int = 0  # DataLoader workers reading examples (LazyExamples: files)
+    # SAM's interactive training: this share of the examples get 1..click_rounds clicks, each
+    # drawn from the errors of the mask the clicks before it gave (talk2sam.clicks), so the
+    # decoder learns to use positive and negative points next to the box and the word
+    click_share: float = 0.5
+    click_rounds: int = 3
 
     def validate(self) -> None:
         if self.optimizer not in ("sgd", "adamw"):
@@ -289,6 +295,7 @@ class Trainer:
         else:
             self.optimizer = torch.optim.AdamW(self.params, lr=config.lr,
                                                weight_decay=config.weight_decay)
+        self._click_rng = np.random.default_rng(config.seed)  # which examples get clicks, where
         self.epoch = 0
         self.step = 0  # steps done in the current epoch
         self._sums = [0.0, 0.0]  # loss and IoU-head loss summed over the epoch's steps
@@ -310,6 +317,7 @@ class Trainer:
             "trained": trained_state(self.model, self.config.clip_mode),
             "optimizer": self.optimizer.state_dict(),
             "rng": torch.get_rng_state(),
+            "click_rng": self._click_rng.bit_generator.state,
         }, self.state_path)
 
     def try_resume(self) -> bool:
@@ -334,6 +342,8 @@ class Trainer:
         self.step, self._sums = state.get("step", 0), state.get("sums", [0.0, 0.0])
         self.best = state.get("best")
         self._examples = state.get("examples")
+        if "click_rng" in state:
+            self._click_rng.bit_generator.state = state["click_rng"]
         changed = [k for k in RUN_DEFINING if state["config"].get(k) != getattr(self.config, k)]
         if changed:
             raise ConfigError(f"{self.state_path} was trained with other {changed}; resume "
@@ -355,7 +365,8 @@ class Trainer:
         for ex in batch:
             words = [ex.word] if self.model.uses_text else None
             features = ex.features.to(device)
-            out = self.model.decode(features, ex.box_xyxy[None], words)
+            points = self._sample_clicks(ex, features, words)
+            out = self.model.decode(features, ex.box_xyxy[None], words, points=points)
             target = ex.target[None].to(device).float() / 255.0
             bce, dice = mask_loss(out.low_res_logits, target,
                                   cfg.num_points, cfg.oversample, cfg.importance)
@@ -366,6 +377,12 @@ class Trainer:
             losses.append(bce + dice + cfg.iou_loss_weight * iou_loss)
         self.last_iou_loss = float(torch.stack(iou_losses).mean())
         return torch.stack(losses).mean()
+
+    def _sample_clicks(self, ex: Example, features: ImageFeatures, words: list[str] | None
+                       ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        cfg = self.config
+        return sample_clicks(self.model, features, ex.box_xyxy, words, ex.gt, self._click_rng,
+                             cfg.click_share, cfg.click_rounds, cfg.box_margin_px)
 
     def fit(self, examples: Sequence[Example] | LazyExamples, resume: bool = True,
             val: Sequence[Example] | LazyExamples | None = None,
@@ -455,6 +472,38 @@ class Trainer:
                                       "history": self.history})
 
 
+@torch.no_grad()
+def sample_clicks(model: Talk2Sam, features: ImageFeatures, box_xyxy: torch.Tensor,
+                  words: list[str] | None, gt: np.ndarray, rng: np.random.Generator,
+                  share: float, rounds: int, box_margin_px: float | None
+                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """SAM's interactive training: None (box and word only) for 1 - ``share`` of the calls;
+    else 1..``rounds`` clicks, each drawn from the errors of the mask the clicks before it gave.
+    Returns the clicks as the decoder takes them."""
+    if rounds < 1 or rng.random() >= share:
+        return None
+    clicks: list[tuple[float, float, bool]] = []
+    for _ in range(int(rng.integers(1, rounds + 1))):
+        out = model.decode(features, box_xyxy[None], words, points=_points(clicks))
+        pred = served_mask(model, out.low_res_logits, features, box_xyxy,
+                           box_margin_px).cpu().numpy()
+        click = random_error_click(pred, gt, rng)
+        if click is None:
+            break
+        clicks.append(click)
+    return _points(clicks)
+
+
+def _points(clicks: Sequence[tuple[float, float, bool]]
+            ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """One prompt's clicks as the decoder takes them: (1, P, 2) pixels and (1, P) labels."""
+    if not clicks:
+        return None
+    coords = torch.tensor([[[x, y] for x, y, _ in clicks]], dtype=torch.float32)
+    labels = torch.tensor([[int(positive) for _, _, positive in clicks]])
+    return coords, labels
+
+
 def served_mask(model: Talk2Sam, low_res_logits: torch.Tensor, features: ImageFeatures,
                 box_xyxy: torch.Tensor, box_margin_px: float | None) -> torch.Tensor:
     """(H, W) bool on the model's device: the mask the predictor returns for one box (logit > 0
@@ -513,3 +562,30 @@ def evaluate(model: Talk2Sam, examples: Sequence[Example], dataset: str = "data"
         pred, _, score = predict_example(model, ex, output, use_text, box_margin_px)
         agg.add(dataset, pred, ex.gt, seconds=time.perf_counter() - start, predicted_iou=score)
     return agg
+
+
+@torch.no_grad()
+def click_miou(model: Talk2Sam, examples: Sequence[Example], rounds: Sequence[int] = (0, 1, 3),
+               box_margin_px: float | None = 0.0) -> dict[int, float]:
+    """mIoU of the served masks after k clicks, each at the largest error region of the mask
+    the clicks before it gave (`clicks.largest_error_click`), for each k in ``rounds``."""
+    from talk2sam.metrics import mask_iou
+
+    model.eval()
+    ious: dict[int, list[float]] = {k: [] for k in rounds}
+    for ex in examples:
+        words = [ex.word] if model.uses_text else None
+        features = ex.features.to(model.device)
+        clicks: list[tuple[float, float, bool]] = []
+        iou = 0.0
+        for k in range(max(rounds) + 1):
+            if k == 0 or clicks[-1] is not None:
+                out = model.decode(features, ex.box_xyxy[None], words,
+                                   points=_points([c for c in clicks if c is not None]))
+                pred = served_mask(model, out.low_res_logits, features, ex.box_xyxy,
+                                   box_margin_px).cpu().numpy()
+                iou = mask_iou(pred, ex.gt)
+                clicks.append(largest_error_click(pred, ex.gt))  # None: perfect, stays so
+            if k in ious:
+                ious[k].append(iou)
+    return {k: float(np.mean(v)) for k, v in ious.items()}
