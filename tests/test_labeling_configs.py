@@ -37,19 +37,20 @@ def interface_of(path: Path) -> LabelInterface:
 def test_config_has_exactly_the_controls_we_need(config_path: Path) -> None:
     interface = interface_of(config_path)
     controls = {c.name: c for c in interface.controls}
-    expected = {"box": "RectangleLabels", "mask": "BrushLabels"}
+    expected = {"box": "RectangleLabels", "mask": "BrushLabels", "click": "KeyPointLabels"}
     if config_path.name in FREE_TEXT_CONFIGS:
         expected["prompt"] = "TextArea"
     assert {name: c.tag for name, c in controls.items()} == expected
     assert [(o.name, o.tag, o.value) for o in interface.objects] == [("image", "Image", "$image")]
     assert all(c.to_name == ["image"] for c in controls.values())
     assert controls["box"].attr.get("smart") == "true"
+    assert controls["click"].attr.get("smart") == "true"
 
 
 def test_rectangle_labels_equal_brush_labels(config_path: Path) -> None:
     controls = {c.name: c for c in interface_of(config_path).controls}
     box, mask = controls["box"].labels, controls["mask"].labels
-    assert box == mask
+    assert box == mask == controls["click"].labels
     assert len(set(box)) == len(box) >= 1
 
 

@@ -94,6 +94,16 @@ def rectangle(image: WireImage, label: str, region_id: str) -> dict[str, Any]:
             "image_rotation": 0, "value": {**image.box_pct, "rectanglelabels": [label]}}
 
 
+def keypoint(image: WireImage, label: str, x: float, y: float, positive: bool,
+             region_id: str) -> dict[str, Any]:
+    """A smart keypoint as the editor sends it: the sign at the top level (Alt+click: False)."""
+    return {"id": region_id, "from_name": "click", "to_name": "image", "type": "keypointlabels",
+            "origin": "manual", "original_width": image.width, "original_height": image.height,
+            "image_rotation": 0, "is_positive": positive,
+            "value": {"x": 100 * x / image.width, "y": 100 * y / image.height, "width": 0.6,
+                      "keypointlabels": [label]}}
+
+
 def region_prompt(image: WireImage, region_id: str, text: str) -> dict[str, Any]:
     """A per-region TextArea result: same id as its rectangle, the rectangle's geometry."""
     return {"id": region_id, "from_name": "prompt", "to_name": "image", "type": "textarea",
@@ -272,6 +282,40 @@ def test_demo_model_segments_a_wire_under_lower_case_labels(
         (item,) = brush_items(data["result"])
         covered.append(wire_coverage(assert_mask_covers_wire(item, image, "wire"), image))
     assert np.mean(covered) >= MEAN_WIRE_COVERAGE, covered
+    ls_client.projects.delete(project_id)
+
+
+def test_clicks_sent_without_their_box_refine_it_and_a_click_alone_is_labelled(
+        label_studio: LabelStudioServer, ls_client: LabelStudio, backend: Backend) -> None:
+    """The contexts the editor sends: a rectangle first, then keypoint-only contexts."""
+    from scipy import ndimage
+
+    project_id = create_project(ls_client, "wires.xml", "e2e clicks")
+    images = make_images(label_studio.files_root / "e2e", "click", [50, 51])
+    (boxed_task, alone_task) = import_local_files(ls_client, label_studio, project_id, images)
+    ml_id = int(ls_client.ml.create(project=project_id, url=backend.url, is_interactive=True).id)
+    image = images[0]
+    predict_interactive(ls_client, ml_id, boxed_task,
+                        {"result": [rectangle(image, "Power line", "r1")]})
+    # a negative click in the box, away from the wire: the editor sends the keypoint alone
+    x0, y0, x1, y1 = image.box_xyxy
+    far = ndimage.distance_transform_edt(~image.mask)
+    inside = np.zeros_like(image.mask)
+    inside[int(y0) + 1:int(y1) - 1, int(x0) + 1:int(x1) - 1] = True
+    cy, cx = np.unravel_index(np.argmax(np.where(inside, far, 0)), far.shape)
+    data = predict_interactive(ls_client, ml_id, boxed_task, {"result": [
+        keypoint(image, "Power line", float(cx), float(cy), False, "k1")]})
+    (item,) = brush_items(data["result"])
+    assert "meta" not in item  # paired with the box drawn before: its mask, cut to that box
+    assert_mask_covers_wire(item, image, "Power line")
+    # a click on the other task, which has no box of that label: a mask of the click alone
+    ys, xs = np.nonzero(images[1].mask)
+    data = predict_interactive(ls_client, ml_id, alone_task, {"result": [
+        keypoint(images[1], "Power line", float(xs[len(xs) // 2]), float(ys[len(ys) // 2]),
+                 True, "k2")]})
+    (item,) = brush_items(data["result"])
+    assert item["meta"]["text"][0].startswith("clicks only"), item.get("meta")
+    assert item["value"]["brushlabels"] == ["Power line"]
     ls_client.projects.delete(project_id)
 
 
