@@ -30,14 +30,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def pid_alive(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie."""
+def _answers(send: Callable[[int, int], None], target: int) -> bool:
+    """Whether signal 0 reaches ``target`` (a pid with os.kill, a group with os.killpg)."""
     try:
-        os.kill(pid, 0)
+        send(target, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        return True  # it exists, it is someone else's
+    return True
+
+
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    if not _answers(os.kill, pid):
+        return False
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
@@ -164,13 +171,7 @@ def stop_children(children: Sequence[Child], grace_s: float) -> list[Child]:
 
 
 def _group_exists(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return _answers(os.killpg, pgid)
 
 
 def spawn(role: str, argv: Sequence[str], env: Mapping[str, str], log_path: Path | None = None,
