@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
 from label_studio_sdk.label_interface import LabelInterface
 
@@ -186,9 +186,8 @@ class BoxPrompt:
         text: free-text prompt typed for this box in the config's TextArea, or None.
         image_rotation: the editor's image rotation (degrees) when it was drawn; the
             coordinates are in the image's own frame, and the answer carries it back.
-        clicks: (x, y, positive) pixels refining this prompt (smart KeyPointLabels of the
-            same label; Alt+click is a negative one).
-        box_xyxy None: a prompt of clicks alone (no box of its label on the task).
+        clicks: (x, y, positive) pixels of the same label's smart keypoints refining it;
+            with ``box_xyxy`` None, a prompt of clicks alone (no box of the label on the task).
     """
 
     label: str
@@ -200,8 +199,7 @@ class BoxPrompt:
     clicks: tuple[tuple[float, float, bool], ...] = ()
 
 
-@dataclass(frozen=True)
-class Click:
+class Click(NamedTuple):
     """One smart keypoint: its label, pixel position, sign and the image size it was put on."""
 
     label: str
@@ -213,61 +211,43 @@ class Click:
 
 
 def clicks_from_results(results: list[Any], config: LabelConfig, where: str) -> list[Click]:
-    """Keypoints of ``results`` (already checked to be a list of objects by
-    :func:`boxes_from_results`) on the config's KeyPointLabels.
-
-    Raises:
-        InvalidRequestError: on a malformed keypoint or a label not among the BrushLabels.
-    """
+    """Keypoints of ``results`` (a list of objects, as :func:`boxes_from_results` checked) on
+    the config's KeyPointLabels; a malformed one or a label not among the BrushLabels: 400."""
     clicks = []
     for item in results:
         if item.get("type") != "keypointlabels" or item.get("from_name") not in \
                 config.keypoint_names:
             continue
-        width, height = (_positive_int(item, key, where)
-                         for key in ("original_width", "original_height"))
-        value = item.get("value")
-        if not isinstance(value, dict):
-            raise InvalidRequestError(f"{where}: keypoint has no 'value' object")
+        width, height, value = _sized_value(item, where, "keypoint")
         x, y = (_finite(value, key, where, None) for key in ("x", "y"))
-        labels = value.get("keypointlabels")
-        if not isinstance(labels, list) or len(labels) != 1 or not isinstance(labels[0], str):
-            raise InvalidRequestError(f"{where}: keypoint must carry exactly one label")
-        if labels[0] not in config.brush_labels:
-            raise InvalidRequestError(
-                f"{where}: keypoint label {labels[0]!r} is not a label of BrushLabels "
-                f"{config.brush_name!r} ({', '.join(config.brush_labels)})")
+        label = _brush_label(value, "keypointlabels", config, where)
         positive = item.get("is_positive", True)  # Label Studio: top level, Alt+click False
-        clicks.append(Click(labels[0], min(max(x, 0.0), 100.0) * width / 100.0,
+        clicks.append(Click(label, min(max(x, 0.0), 100.0) * width / 100.0,
                             min(max(y, 0.0), 100.0) * height / 100.0, positive is not False,
                             width, height))
     if len(clicks) > MAX_BOXES_PER_TASK:
-        raise InvalidRequestError(f"{where}: {len(clicks)} keypoints, more than "
-                                  f"{MAX_BOXES_PER_TASK} per task")
+        raise InvalidRequestError(f"{where}: {len(clicks)} keypoints, over {MAX_BOXES_PER_TASK}")
     return clicks
 
 
 def with_clicks(boxes: list[BoxPrompt], clicks: list[Click], known: list[BoxPrompt]
                 ) -> list[BoxPrompt]:
-    """Pair clicks with the box of their label: among ``boxes`` (the request's), else among
-    ``known`` (the task's drafts, annotations and predictions, or the box answered last for
-    it), else none: the clicks alone prompt SAM. Labels with clicks and no box in ``boxes``
-    are appended, one prompt each."""
+    """Pair clicks with the box of their label: among ``boxes`` (the request's), else the last
+    of ``known`` (the task's own, the box answered last), else none (the clicks alone prompt
+    SAM). Labels with clicks and no box in ``boxes`` are appended, one prompt each."""
     by_label: dict[str, list[Click]] = {}
     for click in clicks:
         by_label.setdefault(click.label, []).append(click)
-    out = []
-    for box in boxes:
-        own = by_label.pop(box.label, [])
-        out.append(replace(box, clicks=tuple((c.x, c.y, c.positive) for c in own)))
+
+    def points(own: list[Click]) -> tuple[tuple[float, float, bool], ...]:
+        return tuple((c.x, c.y, c.positive) for c in own)
+
+    out = [replace(box, clicks=points(by_label.pop(box.label, []))) for box in boxes]
     for label, own in by_label.items():
         base = next((b for b in reversed(known) if b.label == label), None)
-        points = tuple((c.x, c.y, c.positive) for c in own)
-        if base is not None and (base.width, base.height) == (own[0].width, own[0].height):
-            out.append(replace(base, clicks=points))
-        else:
-            out.append(BoxPrompt(label=label, box_xyxy=None, width=own[0].width,
-                                 height=own[0].height, clicks=points))
+        if base is None or (base.width, base.height) != (own[0].width, own[0].height):
+            base = BoxPrompt(label=label, box_xyxy=None, width=own[0].width, height=own[0].height)
+        out.append(replace(base, clicks=points(own)))
     return out
 
 
@@ -341,30 +321,42 @@ def _prompt_texts(results: list[dict[str, Any]], config: LabelConfig) -> dict[An
 
 def _box_prompt(item: Mapping[str, Any], config: LabelConfig, where: str,
                 text: str | None) -> BoxPrompt:
-    width, height = (_positive_int(item, key, where) for key in ("original_width", "original_height"))
-    value = item.get("value")
-    if not isinstance(value, dict):
-        raise InvalidRequestError(f"{where}: rectangle has no 'value' object")
+    width, height, value = _sized_value(item, where, "rectangle")
     x, y, w, h, rotation = (_finite(value, key, where, default)
                             for key, default in (("x", None), ("y", None), ("width", None),
                                                  ("height", None), ("rotation", 0.0)))
     if w <= 0 or h <= 0:
         raise InvalidRequestError(f"{where}: rectangle width and height must be positive")
-    labels = value.get("rectanglelabels")
-    if not isinstance(labels, list) or len(labels) != 1 or not isinstance(labels[0], str):
-        raise InvalidRequestError(f"{where}: rectangle must carry exactly one rectanglelabels label")
-    label = labels[0]
-    if label not in config.brush_labels:
-        raise InvalidRequestError(
-            f"{where}: label {label!r} is not a label of BrushLabels {config.brush_name!r} "
-            f"({', '.join(config.brush_labels)})"
-        )
+    label = _brush_label(value, "rectanglelabels", config, where)
     box = rotated_box_pct_to_xyxy(x, y, w, h, rotation, width, height)
     turned = item.get("image_rotation", 0)
     image_rotation = int(turned) % 360 if isinstance(turned, (int, float)) and not isinstance(
         turned, bool) and math.isfinite(turned) and int(turned) % 90 == 0 else 0
     return BoxPrompt(label=label, box_xyxy=clip_box_xyxy(box, width, height),
                      width=width, height=height, text=text, image_rotation=image_rotation)
+
+
+def _sized_value(item: Mapping[str, Any], where: str, noun: str
+                 ) -> tuple[int, int, Mapping[str, Any]]:
+    """A region's original image size and its ``value`` object."""
+    width, height = (_positive_int(item, key, where) for key in ("original_width", "original_height"))
+    value = item.get("value")
+    if not isinstance(value, dict):
+        raise InvalidRequestError(f"{where}: {noun} has no 'value' object")
+    return width, height, value
+
+
+def _brush_label(value: Mapping[str, Any], key: str, config: LabelConfig, where: str) -> str:
+    """The one label of a rectangle or keypoint, which must be one of the BrushLabels."""
+    labels = value.get(key)
+    if not isinstance(labels, list) or len(labels) != 1 or not isinstance(labels[0], str):
+        noun = "rectangle" if key == "rectanglelabels" else "keypoint"
+        raise InvalidRequestError(f"{where}: {noun} must carry exactly one {key} label")
+    if labels[0] not in config.brush_labels:
+        raise InvalidRequestError(
+            f"{where}: label {labels[0]!r} is not a label of BrushLabels {config.brush_name!r} "
+            f"({', '.join(config.brush_labels)})")
+    return labels[0]
 
 
 def _positive_int(item: Mapping[str, Any], key: str, where: str) -> int:
@@ -387,18 +379,32 @@ def task_boxes(task: Mapping[str, Any], config: LabelConfig) -> list[BoxPrompt]:
 
     Cancelled (skipped) annotations are ignored; so are drafts.
     """
-    where = f"task {task.get('id')}"
     for source in ("annotations", "predictions"):
-        entries = task.get(source) or []
-        if not isinstance(entries, list):
-            raise InvalidRequestError(f"{where}: {source!r} must be a list")
-        for entry in reversed(entries):
-            if not isinstance(entry, dict) or entry.get("was_cancelled"):
-                continue
-            boxes = boxes_from_results(entry.get("result") or [], config, strict=False, where=where)
+        for boxes in _entry_boxes(task, config, source, newest_first=True):
             if boxes:
                 return boxes
     return []
+
+
+def known_boxes(task: Mapping[str, Any], config: LabelConfig) -> list[BoxPrompt]:
+    """Every rectangle a click may refine, oldest first: the task's predictions, then its
+    annotations, then its drafts (what the interactive /predict carries)."""
+    return [box for source in ("predictions", "annotations", "drafts")
+            for boxes in _entry_boxes(task, config, source) for box in boxes]
+
+
+def _entry_boxes(task: Mapping[str, Any], config: LabelConfig, source: str,
+                 newest_first: bool = False) -> Iterator[list[BoxPrompt]]:
+    """The rectangles of each entry of ``task[source]``, one entry at a time (a caller that
+    stops early parses no further), cancelled ones skipped."""
+    where = f"task {task.get('id')}"
+    entries = task.get(source) or []
+    if not isinstance(entries, list):
+        raise InvalidRequestError(f"{where}: {source!r} must be a list")
+    for entry in reversed(entries) if newest_first else entries:
+        if isinstance(entry, dict) and not entry.get("was_cancelled"):
+            yield boxes_from_results(entry.get("result") or [], config, strict=False,
+                                     where=where)
 
 
 def word_for_label(label: str, label_prompts: Mapping[str, str]) -> str:

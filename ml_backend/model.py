@@ -45,6 +45,7 @@ from ml_backend.ls_protocol import (
     brush_result,
     clicks_from_results,
     image_url_of,
+    known_boxes,
     parse_label_config,
     task_boxes,
     with_clicks,
@@ -193,14 +194,7 @@ class Talk2SamBackend:
                      ) -> list[BoxPrompt]:
         """Boxes a click may refine, oldest first: the task's predictions, annotations and
         drafts as the request carries them, then the box answered last for its label."""
-        known: list[BoxPrompt] = []
-        where = f"task {task.get('id')}"
-        for source in ("predictions", "annotations", "drafts"):
-            entries = task.get(source)
-            for entry in entries if isinstance(entries, list) else []:
-                if isinstance(entry, dict) and not entry.get("was_cancelled"):
-                    known += boxes_from_results(entry.get("result") or [], config,
-                                                strict=False, where=where)
+        known = known_boxes(task, config)
         if project and isinstance(task.get("id"), int):
             try:
                 stored = self.queue.redis.hgetall(

@@ -66,7 +66,7 @@ from typing import TypeVar
 from urllib.parse import parse_qs, urlparse
 
 from ml_backend.errors import SettingsError
-from talk2sam.weights import DEFAULT_WEIGHTS_DIR  # the registry of files only: no torch
+from talk2sam.weights import DEFAULT_WEIGHTS_DIR, weights_dir  # file registry: no torch
 
 T = TypeVar("T")
 
@@ -162,7 +162,7 @@ class Settings:
             or get.opt("LABEL_STUDIO_HOST", _http_url),
             label_studio_api_key=get.opt("LABEL_STUDIO_API_KEY", str)
             or get.opt("LABEL_STUDIO_ACCESS_TOKEN", str),
-            model_dir=get.opt("MODEL_DIR", str) or get("TALK2SAM_WEIGHTS_DIR", str, d.model_dir),
+            model_dir=str(weights_dir(env=env)),  # MODEL_DIR, its older name, the default
             basic_auth_user=get.opt("BASIC_AUTH_USER", str),
             basic_auth_pass=get.opt("BASIC_AUTH_PASS", str),
             api_token=get.opt("API_TOKEN", str),

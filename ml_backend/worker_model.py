@@ -20,6 +20,7 @@ from ml_backend.errors import ModelError, VersionError
 from ml_backend.settings import Settings
 from ml_backend.versions import ServingVersion, VersionRegistry
 from talk2sam.bounded_cache import BoundedCache
+from talk2sam.prediction import Prediction
 
 log = logging.getLogger("ml_backend.worker")
 
@@ -27,14 +28,6 @@ log = logging.getLogger("ml_backend.worker")
 class ImageSize(NamedTuple):
     height: int
     width: int
-
-
-class NoPrediction:
-    """What ``NoopPredictor.predict`` returns: the fields of ``talk2sam.predictor.Prediction``
-    that a worker reads."""
-
-    def __init__(self, masks: np.ndarray, scores: np.ndarray):
-        self.masks, self.scores, self.text_scores = masks, scores, None
 
 
 class NoopPredictor:
@@ -65,7 +58,7 @@ class NoopPredictor:
     def predict(self, boxes_xyxy: np.ndarray, words: Sequence[str] | None = None,
                 box_margin_px: float | None = None,
                 clicks: Sequence[Sequence[tuple[float, float, bool]]] | None = None
-                ) -> NoPrediction:
+                ) -> Prediction:
         """Each box filled; a prompt of clicks alone (a NaN box): a 9 px square per positive
         click."""
         height, width = self.features
@@ -77,7 +70,8 @@ class NoopPredictor:
                         mask[max(0, round(y) - 4):round(y) + 5, max(0, round(x) - 4):round(x) + 5] = True
                 continue
             mask[round(y0):round(y1), round(x0):round(x1)] = True
-        return NoPrediction(masks, np.ones(len(boxes_xyxy), dtype=np.float32))
+        return Prediction(masks=masks, logits=None, scores=np.ones(len(masks), np.float32),
+                          text_scores=None, sim_maps=None)
 
     def cached_keys(self) -> list[str]:
         return self.cache.keys()

@@ -44,6 +44,7 @@ if str(REPO) not in sys.path:  # run as a file: make talk2sam and ml_backend imp
     sys.path.insert(0, str(REPO))
 
 from ml_backend.processes import Child, free_port, spawn, stop_children, wait_until
+from ml_backend.stack import health
 from talk2sam.bench import (
     Table,
     fmt_ms,
@@ -182,7 +183,6 @@ class Stack:
         return next(iter(self.apps.values()))[1]
 
     def wait_ready(self) -> None:
-        import httpx
         from redis import Redis
 
         from ml_backend.schemas import RedisKeys
@@ -192,7 +192,7 @@ class Stack:
         wait_until(lambda: all(client.exists(keys.heartbeat(n)) for n in self.workers),
                    "workers", START_TIMEOUT_S, children, 0.05)
         for name, (_, url) in self.apps.items():
-            wait_until(lambda: _health_ok(httpx, url), name, START_TIMEOUT_S, children, 0.05)
+            wait_until(lambda: health(url) is not None, name, START_TIMEOUT_S, children, 0.05)
 
     def rss(self) -> dict[str, float | None]:
         out = {name: rss_peak_mib(p.pid) for name, p in self.workers.items()}
@@ -202,13 +202,6 @@ class Stack:
 
     def stop(self) -> None:
         stop_children(list(self.workers.values()) + [c for c, _ in self.apps.values()], 15.0)
-
-
-def _health_ok(httpx, url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/health", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def flush(redis_url: str) -> None:

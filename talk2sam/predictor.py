@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -17,22 +16,9 @@ from talk2sam import geometry, sam_hq
 from talk2sam.errors import ImageNotSetError, InvalidImageError, InvalidPromptError
 from talk2sam.bounded_cache import BoundedCache
 from talk2sam.model import DecoderOutput, ImageFeatures, Talk2Sam
+from talk2sam.prediction import Prediction
 
 MAX_PIXELS_DEFAULT = 100_000_000
-
-
-@dataclass
-class Prediction:
-    """masks: (N, H, W) bool, original frame; logits: (N, S/4, S/4) float32, SAM's low-res padded
-    frame, or None unless `predict(..., return_logits=True)`; scores: (N,) float32 predicted IoU clipped to [0, 1] (the decoder's confidence);
-    text_scores: (N,) float32 eq. 4 max-head similarity, or None (box only);
-    sim_maps: (N, gh, gw) float32, DINOv2 square frame, or None."""
-
-    masks: np.ndarray
-    logits: np.ndarray | None
-    scores: np.ndarray
-    text_scores: np.ndarray | None
-    sim_maps: np.ndarray | None
 
 
 def normalize_image(image: np.ndarray, max_pixels: int = MAX_PIXELS_DEFAULT) -> np.ndarray:

@@ -365,7 +365,9 @@ class Trainer:
         for ex in batch:
             words = [ex.word] if self.model.uses_text else None
             features = ex.features.to(device)
-            points = self._sample_clicks(ex, features, words)
+            points = sample_clicks(self.model, features, ex.box_xyxy, words, ex.gt,
+                                   self._click_rng, cfg.click_share, cfg.click_rounds,
+                                   cfg.box_margin_px)
             out = self.model.decode(features, ex.box_xyxy[None], words, points=points)
             target = ex.target[None].to(device).float() / 255.0
             bce, dice = mask_loss(out.low_res_logits, target,
@@ -377,12 +379,6 @@ class Trainer:
             losses.append(bce + dice + cfg.iou_loss_weight * iou_loss)
         self.last_iou_loss = float(torch.stack(iou_losses).mean())
         return torch.stack(losses).mean()
-
-    def _sample_clicks(self, ex: Example, features: ImageFeatures, words: list[str] | None
-                       ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        cfg = self.config
-        return sample_clicks(self.model, features, ex.box_xyxy, words, ex.gt, self._click_rng,
-                             cfg.click_share, cfg.click_rounds, cfg.box_margin_px)
 
     def fit(self, examples: Sequence[Example] | LazyExamples, resume: bool = True,
             val: Sequence[Example] | LazyExamples | None = None,

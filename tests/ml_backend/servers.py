@@ -15,11 +15,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlparse
 
-import httpx
 import pytest
 import redis
 
 from ml_backend.processes import Child, free_port, spawn, wait_until
+from ml_backend.stack import health
 from tests.ml_backend.conftest import (
     LEGACY_TOKEN,
     REPO,
@@ -136,15 +136,7 @@ def uvicorn_app(env: dict[str, str], log_path: Path) -> Iterator[str]:
                         str(port)], env, log_path, cwd=REPO)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until(lambda: _answers(f"{url}/health"), "the app", 60, [app], 0.2)
+        wait_until(lambda: health(url) is not None, "the app", 60, [app], 0.2)
         yield url
     finally:
         app.stop(10)
-
-
-def _answers(url: str) -> bool:
-    try:
-        httpx.get(url, timeout=2)
-        return True
-    except httpx.TransportError:
-        return False
