@@ -144,6 +144,16 @@ class Talk2Sam(nn.Module):
             raise ValueError("this model has no text branch (box-only SAM-HQ)")
         return self.psi(self.text(words))
 
+    def word_maps(self, feats: ImageFeatures, words: Sequence[str], scaling: str | None = None
+                  ) -> torch.Tensor:
+        """(N, gh, gw) similarity maps of ``words`` over the image, as `decode` makes them
+        (the config's scaling unless ``scaling`` is given)."""
+        return self._maps(feats, self.project_words(words), scaling or self.cfg.map_scaling)
+
+    def _maps(self, feats: ImageFeatures, psi_t: torch.Tensor, scaling: str) -> torch.Tensor:
+        return similarity_map(feats.dino_patches, feats.dino_cls_attn, psi_t,
+                              self.cfg.map_variant, scaling, self.cfg.background_weight)
+
     def decode(self, feats: ImageFeatures, boxes_xyxy: torch.Tensor | None,
                words: Sequence[str] | None, output: str = "sam+hq",
                hq: torch.Tensor | None = None,
@@ -165,9 +175,7 @@ class Talk2Sam(nn.Module):
             if len(words) != count:
                 raise ValueError(f"{count} prompts but {len(words)} words")
             psi_t = self.project_words(words)
-            sim = similarity_map(feats.dino_patches, feats.dino_cls_attn, psi_t,
-                                 self.cfg.map_variant, self.cfg.map_scaling,
-                                 self.cfg.background_weight)
+            sim = self._maps(feats, psi_t, self.cfg.map_scaling)
             scores = text_image_score(feats.dino_patches, feats.dino_cls_attn, psi_t)
             mask_prompt = geometry.map_to_mask_frame(sim, feats.height, feats.width,
                                                      self.long_side)

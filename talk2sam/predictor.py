@@ -17,6 +17,7 @@ from talk2sam.errors import ImageNotSetError, InvalidImageError, InvalidPromptEr
 from talk2sam.bounded_cache import BoundedCache
 from talk2sam.model import DecoderOutput, ImageFeatures, Talk2Sam
 from talk2sam.prediction import Prediction
+from talk2sam.find import DEFAULT_MAX_REGIONS, DEFAULT_THRESHOLD, candidate_boxes, distinct
 
 MAX_PIXELS_DEFAULT = 100_000_000
 
@@ -217,6 +218,44 @@ class Talk2SamPredictor:
             text_scores=numpy(out.text_scores),
             sim_maps=numpy(out.sim_maps),
         )
+
+    @torch.inference_mode()
+    def find(self, word: str, threshold: float = DEFAULT_THRESHOLD,
+             max_regions: int = DEFAULT_MAX_REGIONS,
+             box_margin_px: float | None = None) -> Prediction:
+        """Segment every instance of ``word`` in the current image, without a box: candidate
+        regions of the word's similarity map (`talk2sam.find`), one box each, each box with
+        the word through the decoder; empty masks and masks repeating a better one dropped.
+
+        Args:
+            word: the text prompt.
+            threshold: share of the map's range a patch must reach to be part of a region.
+            max_regions: at most this many regions (the strongest first).
+            box_margin_px: as in `predict`.
+        Returns:
+            A Prediction whose rows are the regions found (possibly none), best score first,
+            with ``boxes_xyxy`` the boxes placed.
+        Raises:
+            ImageNotSetError, InvalidPromptError (a model without a text branch).
+        """
+        if self.features is None:
+            raise ImageNotSetError("call set_image(image) before find(...)")
+        if not self.model.uses_text:
+            raise InvalidPromptError("finding by text alone needs a model with a text branch")
+        feats = self.features
+        sim = self.model.word_maps(feats, [word], scaling="raw")
+        boxes, _ = candidate_boxes(sim[0].float().cpu().numpy(), feats.height, feats.width,
+                                        threshold, max_regions)
+        if not len(boxes):
+            empty = np.zeros((0,), np.float32)
+            return Prediction(masks=np.zeros((0, feats.height, feats.width), bool), logits=None,
+                              scores=empty, text_scores=empty, sim_maps=None,
+                              boxes_xyxy=np.zeros((0, 4)))
+        out = self.predict(boxes, word, box_margin_px=box_margin_px)
+        keep = distinct(out.masks, out.scores)
+        return Prediction(masks=out.masks[keep], logits=None, scores=out.scores[keep],
+                          text_scores=out.text_scores[keep], sim_maps=out.sim_maps[keep],
+                          boxes_xyxy=boxes[keep])
 
     def _decode(self, feats: ImageFeatures, boxes: np.ndarray, boxed: np.ndarray,
                 words: list[str] | None, points: tuple[np.ndarray, np.ndarray] | None

@@ -88,3 +88,56 @@ def make_wire_image(path: Path, seed: int, width: int = 400, height: int = 300,
            min(float(width), x1 + half), min(float(height), max(ys) + half))
     return WireImage(path=path, width=width, height=height, box_xyxy=box,
                      mask=np.asarray(wire) > 0)
+
+
+@dataclass(frozen=True)
+class WiresImage:
+    """A generated PNG with several wires, one mask each (top to bottom).
+
+    Attributes:
+        path: the PNG file.
+        width, height: its size in pixels.
+        masks: (count, height, width) bool, each wire's pixels.
+    """
+
+    path: Path
+    width: int
+    height: int
+    masks: np.ndarray = field(repr=False, compare=False)
+
+
+def make_wires_image(path: Path, seed: int, count: int = 3, width: int = 480,
+                     height: int = 360, line_width_px: int = 3, fence: bool = True) -> WiresImage:
+    """Draw ``count`` dark sagging wires, one above the other with sky between them, over a sky
+    gradient with ground below (and a grid fence on it), and save it as PNG."""
+    rng = np.random.default_rng(seed)
+    rows = np.linspace(0.0, 1.0, height, dtype=np.float32)[:, None, None]
+    sky = np.array([80, 140, 225], np.float32) + rows * np.array([110, 80, 25], np.float32)
+    sky = np.broadcast_to(sky, (height, width, 3)) + rng.normal(0.0, 4.0, (height, width, 3))
+    image = Image.fromarray(np.clip(sky, 0, 255).astype(np.uint8), mode="RGB")
+    draw = ImageDraw.Draw(image)
+    ground = int(0.8 * height)
+    draw.rectangle((0, ground, width, height), fill=(70, 80, 60))
+    step = int(rng.integers(12, 20))
+    for x in range(int(0.05 * width), int(0.95 * width), step) if fence else ():
+        draw.line([(x, int(0.7 * height)), (x, ground)], fill=(90, 90, 95), width=2)
+    for y in range(int(0.7 * height), ground + 1, step) if fence else ():
+        draw.line([(int(0.05 * width), y), (int(0.95 * width), y)], fill=(90, 90, 95), width=2)
+    masks = []
+    band = 0.6 * height / count  # each wire sags inside its own band of the sky
+    for i in range(count):
+        x0 = float(rng.uniform(0.03, 0.2) * width)
+        x1 = float(rng.uniform(0.8, 0.97) * width)
+        top = 0.05 * height + i * band
+        ya = top + float(rng.uniform(0.1, 0.3) * band)
+        yb = ya + float(rng.uniform(-0.1, 0.1) * band)
+        sag = float(rng.uniform(0.2, 0.4) * band)
+        t = np.linspace(0.0, 1.0, 60)
+        points = list(zip(x0 + (x1 - x0) * t, ya + (yb - ya) * t + 4 * sag * t * (1 - t)))
+        draw.line(points, fill=(25, 25, 30), width=line_width_px, joint="curve")
+        wire = Image.new("L", (width, height), 0)
+        ImageDraw.Draw(wire).line(points, fill=255, width=line_width_px, joint="curve")
+        masks.append(np.asarray(wire) > 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format="PNG")
+    return WiresImage(path=path, width=width, height=height, masks=np.stack(masks))
