@@ -40,30 +40,56 @@ class LabelConfig:
     """What the backend needs from a project's label config.
 
     Attributes:
-        image_name: name of the ``<Image>`` tag the brush control targets.
+        image_name: name of the ``<Image>`` tag the mask controls target.
         image_data_key: key of the image URL in ``task["data"]`` (``value="$image"`` -> "image").
-        brush_name: name of the ``<BrushLabels>`` control our masks go to.
+        brush_name: name of the ``<BrushLabels>`` control brush answers go to, or None.
         brush_labels: its labels.
         rectangle_names: names of the ``<RectangleLabels>`` controls on the same image.
-        prompt_name: name of a ``<TextArea>`` on the same image whose text overrides the
-            label as prompt, or None.
+        prompt_name: name of a ``<TextArea>`` on the same image: per region, its text overrides
+            the label as prompt; on its own (no box on the task), it asks for every instance
+            of the text (text alone). None when there is none.
         control_names: names of every control in the config.
         keypoint_names: names of the ``<KeyPointLabels>`` controls on the image (clicks).
+        polygon_name: name of the ``<PolygonLabels>`` control, or None: its labels (unless
+            BrushLabels has them too) are answered with polygons.
+        polygon_labels: its labels.
+        choices_names: names of the ``<Choices>`` on the image whose choice is a label to find
+            by text alone.
     """
 
     image_name: str
     image_data_key: str
-    brush_name: str
+    brush_name: str | None
     brush_labels: tuple[str, ...]
     rectangle_names: tuple[str, ...]
     prompt_name: str | None
     control_names: frozenset[str]
     keypoint_names: tuple[str, ...] = ()
+    polygon_name: str | None = None
+    polygon_labels: tuple[str, ...] = ()
+    choices_names: tuple[str, ...] = ()
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """Every label a mask can carry: the brush labels, then polygon-only ones."""
+        return self.brush_labels + tuple(x for x in self.polygon_labels
+                                         if x not in self.brush_labels)
+
+    def answers_with_polygons(self, label: str) -> bool:
+        """Polygons for a label of PolygonLabels that BrushLabels lacks; brush otherwise."""
+        return label not in self.brush_labels and label in self.polygon_labels
+
+    @property
+    def mask_controls(self) -> str:
+        """The mask controls, named for error messages."""
+        return " and ".join(f"{tag} {name!r}" for tag, name in (
+            ("BrushLabels", self.brush_name), ("PolygonLabels", self.polygon_name)) if name)
 
 
 @lru_cache(maxsize=64)
 def parse_label_config(xml: str) -> LabelConfig:
-    """Find the BrushLabels control, its Image, and the rectangle and prompt controls on it.
+    """Find the mask control(s) (BrushLabels, PolygonLabels), their Image, and the prompt
+    controls on it (rectangles, keypoints, a TextArea, Choices).
 
     Args:
         xml: the project's label config.
@@ -72,8 +98,10 @@ def parse_label_config(xml: str) -> LabelConfig:
         The parsed config (cached per config text).
 
     Raises:
-        InvalidRequestError: when the XML is malformed, has no BrushLabels control, has several
-            (ambiguous), or the Image has no RectangleLabels to prompt with.
+        InvalidRequestError: when the XML is malformed, has neither a BrushLabels nor a
+            PolygonLabels control or several of one kind (ambiguous), they target different
+            images, or the Image has no RectangleLabels (nor a Choices or TextArea for text
+            alone) to prompt with.
     """
     try:
         interface = LabelInterface(xml)
@@ -81,17 +109,23 @@ def parse_label_config(xml: str) -> LabelConfig:
         raise InvalidRequestError(f"label config cannot be parsed: {exc}") from None
     controls = list(interface.controls)
     brushes = [c for c in controls if c.tag == "BrushLabels"]
-    if len(brushes) != 1:
+    polygons = [c for c in controls if c.tag == "PolygonLabels"]
+    if len(brushes) > 1 or len(polygons) > 1 or not (brushes or polygons):
         raise InvalidRequestError(
-            f"label config must have exactly one BrushLabels control, found {len(brushes)}"
-        )
-    brush = brushes[0]
-    if len(brush.to_name) != 1:
-        raise InvalidRequestError(f"BrushLabels {brush.name!r} must target exactly one Image")
-    image_name = brush.to_name[0]
+            f"label config must have exactly one BrushLabels or one PolygonLabels control (at "
+            f"most one of each) for the masks, found {len(brushes)} BrushLabels and "
+            f"{len(polygons)} PolygonLabels")
+    masks = brushes + polygons
+    for control in masks:
+        if len(control.to_name) != 1:
+            raise InvalidRequestError(f"{control.tag} {control.name!r} must target exactly one Image")
+    image_name = masks[0].to_name[0]
+    if any(c.to_name[0] != image_name for c in masks):
+        raise InvalidRequestError("BrushLabels and PolygonLabels must target the same Image")
     images = {o.name: o for o in interface.objects if o.tag == "Image"}
     if image_name not in images:
-        raise InvalidRequestError(f"BrushLabels {brush.name!r} targets {image_name!r}, not an Image")
+        raise InvalidRequestError(
+            f"{masks[0].tag} {masks[0].name!r} targets {image_name!r}, not an Image")
     value = images[image_name].value or ""
     if not value.startswith("$") or len(value) < 2:
         raise InvalidRequestError(f"Image {image_name!r} must take its URL from task data ($key)")
@@ -99,19 +133,24 @@ def parse_label_config(xml: str) -> LabelConfig:
     def on_image(tag: str) -> list[str]:
         return [c.name for c in controls if c.tag == tag and image_name in c.to_name]
 
-    rectangles = on_image("RectangleLabels")
-    if not rectangles:
-        raise InvalidRequestError(f"label config has no RectangleLabels on Image {image_name!r}")
-    prompts = on_image("TextArea")
+    rectangles, prompts, choices = on_image("RectangleLabels"), on_image("TextArea"), \
+        on_image("Choices")
+    if not rectangles and not prompts and not choices:
+        raise InvalidRequestError(f"label config has no RectangleLabels on Image {image_name!r} "
+                                  f"(nor a Choices or TextArea to find a word by text alone)")
+    brush, polygon = (brushes[0] if brushes else None), (polygons[0] if polygons else None)
     return LabelConfig(
         image_name=image_name,
         image_data_key=value[1:],
-        brush_name=brush.name,
-        brush_labels=tuple(brush.labels or ()),
+        brush_name=brush.name if brush else None,
+        brush_labels=tuple(brush.labels or ()) if brush else (),
         rectangle_names=tuple(rectangles),
         prompt_name=prompts[0] if prompts else None,
         control_names=frozenset(c.name for c in controls),
         keypoint_names=tuple(on_image("KeyPointLabels")),
+        polygon_name=polygon.name if polygon else None,
+        polygon_labels=tuple(polygon.labels or ()) if polygon else (),
+        choices_names=tuple(choices),
     )
 
 
@@ -212,7 +251,7 @@ class Click(NamedTuple):
 
 def clicks_from_results(results: list[Any], config: LabelConfig, where: str) -> list[Click]:
     """Keypoints of ``results`` (a list of objects, as :func:`boxes_from_results` checked) on
-    the config's KeyPointLabels; a malformed one or a label not among the BrushLabels: 400."""
+    the config's KeyPointLabels; a malformed one or a label of no mask control: 400."""
     clicks = []
     for item in results:
         if item.get("type") != "keypointlabels" or item.get("from_name") not in \
@@ -220,7 +259,7 @@ def clicks_from_results(results: list[Any], config: LabelConfig, where: str) -> 
             continue
         width, height, value = _sized_value(item, where, "keypoint")
         x, y = (_finite(value, key, where, None) for key in ("x", "y"))
-        label = _brush_label(value, "keypointlabels", config, where)
+        label = _mask_label(value, "keypointlabels", config, where)
         positive = item.get("is_positive", True)  # Label Studio: top level, Alt+click False
         clicks.append(Click(label, min(max(x, 0.0), 100.0) * width / 100.0,
                             min(max(y, 0.0), 100.0) * height / 100.0, positive is not False,
@@ -327,7 +366,7 @@ def _box_prompt(item: Mapping[str, Any], config: LabelConfig, where: str,
                                                  ("height", None), ("rotation", 0.0)))
     if w <= 0 or h <= 0:
         raise InvalidRequestError(f"{where}: rectangle width and height must be positive")
-    label = _brush_label(value, "rectanglelabels", config, where)
+    label = _mask_label(value, "rectanglelabels", config, where)
     box = rotated_box_pct_to_xyxy(x, y, w, h, rotation, width, height)
     turned = item.get("image_rotation", 0)
     image_rotation = int(turned) % 360 if isinstance(turned, (int, float)) and not isinstance(
@@ -346,16 +385,16 @@ def _sized_value(item: Mapping[str, Any], where: str, noun: str
     return width, height, value
 
 
-def _brush_label(value: Mapping[str, Any], key: str, config: LabelConfig, where: str) -> str:
-    """The one label of a rectangle or keypoint, which must be one of the BrushLabels."""
+def _mask_label(value: Mapping[str, Any], key: str, config: LabelConfig, where: str) -> str:
+    """The one label of a rectangle or keypoint, which must be one of the mask controls'."""
     labels = value.get(key)
     if not isinstance(labels, list) or len(labels) != 1 or not isinstance(labels[0], str):
         noun = "rectangle" if key == "rectanglelabels" else "keypoint"
         raise InvalidRequestError(f"{where}: {noun} must carry exactly one {key} label")
-    if labels[0] not in config.brush_labels:
+    if labels[0] not in config.labels:
         raise InvalidRequestError(
-            f"{where}: label {labels[0]!r} is not a label of BrushLabels {config.brush_name!r} "
-            f"({', '.join(config.brush_labels)})")
+            f"{where}: label {labels[0]!r} is not a label of {config.mask_controls} "
+            f"({', '.join(config.labels)})")
     return labels[0]
 
 
@@ -372,6 +411,76 @@ def _finite(value: Mapping[str, Any], key: str, where: str, default: float | Non
     if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not math.isfinite(raw):
         raise InvalidRequestError(f"{where}: rectangle {key!r} must be a finite number, got {raw!r}")
     return float(raw)
+
+
+@dataclass(frozen=True)
+class TextAlonePrompt:
+    """A request to segment every instance of a word, with no box.
+
+    Attributes:
+        label: the mask label of the regions found.
+        word: the text sent to the model.
+    """
+
+    label: str
+    word: str
+
+
+def text_alone_prompt(results: list[Any], config: LabelConfig,
+                      label_prompts: Mapping[str, str], where: str) -> TextAlonePrompt | None:
+    """The text-alone prompt of ``results`` (checked as :func:`boxes_from_results` does), or
+    None: a choice of the config's Choices (a label; its word from the label -> prompt map), or
+    else the text of its TextArea (the word as typed; its label the one whose name or prompt is
+    that text, any case, or the only label).
+
+    Raises:
+        InvalidRequestError: a choice that is no mask label, or a text that names none of
+            several labels.
+    """
+    for item in results:
+        if item.get("type") != "choices" or item.get("from_name") not in config.choices_names:
+            continue
+        chosen = (item.get("value") or {}).get("choices")
+        if not isinstance(chosen, list) or not chosen:
+            continue
+        if len(chosen) != 1 or chosen[0] not in config.labels:
+            raise InvalidRequestError(
+                f"{where}: choose one label to find, one of {', '.join(config.labels)}; "
+                f"got {chosen!r}")
+        return TextAlonePrompt(chosen[0], word_for_label(chosen[0], label_prompts))
+    text = next(iter(_prompt_texts(results, config).values()), None)
+    if text is None:
+        return None
+    wanted = text.casefold()
+    matches = [label for label in config.labels
+               if wanted in (label.casefold(), word_for_label(label, label_prompts).casefold())]
+    if matches:
+        return TextAlonePrompt(matches[0], text)
+    if len(config.labels) == 1:
+        return TextAlonePrompt(config.labels[0], text)
+    raise InvalidRequestError(
+        f"{where}: the text {text!r} names no label; type a label or its prompt to find every "
+        f"instance of it ({', '.join(config.labels)})")
+
+
+def task_text_alone_prompt(task: Mapping[str, Any], config: LabelConfig,
+                           label_prompts: Mapping[str, str]) -> TextAlonePrompt | None:
+    """Batch mode: the text-alone prompt of the task's newest annotation, else newest draft,
+    that has one (cancelled annotations skipped)."""
+    where = f"task {task.get('id')}"
+    for source in ("annotations", "drafts"):
+        entries = task.get(source) or []
+        if not isinstance(entries, list):
+            raise InvalidRequestError(f"{where}: {source!r} must be a list")
+        for entry in reversed(entries):
+            if not isinstance(entry, dict) or entry.get("was_cancelled"):
+                continue
+            results = entry.get("result") or []
+            if isinstance(results, list) and all(isinstance(r, dict) for r in results):
+                found = text_alone_prompt(results, config, label_prompts, where)
+                if found is not None:
+                    return found
+    return None
 
 
 def task_boxes(task: Mapping[str, Any], config: LabelConfig) -> list[BoxPrompt]:
@@ -415,8 +524,40 @@ def word_for_label(label: str, label_prompts: Mapping[str, str]) -> str:
 # ---------------------------------------------------------------- answers
 
 
+def mask_results(answer: Any, width: int, height: int, label: str, config: LabelConfig,
+                 image_rotation: int = 0, note: str | None = None) -> list[dict[str, Any]]:
+    """Label Studio results of one worker answer (a ``schemas.BoxPrediction``): one brush
+    region, or one polygon region per part of the mask (Label Studio's polygons have one
+    outline each); ``note`` becomes the regions' meta text (the editor shows it)."""
+    if answer.polygons is None:
+        return [brush_result(answer.rle, width, height, label, config, answer.score,
+                             image_rotation, note)]
+    return [polygon_result(points, width, height, label, config, answer.score, image_rotation,
+                           note) for points in answer.polygons]
+
+
+def _region(config_name: str | None, config: LabelConfig, kind: str, width: int, height: int,
+            image_rotation: int, value: dict[str, Any], score: float, note: str | None
+            ) -> dict[str, Any]:
+    item = {
+        "id": uuid.uuid4().hex[:10],  # a region of its own (an id shared with the box would
+        # make Label Studio merge them into one region)
+        "from_name": config_name,
+        "to_name": config.image_name,
+        "type": kind,
+        "original_width": int(width),
+        "original_height": int(height),
+        "image_rotation": image_rotation,
+        "value": value,
+        "score": float(score),
+    }
+    if note:
+        item["meta"] = {"text": [note]}
+    return item
+
+
 def brush_result(rle: list[int], width: int, height: int, label: str, config: LabelConfig,
-                 score: float, image_rotation: int = 0, clicks_only: bool = False
+                 score: float, image_rotation: int = 0, note: str | None = None
                  ) -> dict[str, Any]:
     """One Label Studio brush result.
 
@@ -427,24 +568,21 @@ def brush_result(rle: list[int], width: int, height: int, label: str, config: La
         config: the parsed label config (names of the control and image).
         score: the model's confidence for this mask (decoder-predicted IoU).
         image_rotation: the rotation of the box it answers (carried back as drawn).
-        clicks_only: the mask answers clicks with no box of their label; the region's meta
-            text says so (the editor shows it with the region).
+        note: the region's meta text (the editor shows it with the region), e.g.
+            :data:`CLICKS_ONLY_NOTE`.
 
     Returns:
         A ``brushlabels`` result item with its own region id.
     """
-    item = {
-        "id": uuid.uuid4().hex[:10],  # a region of its own (an id shared with the box would
-        # make Label Studio merge them into one region)
-        "from_name": config.brush_name,
-        "to_name": config.image_name,
-        "type": "brushlabels",
-        "original_width": int(width),
-        "original_height": int(height),
-        "image_rotation": image_rotation,
-        "value": {"format": "rle", "rle": rle, "brushlabels": [label]},
-        "score": float(score),
-    }
-    if clicks_only:
-        item["meta"] = {"text": [CLICKS_ONLY_NOTE]}
-    return item
+    return _region(config.brush_name, config, "brushlabels", width, height, image_rotation,
+                   {"format": "rle", "rle": rle, "brushlabels": [label]}, score, note)
+
+
+def polygon_result(points_px: list[list[float]], width: int, height: int, label: str,
+                   config: LabelConfig, score: float, image_rotation: int = 0,
+                   note: str | None = None) -> dict[str, Any]:
+    """One Label Studio polygon result from pixel-edge points (``ls_format.mask_to_polygons``),
+    in percent of the image as Label Studio stores polygons."""
+    points = [[100.0 * x / width, 100.0 * y / height] for x, y in points_px]
+    return _region(config.polygon_name, config, "polygonlabels", width, height, image_rotation,
+                   {"points": points, "closed": True, "polygonlabels": [label]}, score, note)

@@ -39,15 +39,19 @@ from ml_backend.annotations import (
 )
 from ml_backend.errors import BackendError, InvalidRequestError, NoTrainerError
 from ml_backend.ls_protocol import (
+    CLICKS_ONLY_NOTE,
     BoxPrompt,
     LabelConfig,
+    TextAlonePrompt,
     boxes_from_results,
-    brush_result,
     clicks_from_results,
     image_url_of,
     known_boxes,
+    mask_results,
     parse_label_config,
     task_boxes,
+    task_text_alone_prompt,
+    text_alone_prompt,
     with_clicks,
     word_for_label,
 )
@@ -183,7 +187,13 @@ class Talk2SamBackend:
         if clicks:  # the editor sends clicks without their box: pair them here
             boxes = with_clicks(boxes, clicks, self._known_boxes(tasks[0], config, project))
         if not boxes:
-            return self._empty()
+            text = text_alone_prompt(results, config, access.label_prompts, "context")
+            if text is None:
+                return self._empty()
+            (answer,) = self.queue.predict([self._find_spec(tasks[0], text, config, access,
+                                                            request_id)])
+            self.observe_worker_version(answer.model_version)
+            return self._found_prediction(answer, text, config)
         spec = self._spec(tasks[0], boxes, config, access, request_id)
         (answer,) = self.queue.predict([spec])
         self.observe_worker_version(answer.model_version)
@@ -232,25 +242,33 @@ class Talk2SamBackend:
     def _batch(self, tasks: list[dict[str, Any]], config: LabelConfig, access: ProjectSetup,
                request_id: str) -> list[dict[str, Any] | list[Any]]:
         slots: list[dict[str, Any] | list[Any]] = [[] for _ in tasks]
-        jobs: list[tuple[int, list[BoxPrompt], PredictJobSpec]] = []
+        # each job answers boxes, or a text-alone prompt (a task with no box but a word)
+        jobs: list[tuple[int, list[BoxPrompt] | TextAlonePrompt, PredictJobSpec]] = []
         for index, task in enumerate(tasks):
             try:
                 boxes = task_boxes(task, config)
                 spec = self._spec(task, boxes, config, access, request_id)
+                text = None if boxes else task_text_alone_prompt(task, config,
+                                                                 access.label_prompts)
             except BackendError as exc:
                 self._skipped(task, exc, request_id)
                 continue
             if boxes:
                 jobs.append((index, boxes, spec))
+            elif text is not None:
+                jobs.append((index, text, self._find_spec(task, text, config, access,
+                                                          request_id)))
             elif self.settings.warm_on_open:
                 self.queue.enqueue_warm(spec)
         outcomes = self.queue.predict_each([spec for _, _, spec in jobs]) if jobs else []
-        for (index, boxes, _), outcome in zip(jobs, outcomes):
+        for (index, prompts, _), outcome in zip(jobs, outcomes):
             try:
                 if isinstance(outcome, BackendError):
                     raise outcome
                 self.observe_worker_version(outcome.model_version)
-                slots[index] = self._task_prediction(outcome, boxes, config)
+                slots[index] = self._found_prediction(outcome, prompts, config) \
+                    if isinstance(prompts, TextAlonePrompt) \
+                    else self._task_prediction(outcome, prompts, config)
             except BackendError as exc:
                 self._skipped(tasks[index], exc, request_id)
         return slots
@@ -383,15 +401,48 @@ class Talk2SamBackend:
             words=[b.text or word_for_label(b.label, access.label_prompts) for b in boxes],
             clicks=[[[x, y, float(positive)] for x, y, positive in b.clicks] for b in boxes]
             if any(b.clicks for b in boxes) else None,
+            polygons=[config.answers_with_polygons(b.label) for b in boxes]
+            if any(config.answers_with_polygons(b.label) for b in boxes) else None,
         )
+
+    def _find_spec(self, task: dict[str, Any], text: TextAlonePrompt, config: LabelConfig,
+                   access: ProjectSetup, request_id: str) -> PredictJobSpec:
+        """A text-alone job: every instance of the word, no box (sizes: the image's own)."""
+        task_id = task.get("id")
+        return PredictJobSpec(
+            request_id=request_id, task_id=task_id if isinstance(task_id, int) else None,
+            image_url=image_url_of(task, config), ls_url=access.hostname,
+            ls_token=access.access_token, width=0, height=0,
+            polygons=[config.answers_with_polygons(text.label)], find_word=text.word,
+            find_threshold=self.settings.find_threshold,
+            find_max_regions=self.settings.find_max_regions)
 
     def _task_prediction(self, answer: PredictJobResult, boxes: list[BoxPrompt],
                          config: LabelConfig) -> dict[str, Any]:
         results = [
-            brush_result(p.rle, answer.width, answer.height, box.label, config, p.score,
-                         box.image_rotation, clicks_only=box.box_xyxy is None)
-            for box, p in zip(boxes, answer.predictions)
+            item for box, p in zip(boxes, answer.predictions)
+            for item in mask_results(p, answer.width, answer.height, box.label, config,
+                                     box.image_rotation,
+                                     CLICKS_ONLY_NOTE if box.box_xyxy is None else None)
         ]
+        return self._prediction(results, answer)
+
+    def _found_prediction(self, answer: PredictJobResult, text: TextAlonePrompt,
+                          config: LabelConfig) -> dict[str, Any]:
+        """Text alone: each region found, with its score, under the prompt's label."""
+        found = len(answer.predictions)
+        results = [
+            item for rank, p in enumerate(answer.predictions, start=1)
+            for item in mask_results(p, answer.width, answer.height, text.label, config,
+                                     note=f"found by the text {text.word!r} alone "
+                                          f"({rank} of {found})")
+        ]
+        if not found:
+            log.info("text %r alone found no region", text.word)
+        return self._prediction(results, answer)
+
+    def _prediction(self, results: list[dict[str, Any]], answer: PredictJobResult
+                    ) -> dict[str, Any]:
         scores = [p.score for p in answer.predictions]
         return {"result": results, "score": float(sum(scores) / len(scores)) if scores else 0.0,
                 "model_version": self.model_version}

@@ -152,6 +152,11 @@ class PredictJobSpec:
             for a prompt of clicks alone.
         words: N text prompts, or None for plain SAM-HQ (box only).
         clicks: N lists of [x, y, positive] pixels in that frame, or None (no clicks).
+        polygons: N flags, answer that prompt as polygons instead of brush RLE; None: brush
+            for all. With ``find_word``, one flag for every region found.
+        find_word: text alone: segment every instance of this word (no boxes; ``words`` and
+            ``clicks`` unused), or None.
+        find_threshold, find_max_regions: ``talk2sam.find``'s threshold and region cap.
     """
 
     request_id: str
@@ -164,6 +169,10 @@ class PredictJobSpec:
     boxes_xyxy: list[list[float] | None] = field(default_factory=list)
     words: list[str] | None = None
     clicks: list[list[list[float]]] | None = None
+    polygons: list[bool] | None = None
+    find_word: str | None = None
+    find_threshold: float = 0.5
+    find_max_regions: int = 20
 
     @property
     def image_key(self) -> str:
@@ -186,11 +195,16 @@ class BoxPrediction:
             passed on to Label Studio as it is.
         score: the decoder's predicted IoU (confidence), in [0, 1] for a trained model.
         text_score: max-head text/image similarity, or None without a text prompt.
+        polygons: when asked for, the mask as polygons instead (``rle`` empty): one list of
+            [x, y] pixel-edge points per part (``ls_format.mask_to_polygons``).
+        box_xyxy: the box found for it (text alone), or None.
     """
 
     rle: list[int]
     score: float
     text_score: float | None = None
+    polygons: list[list[list[float]]] | None = None
+    box_xyxy: list[float] | None = None
 
 
 @dataclass(frozen=True)

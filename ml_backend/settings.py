@@ -37,6 +37,8 @@ down explicitly; no other module reads ``os.environ``.
 | MAX_IMAGE_PIXELS | 100000000 | larger images are refused (decompression-bomb guard) |
 | WORKER_HEARTBEAT_TTL_S | 5 | a worker that has not refreshed its heartbeat for this long counts as dead |
 | STICKY_WAIT_S | 2.0 | how long a job routed to the worker holding its image may wait before it moves to the shared queue |
+| FIND_THRESHOLD | 0.5 | text alone (no box): share of the word's similarity map range a patch must reach to start a region (lower finds more) |
+| FIND_MAX_REGIONS | 20 | text alone: at most this many regions per image |
 | WARM_ON_OPEN | true | batch tasks with no box enqueue a low-priority job that caches their image's features |
 | LOG_LEVEL | ``INFO`` | Python logging level |
 | PROMETHEUS_MULTIPROC_DIR | unset | prometheus_client's multiprocess folder: /metrics sums the web processes' counters (``python -m ml_backend.app --workers N`` makes one when unset) |
@@ -111,6 +113,8 @@ class Settings:
     worker_heartbeat_ttl_s: int = 5
     sticky_wait_s: float = 2.0
     warm_on_open: bool = True
+    find_threshold: float = 0.5
+    find_max_regions: int = 20
     log_level: str = "INFO"
     prometheus_multiproc_dir: str | None = None
     versions_dir: str | None = None
@@ -196,6 +200,8 @@ class Settings:
                                        d.worker_heartbeat_ttl_s),
             sticky_wait_s=get("STICKY_WAIT_S", _float_in(0.0, 60.0), d.sticky_wait_s),
             warm_on_open=get("WARM_ON_OPEN", _bool, d.warm_on_open),
+            find_threshold=get("FIND_THRESHOLD", _float_in(0.0, 1.0), d.find_threshold),
+            find_max_regions=get("FIND_MAX_REGIONS", _int_in(1, 256), d.find_max_regions),
             log_level=get("LOG_LEVEL", _log_level, d.log_level),
             prometheus_multiproc_dir=get.opt("PROMETHEUS_MULTIPROC_DIR", str),
             versions_dir=get.opt("VERSIONS_DIR", str),

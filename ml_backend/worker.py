@@ -50,7 +50,7 @@ from ml_backend.errors import (
 )
 from ml_backend.heartbeat import Heartbeat
 from ml_backend.images import ImageFetcher, decode_rgb
-from ml_backend.ls_format import mask_to_rle
+from ml_backend.ls_format import mask_to_polygons, mask_to_rle
 from ml_backend.schemas import (
     BoxPrediction,
     JobError,
@@ -204,15 +204,18 @@ class WorkerRuntime:
         try:
             hit = self.model.set_image(lambda: self._load_rgb(spec), key=spec.image_key)
             height, width = self.model.features.height, self.model.features.width
-            boxes, clicks = _prompts_in_image_frame(spec, height, width)
-            output = self.model.predict(boxes, None if spec.words is None else list(spec.words),
-                                        box_margin_px=box_margin(self.settings), clicks=clicks)
-            predictions = [
-                BoxPrediction(rle=mask_to_rle(mask), score=float(score),
-                              text_score=None if output.text_scores is None
-                              else float(output.text_scores[i]))
-                for i, (mask, score) in enumerate(zip(output.masks, output.scores))
-            ]
+            if spec.find_word is not None:
+                output = self.model.find(spec.find_word, spec.find_threshold,
+                                         spec.find_max_regions, box_margin(self.settings))
+                as_polygons = [bool(spec.polygons and spec.polygons[0])] * len(output.masks)
+            else:
+                boxes, clicks = _prompts_in_image_frame(spec, height, width)
+                output = self.model.predict(boxes, None if spec.words is None
+                                            else list(spec.words),
+                                            box_margin_px=box_margin(self.settings), clicks=clicks)
+                as_polygons = spec.polygons or [False] * len(output.masks)
+            predictions = [_box_prediction(output, i, polygon)
+                           for i, polygon in enumerate(as_polygons)]
             result = PredictJobResult(worker=self.name, model_version=self.model.model_version,
                                       width=width, height=height, cache_hit=hit,
                                       predictions=predictions)
@@ -242,6 +245,17 @@ class WorkerRuntime:
             return {"cached": False}
         self.metrics.record(job="warm", ok=True, hit=hit, boxes=0, latency_s=0.0)
         return {"cached": True}
+
+
+def _box_prediction(output: Any, row: int, polygon: bool) -> BoxPrediction:
+    """Row ``row`` of a predictor's output as the web side takes it: brush RLE, or polygons."""
+    mask = output.masks[row]
+    return BoxPrediction(
+        rle=[] if polygon else mask_to_rle(mask),
+        polygons=[ring.round(2).tolist() for ring in mask_to_polygons(mask)] if polygon else None,
+        score=float(output.scores[row]),
+        text_score=None if output.text_scores is None else float(output.text_scores[row]),
+        box_xyxy=None if output.boxes_xyxy is None else [float(v) for v in output.boxes_xyxy[row]])
 
 
 def _prompts_in_image_frame(spec: PredictJobSpec, height: int, width: int

@@ -73,6 +73,15 @@ class NoopPredictor:
         return Prediction(masks=masks, logits=None, scores=np.ones(len(masks), np.float32),
                           text_scores=None, sim_maps=None)
 
+    def find(self, word: str, threshold: float = 0.5, max_regions: int = 20,
+             box_margin_px: float | None = None) -> Prediction:
+        """Text alone: one region, the middle quarter of the image."""
+        height, width = self.features
+        box = np.array([[width / 4, height / 4, 3 * width / 4, 3 * height / 4]])
+        found = self.predict(box, [word])
+        found.boxes_xyxy = box
+        return found
+
     def cached_keys(self) -> list[str]:
         return self.cache.keys()
 
