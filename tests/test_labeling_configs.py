@@ -14,12 +14,14 @@ from ml_backend.ls_protocol import parse_label_config
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "labeling_configs"
 CONFIGS = sorted(CONFIG_DIR.glob("*.xml"))
 FREE_TEXT_CONFIGS = {"thin_structures_prompt.xml"}
+POLYGON_CONFIGS = {"wires_polygons.xml"}  # PolygonLabels "outline" instead of BrushLabels
+FIND_CONFIGS = {"thin_structures_find.xml"}  # a Choices "find": text alone
 
 
 def test_the_expected_configs_are_there() -> None:
     assert {p.name for p in CONFIGS} == {
         "wires.xml", "fences.xml", "bicycles.xml", "thin_structures.xml",
-        "thin_structures_prompt.xml",
+        "thin_structures_prompt.xml", "wires_polygons.xml", "thin_structures_find.xml",
     }
 
 
@@ -40,6 +42,11 @@ def test_config_has_exactly_the_controls_we_need(config_path: Path) -> None:
     expected = {"box": "RectangleLabels", "mask": "BrushLabels", "click": "KeyPointLabels"}
     if config_path.name in FREE_TEXT_CONFIGS:
         expected["prompt"] = "TextArea"
+    if config_path.name in POLYGON_CONFIGS:
+        del expected["mask"]
+        expected["outline"] = "PolygonLabels"
+    if config_path.name in FIND_CONFIGS:
+        expected["find"] = "Choices"
     assert {name: c.tag for name, c in controls.items()} == expected
     assert [(o.name, o.tag, o.value) for o in interface.objects] == [("image", "Image", "$image")]
     assert all(c.to_name == ["image"] for c in controls.values())
@@ -47,10 +54,16 @@ def test_config_has_exactly_the_controls_we_need(config_path: Path) -> None:
     assert controls["click"].attr.get("smart") == "true"
 
 
-def test_rectangle_labels_equal_brush_labels(config_path: Path) -> None:
+def mask_control(config_path: Path) -> str:
+    return "outline" if config_path.name in POLYGON_CONFIGS else "mask"
+
+
+def test_rectangle_labels_equal_mask_labels(config_path: Path) -> None:
     controls = {c.name: c for c in interface_of(config_path).controls}
-    box, mask = controls["box"].labels, controls["mask"].labels
+    box, mask = controls["box"].labels, controls[mask_control(config_path)].labels
     assert box == mask == controls["click"].labels
+    if config_path.name in FIND_CONFIGS:
+        assert controls["find"].labels == box
     assert len(set(box)) == len(box) >= 1
 
 
@@ -78,8 +91,13 @@ def test_backend_parser_accepts_config(config_path: Path) -> None:
     parsed = parse_label_config(config_path.read_text())
     assert parsed.image_name == "image"
     assert parsed.image_data_key == "image"
-    assert parsed.brush_name == "mask"
     assert parsed.rectangle_names == ("box",)
-    assert list(parsed.brush_labels) == interface_of(config_path).get_control("box").labels
+    assert list(parsed.labels) == interface_of(config_path).get_control("box").labels
+    if config_path.name in POLYGON_CONFIGS:
+        assert parsed.polygon_name == "outline" and parsed.brush_name is None
+        assert all(parsed.answers_with_polygons(label) for label in parsed.labels)
+    else:
+        assert parsed.brush_name == "mask" and parsed.polygon_name is None
+    assert parsed.choices_names == (("find",) if config_path.name in FIND_CONFIGS else ())
     expected_prompt = "prompt" if config_path.name in FREE_TEXT_CONFIGS else None
     assert parsed.prompt_name == expected_prompt
