@@ -206,7 +206,8 @@ class WorkerRuntime:
             height, width = self.model.features.height, self.model.features.width
             if spec.find_word is not None:
                 output = self.model.find(spec.find_word, spec.find_threshold,
-                                         spec.find_max_regions, box_margin(self.settings))
+                                         spec.find_max_regions,
+                                         max(0.0, self.settings.mask_box_margin_px))
                 as_polygons = [bool(spec.polygons and spec.polygons[0])] * len(output.masks)
             else:
                 boxes, clicks = _prompts_in_image_frame(spec, height, width)

@@ -34,7 +34,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from talk2sam.predictor import build_predictor, normalize_image
     from talk2sam.visualize import save_overlay_figure
 
-    boxes = np.asarray(args.box, dtype=np.float64).reshape(-1, 4)
+    boxes = np.asarray(args.box or [], dtype=np.float64).reshape(-1, 4)
     words = None if args.box_only else (args.text * len(boxes) if len(args.text) == 1 else args.text)
     stages = tqdm(total=3, desc="loading model", unit="step", file=sys.stderr)
     started = time.perf_counter()
@@ -54,12 +54,16 @@ def cmd_segment(args: argparse.Namespace) -> int:
     predictor.set_image(image)
     stages.update(1)
     stages.set_description("decoding")
-    pred = predictor.predict(boxes, words)
+    if len(boxes):
+        pred = predictor.predict(boxes, words)
+    else:  # text alone: every instance of the word, one box found per region
+        pred = predictor.find(args.text[0], threshold=args.threshold)
+        boxes, words = pred.boxes_xyxy, args.text * len(pred.masks)
     stages.update(1)
     stages.close()
     out = Path(args.out or Path(args.image).with_suffix("")).with_suffix("")
     mask_path = out.with_name(out.name + "_mask.png")
-    union = pred.masks.any(axis=0)
+    union = pred.masks.any(axis=0) if len(pred.masks) else np.zeros(image.shape[:2], bool)
     Image.fromarray((union * 255).astype(np.uint8)).save(mask_path)
     fig_path = save_overlay_figure(out.with_name(out.name + "_overlay.png"), image, boxes, words,
                                    pred.masks, pred.sim_maps, pred.scores)
@@ -121,8 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     seg = sub.add_parser("segment", help="segment boxes of an image guided by a class word")
     seg.add_argument("image")
-    seg.add_argument("--box", nargs=4, type=float, action="append", required=True,
-                     metavar=("X0", "Y0", "X1", "Y1"), help="XYXY pixels; repeat for more boxes")
+    seg.add_argument("--box", nargs=4, type=float, action="append",
+                     metavar=("X0", "Y0", "X1", "Y1"),
+                     help="XYXY pixels; repeat for more boxes; none: find every instance of "
+                          "--text (text alone)")
+    seg.add_argument("--threshold", type=float, default=0.5,
+                     help="text alone: share of the word's similarity-map range a region "
+                          "must reach (lower finds more)")
     seg.add_argument("--text", action="append", default=None,
                      help="class word (one for all boxes, or one per box)")
     seg.add_argument("--box-only", action="store_true", help="plain SAM-HQ: ignore the text")
@@ -156,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "segment" and not args.box_only and not args.text:
         parser.error("segment needs --text WORD (or --box-only for plain SAM-HQ)")
+    if args.command == "segment" and not args.box and (args.box_only or len(args.text) != 1):
+        parser.error("without --box, segment finds every instance of one --text WORD")
+    if args.command == "segment" and not 0.0 <= args.threshold <= 1.0:
+        parser.error("--threshold must be in [0, 1]")
     try:
         return args.func(args)
     except Talk2SamError as exc:

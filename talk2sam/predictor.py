@@ -222,7 +222,7 @@ class Talk2SamPredictor:
     @torch.inference_mode()
     def find(self, word: str, threshold: float = DEFAULT_THRESHOLD,
              max_regions: int = DEFAULT_MAX_REGIONS,
-             box_margin_px: float | None = None) -> Prediction:
+             box_margin_px: float = 0.0) -> Prediction:
         """Segment every instance of ``word`` in the current image, without a box: candidate
         regions of the word's similarity map (`talk2sam.find`), one box each, each box with
         the word through the decoder; empty masks and masks repeating a better one dropped.
@@ -231,7 +231,8 @@ class Talk2SamPredictor:
             word: the text prompt.
             threshold: share of the map's range a patch must reach to be part of a region.
             max_regions: at most this many regions (the strongest first).
-            box_margin_px: as in `predict`.
+            box_margin_px: mask pixels farther than this outside their box are dropped,
+                as in `predict` (a mask spilling over other regions would repeat them).
         Returns:
             A Prediction whose rows are the regions found (possibly none), best score first,
             with ``boxes_xyxy`` the boxes placed.

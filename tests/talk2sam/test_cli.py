@@ -15,6 +15,25 @@ def test_segment_writes_mask_and_overlay(tmp_path, capsys):
     assert "wires_overlay.png" in capsys.readouterr().out
 
 
+def test_segment_without_a_box_finds_each_wire(tmp_path, capsys):
+    from tests.e2e.synthetic_images import make_wires_image
+
+    image = make_wires_image(tmp_path / "three.png", seed=3, fence=False)
+    assert main(["segment", str(image.path), "--text", "wire"]) == 0
+    mask = np.asarray(Image.open(tmp_path / "three_mask.png")) > 0
+    for wire in image.masks:  # the union of the regions found covers every wire
+        assert np.count_nonzero(mask & wire) >= 0.5 * np.count_nonzero(wire)
+    assert "3 box(es)" in capsys.readouterr().out
+
+
+def test_segment_without_a_box_needs_one_word(tmp_path, capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        main(["segment", str(tmp_path / "a.png"), "--text", "wire", "--text", "fence"])
+    assert "one --text WORD" in capsys.readouterr().err
+
+
 def test_segment_reports_missing_weights(tmp_path, capsys):
     image = tmp_path / "a.png"
     Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(image)
