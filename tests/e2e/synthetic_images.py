@@ -141,3 +141,61 @@ def make_wires_image(path: Path, seed: int, count: int = 3, width: int = 480,
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, format="PNG")
     return WiresImage(path=path, width=width, height=height, masks=np.stack(masks))
+
+
+@dataclass(frozen=True)
+class ClickScene:
+    """A PNG where a box around one wire also holds a distractor, for clicks that refine.
+
+    Attributes:
+        path: the PNG file.
+        width, height: its size in pixels.
+        box_xyxy: the box around the target wire (XYXY pixels), the distractor inside it.
+        target: (height, width) bool, the target wire's pixels.
+        distractor: (height, width) bool, the distractor's pixels (a pole crossing the box).
+    """
+
+    path: Path
+    width: int
+    height: int
+    box_xyxy: tuple[float, float, float, float]
+    target: np.ndarray = field(repr=False, compare=False)
+    distractor: np.ndarray = field(repr=False, compare=False)
+
+    @property
+    def box_pct(self) -> dict[str, float]:
+        x0, y0, x1, y1 = self.box_xyxy
+        return {"x": 100 * x0 / self.width, "y": 100 * y0 / self.height,
+                "width": 100 * (x1 - x0) / self.width, "height": 100 * (y1 - y0) / self.height,
+                "rotation": 0}
+
+
+def make_click_scene(path: Path, seed: int, width: int = 420, height: int = 320) -> ClickScene:
+    """A dark sagging wire over a sky gradient, and a dark pole standing up through the middle
+    of the wire's box; the box is the wire's bounds plus a margin."""
+    rng = np.random.default_rng(seed)
+    rows = np.linspace(0.0, 1.0, height, dtype=np.float32)[:, None, None]
+    sky = np.array([75, 135, 220], np.float32) + rows * np.array([115, 85, 30], np.float32)
+    sky = np.broadcast_to(sky, (height, width, 3)) + rng.normal(0.0, 4.0, (height, width, 3))
+    image = Image.fromarray(np.clip(sky, 0, 255).astype(np.uint8), mode="RGB")
+    x0, x1 = float(rng.uniform(0.08, 0.15) * width), float(rng.uniform(0.85, 0.92) * width)
+    ya = float(rng.uniform(0.2, 0.3) * height)
+    sag = float(rng.uniform(0.15, 0.25) * height)
+    t = np.linspace(0.0, 1.0, 60)
+    points = list(zip(x0 + (x1 - x0) * t, ya + 4 * sag * t * (1 - t)))
+    margin = 14.0
+    box = (x0 - margin, ya - margin, x1 + margin, ya + sag + margin)
+    px = float(rng.uniform(0.3, 0.4) * width)  # the pole, left of the wire's lowest point
+    pole = [(px, box[1] - 20), (px + float(rng.uniform(-8, 8)), height - 1)]
+    pole_width = int(rng.integers(5, 8))
+    draw = ImageDraw.Draw(image)
+    draw.line(pole, fill=(45, 40, 35), width=pole_width)
+    draw.line(points, fill=(25, 25, 30), width=3, joint="curve")
+    target, distractor = Image.new("L", (width, height)), Image.new("L", (width, height))
+    ImageDraw.Draw(target).line(points, fill=255, width=3, joint="curve")
+    ImageDraw.Draw(distractor).line(pole, fill=255, width=pole_width)
+    wire = np.asarray(target) > 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format="PNG")
+    return ClickScene(path=path, width=width, height=height, box_xyxy=box, target=wire,
+                      distractor=(np.asarray(distractor) > 0) & ~wire)

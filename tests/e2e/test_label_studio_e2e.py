@@ -165,8 +165,9 @@ def test_label_studio_accepts_labeling_config(ls_client: LabelStudio, config_fil
     try:
         controls = project.parsed_label_config
         assert controls["box"]["type"] == "RectangleLabels"
-        assert controls["mask"]["type"] == "BrushLabels"
-        assert sorted(controls["box"]["labels"]) == sorted(controls["mask"]["labels"])
+        mask = controls.get("mask") or controls["outline"]
+        assert mask["type"] in ("BrushLabels", "PolygonLabels")
+        assert sorted(controls["box"]["labels"]) == sorted(mask["labels"])
     finally:
         ls_client.projects.delete(project.id)
 
