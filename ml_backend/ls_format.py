@@ -170,7 +170,7 @@ def brush_mask(result: dict[str, Any]) -> np.ndarray:
 # On a 3 px wire that kept the rasterised polygon at 0.97 IoU with its mask with 134 vertices;
 # 1 px kept 22 vertices but 0.80 IoU (tests/ml_backend/test_ls_format.py measures it).
 POLYGON_TOLERANCE_PX = 0.5
-MIN_POLYGON_AREA_PX = 4.0  # specks smaller than this are not worth a region
+MIN_POLYGON_AREA_PX = 9.0  # specks under 3x3 px are not worth a region of their own
 
 
 def mask_to_polygons(mask: np.ndarray, tolerance_px: float = POLYGON_TOLERANCE_PX,

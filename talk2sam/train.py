@@ -474,7 +474,9 @@ def sample_clicks(model: Talk2Sam, features: ImageFeatures, box_xyxy: torch.Tens
                   share: float, rounds: int, box_margin_px: float | None
                   ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """SAM's interactive training: None (box and word only) for 1 - ``share`` of the calls;
-    else 1..``rounds`` clicks, each drawn from the errors of the mask the clicks before it gave.
+    else 1..``rounds`` clicks, each drawn from the errors of the mask the clicks before it gave:
+    half of them uniformly over the wrong pixels (SAM's way), half in the middle of the largest
+    wrong region (where annotators click, as iterative click training samples them).
     Returns the clicks as the decoder takes them."""
     if rounds < 1 or rng.random() >= share:
         return None
@@ -483,7 +485,8 @@ def sample_clicks(model: Talk2Sam, features: ImageFeatures, box_xyxy: torch.Tens
         out = model.decode(features, box_xyxy[None], words, points=_points(clicks))
         pred = served_mask(model, out.low_res_logits, features, box_xyxy,
                            box_margin_px).cpu().numpy()
-        click = random_error_click(pred, gt, rng)
+        click = random_error_click(pred, gt, rng) if rng.random() < 0.5 \
+            else largest_error_click(pred, gt)
         if click is None:
             break
         clicks.append(click)

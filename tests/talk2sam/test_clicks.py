@@ -46,16 +46,19 @@ def test_training_draws_clicks_from_the_errors_for_the_share_asked(tmp_path, mon
     examples = prepare(model, SyntheticThinDataset(8, seed=3, stroke_scale=3.0),
                        FeatureCache(model))
     drawn: list[tuple[bool, bool]] = []
-    real = train_module.random_error_click
 
-    def spy(pred, gt, rng):
-        click = real(pred, gt, rng)
-        if click is not None:
-            x, y, positive = click
-            drawn.append((bool(pred[int(y), int(x)] != gt[int(y), int(x)]), positive))
-        return click
+    def spy(real):
+        def drawing(pred, gt, *rng):
+            click = real(pred, gt, *rng)
+            if click is not None:
+                x, y, positive = click
+                drawn.append((bool(pred[int(y), int(x)] != gt[int(y), int(x)]), positive))
+            return click
+        return drawing
 
-    monkeypatch.setattr(train_module, "random_error_click", spy)
+    # half the clicks uniformly over the errors, half in the largest wrong region
+    for name in ("random_error_click", "largest_error_click"):
+        monkeypatch.setattr(train_module, name, spy(getattr(train_module, name)))
     config = TrainConfig(epochs=2, batch_size=4, lr=1e-3, optimizer="adamw", num_points=256,
                          click_share=1.0, click_rounds=2)
     Trainer(model, config, tmp_path / "all").fit(examples, resume=False)
