@@ -25,11 +25,11 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a file: make the project importable
     sys.path.insert(0, str(REPO))
 
-from label_studio_sdk import LabelStudio  # noqa: E402
+from label_studio_sdk import LabelStudio
 
-from ml_backend.processes import free_port, spawn, wait_until  # noqa: E402
-from tests.e2e.harness import LABELING_CONFIGS, backend_env, start_label_studio, workers_live  # noqa: E402
-from tests.e2e.synthetic_images import make_wire_image, make_wires_image  # noqa: E402
+from ml_backend.processes import free_port, spawn, wait_until
+from tests.e2e.harness import LABELING_CONFIGS, backend_env, start_label_studio, workers_live
+from tests.e2e.synthetic_images import make_wire_image, make_wires_image
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                   "--no-first-run", "--disable-background-networking",

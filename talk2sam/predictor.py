@@ -13,11 +13,11 @@ import numpy as np
 import torch
 
 from talk2sam import geometry, sam_hq
-from talk2sam.errors import ImageNotSetError, InvalidImageError, InvalidPromptError
 from talk2sam.bounded_cache import BoundedCache
+from talk2sam.errors import ImageNotSetError, InvalidImageError, InvalidPromptError
+from talk2sam.find import DEFAULT_MAX_REGIONS, DEFAULT_THRESHOLD, candidate_boxes, distinct
 from talk2sam.model import DecoderOutput, ImageFeatures, Talk2Sam
 from talk2sam.prediction import Prediction
-from talk2sam.find import DEFAULT_MAX_REGIONS, DEFAULT_THRESHOLD, candidate_boxes, distinct
 
 MAX_PIXELS_DEFAULT = 100_000_000
 

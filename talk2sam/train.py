@@ -35,12 +35,12 @@ from talk2sam.build import (
     set_trainable,
     trained_state,
 )
+from talk2sam.clicks import largest_error_click, random_error_click
+from talk2sam.configs import ModelConfig
 from talk2sam.data.items import Item, ItemDataset
 from talk2sam.errors import ConfigError, DiskSpaceError
-from talk2sam.clicks import largest_error_click, random_error_click
 from talk2sam.losses import mask_loss
 from talk2sam.metrics import ScoreAggregator
-from talk2sam.configs import ModelConfig
 from talk2sam.model import ImageFeatures, Talk2Sam
 
 

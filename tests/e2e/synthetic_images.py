@@ -35,10 +35,15 @@ class WireImage:
     @property
     def box_pct(self) -> dict[str, float]:
         """The box as a Label Studio rectangle value (percent of the image, XYWH)."""
-        x0, y0, x1, y1 = self.box_xyxy
-        return {"x": 100 * x0 / self.width, "y": 100 * y0 / self.height,
-                "width": 100 * (x1 - x0) / self.width, "height": 100 * (y1 - y0) / self.height,
-                "rotation": 0}
+        return box_pct(self.box_xyxy, self.width, self.height)
+
+
+def box_pct(box_xyxy: tuple[float, float, float, float], width: int, height: int
+            ) -> dict[str, float]:
+    """An XYXY pixel box as a Label Studio rectangle value (percent of the image, XYWH)."""
+    x0, y0, x1, y1 = box_xyxy
+    return {"x": 100 * x0 / width, "y": 100 * y0 / height, "width": 100 * (x1 - x0) / width,
+            "height": 100 * (y1 - y0) / height, "rotation": 0}
 
 
 def make_wire_image(path: Path, seed: int, width: int = 400, height: int = 300,
@@ -164,10 +169,7 @@ class ClickScene:
 
     @property
     def box_pct(self) -> dict[str, float]:
-        x0, y0, x1, y1 = self.box_xyxy
-        return {"x": 100 * x0 / self.width, "y": 100 * y0 / self.height,
-                "width": 100 * (x1 - x0) / self.width, "height": 100 * (y1 - y0) / self.height,
-                "rotation": 0}
+        return box_pct(self.box_xyxy, self.width, self.height)
 
 
 def make_click_scene(path: Path, seed: int, width: int = 420, height: int = 320) -> ClickScene:

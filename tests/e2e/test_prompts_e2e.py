@@ -14,8 +14,12 @@ from scipy import ndimage
 
 from ml_backend.ls_format import polygon_mask
 from tests.e2e.harness import Backend, LabelStudioServer
-from tests.e2e.synthetic_images import ClickScene, make_click_scene, make_wire_image, \
-    make_wires_image
+from tests.e2e.synthetic_images import (
+    ClickScene,
+    make_click_scene,
+    make_wire_image,
+    make_wires_image,
+)
 from tests.e2e.test_label_studio_e2e import (
     MIN_WIRE_COVERAGE,
     brush_items,

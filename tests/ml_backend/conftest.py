@@ -245,3 +245,20 @@ def model_workers(fake_ls: FakeLabelStudio, redis_client: redis.Redis,
     with running_workers(backend_env(fake_ls), ("tiny-a", "tiny-b"), redis_client,
                          tmp_path_factory.mktemp("workers")) as pool:
         yield pool
+
+
+@pytest.fixture
+def noop_app(fake_ls: FakeLabelStudio, clean_redis: redis.Redis, tmp_path: Path):
+    """The web app on a real Redis with one real noop worker (MODEL=noop: a rectangle per box,
+    a square per click alone, the middle quarter for text alone), as a TestClient."""
+    from fastapi.testclient import TestClient
+
+    from ml_backend.app import create_app
+    from ml_backend.queue_client import QueueClient
+    from ml_backend.settings import Settings
+
+    env = backend_env(fake_ls, MODEL="noop")
+    with running_workers(env, ("noop-a",), clean_redis, tmp_path):
+        settings = Settings.from_env(env)
+        with TestClient(create_app(settings, QueueClient(settings))) as client:
+            yield client

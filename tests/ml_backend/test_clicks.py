@@ -9,14 +9,10 @@ from __future__ import annotations
 import copy
 
 import pytest
-from fastapi.testclient import TestClient
 
-from ml_backend.app import create_app
 from ml_backend.ls_format import brush_mask
 from ml_backend.ls_protocol import CLICKS_ONLY_NOTE
-from ml_backend.queue_client import QueueClient
-from ml_backend.settings import Settings
-from tests.ml_backend.conftest import backend_env, load_fixture, running_workers
+from tests.ml_backend.conftest import load_fixture
 from tests.ml_backend.test_model import backend
 
 CONFIG = """<View>
@@ -98,15 +94,6 @@ def test_malformed_clicks_are_refused():
     bad["value"]["x"] = float("nan")
     with pytest.raises(InvalidRequestError, match="finite"):
         post(model, request([bad]))
-
-
-@pytest.fixture
-def noop_app(fake_ls, clean_redis, tmp_path):
-    env = backend_env(fake_ls, MODEL="noop")
-    with running_workers(env, ("click-a",), clean_redis, tmp_path):
-        settings = Settings.from_env(env)
-        with TestClient(create_app(settings, QueueClient(settings))) as client:
-            yield client
 
 
 def test_through_the_app_a_click_with_no_box_answers_a_mask_labelled_clicks_only(noop_app):

@@ -6,16 +6,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
 from PIL import Image, ImageDraw
 
-from ml_backend.app import create_app
 from ml_backend.errors import InvalidRequestError
 from ml_backend.ls_format import mask_to_polygons, polygon_mask, polygons_mask
 from ml_backend.ls_protocol import parse_label_config, text_alone_prompt
-from ml_backend.queue_client import QueueClient
-from ml_backend.settings import Settings
-from tests.ml_backend.conftest import backend_env, load_fixture, running_workers
+from tests.ml_backend.conftest import load_fixture
 
 POLYGON_CONFIG = """<View>
   <Image name="image" value="$image"/>
@@ -96,15 +92,6 @@ def test_text_alone_comes_from_a_choice_or_a_text_naming_a_label():
     with pytest.raises(InvalidRequestError, match="one label to find"):
         text_alone_prompt([{**choice[0], "value": {"choices": ["car"]}}], config, {}, "x")
     assert text_alone_prompt([BOX], config, {}, "context") is None
-
-
-@pytest.fixture
-def noop_app(fake_ls, clean_redis, tmp_path):
-    env = backend_env(fake_ls, MODEL="noop")
-    with running_workers(env, ("poly-a",), clean_redis, tmp_path):
-        settings = Settings.from_env(env)
-        with TestClient(create_app(settings, QueueClient(settings))) as client:
-            yield client
 
 
 def request(results: list[dict], task_id: int) -> dict:
