@@ -62,10 +62,7 @@ def make_wire_image(path: Path, seed: int, width: int = 400, height: int = 300,
         The image's description, box and wire mask included.
     """
     rng = np.random.default_rng(seed)
-    rows = np.linspace(0.0, 1.0, height, dtype=np.float32)[:, None, None]
-    sky = np.array([70, 130, 220], np.float32) + rows * np.array([120, 90, 30], np.float32)
-    sky = np.broadcast_to(sky, (height, width, 3)) + rng.normal(0.0, 4.0, (height, width, 3))
-    image = Image.fromarray(np.clip(sky, 0, 255).astype(np.uint8), mode="RGB")
+    image = _sky(rng, width, height, (70, 130, 220), (120, 90, 30))
     draw = ImageDraw.Draw(image)
     x0 = float(rng.uniform(0.10, 0.25) * width)
     x1 = float(rng.uniform(0.70, 0.90) * width)
@@ -116,10 +113,7 @@ def make_wires_image(path: Path, seed: int, count: int = 3, width: int = 480,
     """Draw ``count`` dark sagging wires, one above the other with sky between them, over a sky
     gradient with ground below (and a grid fence on it), and save it as PNG."""
     rng = np.random.default_rng(seed)
-    rows = np.linspace(0.0, 1.0, height, dtype=np.float32)[:, None, None]
-    sky = np.array([80, 140, 225], np.float32) + rows * np.array([110, 80, 25], np.float32)
-    sky = np.broadcast_to(sky, (height, width, 3)) + rng.normal(0.0, 4.0, (height, width, 3))
-    image = Image.fromarray(np.clip(sky, 0, 255).astype(np.uint8), mode="RGB")
+    image = _sky(rng, width, height, (80, 140, 225), (110, 80, 25))
     draw = ImageDraw.Draw(image)
     ground = int(0.8 * height)
     draw.rectangle((0, ground, width, height), fill=(70, 80, 60))
@@ -176,10 +170,7 @@ def make_click_scene(path: Path, seed: int, width: int = 420, height: int = 320)
     """A dark sagging wire over a sky gradient, and a dark pole standing up through the middle
     of the wire's box; the box is the wire's bounds plus a margin."""
     rng = np.random.default_rng(seed)
-    rows = np.linspace(0.0, 1.0, height, dtype=np.float32)[:, None, None]
-    sky = np.array([75, 135, 220], np.float32) + rows * np.array([115, 85, 30], np.float32)
-    sky = np.broadcast_to(sky, (height, width, 3)) + rng.normal(0.0, 4.0, (height, width, 3))
-    image = Image.fromarray(np.clip(sky, 0, 255).astype(np.uint8), mode="RGB")
+    image = _sky(rng, width, height, (75, 135, 220), (115, 85, 30))
     x0, x1 = float(rng.uniform(0.08, 0.15) * width), float(rng.uniform(0.85, 0.92) * width)
     ya = float(rng.uniform(0.2, 0.3) * height)
     sag = float(rng.uniform(0.15, 0.25) * height)
@@ -201,3 +192,12 @@ def make_click_scene(path: Path, seed: int, width: int = 420, height: int = 320)
     image.save(path, format="PNG")
     return ClickScene(path=path, width=width, height=height, box_xyxy=box, target=wire,
                       distractor=(np.asarray(distractor) > 0) & ~wire)
+
+
+def _sky(rng: np.random.Generator, width: int, height: int, top: tuple[int, int, int],
+         change: tuple[int, int, int]) -> Image.Image:
+    """A sky gradient from ``top`` down to ``top + change``, with a little noise."""
+    rows = np.linspace(0.0, 1.0, height, dtype=np.float32)[:, None, None]
+    sky = np.array(top, np.float32) + rows * np.array(change, np.float32)
+    sky = np.broadcast_to(sky, (height, width, 3)) + rng.normal(0.0, 4.0, (height, width, 3))
+    return Image.fromarray(np.clip(sky, 0, 255).astype(np.uint8), mode="RGB")
