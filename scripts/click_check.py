@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=300, help="training images")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--pretrain-lr", type=float, default=None,
+                        help="learning rate of the end-to-end steps (default: --lr)")
     parser.add_argument("--click-share", type=float, default=0.5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=5)
@@ -65,8 +67,16 @@ def main(argv: list[str] | None = None) -> int:
         from talk2sam.build import set_trainable
         from talk2sam.pretrain import PretrainConfig, pretrain, round_to_half
 
-        pretrain(model, PretrainConfig(steps=args.pretrain_steps, lr=args.lr,
-                                       seed=args.seed + 100, click_share=args.click_share))
+        def report(entry: dict) -> None:
+            if entry["step"] % 50 == 0 or entry["step"] == args.pretrain_steps:
+                eta = entry["seconds"] / entry["step"] * (args.pretrain_steps - entry["step"])
+                print(f"end-to-end step {entry['step']}/{args.pretrain_steps} mask "
+                      f"{entry['mask']:.3f} iou {entry['iou']:.3f} eta {eta / 60:.1f} min",
+                      flush=True)
+
+        pretrain(model, PretrainConfig(steps=args.pretrain_steps, lr=args.pretrain_lr or args.lr,
+                                       seed=args.seed + 100, click_share=args.click_share),
+                 report)
         round_to_half(model)  # as the demo stores its frozen parts
         set_trainable(model, "frozen")
         cache = FeatureCache(model)  # the encoders changed: features again
