@@ -80,6 +80,8 @@ class TrainConfig:
             raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
         if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
             raise ValueError("epochs, batch_size and lr must be positive")
+        if not 0.0 <= self.click_share <= 1.0 or self.click_rounds < 0:
+            raise ValueError("click_share must be in [0, 1] and click_rounds not negative")
 
 
 # settings a resumed run must share with the run it continues (epochs may grow)

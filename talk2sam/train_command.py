@@ -45,6 +45,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
     p.add_argument("--loss-points", type=int, default=112 * 112)
+    p.add_argument("--click-share", type=float, default=0.5,
+                   help="share of the examples trained with 1-3 simulated clicks (SAM's "
+                        "interactive training), so the decoder learns to follow them; 0: none")
     p.add_argument("--out", required=True, help="run folder (state, best.pt, last.pt, results)")
     p.add_argument("--cache-dir", help="feature cache folder (default: <out>/features)")
     p.add_argument("--cache-dtype", default="float16", choices=["float16", "float32"])
@@ -95,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
     from talk2sam.build import build_model, load_checkpoint
     from talk2sam.train import FeatureCache, LazyExamples, TrainConfig, Trainer, evaluate
 
+    if not 0.0 <= args.click_share <= 1.0:
+        raise SystemExit(f"error: --click-share must be in [0, 1], got {args.click_share}")
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -121,7 +126,8 @@ def run(args: argparse.Namespace) -> int:
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          optimizer=args.optimizer, clip_mode=args.clip,
                          num_points=args.loss_points, seed=args.seed,
-                         save_every_steps=args.save_every, num_workers=args.workers)
+                         save_every_steps=args.save_every, num_workers=args.workers,
+                         click_share=args.click_share)
     version = f"{kind}-{model.cfg.name}-{out.name}"
 
     def progress(p: dict) -> None:
