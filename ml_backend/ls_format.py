@@ -166,41 +166,61 @@ def brush_mask(result: dict[str, Any]) -> np.ndarray:
 
 # ---------------------------------------------------------------- polygons
 
-# Douglas-Peucker tolerance: a polygon's edges stay within half a pixel of the mask's outline.
-# On a 3 px wire that kept the rasterised polygon at 0.97 IoU with its mask with 134 vertices;
-# 1 px kept 22 vertices but 0.80 IoU (tests/ml_backend/test_ls_format.py measures it).
+# Douglas-Peucker tolerance: a polygon's edges stay within half a pixel of the mask's outline
+# (tests/ml_backend/test_polygons_and_text_alone.py checks 1-3 px wires against their masks).
 POLYGON_TOLERANCE_PX = 0.5
-MIN_POLYGON_AREA_PX = 9.0  # specks under 3x3 px are not worth a region of their own
+MIN_POLYGON_AREA_PX = 9  # 8-connected parts of fewer pixels (specks) get no region of their own
 
 
 def mask_to_polygons(mask: np.ndarray, tolerance_px: float = POLYGON_TOLERANCE_PX,
-                     min_area_px: float = MIN_POLYGON_AREA_PX) -> list[np.ndarray]:
-    """An (H, W) bool mask -> one closed polygon per connected part, (K, 2) float x, y pixels.
+                     min_area_px: int = MIN_POLYGON_AREA_PX) -> list[np.ndarray]:
+    """An (H, W) bool mask -> one closed polygon per 8-connected part, (K, 2) float x, y in
+    pixel-edge coordinates (pixel (x, y) spans [x, x + 1] x [y, y + 1]).
 
-    Coordinates are on pixel edges (pixel (x, y) spans [x, x + 1] x [y, y + 1]): the outline
-    is traced by marching squares at 0.5 (``contourpy``), so a 3 px stroke gives a 3 px wide
-    polygon, then simplified within ``tolerance_px`` (``cv2.approxPolyDP``). Label Studio's
-    polygons have no holes: each hole is joined to its outer ring by a cut of zero width
-    (the hole traced the other way round), which every non-zero or even-odd fill shows as a
-    hole. Parts smaller than ``min_area_px`` are dropped.
+    The outline is traced with ``cv2.findContours`` on the mask at twice its resolution: the
+    border pixels' centres there lie a quarter pixel inside the outline, so a 1 px stroke
+    keeps a width and every pixel's centre stays inside its polygon. It is then simplified
+    within ``tolerance_px`` (``cv2.approxPolyDP``; a ring too thin for that keeps every point).
+    Label Studio's polygons have no holes: each hole is joined to its outer ring by a cut of
+    zero width (the hole traced the other way round), which a non-zero or even-odd fill shows
+    as a hole. Parts of fewer than ``min_area_px`` pixels are dropped.
     """
-    import contourpy
+    import cv2
+    from scipy import ndimage
+
+    mask = np.asarray(mask, dtype=bool)
+    parts, count = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    if not count:
+        return []
+    sizes = np.bincount(parts.ravel())
+    kept = sizes >= min_area_px
+    kept[0] = False
+    fine = np.repeat(np.repeat(kept[parts].astype(np.uint8), 2, axis=0), 2, axis=1)
+    contours, hierarchy = cv2.findContours(fine, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE)
+    if hierarchy is None:
+        return []
+    links = hierarchy[0]  # per contour: next, previous, first child, parent
+    polygons = []
+    for index, (_, _, child, parent) in enumerate(links):
+        if parent != -1:
+            continue  # a hole: joined to its outer ring below
+        holes = []
+        while child != -1:
+            holes.append(_ring(contours[child], tolerance_px))
+            child = links[child][0]
+        polygons.append(_join_holes(_ring(contours[index], tolerance_px), holes))
+    return polygons
+
+
+def _ring(contour: np.ndarray, tolerance_px: float) -> np.ndarray:
+    """A contour of the doubled mask, simplified, in the mask's pixel-edge coordinates."""
     import cv2
 
-    padded = np.pad(np.asarray(mask, dtype=np.float32), 1)  # parts touching the border close
-    generator = contourpy.contour_generator(z=padded, fill_type=contourpy.FillType.OuterOffset,
-                                            name="serial")
-    points, offsets = generator.filled(0.5, 2.0)
-    polygons = []
-    for part, bounds in zip(points, offsets):
-        # array index i is the centre of pixel i, i.e. i + 0.5 on pixel edges; minus the pad
-        rings = [part[a:b] - 0.5 for a, b in zip(bounds[:-1], bounds[1:])]
-        rings = [cv2.approxPolyDP(r.astype(np.float32).reshape(-1, 1, 2), tolerance_px, True)
-                 .reshape(-1, 2).astype(np.float64) for r in rings]
-        if len(rings[0]) < 3 or abs(_signed_area(rings[0])) < min_area_px:
-            continue
-        polygons.append(_join_holes(rings[0], [h for h in rings[1:] if len(h) >= 3]))
-    return polygons
+    points = contour.reshape(-1, 2).astype(np.float64)
+    simple = cv2.approxPolyDP(contour, 2 * tolerance_px, True).reshape(-1, 2).astype(np.float64)
+    if len(simple) < 3 or abs(_signed_area(simple)) < 0.5 * abs(_signed_area(points)):
+        simple = points  # a stroke thinner than the tolerance would collapse to a line
+    return (simple + 0.5) / 2  # centre of doubled pixel q: (q + 0.5) / 2 on the pixel edges
 
 
 def _signed_area(ring: np.ndarray) -> float:

@@ -45,16 +45,18 @@ class LabelConfig:
         brush_name: name of the ``<BrushLabels>`` control brush answers go to, or None.
         brush_labels: its labels.
         rectangle_names: names of the ``<RectangleLabels>`` controls on the same image.
-        prompt_name: name of a ``<TextArea>`` on the same image: per region, its text overrides
-            the label as prompt; on its own (no box on the task), it asks for every instance
-            of the text (text alone). None when there is none.
+        prompt_name: name of a ``<TextArea>`` on the same image whose text overrides the label
+            as prompt (a per-region one's for its own box, a global one's for every box), or
+            None.
         control_names: names of every control in the config.
         keypoint_names: names of the ``<KeyPointLabels>`` controls on the image (clicks).
         polygon_name: name of the ``<PolygonLabels>`` control, or None: its labels (unless
             BrushLabels has them too) are answered with polygons.
         polygon_labels: its labels.
-        choices_names: names of the ``<Choices>`` on the image whose choice is a label to find
-            by text alone.
+        choices_names: names of the ``<Choices>`` on the image whose every choice is a mask
+            label: with no box on the task, the label chosen is found by text alone.
+        find_text_name: name of a global (not per-region) ``<TextArea>`` on the image: with no
+            box on the task, a label or label prompt typed there is found by text alone.
     """
 
     image_name: str
@@ -68,6 +70,7 @@ class LabelConfig:
     polygon_name: str | None = None
     polygon_labels: tuple[str, ...] = ()
     choices_names: tuple[str, ...] = ()
+    find_text_name: str | None = None
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -133,12 +136,19 @@ def parse_label_config(xml: str) -> LabelConfig:
     def on_image(tag: str) -> list[str]:
         return [c.name for c in controls if c.tag == tag and image_name in c.to_name]
 
-    rectangles, prompts, choices = on_image("RectangleLabels"), on_image("TextArea"), \
-        on_image("Choices")
-    if not rectangles and not prompts and not choices:
-        raise InvalidRequestError(f"label config has no RectangleLabels on Image {image_name!r} "
-                                  f"(nor a Choices or TextArea to find a word by text alone)")
     brush, polygon = (brushes[0] if brushes else None), (polygons[0] if polygons else None)
+    labels = set(brush.labels or ()) if brush else set()
+    labels |= set(polygon.labels or ()) if polygon else set()
+    rectangles, prompts = on_image("RectangleLabels"), on_image("TextArea")
+    # only Choices of mask labels ask for text alone: an image-quality Choices never does
+    choices = [c.name for c in controls if c.tag == "Choices" and image_name in c.to_name
+               and c.labels and set(c.labels) <= labels]
+    global_texts = [c.name for c in controls if c.tag == "TextArea" and image_name in c.to_name
+                    and str(c.attr.get("perRegion", "false")).lower() != "true"]
+    if not rectangles and not choices and not global_texts:
+        raise InvalidRequestError(f"label config has no RectangleLabels on Image {image_name!r} "
+                                  f"(nor a Choices of its labels or a TextArea to find a word "
+                                  f"by text alone)")
     return LabelConfig(
         image_name=image_name,
         image_data_key=value[1:],
@@ -151,6 +161,7 @@ def parse_label_config(xml: str) -> LabelConfig:
         polygon_name=polygon.name if polygon else None,
         polygon_labels=tuple(polygon.labels or ()) if polygon else (),
         choices_names=tuple(choices),
+        find_text_name=global_texts[0] if global_texts else None,
     )
 
 
@@ -319,7 +330,7 @@ def boxes_from_results(
     for key in ("id", "from_name"):  # compared and hashed below
         if any(isinstance(item.get(key), (list, dict)) for item in results):
             raise InvalidRequestError(f"{where}: a result item's {key!r} must be a string")
-    texts = _prompt_texts(results, config)
+    texts = _texts_of(results, config.prompt_name)
     rectangles = []
     for item in results:
         from_name = item.get("from_name")
@@ -337,20 +348,20 @@ def boxes_from_results(
             for item in rectangles]
 
 
-def _prompt_texts(results: list[dict[str, Any]], config: LabelConfig) -> dict[Any, str]:
-    """Region id -> non-empty text of the config's TextArea items."""
+def _texts_of(results: list[dict[str, Any]], name: str | None) -> dict[Any, str]:
+    """Region id -> non-empty text of the items of the TextArea ``name`` (None: none)."""
     texts: dict[Any, str] = {}
-    if config.prompt_name is None:
+    if name is None:
         return texts
     for item in results:
-        if item.get("from_name") != config.prompt_name:
+        if item.get("from_name") != name:
             continue
         raw = (item.get("value") or {}).get("text")
         parts = [raw] if isinstance(raw, str) else raw if isinstance(raw, list) else []
         text = " ".join(p.strip() for p in parts if isinstance(p, str)).strip()
         if len(text) > MAX_PROMPT_CHARS:
             raise InvalidRequestError(
-                f"{config.prompt_name!r} text of {len(text)} characters is longer than "
+                f"{name!r} text of {len(text)} characters is longer than "
                 f"{MAX_PROMPT_CHARS}; a prompt names an object in a few words"
             )
         if text:
@@ -427,15 +438,20 @@ class TextAlonePrompt:
 
 
 def text_alone_prompt(results: list[Any], config: LabelConfig,
-                      label_prompts: Mapping[str, str], where: str) -> TextAlonePrompt | None:
+                      label_prompts: Mapping[str, str], where: str, strict: bool = True
+                      ) -> TextAlonePrompt | None:
     """The text-alone prompt of ``results`` (checked as :func:`boxes_from_results` does), or
-    None: a choice of the config's Choices (a label; its word from the label -> prompt map), or
-    else the text of its TextArea (the word as typed; its label the one whose name or prompt is
-    that text, any case, or the only label).
+    None: a choice of the config's label Choices (its word from the label -> prompt map), or
+    else the text of its global TextArea (the word as typed; its label the one whose name or
+    prompt is that text, any case, or the only label).
+
+    Args:
+        strict: interactive mode: a text naming no label is the only label's word, or an
+            error when there are several; False (batch mode): a text naming no label is a
+            note, not a prompt, and None is returned.
 
     Raises:
-        InvalidRequestError: a choice that is no mask label, or a text that names none of
-            several labels.
+        InvalidRequestError: several choices at once, or (strict) a text naming no label.
     """
     for item in results:
         if item.get("type") != "choices" or item.get("from_name") not in config.choices_names:
@@ -448,7 +464,7 @@ def text_alone_prompt(results: list[Any], config: LabelConfig,
                 f"{where}: choose one label to find, one of {', '.join(config.labels)}; "
                 f"got {chosen!r}")
         return TextAlonePrompt(chosen[0], word_for_label(chosen[0], label_prompts))
-    text = next(iter(_prompt_texts(results, config).values()), None)
+    text = next(iter(_texts_of(results, config.find_text_name).values()), None)
     if text is None:
         return None
     wanted = text.casefold()
@@ -456,6 +472,8 @@ def text_alone_prompt(results: list[Any], config: LabelConfig,
                if wanted in (label.casefold(), word_for_label(label, label_prompts).casefold())]
     if matches:
         return TextAlonePrompt(matches[0], text)
+    if not strict:
+        return None
     if len(config.labels) == 1:
         return TextAlonePrompt(config.labels[0], text)
     raise InvalidRequestError(
@@ -465,8 +483,9 @@ def text_alone_prompt(results: list[Any], config: LabelConfig,
 
 def task_text_alone_prompt(task: Mapping[str, Any], config: LabelConfig,
                            label_prompts: Mapping[str, str]) -> TextAlonePrompt | None:
-    """Batch mode: the text-alone prompt of the task's newest annotation, else newest draft,
-    that has one (cancelled annotations skipped)."""
+    """Batch mode (a task with no box in any annotation or prediction): the text-alone prompt
+    of the newest annotation that has one, else of the newest draft that has one (cancelled
+    annotations skipped; a text that names no label is a note, not a prompt)."""
     where = f"task {task.get('id')}"
     for source in ("annotations", "drafts"):
         entries = task.get(source) or []
@@ -477,7 +496,7 @@ def task_text_alone_prompt(task: Mapping[str, Any], config: LabelConfig,
                 continue
             results = entry.get("result") or []
             if isinstance(results, list) and all(isinstance(r, dict) for r in results):
-                found = text_alone_prompt(results, config, label_prompts, where)
+                found = text_alone_prompt(results, config, label_prompts, where, strict=False)
                 if found is not None:
                     return found
     return None
