@@ -159,7 +159,9 @@ class Talk2SamBackend:
 
         Batch mode (``context`` None: Retrieve predictions, or a task opened in the editor):
         each task's boxes come from its newest annotation with rectangles, else its newest
-        prediction. Each task stands alone: one with no box (it may warm a worker's cache),
+        prediction; a task with none, but a text-alone prompt in an annotation or draft, finds
+        every instance of its word. Each task stands alone: one with neither (it may warm a
+        worker's cache),
         one that fails (its reason is logged) or one not answered before the deadline gets an
         empty list, which Label Studio stores nothing for, so the next Retrieve predictions
         asks again; only answered tasks get a prediction.
@@ -437,7 +439,8 @@ class Talk2SamBackend:
                                           f"({rank} of {found})")
         ]
         if not found:
-            log.info("text %r alone found no region", text.word)
+            log.warning("text %r alone found no region (FIND_THRESHOLD %.2f; lower finds more)",
+                        text.word, self.settings.find_threshold)
         return self._prediction(results, answer)
 
     def _prediction(self, results: list[dict[str, Any]], answer: PredictJobResult

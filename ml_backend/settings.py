@@ -30,7 +30,7 @@ down explicitly; no other module reads ``os.environ``.
 | TORCH_THREADS | unset | CPU math threads per worker; unset: torch's default (all cores). Several CPU workers on one host: cores / workers |
 | IMAGE_CACHE_SIZE | 8 | images whose features a worker keeps (LRU) |
 | IMAGE_CACHE_MB | 1024 | bytes of those features at most (ViT-H with DINOv2 ViT-L: about 30 MiB an image in float32); images warmed for a batch never evict the ones predict jobs used |
-| MASK_BOX_MARGIN_PX | 0.0 | drop mask pixels centred farther than this outside their box; -1 keeps all |
+| MASK_BOX_MARGIN_PX | 0.0 | drop mask pixels centred farther than this outside their box; -1 keeps all (text alone always cuts to the boxes it found) |
 | IMAGE_DOWNLOAD_CACHE_MB | 256 | downloaded image bytes a worker keeps in memory, by URL |
 | IMAGE_DOWNLOAD_DIR | unset | when set, downloaded images are also cached on disk there |
 | IMAGE_FETCH_TIMEOUT_S | 20 | timeout of one image download |

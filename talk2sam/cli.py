@@ -9,6 +9,7 @@ from pathlib import Path
 
 from talk2sam import evaluate_command, train_command
 from talk2sam.errors import Talk2SamError
+from talk2sam.find import DEFAULT_THRESHOLD
 from talk2sam.weights import DEMO_CHECKPOINT
 
 
@@ -58,7 +59,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
         pred = predictor.predict(boxes, words)
     else:  # text alone: every instance of the word, one box found per region
         pred = predictor.find(args.text[0], threshold=args.threshold)
-        boxes, words = pred.boxes_xyxy, args.text * len(pred.masks)
+        boxes, words = pred.boxes_xyxy, args.text * max(1, len(pred.masks))
+        if not len(pred.masks):
+            print(f"note: no region of {args.text[0]!r} found at --threshold "
+                  f"{args.threshold}; a lower threshold finds more", file=sys.stderr)
     stages.update(1)
     stages.close()
     out = Path(args.out or Path(args.image).with_suffix("")).with_suffix("")
@@ -123,13 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="talk2sam", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    seg = sub.add_parser("segment", help="segment boxes of an image guided by a class word")
+    seg = sub.add_parser("segment", help="segment boxes of an image guided by a class word, "
+                                          "or every instance of the word (no box)")
     seg.add_argument("image")
     seg.add_argument("--box", nargs=4, type=float, action="append",
                      metavar=("X0", "Y0", "X1", "Y1"),
                      help="XYXY pixels; repeat for more boxes; none: find every instance of "
                           "--text (text alone)")
-    seg.add_argument("--threshold", type=float, default=0.5,
+    seg.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                      help="text alone: share of the word's similarity-map range a region "
                           "must reach (lower finds more)")
     seg.add_argument("--text", action="append", default=None,
