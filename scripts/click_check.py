@@ -8,6 +8,7 @@ Each click goes to the largest region the current mask gets wrong (`talk2sam.cli
 Usage:
   python scripts/click_check.py [--pretrain-steps 300] [--images 300] [--epochs 2]
                                 [--save runs/clicks/demo.pt]
+  python scripts/click_check.py --measure-only [--checkpoint PATH]   # the table, no training
 """
 
 from __future__ import annotations
@@ -38,6 +39,31 @@ def heldout_items(n: int) -> list[dict]:
             for c in single_set(n)]
 
 
+def scene_items(n: int) -> list[dict]:
+    """The click scenes of the end-to-end tests (PIL's drawing: a sagging wire on a sky, a pole
+    standing up through its box), the wire as the target of the word "wire"."""
+    import numpy as np
+    from PIL import Image
+
+    from tests.e2e.synthetic_images import make_click_scene
+
+    items = []
+    with tempfile.TemporaryDirectory() as folder:
+        for seed in range(1000, 1000 + n):  # seeds the e2e tests (0-2) never use
+            scene = make_click_scene(Path(folder) / f"{seed}.png", seed)
+            items.append({"image": np.asarray(Image.open(scene.path).convert("RGB")),
+                          "mask": scene.target, "word": "wire",
+                          "box_xyxy": np.asarray(scene.box_xyxy, dtype=np.float32)})
+    return items
+
+
+def measure(model, sets: dict[str, list[dict]]) -> dict[str, dict[int, float]]:
+    """mIoU after 0, 1 and 3 simulated clicks on each held-out set."""
+    cache = FeatureCache(model)
+    return {name: click_miou(model, prepare(model, items, cache, f"{name} features"), ROUNDS)
+            for name, items in sets.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -56,9 +82,26 @@ def main(argv: list[str] | None = None) -> int:
                              "(talk2sam.pretrain; the prompt encoder's point embeddings train "
                              "only there)")
     parser.add_argument("--save", default=None, help="write the trained checkpoint here")
+    parser.add_argument("--version", default=None,
+                        help="version name of the saved checkpoint (default: <version>-clicks)")
+    parser.add_argument("--measure-only", action="store_true",
+                        help="no training: the checkpoint's table on the held-out single set "
+                             "and on --scenes click scenes")
+    parser.add_argument("--scenes", type=int, default=24,
+                        help="click scenes (a wire and a pole in its box) for --measure-only")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = load_checkpoint(args.checkpoint)
+    if args.measure_only:
+        scores = measure(model, {f"single objects, loose boxes ({args.heldout})":
+                                 heldout_items(args.heldout),
+                                 f"wire with a pole in its box ({args.scenes})":
+                                 scene_items(args.scenes)})
+        print(f"| {model.version}: held-out set (cases) | box + word | +1 click | +3 clicks |")
+        print("|---|---|---|---|")
+        for name, miou in scores.items():
+            print(f"| {name} | " + " | ".join(f"{miou[k]:.4f}" for k in ROUNDS) + " |")
+        return 0
     cache = FeatureCache(model)
     held = prepare(model, heldout_items(args.heldout), cache, "held-out features")
     before = click_miou(model, held, ROUNDS)
@@ -90,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(model, config, run)
         trainer.fit(train, resume=False)
         if args.save:
-            trainer.save(args.save, version=f"{model.version}-clicks",
+            trainer.save(args.save, version=args.version or f"{model.version}-clicks",
                          metrics={"click_miou_heldout": {}})
     seconds = time.perf_counter() - started
     after = click_miou(model, held, ROUNDS)
