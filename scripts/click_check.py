@@ -75,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pretrain-lr", type=float, default=None,
                         help="learning rate of the end-to-end steps (default: --lr)")
     parser.add_argument("--click-share", type=float, default=0.5)
+    parser.add_argument("--largest-click-share", type=float, default=0.5,
+                        help="share of the clicks in the middle of the largest wrong region "
+                             "(the others uniformly on wrong pixels)")
+    parser.add_argument("--click-rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=5)
     parser.add_argument("--pretrain-steps", type=int, default=0,
@@ -118,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
                       flush=True)
 
         pretrain(model, PretrainConfig(steps=args.pretrain_steps, lr=args.pretrain_lr or args.lr,
-                                       seed=args.seed + 100, click_share=args.click_share),
+                                       seed=args.seed + 100, click_share=args.click_share,
+                                       click_rounds=args.click_rounds,
+                                       largest_click_share=args.largest_click_share),
                  report)
         round_to_half(model)  # as the demo stores its frozen parts
         set_trainable(model, "frozen")
@@ -128,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
                     "training features")
     config = TrainConfig(epochs=args.epochs, batch_size=4, lr=args.lr, optimizer="adamw",
                          num_points=64 * 64, seed=args.seed, save_every_steps=0,
-                         click_share=args.click_share)
+                         click_share=args.click_share, click_rounds=args.click_rounds,
+                         largest_click_share=args.largest_click_share)
     with tempfile.TemporaryDirectory() as run:
         trainer = Trainer(model, config, run)
         trainer.fit(train, resume=False)

@@ -48,6 +48,7 @@ class PretrainConfig:
     seed: int = 0
     click_share: float = 0.5  # as train.TrainConfig: SAM's interactive training
     click_rounds: int = 3
+    largest_click_share: float = 0.5  # as train.TrainConfig
 
 
 def lr_factor(step: int, config: PretrainConfig) -> float:
@@ -95,7 +96,7 @@ def sample_loss(model: Talk2Sam, sample: RandomizedSample, config: PretrainConfi
     box = torch.from_numpy(sample.box_xyxy)[None]
     points = None if click_rng is None else sample_clicks(
         model, feats, box[0], [sample.word], sample.masks[sample.target], click_rng,
-        config.click_share, config.click_rounds, 0.0)
+        config.click_share, config.click_rounds, 0.0, config.largest_click_share)
     out = model.decode(feats, box, [sample.word], points=points)
     target = gt_to_canvas(sample.masks[sample.target], model.long_side)[None].float() / 255
     bce, dice = dense_mask_loss(out.low_res_logits, target)

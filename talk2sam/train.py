@@ -74,13 +74,17 @@ class TrainConfig:
     # decoder learns to use positive and negative points next to the box and the word
     click_share: float = 0.5
     click_rounds: int = 3
+    # share of those clicks put in the middle of the largest wrong region (where annotators
+    # click); the others fall uniformly on the wrong pixels (SAM's way)
+    largest_click_share: float = 0.5
 
     def validate(self) -> None:
         if self.optimizer not in ("sgd", "adamw"):
             raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
         if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
             raise ValueError("epochs, batch_size and lr must be positive")
-        if not 0.0 <= self.click_share <= 1.0 or self.click_rounds < 0:
+        if not 0.0 <= self.click_share <= 1.0 or not 0.0 <= self.largest_click_share <= 1.0 \
+                or self.click_rounds < 0:
             raise ValueError("click_share must be in [0, 1] and click_rounds not negative")
 
 
@@ -369,7 +373,7 @@ class Trainer:
             features = ex.features.to(device)
             points = sample_clicks(self.model, features, ex.box_xyxy, words, ex.gt,
                                    self._click_rng, cfg.click_share, cfg.click_rounds,
-                                   cfg.box_margin_px)
+                                   cfg.box_margin_px, cfg.largest_click_share)
             out = self.model.decode(features, ex.box_xyxy[None], words, points=points)
             target = ex.target[None].to(device).float() / 255.0
             bce, dice = mask_loss(out.low_res_logits, target,
@@ -473,13 +477,13 @@ class Trainer:
 @torch.no_grad()
 def sample_clicks(model: Talk2Sam, features: ImageFeatures, box_xyxy: torch.Tensor,
                   words: list[str] | None, gt: np.ndarray, rng: np.random.Generator,
-                  share: float, rounds: int, box_margin_px: float | None
-                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
+                  share: float, rounds: int, box_margin_px: float | None,
+                  largest_share: float = 0.5) -> tuple[torch.Tensor, torch.Tensor] | None:
     """SAM's interactive training: None (box and word only) for 1 - ``share`` of the calls;
     else 1..``rounds`` clicks, each drawn from the errors of the mask the clicks before it gave:
-    half of them uniformly over the wrong pixels (SAM's way), half in the middle of the largest
-    wrong region (where annotators click, as iterative click training samples them).
-    Returns the clicks as the decoder takes them."""
+    ``largest_share`` of them in the middle of the largest wrong region (where annotators
+    click, as iterative click training samples them), the others uniformly over the wrong
+    pixels (SAM's way). Returns the clicks as the decoder takes them."""
     if rounds < 1 or rng.random() >= share:
         return None
     clicks: list[tuple[float, float, bool]] = []
@@ -487,8 +491,8 @@ def sample_clicks(model: Talk2Sam, features: ImageFeatures, box_xyxy: torch.Tens
         out = model.decode(features, box_xyxy[None], words, points=_points(clicks))
         pred = served_mask(model, out.low_res_logits, features, box_xyxy,
                            box_margin_px).cpu().numpy()
-        click = random_error_click(pred, gt, rng) if rng.random() < 0.5 \
-            else largest_error_click(pred, gt)
+        click = largest_error_click(pred, gt) if rng.random() < largest_share \
+            else random_error_click(pred, gt, rng)
         if click is None:
             break
         clicks.append(click)
