@@ -134,7 +134,7 @@ def text_alone_task(client: LabelStudio, server, backend_url: str) -> tuple[str,
     project_id, ml_id = connected_project(client, "thin_structures_find.xml", "Text alone",
                                           backend_url)
     image = make_wires_image(server.files_root / "find" / "three.png", 3, width=800, height=600,
-                             line_width_px=4, fence=False)
+                             line_width_px=4, ground=False)
     task_id = import_task(client, server, project_id, image.path)
     choice = {"id": "f1", "from_name": "find", "to_name": "image", "type": "choices",
               "value": {"choices": ["Wire"]}}

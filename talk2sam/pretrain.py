@@ -72,15 +72,23 @@ def grounding_targets(sample: RandomizedSample, grid: tuple[int, int],
     return words, targets
 
 
-def dense_mask_loss(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor,
-                                                                         torch.Tensor]:
+def dense_mask_loss(logits: torch.Tensor, target: torch.Tensor,
+                    wrongly_covered: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """BCE and Dice over the whole low-res frame, the target area-averaged to it. From random
     weights, point sampling rarely lands on a thin object's pixels and the masks stay empty;
-    every pixel counts here (the paper's point-sampled loss takes over in `train.Trainer`)."""
+    every pixel counts here (the paper's point-sampled loss takes over in `train.Trainer`).
+    ``wrongly_covered`` (same frame as ``target``, 0-1): background the mask before the clicks
+    covered, weighed like object pixels, so that a negative click on a wrong object learns to
+    take all of it out, not a speck around the click."""
     soft = F.adaptive_avg_pool2d(target, logits.shape[-2:])
+    weight = None
+    if wrongly_covered is not None:
+        weight = 1 + (POSITIVE_WEIGHT - 1) * F.adaptive_avg_pool2d(wrongly_covered,
+                                                                   logits.shape[-2:])
     # a thin object is a few hundred of the frame's pixels: weigh them up, or "all background"
     # is where the masks stay
-    bce = F.binary_cross_entropy_with_logits(logits, soft,
+    bce = F.binary_cross_entropy_with_logits(logits, soft, weight=weight,
                                              pos_weight=logits.new_tensor(POSITIVE_WEIGHT))
     probs = logits.sigmoid()
     dice = 1 - (2 * (probs * soft).sum() + 1) / (probs.sum() + soft.sum() + 1)
@@ -97,9 +105,16 @@ def sample_loss(model: Talk2Sam, sample: RandomizedSample, config: PretrainConfi
     points = None if click_rng is None else sample_clicks(
         model, feats, box[0], [sample.word], sample.masks[sample.target], click_rng,
         config.click_share, config.click_rounds, 0.0, config.largest_click_share)
+    wrongly_covered = None
+    if points is not None:
+        with torch.no_grad():  # the mask the clicks correct: its false positives weigh more
+            before = served_mask(model, model.decode(feats, box, [sample.word]).low_res_logits,
+                                 feats, box[0], 0.0).cpu().numpy()
+        wrongly_covered = gt_to_canvas(before & ~sample.masks[sample.target],
+                                       model.long_side)[None].float() / 255
     out = model.decode(feats, box, [sample.word], points=points)
     target = gt_to_canvas(sample.masks[sample.target], model.long_side)[None].float() / 255
-    bce, dice = dense_mask_loss(out.low_res_logits, target)
+    bce, dice = dense_mask_loss(out.low_res_logits, target, wrongly_covered)
     with torch.no_grad():
         served = served_mask(model, out.low_res_logits, feats, box[0], 0.0)
         gt = torch.from_numpy(sample.masks[sample.target])

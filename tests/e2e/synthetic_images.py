@@ -109,18 +109,22 @@ class WiresImage:
 
 
 def make_wires_image(path: Path, seed: int, count: int = 3, width: int = 480,
-                     height: int = 360, line_width_px: int = 3, fence: bool = True) -> WiresImage:
+                     height: int = 360, line_width_px: int = 3, fence: bool = True,
+                     ground: bool = True) -> WiresImage:
     """Draw ``count`` dark sagging wires, one above the other with sky between them, over a sky
-    gradient with ground below (and a grid fence on it), and save it as PNG."""
+    gradient with ground below (and a grid fence on it; neither with ``ground`` False: only
+    wires and sky), and save it as PNG."""
     rng = np.random.default_rng(seed)
     image = _sky(rng, width, height, (80, 140, 225), (110, 80, 25))
     draw = ImageDraw.Draw(image)
-    ground = int(0.8 * height)
-    draw.rectangle((0, ground, width, height), fill=(70, 80, 60))
+    fence = fence and ground
+    horizon = int(0.8 * height)
+    if ground:
+        draw.rectangle((0, horizon, width, height), fill=(70, 80, 60))
     step = int(rng.integers(12, 20))
     for x in range(int(0.05 * width), int(0.95 * width), step) if fence else ():
-        draw.line([(x, int(0.7 * height)), (x, ground)], fill=(90, 90, 95), width=2)
-    for y in range(int(0.7 * height), ground + 1, step) if fence else ():
+        draw.line([(x, int(0.7 * height)), (x, horizon)], fill=(90, 90, 95), width=2)
+    for y in range(int(0.7 * height), horizon + 1, step) if fence else ():
         draw.line([(int(0.05 * width), y), (int(0.95 * width), y)], fill=(90, 90, 95), width=2)
     masks = []
     band = 0.6 * height / count  # each wire sags inside its own band of the sky

@@ -18,7 +18,7 @@ def test_segment_writes_mask_and_overlay(tmp_path, capsys):
 def test_segment_without_a_box_finds_each_wire(tmp_path, capsys):
     from tests.e2e.synthetic_images import make_wires_image
 
-    image = make_wires_image(tmp_path / "three.png", seed=3, fence=False)
+    image = make_wires_image(tmp_path / "three.png", seed=3, ground=False)
     assert main(["segment", str(image.path), "--text", "wire"]) == 0
     mask = np.asarray(Image.open(tmp_path / "three_mask.png")) > 0
     for wire in image.masks:  # the union of the regions found covers every wire
