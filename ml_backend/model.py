@@ -420,12 +420,15 @@ class Talk2SamBackend:
 
     def _task_prediction(self, answer: PredictJobResult, boxes: list[BoxPrompt],
                          config: LabelConfig) -> dict[str, Any]:
-        results = [
-            item for box, p in zip(boxes, answer.predictions)
-            for item in mask_results(p, answer.width, answer.height, box.label, config,
-                                     box.image_rotation,
-                                     CLICKS_ONLY_NOTE if box.box_xyxy is None else None)
-        ]
+        results = []
+        for box, p in zip(boxes, answer.predictions):
+            items = mask_results(p, answer.width, answer.height, box.label, config,
+                                 box.image_rotation,
+                                 CLICKS_ONLY_NOTE if box.box_xyxy is None else None)
+            if not items:  # polygons asked for, and the mask had only specks (or nothing)
+                log.warning("the %r mask of box %s has no part of 9 px or more: no polygon",
+                            box.label, box.box_xyxy)
+            results += items
         return self._prediction(results, answer)
 
     def _found_prediction(self, answer: PredictJobResult, text: TextAlonePrompt,
