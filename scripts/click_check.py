@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="share of the clicks in the middle of the largest wrong region "
                              "(the others uniformly on wrong pixels)")
     parser.add_argument("--click-rounds", type=int, default=3)
+    parser.add_argument("--clicks-alone-share", type=float, default=0.0,
+                        help="share of the clicked end-to-end samples prompted by their clicks "
+                             "alone, without the box")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=5)
     parser.add_argument("--pretrain-steps", type=int, default=0,
@@ -124,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         pretrain(model, PretrainConfig(steps=args.pretrain_steps, lr=args.pretrain_lr or args.lr,
                                        seed=args.seed + 100, click_share=args.click_share,
                                        click_rounds=args.click_rounds,
-                                       largest_click_share=args.largest_click_share),
+                                       largest_click_share=args.largest_click_share,
+                                       clicks_alone_share=args.clicks_alone_share),
                  report)
         round_to_half(model)  # as the demo stores its frozen parts
         set_trainable(model, "frozen")

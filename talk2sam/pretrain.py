@@ -26,10 +26,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from talk2sam.clicks import largest_error_click, random_error_click
 from talk2sam.data.randomized import CLASS_WORDS, CLASSES, RandomizedSample, RandomizedThinDataset
 from talk2sam.model import Talk2Sam
 from talk2sam.similarity import similarity_map
-from talk2sam.train import gt_to_canvas, sample_clicks, served_mask
+from talk2sam.train import click_points, gt_to_canvas, sample_clicks, served_mask
 
 MAP_LOGIT_SCALE = 10.0  # cosine in [-1, 1] -> logits in [-10, 10]
 POSITIVE_WEIGHT = 10.0  # of an object pixel against a background pixel in the dense BCE
@@ -49,6 +50,9 @@ class PretrainConfig:
     click_share: float = 0.5  # as train.TrainConfig: SAM's interactive training
     click_rounds: int = 3
     largest_click_share: float = 0.5  # as train.TrainConfig
+    # share of the clicked samples prompted by their clicks alone, without the box (SAM trains
+    # point prompts alone too; the backend answers a click with no box of its label so)
+    clicks_alone_share: float = 0.0
 
 
 def lr_factor(step: int, config: PretrainConfig) -> float:
@@ -102,8 +106,12 @@ def sample_loss(model: Talk2Sam, sample: RandomizedSample, config: PretrainConfi
     ``click_rng``, clicks as `train.sample_clicks` draws them for `config.click_share` of them."""
     feats = model.encode_image(torch.from_numpy(sample.image))
     box = torch.from_numpy(sample.box_xyxy)[None]
+    gt_mask = sample.masks[sample.target]
+    if click_rng is not None and click_rng.random() < config.click_share * \
+            config.clicks_alone_share:
+        return _clicks_alone_loss(model, feats, sample.word, gt_mask, click_rng, config)
     points = None if click_rng is None else sample_clicks(
-        model, feats, box[0], [sample.word], sample.masks[sample.target], click_rng,
+        model, feats, box[0], [sample.word], gt_mask, click_rng,
         config.click_share, config.click_rounds, 0.0, config.largest_click_share)
     wrongly_covered = None
     if points is not None:
@@ -126,6 +134,39 @@ def sample_loss(model: Talk2Sam, sample: RandomizedSample, config: PretrainConfi
     map_loss = F.binary_cross_entropy_with_logits(MAP_LOGIT_SCALE * sim, targets)
     loss = bce + dice + config.iou_loss_weight * iou_loss + config.map_loss_weight * map_loss
     return loss, {"mask": (bce + dice).item(), "iou_mse": iou_loss.item(), "map": map_loss.item(),
+                  "iou": float(actual)}
+
+
+def _clicks_alone_loss(model: Talk2Sam, feats, word: str, gt_mask: np.ndarray,
+                       click_rng: np.random.Generator, config: PretrainConfig
+                       ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Mask + IoU-head loss of a prompt of clicks alone (no box), as SAM trains point prompts:
+    the first click on a random object pixel, up to ``click_rounds - 1`` more from the errors
+    of the mask the clicks before gave."""
+    ys, xs = np.nonzero(gt_mask)
+    pick = int(click_rng.integers(len(xs)))
+    clicks = [(float(xs[pick]), float(ys[pick]), True)]
+    for _ in range(int(click_rng.integers(0, config.click_rounds))):
+        with torch.no_grad():
+            logits = model.decode(feats, None, [word],
+                                  points=click_points(clicks)).low_res_logits
+            pred = served_mask(model, logits, feats, None, None).cpu().numpy()
+        click = largest_error_click(pred, gt_mask) \
+            if click_rng.random() < config.largest_click_share \
+            else random_error_click(pred, gt_mask, click_rng)
+        if click is None:
+            break
+        clicks.append(click)
+    out = model.decode(feats, None, [word], points=click_points(clicks))
+    target = gt_to_canvas(gt_mask, model.long_side)[None].float() / 255
+    bce, dice = dense_mask_loss(out.low_res_logits, target)
+    with torch.no_grad():
+        served = served_mask(model, out.low_res_logits, feats, None, None)
+        gt = torch.from_numpy(gt_mask)
+        actual = (served & gt).sum() / (served | gt).sum().clamp(min=1)
+    iou_loss = F.mse_loss(out.iou, actual[None].float())
+    loss = bce + dice + config.iou_loss_weight * iou_loss
+    return loss, {"mask": (bce + dice).item(), "iou_mse": iou_loss.item(), "map": 0.0,
                   "iou": float(actual)}
 
 

@@ -488,7 +488,7 @@ def sample_clicks(model: Talk2Sam, features: ImageFeatures, box_xyxy: torch.Tens
         return None
     clicks: list[tuple[float, float, bool]] = []
     for _ in range(int(rng.integers(1, rounds + 1))):
-        out = model.decode(features, box_xyxy[None], words, points=_points(clicks))
+        out = model.decode(features, box_xyxy[None], words, points=click_points(clicks))
         pred = served_mask(model, out.low_res_logits, features, box_xyxy,
                            box_margin_px).cpu().numpy()
         click = largest_error_click(pred, gt) if rng.random() < largest_share \
@@ -496,10 +496,10 @@ def sample_clicks(model: Talk2Sam, features: ImageFeatures, box_xyxy: torch.Tens
         if click is None:
             break
         clicks.append(click)
-    return _points(clicks)
+    return click_points(clicks)
 
 
-def _points(clicks: Sequence[tuple[float, float, bool]]
+def click_points(clicks: Sequence[tuple[float, float, bool]]
             ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """One prompt's clicks as the decoder takes them: (1, P, 2) pixels and (1, P) labels."""
     if not clicks:
@@ -586,7 +586,8 @@ def click_miou(model: Talk2Sam, examples: Sequence[Example], rounds: Sequence[in
         for k in range(max(rounds) + 1):
             if k == 0 or clicks[-1] is not None:
                 out = model.decode(features, ex.box_xyxy[None], words,
-                                   points=_points([c for c in clicks if c is not None]))
+                                   points=click_points([c for c in clicks
+                                                        if c is not None]))
                 pred = served_mask(model, out.low_res_logits, features, ex.box_xyxy,
                                    box_margin_px).cpu().numpy()
                 iou = mask_iou(pred, ex.gt)

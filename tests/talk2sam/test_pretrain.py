@@ -70,3 +70,21 @@ def test_round_to_half_puts_weights_on_the_float16_grid() -> None:
     for value in model.state_dict().values():
         if value.is_floating_point():
             assert torch.equal(value.half().float(), value)
+
+
+def test_clicked_samples_train_with_and_without_their_box(monkeypatch) -> None:
+    """SAM's point prompts: with clicks_alone_share, some clicked samples are decoded from their
+    clicks alone (no box, the first click on the object); the others keep their box."""
+    model = build_model("tiny")
+    calls: list[tuple[bool, bool]] = []  # (box given, clicks given) of each decoder call
+    real = model.decode
+
+    def spy(feats, boxes, words, *args, points=None, **kwargs):
+        calls.append((boxes is not None, points is not None))
+        return real(feats, boxes, words, *args, points=points, **kwargs)
+
+    monkeypatch.setattr(model, "decode", spy)
+    pretrain(model, PretrainConfig(steps=3, batch_size=2, warmup_steps=1, click_share=1.0,
+                                   clicks_alone_share=0.5))
+    assert (False, True) in calls and (True, True) in calls
+    assert (False, False) not in calls  # without a box there are always clicks
