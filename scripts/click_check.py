@@ -115,21 +115,14 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     if args.pretrain_steps:
         from talk2sam.build import set_trainable
-        from talk2sam.pretrain import PretrainConfig, pretrain, round_to_half
-
-        def report(entry: dict) -> None:
-            if entry["step"] % 50 == 0 or entry["step"] == args.pretrain_steps:
-                eta = entry["seconds"] / entry["step"] * (args.pretrain_steps - entry["step"])
-                print(f"end-to-end step {entry['step']}/{args.pretrain_steps} mask "
-                      f"{entry['mask']:.3f} iou {entry['iou']:.3f} eta {eta / 60:.1f} min",
-                      flush=True)
+        from talk2sam.pretrain import PretrainConfig, pretrain, progress_lines, round_to_half
 
         pretrain(model, PretrainConfig(steps=args.pretrain_steps, lr=args.pretrain_lr or args.lr,
                                        seed=args.seed + 100, click_share=args.click_share,
                                        click_rounds=args.click_rounds,
                                        largest_click_share=args.largest_click_share,
                                        clicks_alone_share=args.clicks_alone_share),
-                 report)
+                 progress_lines(args.pretrain_steps, every=50))
         round_to_half(model)  # as the demo stores its frozen parts
         set_trainable(model, "frozen")
         cache = FeatureCache(model)  # the encoders changed: features again

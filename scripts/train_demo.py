@@ -29,7 +29,7 @@ from heldout_check import markdown, measure  # noqa: E402
 from talk2sam.build import build_model, set_trainable  # noqa: E402
 from talk2sam.data.randomized import RandomizedThinDataset  # noqa: E402
 from talk2sam.predictor import Talk2SamPredictor  # noqa: E402
-from talk2sam.pretrain import PretrainConfig, pretrain, round_to_half  # noqa: E402
+from talk2sam.pretrain import PretrainConfig, pretrain, progress_lines, round_to_half  # noqa: E402
 from talk2sam.train import FeatureCache, TrainConfig, Trainer, prepare  # noqa: E402
 from talk2sam.weights import DEMO_CHECKPOINT  # noqa: E402
 
@@ -59,20 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(args.config)
     stage1 = PretrainConfig(steps=args.pretrain_steps, seed=args.seed)
 
-    def report(entry: dict) -> None:
-        if entry["step"] % 25 == 0 or entry["step"] == stage1.steps:
-            eta = entry["seconds"] / entry["step"] * (stage1.steps - entry["step"])
-            print(f"pretrain step {entry['step']}/{stage1.steps} mask {entry['mask']:.3f} "
-                  f"map {entry['map']:.3f} iou {entry['iou']:.3f} eta {eta / 60:.1f} min",
-                  flush=True)
-
     stage1_file = out / "stage1.pt"  # a later stage that fails can restart from here
     if args.reuse_stage1 and stage1_file.is_file():
         saved = torch.load(stage1_file, weights_only=True)
         model.load_state_dict(saved["state"])
         history1 = saved["history"]
     else:
-        history1 = pretrain(model, stage1, report)
+        history1 = pretrain(model, stage1, progress_lines(stage1.steps))
         round_to_half(model)  # frozen from here on: stored exactly in float16
         torch.save({"state": model.state_dict(), "history": history1}, stage1_file)
     set_trainable(model, "frozen")

@@ -210,6 +210,20 @@ def pretrain(model: Talk2Sam, config: PretrainConfig,
     return history
 
 
+def progress_lines(steps: int, every: int = 25) -> Callable[[dict], None]:
+    """A `pretrain` progress callback printing a line every ``every`` steps and at the last:
+    the step, the losses, the IoU of the last batch and the time left."""
+
+    def report(entry: dict) -> None:
+        if entry["step"] % every == 0 or entry["step"] == steps:
+            eta = entry["seconds"] / entry["step"] * (steps - entry["step"])
+            print(f"pretrain step {entry['step']}/{steps} mask {entry['mask']:.3f} "
+                  f"map {entry['map']:.3f} iou {entry['iou']:.3f} eta {eta / 60:.1f} min",
+                  flush=True)
+
+    return report
+
+
 def round_to_half(model: Talk2Sam) -> None:
     """Put every weight on the float16 grid (checkpoints then store frozen parts in half the
     space, exactly)."""

@@ -143,3 +143,15 @@ def test_export_summary(script):
                               {"result": [], "was_cancelled": True}]}, {"annotations": []}]
     assert script("export_annotations").summarize(tasks) == \
         "2 tasks, 2 annotations (1 cancelled), 2 regions"
+
+
+def test_click_check_measures_the_demo_on_both_held_out_sets(script, capsys):
+    """--measure-only: box + word, +1 and +3 click mIoU on the single set and the pole scenes."""
+    assert script("click_check").main(["--measure-only", "--heldout", "2", "--scenes", "2",
+                                       "--threads", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| single") or line.startswith("| wire")]
+    assert len(rows) == 2
+    for row in rows:
+        values = [float(v) for v in row.strip("| ").split(" | ")[1:]]
+        assert len(values) == 3 and all(0.0 < v <= 1.0 for v in values), row
