@@ -389,13 +389,8 @@ class Talk2SamBackend:
                 f"task {task.get('id')}: rectangles disagree on original_width/height {sorted(sizes)}"
             )
         width, height = sizes.pop() if sizes else (0, 0)
-        task_id = task.get("id")
-        return PredictJobSpec(
-            request_id=request_id,
-            task_id=task_id if isinstance(task_id, int) else None,
-            image_url=image_url_of(task, config),
-            ls_url=access.hostname,
-            ls_token=access.access_token,
+        return self._job(
+            task, config, access, request_id,
             width=width,
             height=height,
             boxes_xyxy=[None if b.box_xyxy is None else list(b.box_xyxy) for b in boxes],
@@ -409,14 +404,20 @@ class Talk2SamBackend:
     def _find_spec(self, task: dict[str, Any], text: TextAlonePrompt, config: LabelConfig,
                    access: ProjectSetup, request_id: str) -> PredictJobSpec:
         """A text-alone job: every instance of the word, no box (sizes: the image's own)."""
+        return self._job(task, config, access, request_id, width=0, height=0,
+                         polygons=[config.answers_with_polygons(text.label)],
+                         find_word=text.word, find_threshold=self.settings.find_threshold,
+                         find_max_regions=self.settings.find_max_regions)
+
+    @staticmethod
+    def _job(task: dict[str, Any], config: LabelConfig, access: ProjectSetup, request_id: str,
+             **prompts: Any) -> PredictJobSpec:
+        """The job spec of one task's image, with ``prompts`` (sizes, boxes or a word)."""
         task_id = task.get("id")
-        return PredictJobSpec(
-            request_id=request_id, task_id=task_id if isinstance(task_id, int) else None,
-            image_url=image_url_of(task, config), ls_url=access.hostname,
-            ls_token=access.access_token, width=0, height=0,
-            polygons=[config.answers_with_polygons(text.label)], find_word=text.word,
-            find_threshold=self.settings.find_threshold,
-            find_max_regions=self.settings.find_max_regions)
+        return PredictJobSpec(request_id=request_id,
+                              task_id=task_id if isinstance(task_id, int) else None,
+                              image_url=image_url_of(task, config), ls_url=access.hostname,
+                              ls_token=access.access_token, **prompts)
 
     def _task_prediction(self, answer: PredictJobResult, boxes: list[BoxPrompt],
                          config: LabelConfig) -> dict[str, Any]:

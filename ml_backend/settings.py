@@ -68,6 +68,7 @@ from typing import TypeVar
 from urllib.parse import parse_qs, urlparse
 
 from ml_backend.errors import SettingsError
+from talk2sam.find import DEFAULT_MAX_REGIONS, DEFAULT_THRESHOLD  # numpy only
 from talk2sam.weights import DEFAULT_WEIGHTS_DIR, weights_dir  # file registry: no torch
 
 T = TypeVar("T")
@@ -113,8 +114,8 @@ class Settings:
     worker_heartbeat_ttl_s: int = 5
     sticky_wait_s: float = 2.0
     warm_on_open: bool = True
-    find_threshold: float = 0.5
-    find_max_regions: int = 20
+    find_threshold: float = DEFAULT_THRESHOLD
+    find_max_regions: int = DEFAULT_MAX_REGIONS
     log_level: str = "INFO"
     prometheus_multiproc_dir: str | None = None
     versions_dir: str | None = None

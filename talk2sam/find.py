@@ -11,7 +11,6 @@ a box spans whole patches around its object.
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
 
 DEFAULT_THRESHOLD = 0.5  # share of the map's range (min 0, max 1) a patch must reach
 DEFAULT_MAX_REGIONS = 20
@@ -27,6 +26,8 @@ def candidate_boxes(sim_map: np.ndarray, height: int, width: int,
         (K, 4) XYXY float boxes in the (height, width) image, strongest region first (by the
         mean scaled map over it), and their (K,) mean scaled map values.
     """
+    from scipy import ndimage  # here: the web side reads this module's defaults only
+
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")
     low, high = float(sim_map.min()), float(sim_map.max())

@@ -26,11 +26,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from talk2sam.clicks import largest_error_click, random_error_click
 from talk2sam.data.randomized import CLASS_WORDS, CLASSES, RandomizedSample, RandomizedThinDataset
 from talk2sam.model import Talk2Sam
 from talk2sam.similarity import similarity_map
-from talk2sam.train import click_points, gt_to_canvas, sample_clicks, served_mask
+from talk2sam.train import (
+    click_points,
+    error_clicks,
+    gt_to_canvas,
+    sample_clicks,
+    served_mask,
+)
 
 MAP_LOGIT_SCALE = 10.0  # cosine in [-1, 1] -> logits in [-10, 10]
 POSITIVE_WEIGHT = 10.0  # of an object pixel against a background pixel in the dense BCE
@@ -118,22 +123,16 @@ def sample_loss(model: Talk2Sam, sample: RandomizedSample, config: PretrainConfi
         with torch.no_grad():  # the mask the clicks correct: its false positives weigh more
             before = served_mask(model, model.decode(feats, box, [sample.word]).low_res_logits,
                                  feats, box[0], 0.0).cpu().numpy()
-        wrongly_covered = gt_to_canvas(before & ~sample.masks[sample.target],
-                                       model.long_side)[None].float() / 255
+        wrongly_covered = gt_to_canvas(before & ~gt_mask, model.long_side)[None].float() / 255
     out = model.decode(feats, box, [sample.word], points=points)
-    target = gt_to_canvas(sample.masks[sample.target], model.long_side)[None].float() / 255
-    bce, dice = dense_mask_loss(out.low_res_logits, target, wrongly_covered)
-    with torch.no_grad():
-        served = served_mask(model, out.low_res_logits, feats, box[0], 0.0)
-        gt = torch.from_numpy(sample.masks[sample.target])
-        actual = (served & gt).sum() / (served | gt).sum().clamp(min=1)
-    iou_loss = F.mse_loss(out.iou, actual[None].float())
+    mask_loss, iou_loss, actual = _mask_terms(model, out, feats, gt_mask, box[0], 0.0,
+                                              wrongly_covered)
     words, targets = grounding_targets(sample, feats.dino_patches.shape[:2], rng)
     sim = similarity_map(feats.dino_patches, feats.dino_cls_attn, model.project_words(words),
                          model.cfg.map_variant, "raw", model.cfg.background_weight)
     map_loss = F.binary_cross_entropy_with_logits(MAP_LOGIT_SCALE * sim, targets)
-    loss = bce + dice + config.iou_loss_weight * iou_loss + config.map_loss_weight * map_loss
-    return loss, {"mask": (bce + dice).item(), "iou_mse": iou_loss.item(), "map": map_loss.item(),
+    loss = mask_loss + config.iou_loss_weight * iou_loss + config.map_loss_weight * map_loss
+    return loss, {"mask": mask_loss.item(), "iou_mse": iou_loss.item(), "map": map_loss.item(),
                   "iou": float(actual)}
 
 
@@ -145,29 +144,29 @@ def _clicks_alone_loss(model: Talk2Sam, feats, word: str, gt_mask: np.ndarray,
     of the mask the clicks before gave."""
     ys, xs = np.nonzero(gt_mask)
     pick = int(click_rng.integers(len(xs)))
-    clicks = [(float(xs[pick]), float(ys[pick]), True)]
-    for _ in range(int(click_rng.integers(0, config.click_rounds))):
-        with torch.no_grad():
-            logits = model.decode(feats, None, [word],
-                                  points=click_points(clicks)).low_res_logits
-            pred = served_mask(model, logits, feats, None, None).cpu().numpy()
-        click = largest_error_click(pred, gt_mask) \
-            if click_rng.random() < config.largest_click_share \
-            else random_error_click(pred, gt_mask, click_rng)
-        if click is None:
-            break
-        clicks.append(click)
+    clicks = error_clicks(model, feats, None, [word], gt_mask, click_rng,
+                          [(float(xs[pick]), float(ys[pick]), True)],
+                          int(click_rng.integers(0, config.click_rounds)), None,
+                          config.largest_click_share)
     out = model.decode(feats, None, [word], points=click_points(clicks))
+    mask_loss, iou_loss, actual = _mask_terms(model, out, feats, gt_mask, None, None)
+    loss = mask_loss + config.iou_loss_weight * iou_loss
+    return loss, {"mask": mask_loss.item(), "iou_mse": iou_loss.item(), "map": 0.0,
+                  "iou": float(actual)}
+
+
+def _mask_terms(model: Talk2Sam, out, feats, gt_mask: np.ndarray, box: torch.Tensor | None,
+                box_margin_px: float | None, wrongly_covered: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The dense mask loss (BCE + Dice), the IoU head's MSE against the IoU of the mask as
+    served, and that IoU."""
     target = gt_to_canvas(gt_mask, model.long_side)[None].float() / 255
-    bce, dice = dense_mask_loss(out.low_res_logits, target)
+    bce, dice = dense_mask_loss(out.low_res_logits, target, wrongly_covered)
     with torch.no_grad():
-        served = served_mask(model, out.low_res_logits, feats, None, None)
+        served = served_mask(model, out.low_res_logits, feats, box, box_margin_px)
         gt = torch.from_numpy(gt_mask)
         actual = (served & gt).sum() / (served | gt).sum().clamp(min=1)
-    iou_loss = F.mse_loss(out.iou, actual[None].float())
-    loss = bce + dice + config.iou_loss_weight * iou_loss
-    return loss, {"mask": (bce + dice).item(), "iou_mse": iou_loss.item(), "map": 0.0,
-                  "iou": float(actual)}
+    return bce + dice, F.mse_loss(out.iou, actual[None].float()), actual
 
 
 def pretrain(model: Talk2Sam, config: PretrainConfig,

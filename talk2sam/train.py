@@ -486,9 +486,23 @@ def sample_clicks(model: Talk2Sam, features: ImageFeatures, box_xyxy: torch.Tens
     pixels (SAM's way). Returns the clicks as the decoder takes them."""
     if rounds < 1 or rng.random() >= share:
         return None
-    clicks: list[tuple[float, float, bool]] = []
-    for _ in range(int(rng.integers(1, rounds + 1))):
-        out = model.decode(features, box_xyxy[None], words, points=click_points(clicks))
+    return click_points(error_clicks(model, features, box_xyxy, words, gt, rng, [],
+                                     int(rng.integers(1, rounds + 1)), box_margin_px,
+                                     largest_share))
+
+
+@torch.no_grad()
+def error_clicks(model: Talk2Sam, features: ImageFeatures, box_xyxy: torch.Tensor | None,
+                 words: list[str] | None, gt: np.ndarray, rng: np.random.Generator,
+                 clicks: list[tuple[float, float, bool]], count: int,
+                 box_margin_px: float | None, largest_share: float
+                 ) -> list[tuple[float, float, bool]]:
+    """``clicks`` and up to ``count`` more, each from the errors of the mask the clicks before
+    it gave (with the box, or without one when ``box_xyxy`` is None): see `sample_clicks`."""
+    clicks = list(clicks)
+    for _ in range(count):
+        out = model.decode(features, None if box_xyxy is None else box_xyxy[None], words,
+                           points=click_points(clicks))
         pred = served_mask(model, out.low_res_logits, features, box_xyxy,
                            box_margin_px).cpu().numpy()
         click = largest_error_click(pred, gt) if rng.random() < largest_share \
@@ -496,7 +510,7 @@ def sample_clicks(model: Talk2Sam, features: ImageFeatures, box_xyxy: torch.Tens
         if click is None:
             break
         clicks.append(click)
-    return click_points(clicks)
+    return clicks
 
 
 def click_points(clicks: Sequence[tuple[float, float, bool]]
@@ -510,7 +524,7 @@ def click_points(clicks: Sequence[tuple[float, float, bool]]
 
 
 def served_mask(model: Talk2Sam, low_res_logits: torch.Tensor, features: ImageFeatures,
-                box_xyxy: torch.Tensor, box_margin_px: float | None) -> torch.Tensor:
+                box_xyxy: torch.Tensor | None, box_margin_px: float | None) -> torch.Tensor:
     """(H, W) bool on the model's device: the mask the predictor returns for one box (logit > 0
     at the original resolution, cut to the box grown by the margin unless that is None).
 

@@ -77,6 +77,8 @@ def test_clicks_sent_after_their_box_steer_its_mask_away_from_a_distractor_and_o
         refined = brush_of(item, *shape)
         assert np.count_nonzero(refined & pole) < np.count_nonzero(boxed & pole), \
             "the negative click on the pole took none of it out"
+        assert np.count_nonzero(refined & scene.target) >= \
+            0.5 * np.count_nonzero(boxed & scene.target), "the negative click lost the wire"
         missed = scene.target & ~refined
         positive = keypoint(scene, "Power line", *deepest(_largest(missed)), True, "k2")
         third = predict_interactive(ls_client, ml_id, task_id, {"result": [negative, positive]})
