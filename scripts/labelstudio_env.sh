@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 PORT=${1:-8080}
 BIN=${LABEL_STUDIO_BIN:-.venv-labelstudio/bin/label-studio}
 if [ ! -x "$BIN" ]; then
-  echo "no $BIN: python3 -m venv .venv-labelstudio && .venv-labelstudio/bin/pip install label-studio==1.23.2" >&2
+  echo "no $BIN: scripts/setup.sh --with-label-studio makes it" >&2
   exit 1
 fi
 DATA_DIR=${LABEL_STUDIO_DATA_DIR:-$PWD/.cache/label-studio}

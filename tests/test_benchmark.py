@@ -1,6 +1,6 @@
 """The benchmark's table functions run on tiny configs (no timing assertions: shared machines are
-noisy). Model tables need only torch; the queue table needs the local Redis (a database of its
-own, TALK2SAM_BENCH_TEST_REDIS_URL, flushed) and skips without one."""
+noisy). Model tables need only torch; the queue table needs the tests' Redis (a database of its
+own, TALK2SAM_BENCH_TEST_REDIS_URL, flushed; tests/conftest.py provides the server)."""
 
 from __future__ import annotations
 
@@ -28,14 +28,6 @@ def load_script():
         sys.modules[name] = module  # dataclasses look their module up there
         spec.loader.exec_module(module)
     return sys.modules[name]
-
-
-def needs_redis() -> None:
-    redis = pytest.importorskip("redis")
-    try:
-        redis.Redis.from_url(REDIS_URL).ping()
-    except redis.ConnectionError as exc:
-        pytest.skip(f"needs a Redis server at {REDIS_URL}: {exc}")
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +123,6 @@ def test_fixture_request_is_renamed():
 
 
 def test_queue_table_with_the_noop_worker():
-    needs_redis()
     script = load_script()
     server = script.ImageServer()
     try:
@@ -146,7 +137,6 @@ def test_queue_table_with_the_noop_worker():
 def test_time_to_first_mask_through_the_backend():
     # opens tasks through two web processes (warming on and off) and one MODEL=random worker:
     # every box is answered with a result (the function raises on an empty one)
-    needs_redis()
     script = load_script()
     if not script.OPEN_FIXTURE.exists():
         pytest.skip(f"needs the captured request {script.OPEN_FIXTURE}")

@@ -2,17 +2,17 @@
 
 The fixtures in ``conftest.py`` use these pieces; every process is started in its own process
 group and stopped (the whole group) at the end of the session. Nothing needs to run beforehand
-except Redis.
+except Redis (tests/conftest.py provides one).
 
 Label Studio lives in its own virtual environment (it pins rq < 2.7 and redis < 5.3, which the
-backend's environment must not get): ``python3 -m venv .venv-labelstudio &&
-.venv-labelstudio/bin/pip install label-studio==1.23.2``.
+backend's environment must not get), installed from its lock by ``scripts/setup.sh
+--with-label-studio``.
 
 | variable | default | meaning |
 |---|---|---|
 | LABEL_STUDIO_BIN | ``.venv-labelstudio/bin/label-studio`` | the ``label-studio`` executable |
 | E2E_ALLOW_SKIP | unset | ``1``: skip (instead of fail) when that executable is missing |
-| E2E_REDIS_URL | ``redis://127.0.0.1:6379/13`` | Redis database of the e2e tests (flushed) |
+| E2E_REDIS_URL | database 13 of the tests' Redis | Redis database of the e2e tests (flushed) |
 | E2E_CACHE_DIR | ``.cache/e2e`` | where a migrated Label Studio database is kept between sessions |
 | E2E_START_TIMEOUT_S | 600 | how long Label Studio and the backend may take to become ready |
 

