@@ -26,7 +26,6 @@ import argparse
 import atexit
 import asyncio
 import base64
-import binascii
 import contextlib
 import json
 import logging
@@ -162,7 +161,9 @@ def create_app(settings: Settings, queue: QueueClient | None = None) -> FastAPI:
         started = time.perf_counter()
         error_name: str | None = None
         try:
-            if settings.auth_enabled and request.url.path not in OPEN_PATHS:
+            # the ASGI scope's path is the request line's; request.url is rebuilt from the Host
+            # header, which a client can bend (`Host: x/health?` made old Starlette see /health)
+            if settings.auth_enabled and request.scope["path"] not in OPEN_PATHS:
                 _check_auth(request, settings)
             _check_content_length(request, settings.max_request_bytes)
             response = await call_next(request)
@@ -288,7 +289,7 @@ def _check_auth(request: Request, settings: Settings) -> None:
         raise UnauthorizedError("bearer token required (Authorization: Bearer <API_TOKEN>)")
     try:
         user, _, password = base64.b64decode(encoded).decode().partition(":")
-    except (binascii.Error, UnicodeDecodeError):
+    except ValueError:  # not base64 (binascii.Error), not UTF-8, or non-ASCII text
         user, password = "", ""
     ok = scheme.lower() == "basic" and secrets.compare_digest(
         user.encode(), (settings.basic_auth_user or "").encode()

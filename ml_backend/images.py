@@ -77,8 +77,11 @@ def resolve_image_url(url: str, ls_url: str | None, task_id: int | None) -> str:
 
     Raises:
         ImageFetchError: when the URL needs Label Studio (relative or cloud) and none is known.
-        InvalidRequestError: an unsupported scheme (``file://``, ...).
+        InvalidRequestError: an unsupported scheme (``file://``, ...), or a control character
+            (URL parsers drop some, so ``a\n.png`` would fetch ``a.png``, and refuse others).
     """
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in url):
+        raise InvalidRequestError(f"image URL {url[:80]!r} contains a control character")
     if url.startswith(("http://", "https://")):
         return url
     if url.startswith(CLOUD_SCHEMES):

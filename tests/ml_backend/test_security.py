@@ -5,7 +5,9 @@ records), and no credential ever shows in a log, an error body or /metrics."""
 
 from __future__ import annotations
 
+import base64
 import json
+import socket
 
 import httpx
 import pytest
@@ -163,6 +165,19 @@ def test_other_host_is_400_and_never_contacted(client):
     assert client.post("/predict", json=GOOD).status_code == 200
 
 
+@pytest.mark.parametrize("url", ["/data/upload/19/a\n_400x300.png", "/data/upload/19/\x00a_400x300.png",
+                                 "/data/upload/19/a_400x300.png\r\nX: y",
+                                 "http://127.0.0.1/a\tb_400x300.png", "s3://bucket/a\x7f_400x300.png"])
+def test_a_control_character_in_an_image_url_is_400_and_nothing_is_fetched(client, fake_ls, url):
+    # URL parsers drop a newline (a\n_400x300.png fetched a_400x300.png) and refuse a NUL (500)
+    asked = len(fake_ls.requests)
+    response = client.post("/predict", json=with_image(url))
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["type"] == "InvalidRequestError"
+    assert "control character" in response.json()["error"]["message"]
+    assert len(fake_ls.requests) == asked
+
+
 @pytest.mark.parametrize("d", ["../../etc/img_400x300.png", "/etc/img_400x300.png",
                                "%2e%2e/img_400x300.png"])
 def test_local_files_escape_is_400_and_label_studio_is_not_asked(client, fake_ls, d):
@@ -241,6 +256,44 @@ def test_strangers_can_neither_train_nor_forge_nor_delete_records_when_auth_is_o
             assert ok.status_code == 200
     finally:
         trainer.stop()
+
+
+def raw_request(url: str, request_line: str, headers: dict[str, bytes], body: bytes = b"") -> int:
+    """Send one HTTP/1.1 request byte for byte (no client library rewrites its Host or headers);
+    returns the status code."""
+    host, port = url.removeprefix("http://").split(":")
+    lines = [request_line.encode()] + [name.encode() + b": " + value
+                                       for name, value in headers.items()]
+    lines += [b"Content-Length: " + str(len(body)).encode(), b"Connection: close"]
+    with socket.create_connection((host, int(port)), timeout=30) as connection:
+        connection.sendall(b"\r\n".join(lines) + b"\r\n\r\n" + body)
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+    return int(answer.split(b" ", 2)[1])
+
+
+def test_a_bent_host_header_or_a_non_ascii_credential_is_401_not_a_way_in(stack, tmp_path):
+    """The app under uvicorn, basic auth on: `Host: x/health?` once made Starlette's request.url
+    read /health, an open path; a non-ASCII Authorization header gave 500."""
+    env = {**stack[2], "BASIC_AUTH_USER": "ls", "BASIC_AUTH_PASS": BASIC_PASS}
+    setup = json.dumps(SETUP).encode()
+    json_type = {"Content-Type": b"application/json"}
+    with uvicorn_app(env, tmp_path / "app.log") as url:
+        for host in (b"x/health?", b"x/health#", b"x/?", b"localhost/health"):
+            for line, body in (("POST /setup HTTP/1.1", setup), ("GET /metrics HTTP/1.1", b""),
+                               ("POST /webhook HTTP/1.1", b'{"action": "START_TRAINING"}')):
+                assert raw_request(url, line, {"Host": host, **json_type}, body) == 401, \
+                    (host, line)
+        for credential in ("Basic \u00e9t\u00e9", "Basic bHM6\u00ff", "Bearer \u00e9"):
+            headers = {"Host": b"localhost", "Authorization": credential.encode("latin-1"),
+                       **json_type}
+            assert raw_request(url, "POST /setup HTTP/1.1", headers, setup) == 401, credential
+        good = base64.b64encode(f"ls:{BASIC_PASS}".encode())
+        assert raw_request(url, "POST /setup HTTP/1.1", {"Host": b"localhost", **json_type,
+                                                           "Authorization": b"Basic " + good},
+                           setup) == 200
+        assert raw_request(url, "GET /health HTTP/1.1", {"Host": b"x/metrics?"}) == 200
 
 
 # ------------------------------------------------------------------ no credential leaks
