@@ -18,7 +18,10 @@ workers set it from IMAGE_HOST_ALLOWLIST), an absolute http(s) URL is fetched on
 Studio's own host or a host of the allowlist (``*`` allows any); any other is refused with
 :class:`InvalidRequestError` before a request is made. Redirects are followed by hand, up to
 MAX_REDIRECTS, and every hop is checked the same way; the one exception is the redirect Label
-Studio's presign endpoint answers for a cloud URI, which may lead to the storage's https host.
+Studio's own presign route (``/tasks/<id>/presign/``, ``/projects/<id>/presign/``, nothing else
+holding ``/presign/``) answers for a cloud URI, which may lead to the storage's https host when
+every address that host resolves to is public (a private one only when the allowlist names it).
+URLs holding a control character are refused.
 The token goes only with requests to Label Studio's own origin. Relative URLs may not climb
 out of their path (``..`` segments), and a local-files path (``/data/local-files/?d=<path>``) must
 be relative to Label Studio's document root: absolute paths, ``..``, backslashes and NUL bytes are
@@ -36,11 +39,15 @@ import base64
 import binascii
 import hashlib
 import io
+import ipaddress
 import json
 import logging
 import os
+import re
+import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import parse_qs, unquote, urljoin, urlparse
 
@@ -61,7 +68,9 @@ _ACCESS_TOKEN_MARGIN_S = 30.0
 LOCAL_FILES_PATH = "/data/local-files"
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 MAX_REDIRECTS = 5
-PRESIGN_PATH = "/presign/"
+# Label Studio's presign routes, below its base path: the only hops whose redirect may leave
+# Label Studio for a cloud storage host
+PRESIGN_ROUTE = re.compile(r"/(?:tasks|projects)/\d+/presign/?")
 
 
 def resolve_image_url(url: str, ls_url: str | None, task_id: int | None) -> str:
@@ -176,6 +185,17 @@ def _origin(url: str) -> tuple[str, str, int | None]:
     return parsed.scheme, (parsed.hostname or "").lower(), port
 
 
+def _is_presign_route(url: str, ls_url: str) -> bool:
+    """True when ``url`` is Label Studio's own presign route (not a path merely holding it)."""
+    base, path = urlparse(ls_url).path.rstrip("/"), urlparse(url).path
+    return path.startswith(base) and PRESIGN_ROUTE.fullmatch(path[len(base):]) is not None
+
+
+def _addresses(host: str, port: int) -> list[str]:
+    """Every address ``host`` resolves to (an IP literal is its own)."""
+    return [info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)]
+
+
 def _join(ls_url: str | None, path: str) -> str:
     if not ls_url:
         raise ImageFetchError(
@@ -273,6 +293,7 @@ class ImageFetcher:
         default_ls_url: Label Studio URL from the settings (wins over per-job ones).
         default_token: token from the settings (wins over the one /setup handed over).
         transport: optional httpx transport (tests).
+        resolve: host, port -> addresses, as :func:`socket.getaddrinfo` (tests).
     """
 
     def __init__(
@@ -281,8 +302,10 @@ class ImageFetcher:
         default_ls_url: str | None = None,
         default_token: str | None = None,
         transport: httpx.BaseTransport | None = None,
+        resolve: Callable[[str, int], list[str]] | None = None,
     ):
         self._config = config
+        self._resolve = resolve or _addresses
         self._default_ls_url = default_ls_url
         self._default_token = default_token
         self._client = httpx.Client(timeout=config.timeout_s, follow_redirects=False,
@@ -359,9 +382,10 @@ class ImageFetcher:
             target = urljoin(url, location)
             if not target.startswith(("http://", "https://")):
                 raise InvalidRequestError(f"{asked} redirects to an unsupported URL scheme")
-            presigned = auth is not None and PRESIGN_PATH in urlparse(url).path \
-                and target.startswith("https://")
-            if not presigned:  # a presign redirect names the cloud storage's own host
+            if auth is not None and target.startswith("https://") and \
+                    _is_presign_route(url, ls_url):  # names the cloud storage's own host
+                self._check_presign_target(target, asked)
+            else:
                 check_image_url(target, target, ls_url, self._config.allowed_hosts)
             url = target
         else:
@@ -371,6 +395,28 @@ class ImageFetcher:
                 if status in (401, 403) else ""
             raise ImageFetchError(f"downloading {asked} gave HTTP {status}{hint}")
         return body
+
+    def _check_presign_target(self, target: str, asked: str) -> None:
+        """A presign redirect may lead to any host whose every address is public (the cloud
+        storage's); a loopback, private or link-local one only when IMAGE_HOST_ALLOWLIST names
+        it (a storage of one's own). Errors name the host, never the signed URL."""
+        parsed = urlparse(target)
+        host, port = (parsed.hostname or "").lower(), parsed.port or 443
+        allowed = self._config.allowed_hosts
+        if allowed is None or "*" in allowed or host in allowed or f"{host}:{port}" in allowed:
+            return
+        try:
+            addresses = self._resolve(host, port)
+        except OSError as exc:
+            raise ImageFetchError(f"{asked}: Label Studio's presign redirect names {host}, "
+                                  f"which does not resolve: {exc}") from None
+        for address in addresses:
+            ip = ipaddress.ip_address(address.split("%")[0])  # an IPv6 zone index is no part
+            if not ip.is_global:
+                raise InvalidRequestError(
+                    f"{asked}: Label Studio's presign redirect names {host} ({ip}), which is not "
+                    "a public address; add the host to IMAGE_HOST_ALLOWLIST if that storage "
+                    "is yours")
 
     def _get(self, url: str, headers: dict[str, str], asked: str
              ) -> tuple[int, bytes, str | None]:

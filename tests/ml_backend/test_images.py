@@ -19,6 +19,11 @@ from tests.ml_backend.conftest import synthetic_png
 LS = "http://ls.example:8080"
 
 
+def PUBLIC_DNS(host: str, port: int) -> list[str]:  # noqa: N802 - a constant resolver
+    """Every cloud storage host of these tests resolves to one public address (no DNS here)."""
+    return ["52.216.0.1"]
+
+
 def jwt(claims: dict) -> str:
     def part(obj: dict) -> str:
         return base64.urlsafe_b64encode(json.dumps(obj).encode()).decode().rstrip("=")
@@ -166,8 +171,55 @@ def test_a_presign_redirect_may_reach_the_cloud_storage_host():
         return httpx.Response(200, content=b"cloud-bytes")
 
     f = ImageFetcher(FetchConfig(allowed_hosts=()), default_ls_url=LS, default_token="legacy",
-                     transport=httpx.MockTransport(answer))
+                     transport=httpx.MockTransport(answer), resolve=PUBLIC_DNS)
     assert f.fetch("s3://bucket/k.png", None, None, task_id=7) == b"cloud-bytes"
+
+
+@pytest.mark.parametrize("path", ["/data/upload/1/presign/a.png", "/api/presign/", "/presign/",
+                                  "/tasks/7/presign/x", "/tasks/x/presign/", "/data/tasks/7/presign/"])
+def test_only_label_studios_own_presign_route_may_leave_for_another_host(path):
+    seen = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(str(request.url))
+        if request.url.host == "ls.example":
+            return httpx.Response(303, headers={"location": "https://evil.example/k?sig=1"})
+        return httpx.Response(200, content=b"stolen")
+
+    f = ImageFetcher(FetchConfig(allowed_hosts=()), default_ls_url=LS, default_token="legacy",
+                     transport=httpx.MockTransport(answer), resolve=PUBLIC_DNS)
+    with pytest.raises(InvalidRequestError, match="evil.example"):
+        f.fetch(path, None, None)
+    assert not any("evil" in url for url in seen)
+
+
+@pytest.mark.parametrize("target, dns", [
+    ("https://127.0.0.1:6379/k?sig=1", None),  # the real resolver: IP literals
+    ("https://[::ffff:127.0.0.1]/k", None),
+    ("https://169.254.169.254/latest/meta-data", None),
+    ("https://storage.internal/k", {"storage.internal": ["10.0.0.5"]}),
+    ("https://rebind.example/k", {"rebind.example": ["52.216.0.1", "192.168.1.1"]}),
+])
+def test_a_presign_redirect_to_a_non_public_address_is_refused_unless_allowed(target, dns):
+    seen = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.host)
+        if "/presign/" in request.url.path:
+            return httpx.Response(303, headers={"location": target})
+        return httpx.Response(200, content=b"bytes")
+
+    resolve = (lambda host, port: dns[host]) if dns else None
+    host = httpx.URL(target).host
+    f = ImageFetcher(FetchConfig(allowed_hosts=()), default_ls_url=LS, default_token="legacy",
+                     transport=httpx.MockTransport(answer), resolve=resolve)
+    with pytest.raises(InvalidRequestError, match="IMAGE_HOST_ALLOWLIST") as refused:
+        f.fetch("s3://bucket/k.png", None, None, task_id=7)
+    assert "sig=" not in str(refused.value) and seen == ["ls.example"]
+    mine = ImageFetcher(FetchConfig(allowed_hosts=(host.lower(),)), default_ls_url=LS,
+                        default_token="legacy", transport=httpx.MockTransport(answer),
+                        resolve=resolve)
+    assert mine.fetch("s3://bucket/k.png", None, None, task_id=7) == b"bytes"
 
 
 def test_errors_never_show_a_presigned_url():
@@ -177,7 +229,7 @@ def test_errors_never_show_a_presigned_url():
         return httpx.Response(403)
 
     f = ImageFetcher(FetchConfig(allowed_hosts=()), default_ls_url=LS, default_token="legacy",
-                     transport=httpx.MockTransport(answer))
+                     transport=httpx.MockTransport(answer), resolve=PUBLIC_DNS)
     with pytest.raises(ImageFetchError, match="HTTP 403") as refused:
         f.fetch("s3://bucket/k.png", None, None, task_id=7)
     assert "secret" not in str(refused.value) and "presign" in str(refused.value)
