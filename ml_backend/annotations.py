@@ -137,9 +137,20 @@ def check_brush(result: Mapping[str, Any], max_pixels: int) -> None:
         raise InvalidRequestError(
             f"{name}: its RLE declares {declared} values, a {width}x{height} RGBA mask has "
             f"{width * height * 4}")
-    labels = value.get("brushlabels")
-    if not isinstance(labels, list) or not all(isinstance(v, str) for v in labels):
-        raise InvalidRequestError(f"{name}: value.brushlabels must be a list of strings")
+    check_one_label(result)
+
+
+def check_one_label(result: Mapping[str, Any]) -> None:
+    """A region's ``value.<type>`` must name exactly one label (training reads one word).
+
+    Raises:
+        InvalidRequestError: naming the region.
+    """
+    value, kind = result.get("value"), str(result.get("type"))
+    labels = value.get(kind) if isinstance(value, Mapping) else None
+    if not isinstance(labels, list) or len(labels) != 1 or not isinstance(labels[0], str):
+        raise InvalidRequestError(f"region {str(result.get('id'))[:40]!r}: value.{kind} must be "
+                                  "a list of one label")
 
 
 def _int_id(value: Any) -> int | None:
@@ -230,6 +241,9 @@ class AnnotationStore:
             return None
         for region in brushes:
             check_brush(region, self.max_pixels)
+        for region in result:  # training pairs each mask with the rectangles of its label
+            if region["type"] == "rectanglelabels":
+                check_one_label(region)
         data = task.get("data")
         return RecordedAnnotation(
             annotation_id=int(_int_id(ann) or 0), task_id=int(_int_id(task) or 0),

@@ -124,14 +124,14 @@ def declared_rle_values(rle: Any) -> int:
     """How many values a brush RLE says it expands to: its first 32 bits.
 
     Raises:
-        InvalidRequestError: not a list of byte values, or shorter than its header.
+        InvalidRequestError: not a list of byte values (every value is checked: one string
+            deep inside would fail the decoder later), or shorter than its header.
     """
     if not isinstance(rle, list) or len(rle) < 5:
         raise InvalidRequestError("brush RLE must be a list of at least 5 byte values")
-    head = rle[:4]
-    if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in head):
-        raise InvalidRequestError("brush RLE must hold byte values (0-255)")
-    return int.from_bytes(bytes(head), "big")
+    if not all(type(v) is int and 0 <= v <= 255 for v in rle):
+        raise InvalidRequestError("brush RLE must hold byte values (0-255) only")
+    return int.from_bytes(bytes(rle[:4]), "big")
 
 
 def brush_mask(result: dict[str, Any]) -> np.ndarray:
@@ -327,9 +327,13 @@ class LabelStudioExportDataset:
         load_image: image reference (URL or path as in `task["data"]`) -> image array or PIL
             image; the result is normalised by `to_rgb_uint8`. The backend plugs in its fetcher.
         image_key: the `task["data"]` key of the image; default "image", or the only key.
+        skip_malformed: leave out a task with no image reference or a region with several
+            labels, with its reason in ``left_out``, instead of raising (a trainer must not die
+            on one bad task).
 
     Raises:
-        AnnotationFormatError: malformed export, a region with several labels, no image reference.
+        AnnotationFormatError: malformed export; unless skip_malformed, a region with several
+            labels or a task with no image reference.
     """
 
     def __init__(
@@ -337,13 +341,22 @@ class LabelStudioExportDataset:
         export: str | Path | list[dict[str, Any]],
         load_image: Callable[[str], Any],
         image_key: str | None = None,
+        skip_malformed: bool = False,
     ):
         tasks = json.loads(Path(export).read_text()) if isinstance(export, (str, Path)) else export
         if not isinstance(tasks, list):
             raise AnnotationFormatError("a Label Studio JSON export must be a list of tasks")
         self._load_image = load_image
         self._cache: tuple[str, np.ndarray] | None = None  # last image: regions share images
-        self.regions = [r for task in tasks for r in self._task_regions(task, image_key)]
+        self.regions: list[_LsRegion] = []
+        self.left_out: list[str] = []  # with skip_malformed: what was left out, and why
+        for task in tasks:
+            try:
+                self.regions += self._task_regions(task, image_key)
+            except AnnotationFormatError as exc:
+                if not skip_malformed:
+                    raise
+                self.left_out.append(f"task {task.get('id')!r}: {exc}")
 
     @staticmethod
     def _task_regions(task: dict[str, Any], image_key: str | None) -> list[_LsRegion]:

@@ -268,8 +268,11 @@ class TrainingRun:
     def _items(self, tasks: list[dict[str, Any]], req: TrainRequest) -> tuple[list[dict], int]:
         """Items of the tasks' brush regions; unusable ones are counted and left out."""
         task_ids = {str(t.get("data", {}).get("image")): int(t["id"]) for t in tasks}
-        dataset = LabelStudioExportDataset(tasks, self._load_image(req, task_ids))
-        items, skipped = [], 0
+        dataset = LabelStudioExportDataset(tasks, self._load_image(req, task_ids),
+                                           skip_malformed=True)
+        for reason in dataset.left_out:  # one bad record must not fail every training job
+            log.warning("left out: %s", reason)
+        items, skipped = [], len(dataset.left_out)
         for index, region in enumerate(dataset.regions):
             try:
                 item = dataset[index]

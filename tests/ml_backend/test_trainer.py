@@ -4,6 +4,7 @@ project's JSON export (label-studio-sdk talks to it). Tiny model, a few 64x64 im
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
@@ -289,6 +290,32 @@ def test_unreachable_label_studio_falls_back_to_recorded_pairs_and_a_worse_model
     assert registry.serving().name == DEMO  # untouched
     rejected = registry.get(summary["version"])
     assert rejected.status == "rejected" and "PROMOTE_MIN_GAIN" in rejected.reason
+
+
+def test_malformed_tasks_are_left_out_and_counted_never_fatal(fake_ls, reset_project,
+                                                               clean_redis, tmp_path):
+    """Label Studio's export (or a record an older backend stored) holding a region with two
+    labels, or a string deep in a brush RLE, used to fail every training job of the project."""
+    good = copy.deepcopy(reset_project.tasks)
+    two_labels = copy.deepcopy(good[0])
+    two_labels["id"] = 900
+    two_labels["annotations"][0]["result"][1]["value"]["brushlabels"] = ["thin", "wire"]
+    bad_rle = copy.deepcopy(good[1])
+    bad_rle["id"] = 901
+    bad_rle["annotations"][0]["result"][1]["value"]["rle"][-1] = "x"
+    reset_project.tasks = good + [two_labels, bad_rle]
+    serve_demo(clean_redis, tmp_path)
+    settings = Settings.from_env(trainer_env(fake_ls, reset_project, tmp_path,
+                                             TRAIN_EPOCHS="1"))
+    try:
+        summary = TrainingRun(settings, clean_redis, "job-malformed").run(
+            TrainRequest(project=PROJECT, reason="test"))
+    finally:
+        reset_project.tasks = good
+    assert summary["status"] in ("promoted", "rejected")
+    metrics = summary["metrics"]
+    assert metrics["skipped_objects"] == 2
+    assert metrics["train_objects"] + metrics["heldout_objects"] == N_TASKS
 
 
 def test_a_failing_job_leaves_the_serving_version_and_records_why(

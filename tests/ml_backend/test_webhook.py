@@ -162,6 +162,34 @@ def test_a_brush_bomb_is_refused_in_milliseconds_without_decoding(client, clean_
     assert records(clean_redis) == []
 
 
+def _two_brush_labels(result: list) -> None:
+    result[1]["value"]["brushlabels"] = ["wire", "fence"]
+
+
+def _a_string_deep_in_the_rle(result: list) -> None:
+    result[1]["value"]["rle"][-1] = "x"  # the header still declares the right size
+
+
+def _a_rectangle_with_two_labels(result: list) -> None:
+    result[0]["value"]["rectanglelabels"] = ["wire", "fence"]
+
+
+@pytest.mark.parametrize("poison, why", [
+    (_two_brush_labels, "value.brushlabels must be a list of one label"),
+    (_a_string_deep_in_the_rle, "byte values (0-255) only"),
+    (_a_rectangle_with_two_labels, "value.rectanglelabels must be a list of one label"),
+], ids=lambda v: getattr(v, "__name__", "")[1:])
+def test_a_record_that_would_fail_training_is_refused_at_ingest(client, clean_redis, poison, why):
+    body = copy.deepcopy(CREATED)
+    assert [r["type"] for r in body["annotation"]["result"]] == ["rectanglelabels", "brushlabels"]
+    poison(body["annotation"]["result"])
+    response = client.post("/webhook", json=body)
+    assert response.status_code == 400 and why in response.json()["error"]["message"]
+    assert records(clean_redis) == []
+    post(client, CREATED)  # the good one is still recorded
+    assert len(records(clean_redis)) == 1
+
+
 def test_the_store_is_bounded_in_bytes_and_keeps_what_it_holds(make_client, clean_redis):
     client = make_client(ANNOTATION_STORE_MB="1")
     size = len(json.dumps(CREATED))
