@@ -284,7 +284,12 @@ def with_clicks(boxes: list[BoxPrompt], clicks: list[Click], known: list[BoxProm
                 ) -> list[BoxPrompt]:
     """Pair clicks with the box of their label: among ``boxes`` (the request's), else the last
     of ``known`` (the task's own, the box answered last), else none (the clicks alone prompt
-    SAM). Labels with clicks and no box in ``boxes`` are appended, one prompt each."""
+    SAM). Labels with clicks and no box in ``boxes`` are appended, one prompt each.
+
+    Raises:
+        InvalidRequestError: more than :data:`MAX_BOXES_PER_TASK` prompts once paired (each
+            is a mask the worker holds: the cap bounds its memory, clicks included).
+    """
     by_label: dict[str, list[Click]] = {}
     for click in clicks:
         by_label.setdefault(click.label, []).append(click)
@@ -298,6 +303,9 @@ def with_clicks(boxes: list[BoxPrompt], clicks: list[Click], known: list[BoxProm
         if base is None or (base.width, base.height) != (own[0].width, own[0].height):
             base = BoxPrompt(label=label, box_xyxy=None, width=own[0].width, height=own[0].height)
         out.append(replace(base, clicks=points(own)))
+    if len(out) > MAX_BOXES_PER_TASK:
+        raise InvalidRequestError(f"{len(out)} prompts once clicks are paired with their boxes, "
+                                  f"more than {MAX_BOXES_PER_TASK} per task")
     return out
 
 

@@ -19,12 +19,16 @@ from ml_backend.ls_format import (
     rotated_box_pct_to_xyxy,
 )
 from ml_backend.ls_protocol import (
+    MAX_BOXES_PER_TASK,
+    BoxPrompt,
+    Click,
     boxes_from_results,
     brush_result,
     image_url_of,
     parse_label_config,
     parse_predict_request,
     task_boxes,
+    with_clicks,
     word_for_label,
 )
 from tests.ml_backend.conftest import REPO, load_fixture
@@ -214,3 +218,15 @@ def test_brush_result_round_trips_through_label_studio_rle():
     assert item["value"]["brushlabels"] == ["wire"] and item["value"]["format"] == "rle"
     alpha = decode_rle(item["value"]["rle"]).reshape(300, 400, 4)[:, :, 3]
     assert np.array_equal(alpha == 255, mask) and set(np.unique(alpha)) == {0, 255}
+
+
+def test_clicks_cannot_carry_a_task_past_the_prompt_cap():
+    # 256 boxes of one label, then clicks of labels with no box: each such label is a prompt
+    # (a mask the worker holds), so they count against the same cap as the rectangles
+    boxes = [BoxPrompt(label="wire", box_xyxy=(1.0, 1.0, 9.0, 9.0), width=64, height=64)
+             for _ in range(MAX_BOXES_PER_TASK)]
+    clicks = [Click(f"label-{i}", 5.0, 5.0, True, 64, 64) for i in range(3)]
+    assert len(with_clicks(boxes, [Click("wire", 5.0, 5.0, True, 64, 64)], [])) == 256
+    with pytest.raises(InvalidRequestError, match="259 prompts once clicks are paired"):
+        with_clicks(boxes, clicks, [])
+    assert len(with_clicks(boxes[:253], clicks, [])) == 256
