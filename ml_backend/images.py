@@ -57,7 +57,7 @@ from label_studio_sdk._extensions.label_studio_tools.core.utils.io import encode
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ml_backend.errors import ImageFetchError, InvalidImageError, InvalidRequestError
-from ml_backend.settings import Settings
+from ml_backend.settings import Settings, url_origin
 from talk2sam.bounded_cache import BoundedCache
 from talk2sam.files import atomic_write_bytes
 
@@ -66,7 +66,6 @@ log = logging.getLogger(__name__)
 CLOUD_SCHEMES = ("s3://", "gs://", "azure-blob://")
 _ACCESS_TOKEN_MARGIN_S = 30.0
 LOCAL_FILES_PATH = "/data/local-files"
-_DEFAULT_PORTS = {"http": 80, "https": 443}
 MAX_REDIRECTS = 5
 # Label Studio's presign routes, below its base path: the only hops whose redirect may leave
 # Label Studio for a cloud storage host
@@ -149,10 +148,10 @@ def check_image_url(url: str, absolute: str, ls_url: str | None,
         _check_local_files_path(parse_qs(parsed.query).get("d", [""])[0], url)
     if allowed_hosts is None or "*" in allowed_hosts:
         return
-    if ls_url and _origin(absolute) == _origin(ls_url):
+    if ls_url and url_origin(absolute) == url_origin(ls_url):
         return
     host = (parsed.hostname or "").lower()
-    if host and (host in allowed_hosts or f"{host}:{_origin(absolute)[2]}" in allowed_hosts):
+    if host and (host in allowed_hosts or f"{host}:{url_origin(absolute)[2]}" in allowed_hosts):
         return
     raise InvalidRequestError(
         f"image host {host or '?'!r} is neither Label Studio's nor in IMAGE_HOST_ALLOWLIST; "
@@ -173,16 +172,6 @@ def _check_local_files_path(path: str, url: str) -> None:
             f"local-files path {path!r} must be relative to Label Studio's document root "
             "(no absolute path, no '..')"
         )
-
-
-def _origin(url: str) -> tuple[str, str, int | None]:
-    """(scheme, host, port) with the scheme's default port filled in; user info ignored."""
-    parsed = urlparse(url)
-    try:
-        port = parsed.port or _DEFAULT_PORTS.get(parsed.scheme)
-    except ValueError:  # a port that is not a number
-        port = -1
-    return parsed.scheme, (parsed.hostname or "").lower(), port
 
 
 def _is_presign_route(url: str, ls_url: str) -> bool:
@@ -291,7 +280,10 @@ class ImageFetcher:
     Args:
         config: limits and cache locations.
         default_ls_url: Label Studio URL from the settings (wins over per-job ones).
-        default_token: token from the settings (wins over the one /setup handed over).
+        default_token: token from the settings, sent only to ``default_ls_url`` and
+            ``trusted_ls_urls`` (there it wins over the one /setup handed over).
+        trusted_ls_urls: further Label Studios the settings' token may go to
+            (LABEL_STUDIO_ORIGINS).
         transport: optional httpx transport (tests).
         resolve: host, port -> addresses, as :func:`socket.getaddrinfo` (tests).
     """
@@ -303,8 +295,10 @@ class ImageFetcher:
         default_token: str | None = None,
         transport: httpx.BaseTransport | None = None,
         resolve: Callable[[str, int], list[str]] | None = None,
+        trusted_ls_urls: tuple[str, ...] = (),
     ):
         self._config = config
+        self._trusted = {url_origin(u) for u in (default_ls_url, *trusted_ls_urls) if u}
         self._resolve = resolve or _addresses
         self._default_ls_url = default_ls_url
         self._default_token = default_token
@@ -324,7 +318,8 @@ class ImageFetcher:
                                max_pixels=settings.max_image_pixels,
                                allowed_hosts=settings.image_host_allowlist),
                    default_ls_url=settings.label_studio_url,
-                   default_token=settings.label_studio_api_key)
+                   default_token=settings.label_studio_api_key,
+                   trusted_ls_urls=settings.label_studio_origins)
 
     def close(self) -> None:
         self._client.close()
@@ -337,7 +332,8 @@ class ImageFetcher:
             url: the image URL from task data.
             ls_url: Label Studio URL known to the caller (from /setup), used when the settings
                 have none.
-            token: token known to the caller, used when the settings have none.
+            token: token known to the caller (paired with ``ls_url``), used when the settings
+                have none for that Label Studio.
             task_id: the task id, for cloud storage URIs.
 
         Raises:
@@ -345,7 +341,8 @@ class ImageFetcher:
             InvalidRequestError: when :func:`check_image_url` refuses the URL.
         """
         ls_url = self._default_ls_url or ls_url
-        token = self._default_token or token
+        if ls_url and url_origin(ls_url) in self._trusted:  # never to a host /setup named
+            token = self._default_token or token
         if url.startswith("data:"):
             return decode_data_uri(url, self._config.max_bytes)
         absolute = resolve_image_url(url, ls_url, task_id)
@@ -367,7 +364,7 @@ class ImageFetcher:
         asked = url
         for _ in range(MAX_REDIRECTS + 1):
             auth = None
-            if ls_url and _origin(url) == _origin(ls_url):
+            if ls_url and url_origin(url) == url_origin(ls_url):
                 if not token:
                     raise ImageFetchError(
                         f"{url} needs a Label Studio token: set LABEL_STUDIO_API_KEY "

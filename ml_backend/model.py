@@ -125,17 +125,29 @@ class Talk2SamBackend:
         params (``{"label_prompts": {"Power line": "wire"}}``: this project's label -> prompt
         map, over LABEL_PROMPTS); answer from memory.
 
+        Tokens go only where they belong: with LABEL_STUDIO_URL or LABEL_STUDIO_ORIGINS set, a
+        ``hostname`` outside them is refused; a token is kept only with the hostname it came with.
+
         Raises:
-            InvalidRequestError: extra_params that are not such an object.
+            InvalidRequestError: extra_params that are not such an object; a hostname that is
+                not a trusted Label Studio.
         """
         prompts = project_label_prompts(extra_params)
+        hostname = (hostname or "").rstrip("/") or None
+        if hostname and self.settings.trusted_label_studios and not self.settings.trusts(hostname):
+            raise InvalidRequestError(
+                f"/setup names Label Studio at {hostname[:200]!r}, which is neither "
+                "LABEL_STUDIO_URL nor in LABEL_STUDIO_ORIGINS: add its origin there to connect "
+                "it (tokens go to those only)")
         with self._lock:
             # a call without hostname or token (a health probe, a script) keeps what is known
-            # of the same project (of the last one, for a call that names none)
+            # of the same project (of the last one, for a call that names none); a token that
+            # came with another hostname is not kept for this one
             known = self._projects.get(_project_id(project)) if project else self._last_setup
+            same_host = known is not None and hostname in (None, known.hostname)
             entry = ProjectSetup(
-                hostname=(hostname or "").rstrip("/") or (known.hostname if known else None),
-                access_token=access_token or (known.access_token if known else None),
+                hostname=hostname or (known.hostname if known else None),
+                access_token=access_token or (known.access_token if same_host else None),
                 label_prompts=prompts if extra_params is not None
                 else (known.label_prompts if known else {}))
             if project:
@@ -361,12 +373,15 @@ class Talk2SamBackend:
             last = self._last_setup
         if own is None and project:
             own = self._recorded_setup(_project_id(project))
-        fallback = own or last
+        # URL and token from one /setup call (a token goes only to the host it came with),
+        # unless the settings name Label Studio; the settings' key only to a trusted one
+        source = own if own is not None and (own.hostname or self.settings.label_studio_url) \
+            else last
+        hostname = self.settings.label_studio_url or (source.hostname if source else None)
         return ProjectSetup(
-            hostname=self.settings.label_studio_url or (own and own.hostname) or (
-                last.hostname if last else None),
-            access_token=self.settings.label_studio_api_key or (
-                fallback.access_token if fallback else None),
+            hostname=hostname,
+            access_token=self.settings.api_key_for(hostname) or (
+                source.access_token if source else None),
             label_prompts={**self.settings.label_prompts, **(own.label_prompts if own else {})})
 
     def _recorded_setup(self, project: str) -> ProjectSetup | None:

@@ -9,7 +9,8 @@ down explicitly; no other module reads ``os.environ``.
 | variable | default | meaning |
 |---|---|---|
 | LABEL_STUDIO_URL (or LABEL_STUDIO_HOST) | unset | base URL of Label Studio, used to download task images; when unset the ``hostname`` sent to /setup is used |
-| LABEL_STUDIO_API_KEY (or LABEL_STUDIO_ACCESS_TOKEN) | unset | legacy token or personal access token (JWT refresh token); when unset the ``access_token`` sent to /setup is used |
+| LABEL_STUDIO_API_KEY (or LABEL_STUDIO_ACCESS_TOKEN) | unset | legacy token or personal access token (JWT refresh token), sent only to LABEL_STUDIO_URL and LABEL_STUDIO_ORIGINS; when unset the ``access_token`` sent to /setup is used, and only with the ``hostname`` of the same call |
+| LABEL_STUDIO_ORIGINS | empty | further Label Studio origins (comma-separated ``http(s)://host[:port]``) that may call /setup and receive tokens; with this or LABEL_STUDIO_URL set, a /setup naming any other ``hostname`` is refused (400) |
 | MODEL_DIR (or TALK2SAM_WEIGHTS_DIR) | ``~/.cache/talk2sam/weights`` | directory of model weights, the same for ``talk2sam download-weights`` and the workers (the backend's default was ``.cache/talk2sam`` in the working folder: move its files, or set MODEL_DIR to it) |
 | BASIC_AUTH_USER / BASIC_AUTH_PASS | unset | HTTP basic auth on every route but /health (/webhook included: docs/RELIABILITY.md shows the webhook header to set in Label Studio); both or neither |
 | API_TOKEN | unset | bearer token (``Authorization: Bearer <token>``) accepted on the same routes, beside basic auth |
@@ -77,6 +78,7 @@ MODELS = ("talk2sam", "noop", "random")
 ENCODER_DTYPES = ("auto", "float32", "bfloat16")
 TRAIN_OPTIMIZERS = ("adamw", "sgd")
 LABEL_STUDIO_PREDICT_TIMEOUT_S = 100
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,7 @@ class Settings:
 
     label_studio_url: str | None = None
     label_studio_api_key: str | None = None
+    label_studio_origins: tuple[str, ...] = ()
     model_dir: str = str(DEFAULT_WEIGHTS_DIR)
     basic_auth_user: str | None = None
     basic_auth_pass: str | None = None
@@ -138,6 +141,23 @@ class Settings:
         return self.versions_dir or self.model_dir
 
     @property
+    def trusted_label_studios(self) -> tuple[str, ...]:
+        """LABEL_STUDIO_URL and LABEL_STUDIO_ORIGINS: where tokens may go, who may call /setup
+        (empty: any /setup hostname is adopted, with only the token of the same call)."""
+        return ((self.label_studio_url,) if self.label_studio_url else ()) + \
+            self.label_studio_origins
+
+    def trusts(self, url: str | None) -> bool:
+        """True when ``url`` is on the origin of a trusted Label Studio."""
+        return url is not None and url_origin(url) in {
+            url_origin(trusted) for trusted in self.trusted_label_studios}
+
+    def api_key_for(self, url: str | None) -> str | None:
+        """LABEL_STUDIO_API_KEY when ``url`` is a trusted Label Studio, else None: the key never
+        goes to a host that only a /setup call named."""
+        return self.label_studio_api_key if self.trusts(url) else None
+
+    @property
     def basic_auth_enabled(self) -> bool:
         return self.basic_auth_user is not None
 
@@ -167,6 +187,7 @@ class Settings:
             or get.opt("LABEL_STUDIO_HOST", _http_url),
             label_studio_api_key=get.opt("LABEL_STUDIO_API_KEY", str)
             or get.opt("LABEL_STUDIO_ACCESS_TOKEN", str),
+            label_studio_origins=get("LABEL_STUDIO_ORIGINS", _url_list, d.label_studio_origins),
             model_dir=str(weights_dir(env=env)),  # MODEL_DIR, its older name, the default
             basic_auth_user=get.opt("BASIC_AUTH_USER", str),
             basic_auth_pass=get.opt("BASIC_AUTH_PASS", str),
@@ -333,6 +354,20 @@ def _http_url(raw: str) -> str:
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
         raise ValueError("must be an http:// or https:// URL")
     return raw.rstrip("/")
+
+
+def _url_list(raw: str) -> tuple[str, ...]:
+    return tuple(_http_url(u.strip()) for u in raw.split(",") if u.strip())
+
+
+def url_origin(url: str) -> tuple[str, str, int | None]:
+    """(scheme, host, port) with the scheme's default port filled in; user info ignored."""
+    parsed = urlparse(url)
+    try:
+        port = parsed.port or _DEFAULT_PORTS.get(parsed.scheme)
+    except ValueError:  # a port that is not a number
+        port = -1
+    return parsed.scheme, (parsed.hostname or "").lower(), port
 
 
 def _redis_url(raw: str) -> str:

@@ -240,7 +240,7 @@ class TrainingRun:
     def _tasks(self, req: TrainRequest) -> tuple[list[dict[str, Any]], str]:
         s = self.settings
         ls_url = s.label_studio_url or req.ls_url
-        token = s.label_studio_api_key or req.ls_token
+        token = s.api_key_for(ls_url) or req.ls_token  # the key only to a trusted Label Studio
         why = "no Label Studio URL, token or project"
         if ls_url and token and req.project is not None:
             try:

@@ -177,6 +177,8 @@ def backend_env(fake_ls: FakeLabelStudio, **overrides: str) -> dict[str, str]:
         "KEY_PREFIX": PREFIX,
         "LABEL_STUDIO_URL": fake_ls.url,
         "LABEL_STUDIO_API_KEY": fake_ls.token,
+        # the Label Studio whose captured /setup calls the tests replay
+        "LABEL_STUDIO_ORIGINS": "http://127.0.0.1:8080",
         "MODEL": "talk2sam",
         "MODEL_CONFIG": "tiny",
         "WORKER_HEARTBEAT_TTL_S": "2",

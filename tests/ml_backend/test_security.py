@@ -8,6 +8,8 @@ from __future__ import annotations
 import base64
 import json
 import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
@@ -20,8 +22,9 @@ from ml_backend.images import FetchConfig, ImageFetcher
 from ml_backend.annotations import AnnotationStore
 from ml_backend.schemas import RedisKeys
 from ml_backend.settings import Settings, SettingsError
-from ml_backend.training_queue import trainer_heartbeat
-from tests.ml_backend.conftest import backend_env, load_fixture
+from ml_backend.trainer import TrainingRun
+from ml_backend.training_queue import TrainRequest, trainer_heartbeat
+from tests.ml_backend.conftest import backend_env, load_fixture, synthetic_png
 from tests.ml_backend.servers import ImageHost, private_workers, uvicorn_app
 
 GOOD = load_fixture("predict_interactive_request.json")
@@ -294,6 +297,114 @@ def test_a_bent_host_header_or_a_non_ascii_credential_is_401_not_a_way_in(stack,
                                                            "Authorization": b"Basic " + good},
                            setup) == 200
         assert raw_request(url, "GET /health HTTP/1.1", {"Host": b"x/metrics?"}) == 200
+
+
+# ------------------------------------------------------------------ tokens go only where they belong
+
+ENV_KEY = "env-key-5d1e0b7c3a9f2468"
+
+
+class Recorder:
+    """A stranger's server: answers every GET with a PNG and records each Authorization header
+    it is sent (it must never see a token)."""
+
+    def __init__(self) -> None:
+        self.headers: list[str] = []
+        recorder = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                recorder.headers.append(self.headers.get("Authorization", ""))
+                body = synthetic_png(400, 300)
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def saw(self, *secrets: str) -> list[str]:
+        return [h for h in self.headers if any(s in h for s in secrets)]
+
+
+def predict_for(project: str | None) -> dict:
+    body = json.loads(json.dumps(GOOD))
+    body.pop("project")
+    if project is not None:
+        body["project"] = project
+    return body
+
+
+def test_a_setup_naming_a_strangers_host_gets_no_token_without_settings(fake_ls, tmp_path):
+    """No LABEL_STUDIO_URL (the stack's default), LABEL_STUDIO_API_KEY set, auth off: a stranger
+    re-points a project, and every request naming none, at its own server. The app, a worker
+    and the trainer's export then ask that server with no token: neither the key nor the token
+    the real Label Studio handed over in /setup."""
+    stranger, legit = Recorder(), ImageHost(token=LS_TOKEN)
+    legit.start()
+    env = backend_env(fake_ls, MODEL="noop", LABEL_STUDIO_URL="", LABEL_STUDIO_ORIGINS="",
+                      LABEL_STUDIO_API_KEY=ENV_KEY)
+    try:
+        with private_workers(env, ("theft-a",), tmp_path) as (_, _, env), \
+                uvicorn_app(env, tmp_path / "app.log") as url:
+            real = {**SETUP, "project": "7.1", "hostname": legit.url, "access_token": LS_TOKEN}
+            assert httpx.post(f"{url}/setup", json=real).status_code == 200
+            assert httpx.post(f"{url}/predict", json=predict_for("7.1"),
+                              timeout=60).status_code == 200  # the real one works
+            for project in ("7.1", None):
+                hijack = {"hostname": stranger.url, **({"project": project} if project else {})}
+                assert httpx.post(f"{url}/setup", json=hijack).status_code == 200
+                answer = httpx.post(f"{url}/predict", json=predict_for(project), timeout=60)
+                assert answer.status_code == 502, answer.text  # no token for that host
+                assert "needs a Label Studio token" in answer.json()["error"]["message"]
+            run = TrainingRun(Settings.from_env(env), redis.Redis.from_url(env["REDIS_URL"]),
+                              "job-theft")
+            run._tasks(TrainRequest(project=7, ls_url=stranger.url, ls_token=None))
+    finally:
+        legit.stop()
+        stranger.server.shutdown()
+    assert stranger.saw(ENV_KEY, LS_TOKEN) == []
+    assert legit.paths  # the real Label Studio was asked, with its token
+
+
+def test_a_setup_naming_an_untrusted_host_is_refused_when_label_studio_is_configured(
+        fake_ls, tmp_path):
+    stranger = Recorder()
+    env = backend_env(fake_ls, MODEL="noop", LABEL_STUDIO_API_KEY=ENV_KEY)
+    try:
+        with TestClient(create_app(Settings.from_env(env))) as client:
+            for body in ({"project": "7.1", "hostname": stranger.url},
+                         {"hostname": stranger.url, "access_token": "x"}):
+                refused = client.post("/setup", json=body)
+                assert refused.status_code == 400
+                assert "LABEL_STUDIO_ORIGINS" in refused.json()["error"]["message"]
+            allowed = {**SETUP, "hostname": "http://127.0.0.1:8080/"}  # LABEL_STUDIO_ORIGINS
+            assert client.post("/setup", json=allowed).status_code == 200
+            assert client.post("/setup", json={**SETUP, "hostname": fake_ls.url}).status_code \
+                == 200  # LABEL_STUDIO_URL
+    finally:
+        stranger.server.shutdown()
+    assert stranger.headers == []
+
+
+def test_the_configured_key_goes_to_trusted_label_studios_only():
+    settings = Settings.from_env({"LABEL_STUDIO_URL": "http://ls:8080",
+                                  "LABEL_STUDIO_ORIGINS": "https://ls.example, http://10.0.0.2:9",
+                                  "LABEL_STUDIO_API_KEY": ENV_KEY})
+    for url in ("http://ls:8080", "http://LS:8080/data/x", "https://ls.example:443/",
+                "http://10.0.0.2:9"):
+        assert settings.api_key_for(url) == ENV_KEY, url
+    for url in ("http://ls:8081", "https://ls:8080", "http://ls.example", "http://evil",
+                "http://ls:8080@evil/", None):
+        assert settings.api_key_for(url) is None, url
+    assert Settings.from_env({"LABEL_STUDIO_API_KEY": ENV_KEY}).api_key_for("http://ls") is None
+    with pytest.raises(SettingsError, match="LABEL_STUDIO_ORIGINS"):
+        Settings.from_env({"LABEL_STUDIO_ORIGINS": "ls.example"})
 
 
 # ------------------------------------------------------------------ no credential leaks
