@@ -19,12 +19,16 @@ progress (epoch, loss, ETA) and outcome lines appear in this log.
   this process, which stops the children in order, and a whole group is signalled); on Linux a
   child also gets SIGTERM when this process dies. The pids are kept in ``<data-dir>/stack.json``;
   the next start stops whatever a killed run left behind.
+- Safe by default: the backend listens on 127.0.0.1. Beyond loopback (``--host 0.0.0.0``) the
+  stack refuses to start unless auth is on (BASIC_AUTH_USER/BASIC_AUTH_PASS or API_TOKEN), or
+  ``--insecure-no-auth`` says the network is trusted (logged as a warning).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -147,6 +151,27 @@ def health(url: str, timeout_s: float = 1.0) -> dict[str, Any] | None:
     return body if isinstance(body, dict) else None
 
 
+def is_loopback(host: str) -> bool:
+    """True for a bind address only this machine reaches."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def bind_refusal(host: str, settings: Settings, insecure_no_auth: bool) -> str | None:
+    """Why the stack must not listen on ``host``, or None: beyond loopback, anyone who reaches
+    the port could point /setup at their own server, start training or read /metrics."""
+    if is_loopback(host) or settings.auth_enabled or insecure_no_auth:
+        return None
+    return (f"refusing to listen on {host} with auth off: anyone who reaches this port could "
+            "re-point /setup, send webhooks and start training. Set BASIC_AUTH_USER and "
+            "BASIC_AUTH_PASS (and the same in Label Studio's model connection) or API_TOKEN, "
+            "or pass --insecure-no-auth on a network you trust")
+
+
 def banner(host: str, port: int, redis_url: str, embedded: bool, data_dir: Path,
            status: Mapping[str, Any], choice: ModelChoice, trainer_threads: int | None) -> str:
     """The 'ready' message: where the backend listens and what Label Studio needs."""
@@ -174,8 +199,14 @@ def banner(host: str, port: int, redis_url: str, embedded: bool, data_dir: Path,
     ]
     if host in ("0.0.0.0", "::"):
         lines.append(f"    http://host.docker.internal:{port}   (Label Studio running in Docker)")
+    if is_loopback(host):
+        lines.append("    (loopback only; for Label Studio on another machine or in Docker: "
+                     "--host 0.0.0.0 with BASIC_AUTH_USER/BASIC_AUTH_PASS or API_TOKEN)")
     lines += [
-        "  and start Label Studio with (since 1.23.1 it refuses local backends without both):",
+        "  and start Label Studio with (since 1.23.1 it refuses backends on local or private "
+        "addresses without both;",
+        "  they also let its ML and webhook requests reach any private address, so run that "
+        "Label Studio only where its users are trusted):",
         f"    {' '.join(LABEL_STUDIO_ENV)}",
         "  turn on 'Interactive preannotations' and draw a box with a smart RectangleLabels tool.",
         "  Stop with Ctrl-C.",
@@ -187,7 +218,7 @@ def banner(host: str, port: int, redis_url: str, embedded: bool, data_dir: Path,
 class StackOptions:
     """The command-line options of the stack (see :func:`build_parser`)."""
 
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"
     port: int = 9090
     workers: int = 1
     data_dir: Path = Path(".cache/stack")
@@ -195,6 +226,7 @@ class StackOptions:
     ready_timeout_s: float = 0.0  # 0: wait as long as the children live
     trainer: bool = True
     trainer_threads: int | None = None  # None: half of this host's cores
+    insecure_no_auth: bool = False  # listen beyond loopback with auth off
 
 
 class Stack:
@@ -234,6 +266,13 @@ class Stack:
         env = dict(self.env, PYTHONUNBUFFERED="1")
         embedded = not env.get("REDIS_URL", "").strip()
         settings = Settings.from_env(env)  # validates before anything starts
+        refusal = bind_refusal(opts.host, settings, opts.insecure_no_auth)
+        if refusal:
+            raise StackError(refusal)
+        if not is_loopback(opts.host) and not settings.auth_enabled:
+            log.warning("LISTENING ON %s:%d WITH AUTH OFF (--insecure-no-auth): anyone who "
+                        "reaches this port can re-point /setup and start training", opts.host,
+                        opts.port)
         choice = choose_model(env, settings.model_dir)
         env.update(choice.env)
         (log.warning if choice.demo else log.info)("%s", choice.description)
@@ -333,7 +372,12 @@ class Stack:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ml_backend.stack", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--host", default="0.0.0.0", help="backend bind address (default 0.0.0.0)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="backend bind address (default 127.0.0.1; another address needs "
+                             "BASIC_AUTH_USER/BASIC_AUTH_PASS or API_TOKEN, or "
+                             "--insecure-no-auth)")
+    parser.add_argument("--insecure-no-auth", action="store_true",
+                        help="listen beyond loopback with auth off (a network you trust)")
     parser.add_argument("--port", type=int, default=9090, help="backend port (default 9090)")
     parser.add_argument("--workers", type=int, default=1, help="inference worker processes")
     parser.add_argument("--data-dir", type=Path, default=Path(".cache/stack"),
@@ -364,7 +408,8 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     options = StackOptions(host=args.host, port=args.port, workers=args.workers,
                            data_dir=args.data_dir, redis_port=args.redis_port,
                            ready_timeout_s=args.ready_timeout, trainer=not args.no_trainer,
-                           trainer_threads=args.trainer_threads)
+                           trainer_threads=args.trainer_threads,
+                           insecure_no_auth=args.insecure_no_auth)
     signals = _Signals()
     try:
         return Stack(options, env).run(signals)

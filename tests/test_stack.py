@@ -5,6 +5,7 @@ nothing left running after Ctrl-C."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from ml_backend import model_choice, processes, stack
+from ml_backend.settings import Settings
 from tests.ml_backend.conftest import REPO, FakeLabelStudio, fake_ls, load_fixture  # noqa: F401
 
 READY_TIMEOUT_S = 120
@@ -83,6 +85,38 @@ def test_banner_names_the_url_and_label_studio_settings():
                            Path(".cache/stack"), {"workers": 1, "model_version": "v"},
                            model_choice.ModelChoice({}, "", False), None)
     assert "trainer: none (--no-trainer): 'Start training' answers 503" in without
+
+
+def test_beyond_loopback_the_stack_needs_auth_or_an_explicit_opt_out():
+    off = Settings.from_env({})
+    for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
+        assert stack.bind_refusal(host, off, False) is None, host
+    for host in ("0.0.0.0", "::", "192.168.1.20"):
+        refusal = stack.bind_refusal(host, off, False)
+        assert refusal and "BASIC_AUTH_USER" in refusal and "--insecure-no-auth" in refusal
+        assert stack.bind_refusal(host, off, True) is None
+    for auth in ({"API_TOKEN": "t"}, {"BASIC_AUTH_USER": "ls", "BASIC_AUTH_PASS": "p"}):
+        assert stack.bind_refusal("0.0.0.0", Settings.from_env(auth), False) is None
+    assert stack.build_parser().parse_args([]).host == "127.0.0.1"
+
+
+def test_the_stack_refuses_to_listen_on_all_addresses_without_auth(tmp_path, caplog):
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("REDIS_URL", "BASIC_AUTH_", "API_TOKEN"))}
+    data_dir = tmp_path / "stack"
+    with caplog.at_level(logging.ERROR):
+        code = stack.main(["--host", "0.0.0.0", "--port", str(processes.free_port()),
+                           "--data-dir", str(data_dir)], env)
+    assert code == 3 and "refusing to listen on 0.0.0.0 with auth off" in caplog.text
+    assert not (data_dir / stack.STATE_FILE).exists()  # nothing was started
+
+
+def test_the_banner_says_what_label_studios_settings_expose():
+    text = stack.banner("127.0.0.1", 9090, "redis://127.0.0.1:16379/1", True,
+                        Path(".cache/stack"), {"workers": 1, "model_version": "v"},
+                        model_choice.ModelChoice({}, "", False), 1)
+    assert "loopback only" in text and "--host 0.0.0.0 with BASIC_AUTH_USER" in text
+    assert "reach any private address" in text
 
 
 def test_banner_flags_an_untrained_text_branch():
