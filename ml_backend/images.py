@@ -146,12 +146,10 @@ def check_image_url(url: str, absolute: str, ls_url: str | None,
     parsed = urlparse(absolute)
     if parsed.path.rstrip("/") == LOCAL_FILES_PATH:
         _check_local_files_path(parse_qs(parsed.query).get("d", [""])[0], url)
-    if allowed_hosts is None or "*" in allowed_hosts:
-        return
     if ls_url and url_origin(absolute) == url_origin(ls_url):
         return
     host = (parsed.hostname or "").lower()
-    if host and (host in allowed_hosts or f"{host}:{url_origin(absolute)[2]}" in allowed_hosts):
+    if _allowed(host, url_origin(absolute)[2], allowed_hosts):
         return
     raise InvalidRequestError(
         f"image host {host or '?'!r} is neither Label Studio's nor in IMAGE_HOST_ALLOWLIST; "
@@ -172,6 +170,12 @@ def _check_local_files_path(path: str, url: str) -> None:
             f"local-files path {path!r} must be relative to Label Studio's document root "
             "(no absolute path, no '..')"
         )
+
+
+def _allowed(host: str, port: int | None, allowed_hosts: tuple[str, ...] | None) -> bool:
+    """True when IMAGE_HOST_ALLOWLIST (None: no restriction, ``*``: any) admits host:port."""
+    return allowed_hosts is None or "*" in allowed_hosts or bool(host) and (
+        host in allowed_hosts or f"{host}:{port}" in allowed_hosts)
 
 
 def _is_presign_route(url: str, ls_url: str) -> bool:
@@ -397,10 +401,8 @@ class ImageFetcher:
         """A presign redirect may lead to any host whose every address is public (the cloud
         storage's); a loopback, private or link-local one only when IMAGE_HOST_ALLOWLIST names
         it (a storage of one's own). Errors name the host, never the signed URL."""
-        parsed = urlparse(target)
-        host, port = (parsed.hostname or "").lower(), parsed.port or 443
-        allowed = self._config.allowed_hosts
-        if allowed is None or "*" in allowed or host in allowed or f"{host}:{port}" in allowed:
+        host, port = url_origin(target)[1:]
+        if _allowed(host, port, self._config.allowed_hosts):
             return
         try:
             addresses = self._resolve(host, port)
