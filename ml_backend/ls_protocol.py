@@ -13,17 +13,18 @@ area left inside the image after clipping is refused with :class:`InvalidRequest
 
 from __future__ import annotations
 
+import hashlib
 import math
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
-from functools import lru_cache
 from typing import Any, NamedTuple
 
 from label_studio_sdk.label_interface import LabelInterface
 
 from ml_backend.errors import InvalidRequestError
 from ml_backend.ls_format import clip_box_xyxy, rotated_box_pct_to_xyxy
+from talk2sam.bounded_cache import BoundedCache
 
 MAX_PROMPT_CHARS = 200  # as talk2sam.text.MAX_WORD_CHARS: refused here, before any job is queued
 # Each box comes back as a full-size mask: thousands of them would exhaust a worker's memory.
@@ -89,7 +90,11 @@ class LabelConfig:
             ("BrushLabels", self.brush_name), ("PolygonLabels", self.polygon_name)) if name)
 
 
-@lru_cache(maxsize=64)
+MAX_LABEL_CONFIG_BYTES = 1 << 20  # a label config of thousands of labels is ~100 KB
+# Parsed configs by the SHA-256 of their text: the cache never holds the texts themselves.
+_parsed_configs = BoundedCache(max_items=64, max_bytes=64 * MAX_LABEL_CONFIG_BYTES)
+
+
 def parse_label_config(xml: str) -> LabelConfig:
     """Find the mask control(s) (BrushLabels, PolygonLabels), their Image, and the prompt
     controls on it (rectangles, keypoints, a TextArea, Choices).
@@ -98,14 +103,27 @@ def parse_label_config(xml: str) -> LabelConfig:
         xml: the project's label config.
 
     Returns:
-        The parsed config (cached per config text).
+        The parsed config (cached per config, by its digest).
 
     Raises:
-        InvalidRequestError: when the XML is malformed, has neither a BrushLabels nor a
-            PolygonLabels control or several of one kind (ambiguous), they target different
+        InvalidRequestError: a config over MAX_LABEL_CONFIG_BYTES; when the XML is malformed,
+            has neither a BrushLabels nor a PolygonLabels control or several of one kind (ambiguous), they target different
             images, or the Image has no RectangleLabels (nor a Choices or TextArea for text
             alone) to prompt with.
     """
+    raw = xml.encode("utf-8", "surrogatepass")
+    if len(raw) > MAX_LABEL_CONFIG_BYTES:
+        raise InvalidRequestError(f"the label config is {len(raw)} bytes; a config of at most "
+                                  f"{MAX_LABEL_CONFIG_BYTES} bytes is read")
+    digest = hashlib.sha256(raw).hexdigest()
+    config = _parsed_configs.get(digest)
+    if config is None:
+        config = _parse_label_config(xml)
+        _parsed_configs.put(digest, config, len(raw))
+    return config
+
+
+def _parse_label_config(xml: str) -> LabelConfig:
     try:
         interface = LabelInterface(xml)
     except Exception as exc:  # noqa: BLE001 - the SDK's XML errors derive from Exception only

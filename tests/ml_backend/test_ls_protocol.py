@@ -18,8 +18,10 @@ from ml_backend.ls_format import (
     mask_to_rle,
     rotated_box_pct_to_xyxy,
 )
+from ml_backend import ls_protocol
 from ml_backend.ls_protocol import (
     MAX_BOXES_PER_TASK,
+    MAX_LABEL_CONFIG_BYTES,
     BoxPrompt,
     Click,
     boxes_from_results,
@@ -230,3 +232,16 @@ def test_clicks_cannot_carry_a_task_past_the_prompt_cap():
     with pytest.raises(InvalidRequestError, match="259 prompts once clicks are paired"):
         with_clicks(boxes, clicks, [])
     assert len(with_clicks(boxes[:253], clicks, [])) == 256
+
+
+def test_a_label_config_over_the_cap_is_refused_before_parsing():
+    huge = CONFIG_XML.replace("</View>", "<!--" + "x" * MAX_LABEL_CONFIG_BYTES + "--></View>")
+    with pytest.raises(InvalidRequestError, match=f"at most {MAX_LABEL_CONFIG_BYTES} bytes"):
+        parse_label_config(huge)
+
+
+def test_parsed_configs_are_cached_by_digest_never_by_their_text():
+    padded = CONFIG_XML.replace("</View>", "<!--" + "y" * 100_000 + "--></View>")
+    assert parse_label_config(padded) is parse_label_config(padded)  # parsed once
+    cached = ls_protocol._parsed_configs
+    assert padded not in cached._items and all(len(key) == 64 for key in cached._items)
