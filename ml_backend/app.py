@@ -2,7 +2,7 @@
 
 | route | Label Studio's timeout | what it does |
 |---|---|---|
-| GET /health | 1 s | from memory: status, model class and version, last known worker count |
+| GET /health | 1 s | from memory: UP with the model class and version and the live worker count; DOWN (503, with the reason) while Redis is unreachable or no worker is live |
 | POST /setup | 3 s | from memory: remembers schema and credentials, returns ``model_version`` |
 | POST /predict | 100 s | the only route that touches the queue |
 | POST /webhook | 1 s | records annotations for training, START_TRAINING enqueues a fine-tuning job (Redis only) |
@@ -120,16 +120,19 @@ def create_app(settings: Settings, queue: QueueClient | None = None) -> FastAPI:
     backend.on_skipped = lambda reason: http.batch_skipped.labels(reason).inc()
     scrape_registry = exposition_registry(own_registry, settings.prometheus_multiproc_dir,
                                           RedisCollector(queue, backend.training))
-    workers_seen = {"live": 0}  # last count, for /health (answered from memory)
+    # last count and, while the backend cannot serve, why: for /health (answered from memory)
+    workers_seen: dict[str, Any] = {"live": 0, "down": "no worker has been seen yet"}
 
     def refresh_workers() -> None:
         try:
             workers = queue.live_workers()
         except NoWorkerError as exc:
             log.warning("%s", exc)
-            workers_seen["live"] = 0
+            workers_seen.update(live=0, down=str(exc))
             return
-        workers_seen["live"] = len(workers)
+        workers_seen.update(live=len(workers), down=None if workers else (
+            "no inference worker is live (talk2sam-stack restarts one that died; else start "
+            "talk2sam-worker)"))
         versions = {w.model_version for w in workers}
         if len(versions) == 1:
             backend.observe_worker_version(versions.pop())
@@ -184,12 +187,15 @@ def create_app(settings: Settings, queue: QueueClient | None = None) -> FastAPI:
 
     @app.get("/")
     @app.get("/health")
-    async def health() -> dict[str, Any]:
+    async def health() -> Response:
         answer = {"status": "UP", "model_class": type(backend).__name__,
                   "model_version": backend.model_version, "workers": workers_seen["live"]}
         if backend.model_version.endswith(UNTRAINED_TEXT_SUFFIX):
             answer["warning"] = UNTRAINED_TEXT_NOTE
-        return answer
+        if workers_seen["down"]:  # a probe (or Label Studio) must not send work that cannot run
+            return JSONResponse({**answer, "status": "DOWN", "reason": workers_seen["down"]},
+                                status_code=503)
+        return JSONResponse(answer)
 
     @app.post("/setup")
     async def setup(request: Request) -> dict[str, Any]:

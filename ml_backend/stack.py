@@ -19,6 +19,11 @@ progress (epoch, loss, ETA) and outcome lines appear in this log.
   this process, which stops the children in order, and a whole group is signalled); on Linux a
   child also gets SIGTERM when this process dies. The pids are kept in ``<data-dir>/stack.json``;
   the next start stops whatever a killed run left behind.
+- Heals: a child or the embedded Valkey that dies is started again after a back-off (1, 2, 4 ...
+  s, at most 30); a process that exits more than MAX_CRASHES times within CRASH_WINDOW_S stops
+  the stack, loudly. Valkey comes back on its port from its AOF (fsynced every second);
+  /health answers DOWN (503) while Redis or every worker is gone.
+- The data dir is 0700: the AOF holds what Redis holds, /setup tokens on their way included.
 - Safe by default: the backend listens on 127.0.0.1. Beyond loopback (``--host 0.0.0.0``) the
   stack refuses to start unless auth is on (BASIC_AUTH_USER/BASIC_AUTH_PASS or API_TOKEN), or
   ``--insecure-no-auth`` says the network is trusted (logged as a warning).
@@ -40,7 +45,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +62,10 @@ log = logging.getLogger("ml_backend.stack")
 STATE_FILE = "stack.json"
 STOP_TIMEOUT_S = 15.0
 POLL_S = 0.5
+RESTART_FIRST_S = 1.0  # back-off before restarting a process that died: 1, 2, 4, ... s
+RESTART_MAX_S = 30.0
+CRASH_WINDOW_S = 300.0
+MAX_CRASHES = 5  # exits of one process within CRASH_WINDOW_S the stack forgives
 TRAINER_NICE = 10  # the trainer yields the CPU to the workers serving annotators
 LABEL_STUDIO_ENV = ("LABEL_STUDIO_ML_BLOCK_LOCAL_IP=false",
                     "LABEL_STUDIO_SSRF_PROTECTION_ENABLED=false")
@@ -142,10 +151,15 @@ def local_url(host: str, port: int) -> str:
 
 
 def health(url: str, timeout_s: float = 1.0) -> dict[str, Any] | None:
-    """GET ``url``/health; None while the app does not answer."""
+    """GET ``url``/health: its body, UP or DOWN (503); None while the app does not answer."""
     try:
         with urllib.request.urlopen(f"{url}/health", timeout=timeout_s) as response:
             body = json.loads(response.read())
+    except urllib.error.HTTPError as exc:  # DOWN: the app answers, its workers or Redis do not
+        try:
+            body = json.loads(exc.read())
+        except (OSError, ValueError):
+            return None
     except (OSError, ValueError):
         return None
     return body if isinstance(body, dict) else None
@@ -214,6 +228,42 @@ def banner(host: str, port: int, redis_url: str, embedded: bool, data_dir: Path,
     return "\n".join(lines)
 
 
+class Restarts:
+    """The recent exits of one process and when to start it again (exponential back-off)."""
+
+    def __init__(self) -> None:
+        self.exits: list[float] = []  # monotonic times within CRASH_WINDOW_S
+        self.due: float | None = None  # when to restart it; None while it runs
+
+    def exited(self, now: float) -> float | None:
+        """Record an exit: the delay before the restart, or None after too many crashes."""
+        self.exits = [t for t in self.exits if now - t < CRASH_WINDOW_S] + [now]
+        if len(self.exits) > MAX_CRASHES:
+            return None
+        delay = min(RESTART_MAX_S, RESTART_FIRST_S * 2 ** (len(self.exits) - 1))
+        self.due = now + delay
+        return delay
+
+    def is_due(self, now: float) -> bool:
+        return self.due is not None and now >= self.due
+
+
+@dataclass
+class Supervised:
+    """A child the stack keeps running: how to start it, the running process, its restarts."""
+
+    role: str
+    argv: list[str]
+    env: dict[str, str]
+    nice: int = 0
+    child: Child | None = None
+    restarts: Restarts = field(default_factory=Restarts)
+
+    def start(self) -> None:
+        self.child = spawn(self.role, self.argv, self.env, nice=self.nice)
+        self.restarts.due = None
+
+
 @dataclass
 class StackOptions:
     """The command-line options of the stack (see :func:`build_parser`)."""
@@ -235,10 +285,15 @@ class Stack:
     def __init__(self, options: StackOptions, env: Mapping[str, str]):
         self.options = options
         self.env = dict(env)
-        self.children: list[Child] = []
+        self.supervised: list[Supervised] = []
         self.server: EmbeddedRedis | None = None
+        self._server_restarts = Restarts()
         self.state = StateFile(options.data_dir / STATE_FILE)
         self._recorded = False
+
+    @property
+    def children(self) -> list[Child]:
+        return [s.child for s in self.supervised if s.child is not None]
 
     def _record(self) -> None:
         self._recorded = True
@@ -248,10 +303,10 @@ class Stack:
                          children=[c.pid for c in self.children])
 
     def run(self, signals: _Signals) -> int:
-        """Start everything, wait for ready, then for a signal or a dying child; stop all.
+        """Start everything, wait for ready, then for a signal, restarting what dies; stop all.
 
         Returns:
-            0 after a signal, 1 when a child died or the stack never became ready.
+            0 after a signal, 1 when a process kept crashing or the stack never became ready.
         """
         try:
             return self._run(signals)
@@ -260,7 +315,9 @@ class Stack:
 
     def _run(self, signals: _Signals) -> int:
         opts = self.options
-        opts.data_dir.mkdir(parents=True, exist_ok=True)
+        # the AOF holds /setup tokens on their way to a worker: for this user's eyes only
+        opts.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        opts.data_dir.chmod(0o700)
         self.state.stop_leftovers()
         _check_port_free(opts.host, opts.port)
         env = dict(self.env, PYTHONUNBUFFERED="1")
@@ -288,22 +345,25 @@ class Stack:
             env["VERSIONS_DIR"] = str((opts.data_dir / "versions").resolve())
         Settings.from_env(env)
         self._record()
-        for _ in range(opts.workers):
-            self.children.append(spawn("worker", [sys.executable, "-m", "ml_backend.worker"], env))
+        self.supervised = [Supervised("worker", [sys.executable, "-m", "ml_backend.worker"], env)
+                           for _ in range(opts.workers)]
         trainer_threads = (opts.trainer_threads or max(1, cores // 2)) if opts.trainer else None
         if trainer_threads:
-            self.children.append(spawn("trainer", [sys.executable, "-m", "ml_backend.trainer"],
-                                       dict(env, TORCH_THREADS=str(trainer_threads)),
-                                       nice=TRAINER_NICE))
-        self.children.append(spawn("app", [sys.executable, "-m", "ml_backend.app", "--host",
-                                           opts.host, "--port", str(opts.port)], env))
+            self.supervised.append(Supervised(
+                "trainer", [sys.executable, "-m", "ml_backend.trainer"],
+                dict(env, TORCH_THREADS=str(trainer_threads)), nice=TRAINER_NICE))
+        self.supervised.append(Supervised("app", [sys.executable, "-m", "ml_backend.app",
+                                                  "--host", opts.host, "--port", str(opts.port)],
+                                          env))
+        for supervised in self.supervised:
+            supervised.start()
         self._record()
         url = local_url(opts.host, opts.port)
         started = time.monotonic()
         next_note = started + 15
         while signals.received is None:
-            if (dead := self._dead_child()) is not None:
-                return dead
+            if (gave_up := self._supervise()) is not None:
+                return gave_up
             status = health(url)
             if status and int(status.get("workers") or 0) >= 1 and (
                     not trainer_threads or self._trainer_live(env["REDIS_URL"], settings)):
@@ -319,8 +379,8 @@ class Stack:
                 next_note += 15
             time.sleep(POLL_S)
         while signals.received is None:
-            if (dead := self._dead_child()) is not None:
-                return dead
+            if (gave_up := self._supervise()) is not None:
+                return gave_up
             time.sleep(POLL_S)
         log.info("received %s; stopping", signal.Signals(signals.received).name)
         return 0
@@ -342,13 +402,45 @@ class Stack:
         finally:
             client.close()
 
-    def _dead_child(self) -> int | None:
-        for child in self.children:
-            code = child.proc.poll()
-            if code is not None:
-                log.error("%s (pid %d) exited with code %s; stopping the stack", child.role,
-                          child.pid, code)
+    def _supervise(self) -> int | None:
+        """Restart the embedded Valkey and the children that died, each after its back-off;
+        1 when one of them crashed more than MAX_CRASHES times within CRASH_WINDOW_S (the
+        stack then stops), else None."""
+        now = time.monotonic()
+        server, restarts = self.server, self._server_restarts
+        if server is not None and restarts.due is None and not server.alive():
+            if (delay := restarts.exited(now)) is None:
+                log.error("embedded Valkey died %d times within %.0f s; giving up: stopping the "
+                          "stack (its log: %s)", len(restarts.exits), CRASH_WINDOW_S,
+                          server.log_path)
                 return 1
+            log.error("embedded Valkey (pid %s) died; restarting it on port %d in %.0f s (its "
+                      "AOF brings the data back)", server.pid, server.port, delay)
+        elif server is not None and restarts.is_due(now):
+            try:
+                server.restart()
+            except StackError as exc:
+                log.error("%s", exc)
+                restarts.due = None  # counted as another exit on the next round
+            else:
+                restarts.due = None
+                log.info("embedded Valkey restarted (pid %s)", server.pid)
+                self._record()
+        for supervised in self.supervised:
+            child, restarts = supervised.child, supervised.restarts
+            if restarts.due is None and child is not None and \
+                    (code := child.proc.poll()) is not None:
+                if (delay := restarts.exited(now)) is None:
+                    log.error("%s exited %d times within %.0f s (last code %s); giving up: "
+                              "stopping the stack", supervised.role, len(restarts.exits),
+                              CRASH_WINDOW_S, code)
+                    return 1
+                log.error("%s (pid %d) exited with code %s; restarting it in %.0f s",
+                          supervised.role, child.pid, code, delay)
+            elif restarts.is_due(now):
+                supervised.start()
+                log.info("%s restarted (pid %d)", supervised.role, supervised.child.pid)
+                self._record()
         return None
 
     def stop(self, force: bool = False) -> None:

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -227,3 +228,97 @@ def test_stack_serves_a_brush_and_stops_everything_on_ctrl_c(running_stack):
     assert not port_open(running_stack["port"]) and not port_open(running_stack["redis_port"])
     assert not (running_stack["data_dir"] / stack.STATE_FILE).exists()
     assert (running_stack["data_dir"] / "appendonlydir").is_dir()  # AOF persistence was on
+
+
+# ---------------------------------------------------------------- a stack that heals
+
+
+def test_restarts_back_off_and_give_up_after_repeated_crashes():
+    restarts = stack.Restarts()
+    delays = [restarts.exited(100.0 + i) for i in range(stack.MAX_CRASHES)]
+    assert delays == [1.0, 2.0, 4.0, 8.0, 16.0]
+    assert restarts.exited(110.0) is None  # the sixth exit within the window: give up
+    calm = stack.Restarts()
+    for i in range(10):  # one exit every 10 minutes is forgiven every time
+        assert calm.exited(i * 600.0) == 1.0
+
+
+def get_health(port: int) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+    except OSError:
+        return 0, {}
+
+
+def wait_health(port: int, want: int, timeout_s: float, log) -> float:
+    """Seconds until /health answers ``want`` (200 with a live worker, or 503)."""
+    started = time.monotonic()
+    while True:
+        status, body = get_health(port)
+        if status == want and (want != 200 or body.get("workers", 0) >= 1):
+            return time.monotonic() - started
+        assert time.monotonic() - started < timeout_s, \
+            f"/health not {want} after {timeout_s} s: {status} {body}\n{log()[-4000:]}"
+        time.sleep(0.2)
+
+
+def post(port: int, path: str, body: dict) -> dict:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}",
+                                     data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=90) as response:
+        return json.loads(response.read())
+
+
+def test_a_killed_worker_and_a_killed_valkey_come_back_and_nothing_recorded_is_lost(
+        running_stack):
+    import redis
+
+    proc, port = running_stack["proc"], running_stack["port"]
+    data_dir, log = running_stack["data_dir"], running_stack["log"]
+    assert data_dir.stat().st_mode & 0o777 == 0o700  # the AOF is for this user's eyes only
+    setup = load_fixture("setup_request.json")
+    post(port, "/setup", {"project": setup["project"], "schema": setup["schema"]})
+    created = load_fixture("webhook_annotation_created.json")
+    assert post(port, "/webhook", created)["status"] == "recorded"
+    client = redis.Redis.from_url(f"redis://127.0.0.1:{running_stack['redis_port']}/1")
+    keys = stack_keys()
+    before = {"annotations": client.hlen(keys.annotations),
+              "projects": client.hlen(keys.projects), "serving": client.get(keys.serving)}
+    assert before["annotations"] == 1 and before["projects"] == 1 and before["serving"]
+
+    worker = running_stack["state"]["children"][0]
+    assert "ml_backend.worker" in processes.command_line(worker)
+    os.kill(worker, signal.SIGKILL)
+    down_s = wait_health(port, 503, 30, log)  # its heartbeat expires: no live worker
+    up_s = wait_health(port, 200, 60, log)
+    restarted = json.loads((data_dir / stack.STATE_FILE).read_text())["children"][0]
+    assert restarted != worker and processes.pid_alive(restarted)
+    (prediction,) = post(port, "/predict",
+                         load_fixture("predict_interactive_request.json"))["results"]
+    assert prediction["result"][0]["value"]["brushlabels"] == ["wire"]
+
+    time.sleep(1.5)  # the AOF is fsynced every second
+    server = running_stack["state"]["server_pid"]
+    os.kill(server, signal.SIGKILL)
+    redis_down_s = wait_health(port, 503, 30, log)
+    redis_up_s = wait_health(port, 200, 60, log)
+    print(f"\nheal: worker killed: /health 503 after {down_s:.1f} s, UP after {up_s:.1f} s "
+          f"more; Valkey killed: 503 after {redis_down_s:.1f} s, UP after {redis_up_s:.1f} s")
+    assert proc.poll() is None
+    after = {"annotations": client.hlen(keys.annotations),
+             "projects": client.hlen(keys.projects), "serving": client.get(keys.serving)}
+    assert after == before
+    (prediction,) = post(port, "/predict",
+                         load_fixture("predict_interactive_request.json"))["results"]
+    assert prediction["result"][0]["value"]["brushlabels"] == ["wire"]
+    assert "restarting it in" in log() and "embedded Valkey restarted" in log()
+
+
+def stack_keys():
+    from ml_backend.schemas import RedisKeys
+
+    return RedisKeys()

@@ -56,6 +56,16 @@ def test_health_and_setup_answer_from_memory(client):
     assert setup.json()["model_version"] == "talk2sam-tiny-random"
 
 
+def test_health_is_down_with_its_reason_while_no_worker_is_live(fake_ls, clean_redis):
+    settings = Settings.from_env(backend_env(fake_ls, KEY_PREFIX="t2s-test-no-workers:"))
+    with TestClient(create_app(settings)) as client:
+        health = client.get("/health")
+        assert client.post("/setup", json=SETUP).status_code == 200  # still answered
+    assert health.status_code == 503 and health.json()["status"] == "DOWN"
+    assert "no inference worker is live" in health.json()["reason"]
+    assert health.json()["workers"] == 0
+
+
 def test_health_says_when_the_text_branch_is_untrained(fake_ls, clean_redis, client):
     assert "warning" not in client.get("/health").json()  # the random tiny model
     settings = Settings.from_env(backend_env(
