@@ -307,6 +307,7 @@ def _single_label(result: dict[str, Any], key: str) -> str:
 @dataclass(frozen=True)
 class _LsRegion:
     name: str
+    task_id: Any
     image_ref: str
     word: str
     brush: dict[str, Any]
@@ -381,7 +382,7 @@ class LabelStudioExportDataset:
                 word = _single_label(res, "brushlabels")
                 same = tuple(r for r in rects if _single_label(r, "rectanglelabels") == word)
                 name = f"task{task.get('id')}_ann{ann.get('id')}_{res.get('id')}"
-                regions.append(_LsRegion(name, data[key], word, res, same))
+                regions.append(_LsRegion(name, task.get("id"), data[key], word, res, same))
         return regions
 
     def __len__(self) -> int:

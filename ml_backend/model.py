@@ -57,6 +57,7 @@ from ml_backend.ls_protocol import (
 from ml_backend.queue_client import QueueClient
 from ml_backend.schemas import PredictJobResult, PredictJobSpec
 from ml_backend.settings import Settings
+from ml_backend.tokens import hand_over
 from ml_backend.training_queue import TrainingQueue, TrainRequest
 from ml_backend.versions import utc_now
 
@@ -72,6 +73,7 @@ class ProjectSetup:
     hostname: str | None
     access_token: str | None
     label_prompts: Mapping[str, str] = field(default_factory=dict)  # from extra_params
+    image_key: str | None = None  # the task data key of the image, from the label config
 
 
 class Talk2SamBackend:
@@ -149,14 +151,16 @@ class Talk2SamBackend:
                 hostname=hostname or (known.hostname if known else None),
                 access_token=access_token or (known.access_token if same_host else None),
                 label_prompts=prompts if extra_params is not None
-                else (known.label_prompts if known else {}))
+                else (known.label_prompts if known else {}),
+                image_key=_image_key(schema) or (known.image_key if known else None))
             if project:
                 self._projects[_project_id(project)] = entry
             self._last_setup = entry
         if project:  # START_TRAINING is accepted only for projects set up here (any process)
             try:
                 self.queue.redis.hset(self.queue.keys.projects, _project_id(project), json.dumps(
-                    {"hostname": entry.hostname, "label_prompts": dict(entry.label_prompts)}))
+                    {"hostname": entry.hostname, "label_prompts": dict(entry.label_prompts),
+                     "image_key": entry.image_key}))
             except RedisError as exc:
                 log.warning("project %s not recorded: %s", project, exc)
         return {"model_version": self.model_version}
@@ -343,9 +347,15 @@ class Talk2SamBackend:
 
     def _request_training(self, project: int | None, reason: str) -> dict[str, Any]:
         access = self._project_access(str(project) if project is not None else None)
+        s = self.settings
+        ref = hand_over(self.queue.redis, self.queue.keys, access.access_token,
+                        s.train_queue_ttl_s + s.train_timeout_s)
         answer = self.training.request(TrainRequest(
-            project=project, ls_url=access.hostname, ls_token=access.access_token,
-            reason=reason, requested_at=utc_now(), label_prompts=dict(access.label_prompts)))
+            project=project, ls_url=access.hostname, ls_token_ref=ref, reason=reason,
+            requested_at=utc_now(), label_prompts=dict(access.label_prompts),
+            image_key=access.image_key,
+            # with auth off a webhook may be forged: train on Label Studio's export alone
+            recorded_fallback=s.auth_enabled))
         if answer["status"] == "queued":  # the job will see every annotation made so far
             self.annotations.reset_new(project)
         return answer
@@ -378,11 +388,13 @@ class Talk2SamBackend:
         source = own if own is not None and (own.hostname or self.settings.label_studio_url) \
             else last
         hostname = self.settings.label_studio_url or (source.hostname if source else None)
+        # the settings' key never travels (each process has its own); /setup's token does
+        handed = None if self.settings.api_key_for(hostname) else (
+            source.access_token if source else None)
         return ProjectSetup(
-            hostname=hostname,
-            access_token=self.settings.api_key_for(hostname) or (
-                source.access_token if source else None),
-            label_prompts={**self.settings.label_prompts, **(own.label_prompts if own else {})})
+            hostname=hostname, access_token=handed,
+            label_prompts={**self.settings.label_prompts, **(own.label_prompts if own else {})},
+            image_key=own.image_key if own else None)
 
     def _recorded_setup(self, project: str) -> ProjectSetup | None:
         try:
@@ -394,7 +406,8 @@ class Talk2SamBackend:
             return None
         data = json.loads(raw)
         return ProjectSetup(hostname=data.get("hostname"), access_token=None,
-                            label_prompts=data.get("label_prompts") or {})
+                            label_prompts=data.get("label_prompts") or {},
+                            image_key=data.get("image_key"))
 
     def _spec(self, task: dict[str, Any], boxes: list[BoxPrompt], config: LabelConfig,
               access: ProjectSetup, request_id: str) -> PredictJobSpec:
@@ -424,15 +437,15 @@ class Talk2SamBackend:
                          find_word=text.word, find_threshold=self.settings.find_threshold,
                          find_max_regions=self.settings.find_max_regions)
 
-    @staticmethod
-    def _job(task: dict[str, Any], config: LabelConfig, access: ProjectSetup, request_id: str,
-             **prompts: Any) -> PredictJobSpec:
+    def _job(self, task: dict[str, Any], config: LabelConfig, access: ProjectSetup,
+             request_id: str, **prompts: Any) -> PredictJobSpec:
         """The job spec of one task's image, with ``prompts`` (sizes, boxes or a word)."""
         task_id = task.get("id")
         return PredictJobSpec(request_id=request_id,
                               task_id=task_id if isinstance(task_id, int) else None,
                               image_url=image_url_of(task, config), ls_url=access.hostname,
-                              ls_token=access.access_token, **prompts)
+                              ls_token_ref=hand_over(self.queue.redis, self.queue.keys,
+                                                     access.access_token), **prompts)
 
     def _task_prediction(self, answer: PredictJobResult, boxes: list[BoxPrompt],
                          config: LabelConfig) -> dict[str, Any]:
@@ -502,6 +515,17 @@ def _payload_project(data: dict[str, Any]) -> int | None:
     project = data.get("project")
     value = project.get("id") if isinstance(project, dict) else project
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _image_key(schema: str | None) -> str | None:
+    """The task data key of the image in a label config (training reads the image there), or
+    None when there is no config or it is not one this backend can serve."""
+    if not schema:
+        return None
+    try:
+        return parse_label_config(schema).image_data_key
+    except InvalidRequestError:
+        return None
 
 
 def _project_id(project: str) -> str:

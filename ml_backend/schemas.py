@@ -53,6 +53,10 @@ class RedisKeys:
         placed later (sent without their box) are paired with it."""
         return f"{self.prefix}last-boxes:{project}:{task}"
 
+    def handed_token(self, ref: str) -> str:
+        """A /setup token on its way to a worker or the trainer (``ml_backend.tokens``)."""
+        return f"{self.prefix}token:{ref}"
+
     def heartbeat(self, worker: str) -> str:
         """JSON :class:`WorkerHeartbeat` of ``worker``, expiring when it stops refreshing it."""
         return f"{self.prefix}heartbeat:{worker}"
@@ -145,7 +149,8 @@ class PredictJobSpec:
         task_id: Label Studio task id (needed to resolve cloud-storage URLs), or None.
         image_url: the task's image URL as Label Studio sent it.
         ls_url: Label Studio base URL for relative URLs, or None.
-        ls_token: Label Studio token to download with, or None (the worker's own
+        ls_token_ref: reference of the /setup token to download with (``ml_backend.tokens``:
+            the token itself never rides in a spec), or None (the worker's own
             LABEL_STUDIO_API_KEY wins when set).
         width, height: original image size in pixels that the boxes refer to.
         boxes_xyxy: N boxes, XYXY float pixels in that frame, already clipped to it; None
@@ -163,7 +168,7 @@ class PredictJobSpec:
     task_id: int | None
     image_url: str
     ls_url: str | None
-    ls_token: str | None
+    ls_token_ref: str | None
     width: int
     height: int
     boxes_xyxy: list[list[float] | None] = field(default_factory=list)

@@ -56,6 +56,8 @@ down explicitly; no other module reads ``os.environ``.
 | TRAIN_QUEUE_TTL_S | 600 | a fine-tuning job that no trainer took within this long expires (the next request queues a new one) |
 | ANNOTATION_STORE_MB | 256 | bytes of webhook annotations kept in Redis; a webhook that would outgrow it is refused (507) |
 | PROMOTE_MIN_GAIN | 0.0 | the new version serves only when its held-out mIoU minus the serving one's is above this (a tie does not promote) and it beats box-only SAM-HQ's on the same tasks |
+| PROMOTE_MIN_HELDOUT_OBJECTS | 5 | a new version is judged on at least this many held-out objects, else it is not promoted (the outcome says how many it had) |
+| PROMOTE_MIN_HELDOUT_TASKS | 3 | and those objects come from at least this many held-out tasks (the split holds out this many when the project has twice as many) |
 """
 
 from __future__ import annotations
@@ -134,6 +136,8 @@ class Settings:
     train_queue_ttl_s: int = 600
     annotation_store_mb: int = 256
     promote_min_gain: float = 0.0
+    promote_min_heldout_objects: int = 5
+    promote_min_heldout_tasks: int = 3
 
     @property
     def versions_path(self) -> str:
@@ -244,6 +248,10 @@ class Settings:
             annotation_store_mb=get("ANNOTATION_STORE_MB", _int_in(1, 1_000_000),
                                     d.annotation_store_mb),
             promote_min_gain=get("PROMOTE_MIN_GAIN", _float_in(-1.0, 1.0), d.promote_min_gain),
+            promote_min_heldout_objects=get("PROMOTE_MIN_HELDOUT_OBJECTS", _int_in(1, 1_000_000),
+                                            d.promote_min_heldout_objects),
+            promote_min_heldout_tasks=get("PROMOTE_MIN_HELDOUT_TASKS", _int_in(1, 1_000_000),
+                                          d.promote_min_heldout_tasks),
         )
         if (settings.basic_auth_user is None) != (settings.basic_auth_pass is None):
             missing = "BASIC_AUTH_PASS" if settings.basic_auth_pass is None else "BASIC_AUTH_USER"

@@ -61,6 +61,7 @@ from ml_backend.ls_protocol import word_for_label
 from ml_backend.schemas import RedisKeys
 from ml_backend import rq_process
 from ml_backend.settings import Settings
+from ml_backend.tokens import collect
 from ml_backend.training_queue import (
     TrainRequest,
     release_lock,
@@ -83,17 +84,18 @@ def is_held_out(task_id: int, percent: int) -> bool:
     return in_hashed_share(str(task_id), percent, salt="talk2sam-holdout")
 
 
-def split_tasks(tasks: Sequence[dict[str, Any]], percent: int
+def split_tasks(tasks: Sequence[dict[str, Any]], percent: int, min_held: int = 1
                 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(training, held-out) tasks. With two tasks or more both sets are non-empty: when the hash
-    holds none out (or all), the task with the smallest (largest) id moves over."""
+    holds out fewer than ``min_held`` tasks (at most half of them), the training tasks with the
+    smallest ids move over; when it holds out all, the one with the largest id moves back."""
     train = [t for t in tasks if not is_held_out(int(t["id"]), percent)]
     held = [t for t in tasks if is_held_out(int(t["id"]), percent)]
-    if len(tasks) >= 2 and not held:
-        first = min(train, key=lambda t: int(t["id"]))
-        train.remove(first)
-        held.append(first)
-    elif len(tasks) >= 2 and not train:
+    wanted = min(max(min_held, 1), len(tasks) // 2)
+    for task in sorted(train, key=lambda t: int(t["id"]))[:max(0, wanted - len(held))]:
+        train.remove(task)
+        held.append(task)
+    if len(tasks) >= 2 and not train:
         last = max(held, key=lambda t: int(t["id"]))
         held.remove(last)
         train.append(last)
@@ -201,9 +203,10 @@ class TrainingRun:
                       reason=summary.get("reason"), metrics=summary["metrics"])
         m = summary["metrics"]
         log.info("training job %s: %s %s in %.0f s: held-out mIoU %.4f (serving %s %.4f, "
-                 "box-only SAM-HQ %.4f) on %d objects%s", self.job_id[:8], summary["status"],
-                 name, time.time() - started, m["new"]["miou"], parent.name, m["old"]["miou"],
-                 m["baseline"]["miou"], m["heldout_objects"],
+                 "box-only SAM-HQ %.4f) on %d objects from %d tasks%s", self.job_id[:8],
+                 summary["status"], name, time.time() - started, m["new"]["miou"], parent.name,
+                 m["old"]["miou"], m["baseline"]["miou"], m["heldout_objects"],
+                 m["heldout_tasks"],
                  f"; {summary['reason']}" if summary.get("reason") else "")
         return summary
 
@@ -237,16 +240,29 @@ class TrainingRun:
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
         return f"talk2sam-{self.settings.model_config}-ft-{stamp}-{self.job_id[:6]}"
 
+    def _handed_token(self, req: TrainRequest) -> str | None:
+        return collect(self.redis, self.keys, req.ls_token_ref)
+
     def _tasks(self, req: TrainRequest) -> tuple[list[dict[str, Any]], str]:
+        """The project's tasks from Label Studio's export; from the recorded webhooks only when
+        the export cannot be had and the request allows it (``recorded_fallback``)."""
         s = self.settings
         ls_url = s.label_studio_url or req.ls_url
-        token = s.api_key_for(ls_url) or req.ls_token  # the key only to a trusted Label Studio
+        # the key only to a trusted Label Studio; /setup's token only to its own hostname
+        token = s.api_key_for(ls_url) or self._handed_token(req)
         why = "no Label Studio URL, token or project"
         if ls_url and token and req.project is not None:
             try:
                 return fetch_project_tasks(ls_url, token, req.project), "label-studio"
             except Exception as exc:  # noqa: BLE001 - any failure of Label Studio: fall back
                 why = f"Label Studio unreachable: {type(exc).__name__}: {str(exc)[:200]}"
+        if not req.recorded_fallback:
+            raise TrainingError(
+                f"cannot get Label Studio's export ({why}), and this request may not train on "
+                "annotations recorded from webhooks: with the backend's auth off anyone can "
+                "forge a webhook, so START_TRAINING trains on Label Studio's own export only. "
+                "Let the trainer reach Label Studio (LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY), "
+                "or turn auth on (BASIC_AUTH_USER/BASIC_AUTH_PASS or API_TOKEN)")
         records = AnnotationStore(self.redis, self.keys).all(req.project)
         log.warning("NOT training on Label Studio's export (%s): falling back to the %d "
                     "annotations recorded from webhooks, which may miss edits made while the "
@@ -260,19 +276,22 @@ class TrainingRun:
         fetcher = self._fetcher
 
         def load(url: str) -> Any:
-            data = fetcher.fetch(url, req.ls_url, req.ls_token, task_ids.get(url))
+            data = fetcher.fetch(url, req.ls_url, self._handed_token(req), task_ids.get(url))
             return np.array(decode_rgb(data, s.max_image_pixels))  # writable, for torch
 
         return load
 
-    def _items(self, tasks: list[dict[str, Any]], req: TrainRequest) -> tuple[list[dict], int]:
-        """Items of the tasks' brush regions; unusable ones are counted and left out."""
-        task_ids = {str(t.get("data", {}).get("image")): int(t["id"]) for t in tasks}
+    def _items(self, tasks: list[dict[str, Any]], req: TrainRequest
+               ) -> tuple[list[dict], int, int]:
+        """Items of the tasks' brush regions, how many were unusable (counted and left out) and
+        how many tasks the items come from."""
+        key = req.image_key or "image"  # the label config's Image value, as /setup sent it
+        task_ids = {str(t.get("data", {}).get(key)): int(t["id"]) for t in tasks}
         dataset = LabelStudioExportDataset(tasks, self._load_image(req, task_ids),
-                                           skip_malformed=True)
+                                           image_key=req.image_key, skip_malformed=True)
         for reason in dataset.left_out:  # one bad record must not fail every training job
             log.warning("left out: %s", reason)
-        items, skipped = [], len(dataset.left_out)
+        items, skipped, used_tasks = [], len(dataset.left_out), set()
         for index, region in enumerate(dataset.regions):
             try:
                 item = dataset[index]
@@ -283,7 +302,8 @@ class TrainingRun:
             item["word"] = word_for_label(region.word, {**self.settings.label_prompts,
                                                         **req.label_prompts})
             items.append(item)
-        return items, skipped
+            used_tasks.add(region.task_id)
+        return items, skipped, len(used_tasks)
 
     def _train(self, req: TrainRequest, model: Any, record: VersionRecord,
                run_dir: Any) -> dict[str, Any]:
@@ -293,14 +313,24 @@ class TrainingRun:
         tasks, source = self._tasks(req)
         tasks = [t for t in tasks if any(not a.get("was_cancelled")
                                          for a in t.get("annotations", []))]
-        train_tasks, held_tasks = split_tasks(tasks, s.train_holdout_percent)
-        train_items, skipped_train = self._items(train_tasks, req)
-        held_items, skipped_held = self._items(held_tasks, req)
+        train_tasks, held_tasks = split_tasks(tasks, s.train_holdout_percent,
+                                              s.promote_min_heldout_tasks)
+        train_items, skipped_train, _ = self._items(train_tasks, req)
+        held_items, skipped_held, judged_tasks = self._items(held_tasks, req)
         if not train_items or not held_items:
             raise TrainingError(
                 f"need brush annotations on at least two tasks (one to train on, one held out); "
                 f"found {len(train_items)} training and {len(held_items)} held-out objects "
                 f"in {len(tasks)} tasks from {source}")
+        min_objects, min_tasks = s.promote_min_heldout_objects, s.promote_min_heldout_tasks
+        if len(held_items) < min_objects or judged_tasks < min_tasks:
+            # a version judged on one object could be promoted on luck (or on forged data)
+            raise TrainingError(
+                f"too little to judge a new version on: {len(held_items)} held-out objects from "
+                f"{judged_tasks} tasks ({len(train_items)} training objects, {len(tasks)} "
+                f"annotated tasks from {source}); promotion needs at least {min_objects} "
+                f"objects from {min_tasks} tasks (PROMOTE_MIN_HELDOUT_OBJECTS, "
+                f"PROMOTE_MIN_HELDOUT_TASKS): annotate more tasks")
         self.progress(state="preparing", source=source, train_objects=len(train_items),
                       heldout_objects=len(held_items))
         device = s.device or _default_device()
@@ -331,7 +361,7 @@ class TrainingRun:
                    "gain_over_baseline_miou": new["miou"] - baseline["miou"], "source": source,
                    "train_objects": len(train_items), "heldout_objects": len(held_items),
                    "skipped_objects": skipped_train + skipped_held,
-                   "train_tasks": len(train_tasks), "heldout_tasks": len(held_tasks),
+                   "train_tasks": len(train_tasks), "heldout_tasks": judged_tasks,
                    "loss": [round(h["loss"], 5) for h in history],
                    "train_config": {"epochs": config.epochs, "lr": config.lr,
                                     "optimizer": config.optimizer,

@@ -31,7 +31,7 @@ from rq.serializers import JSONSerializer
 
 from ml_backend.errors import NoTrainerError, TrainingError
 from ml_backend.heartbeat import Heartbeat
-from ml_backend.schemas import TRAIN_JOB, RedisKeys
+from ml_backend.schemas import TRAIN_JOB, RedisKeys, known_fields
 from ml_backend.settings import Settings
 from ml_backend.versions import VersionRegistry, read_serving
 
@@ -58,25 +58,34 @@ class TrainRequest:
         project: Label Studio project id (the web side refuses requests without one; the
             ``versions.py train`` command may leave it None: all recorded annotations).
         ls_url: Label Studio URL known to the web process (from /setup), or None.
-        ls_token: token known to the web process, or None (LABEL_STUDIO_API_KEY wins).
+        ls_token_ref: where the trainer finds the token /setup handed over (``tokens``: a
+            short-lived Redis entry, never the token itself), or None (LABEL_STUDIO_API_KEY).
         reason: why it was requested (``START_TRAINING``, ``TRAIN_EVERY_N``, ``cli``).
         requested_at: UTC ISO time.
         label_prompts: label -> prompt map of the project (LABEL_PROMPTS and its extra_params).
+        image_key: the ``task["data"]`` key of the image in the project's label config, or None
+            (``image``, or the only key).
+        recorded_fallback: whether the trainer may train on the annotations recorded from
+            webhooks when Label Studio's export cannot be had. Only a caller who is vouched for
+            sets it (a web process with auth on, an operator's command): with auth off anyone
+            can forge a webhook, so training then uses Label Studio's own export alone.
     """
 
     project: int | None
     ls_url: str | None = None
-    ls_token: str | None = None
+    ls_token_ref: str | None = None
     reason: str = "START_TRAINING"
     requested_at: str = ""
     label_prompts: dict[str, str] = field(default_factory=dict)
+    image_key: str | None = None
+    recorded_fallback: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> TrainRequest:
-        return cls(**raw)
+        return cls(**known_fields(cls, raw))
 
 
 def live_trainers(redis: Redis, keys: RedisKeys) -> list[str]:

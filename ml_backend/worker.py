@@ -60,6 +60,7 @@ from ml_backend.schemas import (
     WorkerHeartbeat,
 )
 from ml_backend.settings import Settings
+from ml_backend.tokens import collect
 from ml_backend.versions import VersionRegistry
 from ml_backend.worker_model import (
     box_margin,
@@ -194,7 +195,8 @@ class WorkerRuntime:
         self.heartbeat.publish()
 
     def _load_rgb(self, spec: PredictJobSpec) -> np.ndarray:
-        data = self.fetcher.fetch(spec.image_url, spec.ls_url, spec.ls_token, spec.task_id)
+        token = collect(self.redis, self.keys, spec.ls_token_ref)
+        data = self.fetcher.fetch(spec.image_url, spec.ls_url, token, spec.task_id)
         return decode_rgb(data, self.settings.max_image_pixels)
 
     def predict(self, spec: PredictJobSpec) -> PredictJobResult:

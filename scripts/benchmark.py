@@ -234,7 +234,7 @@ def job_spec(ls_url: str, name: str, boxes: int = 1, word: str | None = "wire"):
     box = [100.0, 49.0, 280.0, 85.0]  # the captured request's box, in pixels
     return PredictJobSpec(request_id="bench", task_id=None,
                           image_url=f"/data/upload/1/{name}_400x300.png", ls_url=ls_url,
-                          ls_token=TOKEN, width=400, height=300, boxes_xyxy=[box] * boxes,
+                          ls_token_ref=None, width=400, height=300, boxes_xyxy=[box] * boxes,
                           words=None if word is None else [word] * boxes)
 
 

@@ -84,8 +84,11 @@ def error_lines(log: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackRun]:
-    """The README's main command, nothing set but where its data goes."""
-    run = start_stack(tmp_path_factory.mktemp("learning-stack"), {})
+    """The README's main command, nothing set but where its data goes and one minimum: ten
+    corrected one-wire tasks hold out three (PROMOTE_MIN_HELDOUT_TASKS, default 3), so
+    PROMOTE_MIN_HELDOUT_OBJECTS comes down from 5 to the three objects they hold."""
+    run = start_stack(tmp_path_factory.mktemp("learning-stack"),
+                      {"PROMOTE_MIN_HELDOUT_OBJECTS": "3"})
     try:
         yield run
     finally:
@@ -136,6 +139,7 @@ def test_start_training_in_label_studio_promotes_a_version_that_segments_other_t
 
     progress = json.loads(client.get(keys.train_progress))
     assert progress["result"] == "promoted" and progress["metrics"]["source"] == "label-studio"
+    assert progress["metrics"]["heldout_objects"] >= 3 and progress["metrics"]["heldout_tasks"] >= 3
     assert progress["metrics"]["new"]["miou"] > progress["metrics"]["old"]["miou"]
     metrics = httpx.get(f"{stack.url}/metrics", timeout=5).text
     assert f'talk2sam_training_last_result{{result="promoted",version="{new_version}"}} 1' \

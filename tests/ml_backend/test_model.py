@@ -4,6 +4,8 @@ behaviour is in test_queue_client.py and test_app.py)."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import redis
@@ -13,6 +15,7 @@ from ml_backend.model import Talk2SamBackend
 from ml_backend.ls_format import mask_to_rle
 from ml_backend.schemas import BoxPrediction, PredictJobResult, RedisKeys
 from ml_backend.settings import Settings
+from ml_backend.tokens import TOKEN_TTL_S, collect
 from tests.ml_backend.conftest import PREFIX, REDIS_URL, load_fixture
 
 
@@ -77,7 +80,22 @@ def test_setup_credentials_are_used_when_settings_have_none():
         "model_version": "talk2sam-tiny"}
     predict(model, "predict_interactive_request.json")
     spec = queue.specs[0][0]
-    assert (spec.ls_url, spec.ls_token) == ("http://127.0.0.1:8080", setup["access_token"])
+    assert spec.ls_url == "http://127.0.0.1:8080"
+    # the token rides beside the spec, in a short-lived entry, never inside it (nor the AOF's
+    # copy of the job)
+    assert setup["access_token"] not in json.dumps(spec.to_dict())
+    assert collect(queue.redis, queue.keys, spec.ls_token_ref) == setup["access_token"]
+    assert 0 < queue.redis.ttl(queue.keys.handed_token(spec.ls_token_ref)) <= TOKEN_TTL_S
+
+
+def test_the_settings_key_never_travels_in_a_spec():
+    model, queue = backend(LABEL_STUDIO_URL="http://127.0.0.1:8080",
+                           LABEL_STUDIO_API_KEY="settings-key-0b1c2d")
+    setup = load_fixture("setup_request.json")
+    model.setup(**{k: setup[k] for k in ("project", "schema", "hostname", "access_token")})
+    predict(model, "predict_interactive_request.json")
+    spec = queue.specs[0][0]
+    assert spec.ls_token_ref is None and "settings-key" not in json.dumps(spec.to_dict())
 
 
 def test_model_version_pinned_by_setting():

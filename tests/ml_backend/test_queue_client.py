@@ -32,7 +32,7 @@ def noop_workers(fake_ls, clean_redis, tmp_path):
 
 def spec(url: str = "/data/upload/19/img_400x300.png", **changes) -> PredictJobSpec:
     fields = {"request_id": "test", "task_id": 4, "image_url": url, "ls_url": None,
-              "ls_token": None, "width": 400, "height": 300,
+              "ls_token_ref": None, "width": 400, "height": 300,
               "boxes_xyxy": [[100.0, 49.0, 280.0, 85.0]], "words": ["wire"]}
     fields.update(changes)
     return PredictJobSpec(**fields)

@@ -31,7 +31,7 @@ def test_a_mask_crosses_redis_as_the_brush_rle_label_studio_gets(mask):
 
 def test_spec_and_result_survive_json():
     spec = PredictJobSpec(request_id="r", task_id=4, image_url="/data/upload/19/a.png",
-                          ls_url="http://ls", ls_token=None, width=400, height=300,
+                          ls_url="http://ls", ls_token_ref=None, width=400, height=300,
                           boxes_xyxy=[[1.0, 2.0, 3.0, 4.0]], words=["wire"])
     assert PredictJobSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
     result = PredictJobResult(worker="w", model_version="v", width=4, height=3, cache_hit=True,

@@ -364,7 +364,7 @@ def test_a_setup_naming_a_strangers_host_gets_no_token_without_settings(fake_ls,
                 assert "needs a Label Studio token" in answer.json()["error"]["message"]
             run = TrainingRun(Settings.from_env(env), redis.Redis.from_url(env["REDIS_URL"]),
                               "job-theft")
-            run._tasks(TrainRequest(project=7, ls_url=stranger.url, ls_token=None))
+            run._tasks(TrainRequest(project=7, ls_url=stranger.url, recorded_fallback=True))
     finally:
         legit.stop()
         stranger.server.shutdown()

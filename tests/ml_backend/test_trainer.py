@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import redis
@@ -37,13 +38,15 @@ from ml_backend.worker_model import build_predictor as build_worker_model
 from talk2sam.build import CHECKPOINT_FORMAT, build_model, save_checkpoint
 from talk2sam.data.synthetic import SyntheticThinDataset
 from talk2sam.weights import DEMO_CHECKPOINT
-from tests.ml_backend.conftest import PREFIX, REPO, WorkerPool, backend_env
+from tests.ml_backend.conftest import PREFIX, REPO, WorkerPool, backend_env, load_fixture
+from tests.ml_backend.servers import uvicorn_app
 
 PROJECT = 7
 TOKEN = "trainer-test-token"
 N_TASKS = 6
 TRAIN_WAIT_S = 180
 DEMO = "talk2sam-tiny-synthetic-demo"
+CONFIG = load_fixture("setup_request.json")["schema"]  # rectangles and brushes of wires
 
 
 def ls_results(item: dict, index: int) -> list[dict]:
@@ -131,7 +134,9 @@ def trainer_env(fake_ls, project: FakeProject, versions_dir: Path, **overrides: 
                       TRAIN_LOSS_POINTS="256", TRAIN_LR="0.003", TRAIN_OPTIMIZER="adamw",
                       TRAIN_HOLDOUT_PERCENT="34", PROMOTE_MIN_GAIN="-1", OMP_NUM_THREADS="1",
                       TQDM_DISABLE="1", MODEL_CHECKPOINT=str(DEMO_CHECKPOINT),
-                      TRAIN_MIN_STEPS="0")
+                      TRAIN_MIN_STEPS="0",
+                      # six one-object tasks: below the defaults, which tests of their own check
+                      PROMOTE_MIN_HELDOUT_OBJECTS="1", PROMOTE_MIN_HELDOUT_TASKS="1")
     env.update(overrides)
     return env
 
@@ -265,6 +270,67 @@ def test_job_promotes_a_version_that_a_running_worker_picks_up(
         workers.stop()
 
 
+def test_a_small_project_holds_out_the_minimum_number_of_tasks_at_most_half():
+    tasks = [{"id": i} for i in range(1, 11)]
+    train, held = split_tasks(tasks, 1, min_held=3)
+    assert (len(train), len(held)) == (7, 3)
+    train, held = split_tasks(tasks[:4], 1, min_held=3)
+    assert (len(train), len(held)) == (2, 2)
+
+
+def test_a_version_judged_on_too_few_held_out_objects_is_never_made(
+        fake_ls, reset_project, clean_redis, tmp_path):
+    """The defaults (5 objects from 3 tasks): six one-object tasks hold out three objects."""
+    serve_demo(clean_redis, tmp_path)
+    env = trainer_env(fake_ls, reset_project, tmp_path)
+    for name in ("PROMOTE_MIN_HELDOUT_OBJECTS", "PROMOTE_MIN_HELDOUT_TASKS"):
+        env.pop(name)
+    with pytest.raises(TrainingError, match=r"too little to judge a new version on: [34] held-out "
+                       r"objects from [34] tasks .* at least 5 objects from 3 tasks"):
+        TrainingRun(Settings.from_env(env), clean_redis, "job-small").run(
+            TrainRequest(project=PROJECT, reason="test"))
+    registry = VersionRegistry(clean_redis, RedisKeys(PREFIX), tmp_path)
+    assert registry.serving().name == DEMO
+    assert [r.status for r in registry.list()] == ["serving", "failed"]
+    assert "PROMOTE_MIN_HELDOUT_OBJECTS" in progress(clean_redis)["error"]
+
+
+def test_forged_webhooks_with_auth_off_never_train_and_never_promote(
+        fake_ls, reset_project, clean_redis, tmp_path):
+    """Auth off (the stack's default on loopback): a stranger records annotations through
+    /webhook and presses START_TRAINING. The app and the trainer are real processes; Label
+    Studio's export is down, so the job may not fall back to the forged records (it once did,
+    and promoted a version on them)."""
+    reset_project.export_status = 503
+    env = trainer_env(fake_ls, reset_project, tmp_path / "versions")
+    registry = serve_demo(clean_redis, tmp_path / "versions")
+    trainer = Trainer(env, tmp_path / "trainer.log", "trainer-forged")
+    try:
+        with uvicorn_app(env, tmp_path / "app.log") as url:
+            trainer.wait_live(clean_redis)
+            setup = {"project": str(PROJECT), "schema": CONFIG}
+            assert httpx.post(f"{url}/setup", json=setup, timeout=30).status_code == 200
+            for task in reset_project.tasks:  # the stranger's own masks, on the project's images
+                annotation = {**task["annotations"][0], "task": task["id"], "project": PROJECT}
+                forged = {"action": "ANNOTATION_CREATED", "annotation": annotation,
+                          "task": {"id": task["id"], "data": task["data"]},
+                          "project": {"id": PROJECT}}
+                assert httpx.post(f"{url}/webhook", json=forged, timeout=30).status_code == 200
+            assert len(AnnotationStore(clean_redis, RedisKeys(PREFIX)).all(PROJECT)) == N_TASKS
+            answer = httpx.post(f"{url}/webhook", timeout=30, json={
+                "action": "START_TRAINING", "project": {"id": PROJECT}})
+            assert answer.status_code == 200 and answer.json()["training"]["status"] == "queued"
+            wait_for(lambda: progress(clean_redis).get("state") in ("done", "failed"),
+                     TRAIN_WAIT_S, "the job did not end", trainer.log)
+    finally:
+        trainer.stop()
+    ended = progress(clean_redis)
+    assert ended["state"] == "failed" and "forge a webhook" in ended["error"], ended
+    assert registry.serving().name == DEMO
+    assert [r.status for r in registry.list()] == ["serving", "failed"]
+    assert reset_project.export_calls >= 1  # it asked Label Studio first
+
+
 def record_webhooks(client: redis.Redis, project: FakeProject) -> None:
     store = AnnotationStore(client, RedisKeys(PREFIX))
     for task in project.tasks:
@@ -282,7 +348,7 @@ def test_unreachable_label_studio_falls_back_to_recorded_pairs_and_a_worse_model
     settings = Settings.from_env(trainer_env(fake_ls, reset_project, tmp_path,
                                              PROMOTE_MIN_GAIN="1.0"))
     summary = TrainingRun(settings, clean_redis, "job-in-process").run(
-        TrainRequest(project=PROJECT, reason="test"))
+        TrainRequest(project=PROJECT, reason="test", recorded_fallback=True))  # vouched for
     assert summary["status"] == "rejected"
     assert summary["metrics"]["source"].startswith("recorded (Label Studio unreachable")
     assert summary["metrics"]["train_objects"] + summary["metrics"]["heldout_objects"] == N_TASKS
@@ -328,7 +394,7 @@ def test_a_failing_job_leaves_the_serving_version_and_records_why(
     del env["MODEL_CHECKPOINT"]
     with pytest.raises(TrainingError, match="need brush annotations"):
         TrainingRun(Settings.from_env(env), clean_redis, "job-no-data").run(
-            TrainRequest(project=PROJECT))
+            TrainRequest(project=PROJECT, recorded_fallback=True))
     registry = VersionRegistry(clean_redis, RedisKeys(PREFIX), tmp_path)
     failed = [r for r in registry.list() if r.status == "failed"]
     assert len(failed) == 1 and "need brush annotations" in failed[0].reason

@@ -90,7 +90,7 @@ def test_expected_errors_become_data_and_bugs_do_not():
     ((400, 300), (600, 800), [200.0, 98.0, 560.0, 170.0]),
 ])
 def test_boxes_follow_the_decoded_image_size(declared, actual, expected):
-    spec = PredictJobSpec(request_id="r", task_id=1, image_url="u", ls_url=None, ls_token=None,
+    spec = PredictJobSpec(request_id="r", task_id=1, image_url="u", ls_url=None, ls_token_ref=None,
                           width=declared[0], height=declared[1],
                           boxes_xyxy=[[100.0, 49.0, 280.0, 85.0]], words=None)
     assert _prompts_in_image_frame(spec, *actual)[0].tolist() == [expected]
