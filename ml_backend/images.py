@@ -116,14 +116,16 @@ def decode_data_uri(url: str, max_bytes: int) -> bytes:
     if not sep:
         raise InvalidRequestError("data: image URI without a ',' before its payload")
     if len(payload) // 4 * 3 > max_bytes + 3:  # before decoding (base64 padding: +3)
-        raise InvalidRequestError(f"data: image URI is larger than {max_bytes} bytes")
+        raise InvalidRequestError(f"data: image URI is larger than {max_bytes} bytes "
+                                  "(MAX_IMAGE_DOWNLOAD_MB)")
     try:
         data = base64.b64decode(payload, validate=True) if header.endswith(";base64") \
             else unquote(payload).encode("latin-1")
     except (binascii.Error, ValueError, UnicodeEncodeError) as exc:
         raise InvalidRequestError(f"data: image URI cannot be decoded: {exc}") from None
     if len(data) > max_bytes:
-        raise InvalidRequestError(f"data: image URI is larger than {max_bytes} bytes")
+        raise InvalidRequestError(f"data: image URI is larger than {max_bytes} bytes "
+                                  "(MAX_IMAGE_DOWNLOAD_MB)")
     return data
 
 
@@ -172,10 +174,17 @@ def _check_local_files_path(path: str, url: str) -> None:
         )
 
 
-def _allowed(host: str, port: int | None, allowed_hosts: tuple[str, ...] | None) -> bool:
-    """True when IMAGE_HOST_ALLOWLIST (None: no restriction, ``*``: any) admits host:port."""
-    return allowed_hosts is None or "*" in allowed_hosts or bool(host) and (
+def _named(host: str, port: int | None, allowed_hosts: tuple[str, ...] | None) -> bool:
+    """True when IMAGE_HOST_ALLOWLIST names host (or host:port) itself, or is None (no
+    restriction): such a host is fetched by its name, whatever it resolves to."""
+    return allowed_hosts is None or bool(host) and (
         host in allowed_hosts or f"{host}:{port}" in allowed_hosts)
+
+
+def _allowed(host: str, port: int | None, allowed_hosts: tuple[str, ...] | None) -> bool:
+    """True when IMAGE_HOST_ALLOWLIST admits host:port by name: it names it, or holds ``*``
+    (then every address the host resolves to must be public too, checked at download)."""
+    return _named(host, port, allowed_hosts) or "*" in (allowed_hosts or ())
 
 
 def _is_presign_route(url: str, ls_url: str) -> bool:
@@ -320,6 +329,7 @@ class ImageFetcher:
                                memory_cache_bytes=settings.image_download_cache_mb * 2**20,
                                disk_cache_dir=settings.image_download_dir,
                                max_pixels=settings.max_image_pixels,
+                               max_bytes=settings.max_image_download_mb * 2**20,
                                allowed_hosts=settings.image_host_allowlist),
                    default_ls_url=settings.label_studio_url,
                    default_token=settings.label_studio_api_key,
@@ -365,7 +375,7 @@ class ImageFetcher:
         """GET ``url``, following redirects by hand: every hop is checked like the first URL
         and only requests to Label Studio's own origin carry the token. Errors name the URL
         asked for, never a redirect's target (a presigned URL carries its signature)."""
-        asked = url
+        asked, presigned = url, False
         for _ in range(MAX_REDIRECTS + 1):
             auth = None
             if ls_url and url_origin(url) == url_origin(ls_url):
@@ -375,7 +385,11 @@ class ImageFetcher:
                         "(or let Label Studio call /setup first)"
                     )
                 auth = self._auth(ls_url, token)
-            status, body, location = self._get(url, auth.header() if auth else {}, asked)
+                address = None
+            else:
+                address = self._address(url, asked, presigned)
+            status, body, location = self._get(url, auth.header() if auth else {}, asked,
+                                               address)
             if status == 401 and auth is not None:
                 status, body, location = self._get(url, auth.header(force_refresh=True), asked)
             if location is None:
@@ -383,10 +397,10 @@ class ImageFetcher:
             target = urljoin(url, location)
             if not target.startswith(("http://", "https://")):
                 raise InvalidRequestError(f"{asked} redirects to an unsupported URL scheme")
-            if auth is not None and target.startswith("https://") and \
-                    _is_presign_route(url, ls_url):  # names the cloud storage's own host
-                self._check_presign_target(target, asked)
-            else:
+            # Label Studio's presign route names the cloud storage's own host
+            presigned = auth is not None and target.startswith("https://") and \
+                _is_presign_route(url, ls_url)
+            if not presigned:
                 check_image_url(target, target, ls_url, self._config.allowed_hosts)
             url = target
         else:
@@ -397,32 +411,51 @@ class ImageFetcher:
             raise ImageFetchError(f"downloading {asked} gave HTTP {status}{hint}")
         return body
 
-    def _check_presign_target(self, target: str, asked: str) -> None:
-        """A presign redirect may lead to any host whose every address is public (the cloud
-        storage's); a loopback, private or link-local one only when IMAGE_HOST_ALLOWLIST names
-        it (a storage of one's own). Errors name the host, never the signed URL."""
-        host, port = url_origin(target)[1:]
-        if _allowed(host, port, self._config.allowed_hosts):
-            return
+    def _address(self, url: str, asked: str, presigned: bool) -> str | None:
+        """Where to connect for a hop away from Label Studio: None, by name, for a host that
+        IMAGE_HOST_ALLOWLIST names; else (``*``, or a presign redirect to the cloud storage) the
+        host must resolve to public addresses only, and the first one is used, so that a second
+        lookup cannot lead elsewhere (DNS rebinding). Errors name the host, never the URL (a
+        presigned one carries its signature).
+
+        Raises:
+            InvalidRequestError: an address that is not public (loopback, private, link-local,
+                reserved): the host must be named in IMAGE_HOST_ALLOWLIST to be fetched.
+            ImageFetchError: the host does not resolve.
+        """
+        host, port = url_origin(url)[1:]
+        if _named(host, port, self._config.allowed_hosts):
+            return None
+        what = "Label Studio's presign redirect names" if presigned else "the image host"
         try:
             addresses = self._resolve(host, port)
         except OSError as exc:
-            raise ImageFetchError(f"{asked}: Label Studio's presign redirect names {host}, "
-                                  f"which does not resolve: {exc}") from None
+            raise ImageFetchError(f"{asked}: {what} {host}, which does not resolve: "
+                                  f"{exc}") from None
         for address in addresses:
             ip = ipaddress.ip_address(address.split("%")[0])  # an IPv6 zone index is no part
             if not ip.is_global:
                 raise InvalidRequestError(
-                    f"{asked}: Label Studio's presign redirect names {host} ({ip}), which is not "
-                    "a public address; add the host to IMAGE_HOST_ALLOWLIST if that storage "
-                    "is yours")
+                    f"{asked}: {what} {host} ({ip}), which is not a public address; add the host "
+                    "to IMAGE_HOST_ALLOWLIST if it is yours")
+        if not addresses:
+            raise ImageFetchError(f"{asked}: {what} {host}, which has no address")
+        return addresses[0]
 
-    def _get(self, url: str, headers: dict[str, str], asked: str
+    def _get(self, url: str, headers: dict[str, str], asked: str, address: str | None = None
              ) -> tuple[int, bytes, str | None]:
         """(status, body, redirect location or None) of one GET, refusing bodies over
         ``max_bytes`` while they stream; errors name ``asked``."""
+        extensions = {}
+        if address is not None:  # connect to the address checked; Host and TLS keep the name
+            parsed = httpx.URL(url)
+            headers = {**headers, "Host": parsed.netloc.decode("ascii")}
+            if parsed.scheme == "https":
+                extensions["sni_hostname"] = parsed.host
+            url = str(parsed.copy_with(host=address.split("%")[0]))
         try:
-            with self._client.stream("GET", url, headers=headers) as response:
+            with self._client.stream("GET", url, headers=headers,
+                                     extensions=extensions) as response:
                 if response.is_redirect:
                     return response.status_code, b"", response.headers.get("location")
                 chunks, size = [], 0
@@ -430,7 +463,8 @@ class ImageFetcher:
                     size += len(chunk)
                     if size > self._config.max_bytes:
                         raise ImageFetchError(
-                            f"{asked} is larger than {self._config.max_bytes} bytes")
+                            f"{asked} is larger than {self._config.max_bytes} bytes "
+                            "(MAX_IMAGE_DOWNLOAD_MB)")
                     chunks.append(chunk)
                 return response.status_code, b"".join(chunks), None
         except httpx.HTTPError as exc:

@@ -216,6 +216,11 @@ def test_a_presign_redirect_to_a_non_public_address_is_refused_unless_allowed(ta
     with pytest.raises(InvalidRequestError, match="IMAGE_HOST_ALLOWLIST") as refused:
         f.fetch("s3://bucket/k.png", None, None, task_id=7)
     assert "sig=" not in str(refused.value) and seen == ["ls.example"]
+    star = ImageFetcher(FetchConfig(allowed_hosts=("*",)), default_ls_url=LS,
+                        default_token="legacy", transport=httpx.MockTransport(answer),
+                        resolve=resolve)
+    with pytest.raises(InvalidRequestError, match="not a public address"):  # `*` is no bypass
+        star.fetch("s3://bucket/k.png", None, None, task_id=7)
     mine = ImageFetcher(FetchConfig(allowed_hosts=(host.lower(),)), default_ls_url=LS,
                         default_token="legacy", transport=httpx.MockTransport(answer),
                         resolve=resolve)

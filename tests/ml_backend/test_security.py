@@ -43,14 +43,20 @@ def with_image(url: str) -> dict:
 # ------------------------------------------------------------------ SSRF, unit level
 
 
-def fetcher(calls: list[str], allowed: tuple[str, ...] | None, ls_url: str = "http://ls:8080"
-            ) -> ImageFetcher:
+def public_dns(host: str, port: int) -> list[str]:
+    """No DNS here: every name resolves to one public address."""
+    return ["93.184.215.14"]
+
+
+def fetcher(calls: list[str], allowed: tuple[str, ...] | None, ls_url: str = "http://ls:8080",
+            resolve=public_dns) -> ImageFetcher:
     def answer(request: httpx.Request) -> httpx.Response:
         calls.append(str(request.url))
         return httpx.Response(200, content=b"bytes")
 
     return ImageFetcher(FetchConfig(allowed_hosts=allowed), default_ls_url=ls_url,
-                        default_token="t", transport=httpx.MockTransport(answer))
+                        default_token="t", transport=httpx.MockTransport(answer),
+                        resolve=resolve)
 
 
 @pytest.mark.parametrize("url", [
@@ -80,6 +86,39 @@ def test_label_studio_and_allowed_hosts_are_fetched(url, allowed):
     calls: list[str] = []
     assert fetcher(calls, allowed).fetch(url, None, None) == b"bytes"
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize(("url", "dns"), [
+    ("http://internal.example/a.png", ["10.0.0.7"]),           # an internal name
+    ("http://rebind.example/a.png", ["93.184.215.14", "127.0.0.1"]),  # one public, one not
+    ("http://127.0.0.1:6379/", None),                           # IP literals, as they are
+    ("http://[::ffff:169.254.169.254]/latest/meta-data/", None),
+    ("http://2130706433/", None),                               # 127.0.0.1 in decimal
+])
+def test_a_star_allows_public_addresses_only_checked_on_what_the_name_resolves_to(url, dns):
+    """`IMAGE_HOST_ALLOWLIST=*` once turned every check off."""
+    calls: list[str] = []
+    resolve = (lambda host, port: dns) if dns else lambda host, port: [
+        info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)]
+    with pytest.raises(InvalidRequestError, match="not a public address.*IMAGE_HOST_ALLOWLIST"):
+        fetcher(calls, ("*",), resolve=resolve).fetch(url, None, None)
+    assert calls == []
+
+
+def test_the_address_checked_is_the_one_connected_to():
+    """A name that answers a public address to the check and a private one to a second lookup
+    (DNS rebinding) is fetched from the address checked, with its own Host header."""
+    answers = iter([["93.184.215.14"], ["127.0.0.1"]])
+    seen: list[tuple[str, str]] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append((str(request.url), request.headers["host"]))
+        return httpx.Response(200, content=b"bytes")
+
+    f = ImageFetcher(FetchConfig(allowed_hosts=("*",)), transport=httpx.MockTransport(answer),
+                     resolve=lambda host, port: next(answers))
+    assert f.fetch("http://rebind.example:8000/a.png", None, None) == b"bytes"
+    assert seen == [("http://93.184.215.14:8000/a.png", "rebind.example:8000")]
 
 
 @pytest.mark.parametrize("url", [
