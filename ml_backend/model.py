@@ -55,7 +55,7 @@ from ml_backend.ls_protocol import (
     word_for_label,
 )
 from ml_backend.queue_client import QueueClient
-from ml_backend.schemas import PredictJobResult, PredictJobSpec
+from ml_backend.schemas import PredictJobResult, PredictJobSpec, pixel_prompts_refusal
 from ml_backend.settings import Settings
 from ml_backend.tokens import hand_over
 from ml_backend.training_queue import TrainingQueue, TrainRequest
@@ -417,6 +417,10 @@ class Talk2SamBackend:
                 f"task {task.get('id')}: rectangles disagree on original_width/height {sorted(sizes)}"
             )
         width, height = sizes.pop() if sizes else (0, 0)
+        # refused here on the size Label Studio declares; the worker checks the real one
+        if refusal := pixel_prompts_refusal(len(boxes), width, height,
+                                            self.settings.max_pixel_prompts):
+            raise InvalidRequestError(f"task {task.get('id')}: {refusal}")
         return self._job(
             task, config, access, request_id,
             width=width,

@@ -280,6 +280,16 @@ class WorkerHeartbeat:
         return cls(**known_fields(cls, data))
 
 
+def pixel_prompts_refusal(prompts: int, width: int, height: int, limit: int) -> str | None:
+    """Why a request is too large for a worker's memory, which grows with image pixels x
+    prompts (one full-size mask each), or None when it is within MAX_PIXEL_PROMPTS."""
+    if prompts * width * height <= limit:
+        return None
+    return (f"{prompts} prompts on a {width}x{height} image are {prompts * width * height} "
+            f"pixel-prompts, over MAX_PIXEL_PROMPTS={limit}: an image this size takes at most "
+            f"{limit // (width * height)} prompts per request")
+
+
 def known_fields(cls: type, data: dict[str, Any]) -> dict[str, Any]:
     """``data`` without the keys ``cls`` has no field for: a process of the previous release
     (a worker still finishing its job during an upgrade) may send a field since removed."""

@@ -36,6 +36,8 @@ down explicitly; no other module reads ``os.environ``.
 | IMAGE_DOWNLOAD_DIR | unset | when set, downloaded images are also cached on disk there |
 | IMAGE_FETCH_TIMEOUT_S | 20 | timeout of one image download |
 | MAX_IMAGE_PIXELS | 100000000 | larger images are refused (decompression-bomb guard) |
+| MAX_IMAGE_DOWNLOAD_MB | 512 | an image download (or ``data:`` URI) larger than this is refused while it streams |
+| MAX_PIXEL_PROMPTS | 1073741824 | image pixels x prompts of one request at most (a worker's memory grows with both): 256 prompts on a 4 MP image, 89 on a 12 MP (4000x3000) photo; more is refused (400 naming it) |
 | WORKER_HEARTBEAT_TTL_S | 5 | a worker that has not refreshed its heartbeat for this long counts as dead |
 | STICKY_WAIT_S | 2.0 | how long a job routed to the worker holding its image may wait before it moves to the shared queue |
 | FIND_THRESHOLD | 0.5 | text alone (no box): share of the word's similarity map range a patch must reach to start a region (lower finds more) |
@@ -116,6 +118,8 @@ class Settings:
     image_download_dir: str | None = None
     image_fetch_timeout_s: float = 20.0
     max_image_pixels: int = 100_000_000
+    max_image_download_mb: int = 512
+    max_pixel_prompts: int = 1 << 30
     worker_heartbeat_ttl_s: int = 5
     sticky_wait_s: float = 2.0
     warm_on_open: bool = True
@@ -222,6 +226,9 @@ class Settings:
             image_fetch_timeout_s=get("IMAGE_FETCH_TIMEOUT_S", _float_in(0.1, 600.0),
                                       d.image_fetch_timeout_s),
             max_image_pixels=get("MAX_IMAGE_PIXELS", _int_in(1, 10**10), d.max_image_pixels),
+            max_image_download_mb=get("MAX_IMAGE_DOWNLOAD_MB", _int_in(1, 1 << 20),
+                                      d.max_image_download_mb),
+            max_pixel_prompts=get("MAX_PIXEL_PROMPTS", _int_in(1, 1 << 50), d.max_pixel_prompts),
             worker_heartbeat_ttl_s=get("WORKER_HEARTBEAT_TTL_S", _int_in(2, 600),
                                        d.worker_heartbeat_ttl_s),
             sticky_wait_s=get("STICKY_WAIT_S", _float_in(0.0, 60.0), d.sticky_wait_s),

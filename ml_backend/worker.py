@@ -58,6 +58,7 @@ from ml_backend.schemas import (
     PredictJobSpec,
     RedisKeys,
     WorkerHeartbeat,
+    pixel_prompts_refusal,
 )
 from ml_backend.settings import Settings
 from ml_backend.tokens import collect
@@ -74,6 +75,7 @@ from ml_backend.worker_model import (
 log = logging.getLogger(__name__)
 
 VERSION_CHECK_S = 2
+MASK_CHUNK_PIXELS = 1 << 24  # full-size mask pixels a worker makes and encodes at once
 LATENCY_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 90.0)
 
 
@@ -206,19 +208,18 @@ class WorkerRuntime:
         try:
             hit = self.model.set_image(lambda: self._load_rgb(spec), key=spec.image_key)
             height, width = self.model.features.height, self.model.features.width
+            limit = self.settings.max_pixel_prompts
             if spec.find_word is not None:
+                if refusal := pixel_prompts_refusal(spec.find_max_regions, width, height, limit):
+                    raise InvalidRequestError(f"text alone finds up to {refusal}")
                 output = self.model.find(spec.find_word, spec.find_threshold,
                                          spec.find_max_regions,
                                          max(0.0, self.settings.mask_box_margin_px))
                 as_polygons = [bool(spec.polygons and spec.polygons[0])] * len(output.masks)
+                predictions = [_box_prediction(output, i, polygon)
+                               for i, polygon in enumerate(as_polygons)]
             else:
-                boxes, clicks = _prompts_in_image_frame(spec, height, width)
-                output = self.model.predict(boxes, None if spec.words is None
-                                            else list(spec.words),
-                                            box_margin_px=box_margin(self.settings), clicks=clicks)
-                as_polygons = spec.polygons or [False] * len(output.masks)
-            predictions = [_box_prediction(output, i, polygon)
-                           for i, polygon in enumerate(as_polygons)]
+                predictions = self._predict_in_chunks(spec, height, width)
             result = PredictJobResult(worker=self.name, model_version=self.model.model_version,
                                       width=width, height=height, cache_hit=hit,
                                       predictions=predictions)
@@ -235,6 +236,29 @@ class WorkerRuntime:
         self.metrics.record(job="predict", ok=result.error is None, hit=hit,
                             boxes=len(spec.boxes_xyxy), latency_s=elapsed)
         return result
+
+    def _predict_in_chunks(self, spec: PredictJobSpec, height: int, width: int
+                           ) -> list[BoxPrediction]:
+        """The spec's prompts, a few at a time: each chunk's full-size masks are encoded and
+        dropped before the next is made, so a worker's peak memory does not grow with the
+        prompt count (MASK_CHUNK_PIXELS mask pixels at once)."""
+        boxes, clicks = _prompts_in_image_frame(spec, height, width)
+        if refusal := pixel_prompts_refusal(len(boxes), width, height,
+                                            self.settings.max_pixel_prompts):
+            raise InvalidRequestError(refusal)
+        as_polygons = spec.polygons or [False] * len(boxes)
+        rows = max(1, MASK_CHUNK_PIXELS // (height * width))
+        predictions = []
+        for start in range(0, len(boxes), rows):
+            part = slice(start, start + rows)
+            output = self.model.predict(
+                boxes[part], None if spec.words is None else list(spec.words[part]),
+                box_margin_px=box_margin(self.settings),
+                clicks=None if clicks is None else clicks[part])
+            predictions += [_box_prediction(output, i, polygon)
+                            for i, polygon in enumerate(as_polygons[part])]
+            del output  # its masks: the chunk's whole share of memory
+        return predictions
 
     def warm(self, spec: PredictJobSpec) -> dict[str, Any]:
         """Cache an image's features without predicting."""

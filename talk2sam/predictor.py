@@ -20,6 +20,7 @@ from talk2sam.model import DecoderOutput, ImageFeatures, Talk2Sam
 from talk2sam.prediction import Prediction
 
 MAX_PIXELS_DEFAULT = 100_000_000
+UPSCALE_CHUNK_PIXELS = 1 << 24  # mask pixels upscaled at once (16 M: 128 MiB of float32 logits)
 
 
 def normalize_image(image: np.ndarray, max_pixels: int = MAX_PIXELS_DEFAULT) -> np.ndarray:
@@ -202,12 +203,16 @@ class Talk2SamPredictor:
             if not self.model.uses_text:
                 words = None  # box-only model: the word cannot steer it
         out = self._decode(feats, boxes, boxed, words, points)
-        logits = self.model.upscale(out.low_res_logits, feats)
+        # upscaled a few rows at a time: N full-size float masks at once would need
+        # N x H x W x 8 bytes (1 MP x 256 boxes: 2 GiB), the bool masks kept need an eighth
+        rows = max(1, UPSCALE_CHUNK_PIXELS // (feats.height * feats.width))
+        masks = np.concatenate([
+            (self.model.upscale(out.low_res_logits[i:i + rows], feats) > 0).cpu().numpy()
+            for i in range(0, len(boxes), rows)])
 
         def numpy(t: torch.Tensor | None) -> np.ndarray | None:
             return None if t is None else t.float().cpu().numpy()
 
-        masks = (logits > 0).cpu().numpy()
         if box_margin_px is not None and boxed.any():
             masks[boxed] &= geometry.box_masks(boxes[boxed], feats.height, feats.width,
                                                box_margin_px)

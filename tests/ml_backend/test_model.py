@@ -174,3 +174,11 @@ def test_a_projects_prompts_reach_another_web_process_and_no_other_project():
     second.predict(body["tasks"], body["params"]["context"], label_config=body["label_config"],
                    project="41.1")  # never set up anywhere
     assert queue.specs[-1][0].words == ["wire"]
+
+
+def test_a_request_over_the_pixel_prompt_budget_is_refused_before_it_is_queued():
+    model, queue = backend(MAX_PIXEL_PROMPTS=str(400 * 300 - 1))  # the fixture: one 400x300 box
+    with pytest.raises(InvalidRequestError, match=r"over MAX_PIXEL_PROMPTS=119999: an image "
+                                                  r"this size takes at most 0 prompts"):
+        predict(model, "predict_interactive_request.json")
+    assert queue.specs == []

@@ -106,3 +106,75 @@ def test_random_model_builds_the_configured_architecture_without_files(tmp_path)
         "ENCODER_DTYPE": "float32"}))
     assert model.model_version.endswith("-random")
     assert model.encoder_dtype is torch.float32 and model.cache is not None
+
+
+# ---------------------------------------------------------------- memory: chunks and the budget
+
+
+def png_data_uri(width: int, height: int) -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    image = np.full((height, width, 3), 200, np.uint8)
+    for row in rng.integers(0, height, 4):
+        image[row:row + 3] = 30  # dark wires
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.fixture
+def demo_runtime():
+    import redis
+
+    from ml_backend.settings import Settings
+    from ml_backend.worker import WorkerRuntime
+    from ml_backend.worker_model import build_predictor
+    from talk2sam.weights import DEMO_CHECKPOINT
+    from tests.ml_backend.conftest import PREFIX, REDIS_URL
+
+    def make(**env: str) -> WorkerRuntime:
+        settings = Settings.from_env({"MODEL_CONFIG": "tiny", "KEY_PREFIX": PREFIX,
+                                      "MODEL_CHECKPOINT": str(DEMO_CHECKPOINT),
+                                      "REDIS_URL": REDIS_URL, **env})
+        return WorkerRuntime(settings, build_predictor(settings), "memory-test",
+                             redis.Redis.from_url(REDIS_URL))
+    return make
+
+
+def wire_spec(width: int = 200, height: int = 150, prompts: int = 6) -> PredictJobSpec:
+    boxes = [[10.0 + 5 * i, 10.0 + 3 * i, 120.0 + 10 * i, 90.0 + 5 * i] for i in range(prompts)]
+    return PredictJobSpec(request_id="r", task_id=None, image_url=png_data_uri(width, height),
+                          ls_url=None, ls_token_ref=None, width=width, height=height,
+                          boxes_xyxy=boxes, words=["wire"] * prompts)
+
+
+def test_masks_made_and_encoded_a_few_prompts_at_a_time_are_the_ones_made_at_once(
+        demo_runtime, monkeypatch):
+    from ml_backend import worker
+    from talk2sam import predictor
+
+    runtime = demo_runtime()
+    at_once = runtime.predict(wire_spec())
+    monkeypatch.setattr(worker, "MASK_CHUNK_PIXELS", 2 * 200 * 150)  # two prompts a chunk
+    monkeypatch.setattr(predictor, "UPSCALE_CHUNK_PIXELS", 1)  # and one upscaled at a time
+    runtime.model.reset_image()
+    chunked = runtime.predict(wire_spec())
+    assert at_once.error is None and chunked.error is None
+    assert len(chunked.predictions) == 6
+    assert [p.rle for p in chunked.predictions] == [p.rle for p in at_once.predictions]
+    assert sum(len(p.rle) > 5 for p in at_once.predictions) >= 3  # masks, not empty ones
+    assert np.allclose([p.score for p in chunked.predictions],
+                       [p.score for p in at_once.predictions], atol=1e-5)
+
+
+def test_more_pixels_x_prompts_than_the_budget_is_refused_naming_it(demo_runtime):
+    runtime = demo_runtime(MAX_PIXEL_PROMPTS=str(200 * 150 * 5))
+    refused = runtime.predict(wire_spec(prompts=6))
+    assert refused.error is not None and refused.error.type == "InvalidRequestError"
+    assert "MAX_PIXEL_PROMPTS=150000" in refused.error.message
+    assert "at most 5 prompts" in refused.error.message
+    assert runtime.predict(wire_spec(prompts=5)).error is None
