@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import re
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -63,6 +64,9 @@ from ml_backend.versions import utc_now
 
 log = logging.getLogger(__name__)
 LAST_BOX_TTL_S = 3600  # how long a click placed after its box is paired with that box
+MAX_PROJECTS = 10_000  # projects /setup records (each a Redis hash field)
+MAX_HOSTNAME_CHARS = 2048  # a /setup hostname is a URL: longer ones are refused
+MAX_BATCH_TASKS = 1000  # tasks of one Retrieve predictions answered; the rest are asked again
 
 
 @dataclass(frozen=True)
@@ -135,12 +139,20 @@ class Talk2SamBackend:
                 not a trusted Label Studio.
         """
         prompts = project_label_prompts(extra_params)
+        if hostname and len(hostname) > MAX_HOSTNAME_CHARS:
+            raise InvalidRequestError(f"/setup hostname is {len(hostname)} characters long; a "
+                                      f"Label Studio URL of at most {MAX_HOSTNAME_CHARS} is read")
+        if project and not _PROJECT.fullmatch(str(project)):
+            raise InvalidRequestError("/setup project must be Label Studio's project id "
+                                      "(digits, optionally '.' and digits)")
         hostname = (hostname or "").rstrip("/") or None
         if hostname and self.settings.trusted_label_studios and not self.settings.trusts(hostname):
             raise InvalidRequestError(
                 f"/setup names Label Studio at {hostname[:200]!r}, which is neither "
                 "LABEL_STUDIO_URL nor in LABEL_STUDIO_ORIGINS: add its origin there to connect "
                 "it (tokens go to those only)")
+        if project:
+            self._check_project_room(_project_id(project))
         with self._lock:
             # a call without hostname or token (a health probe, a script) keeps what is known
             # of the same project (of the last one, for a call that names none); a token that
@@ -158,12 +170,36 @@ class Talk2SamBackend:
             self._last_setup = entry
         if project:  # START_TRAINING is accepted only for projects set up here (any process)
             try:
-                self.queue.redis.hset(self.queue.keys.projects, _project_id(project), json.dumps(
-                    {"hostname": entry.hostname, "label_prompts": dict(entry.label_prompts),
-                     "image_key": entry.image_key}))
+                self._record_project(_project_id(project), entry)
             except RedisError as exc:
                 log.warning("project %s not recorded: %s", project, exc)
         return {"model_version": self.model_version}
+
+    def _check_project_room(self, project: str) -> None:
+        """A new project beyond MAX_PROJECTS is refused: /setup needs no auth when auth is
+        off, and every project stays in memory and in Redis.
+
+        Raises:
+            InvalidRequestError: naming the cap.
+        """
+        with self._lock:
+            if project in self._projects or len(self._projects) < MAX_PROJECTS:
+                known_here = project in self._projects
+            else:
+                raise InvalidRequestError(f"this backend holds {MAX_PROJECTS} projects already "
+                                          f"(MAX_PROJECTS); project {project} is refused")
+        try:
+            recorded = known_here or self.queue.redis.hexists(self.queue.keys.projects, project)
+            if not recorded and self.queue.redis.hlen(self.queue.keys.projects) >= MAX_PROJECTS:
+                raise InvalidRequestError(f"this backend holds {MAX_PROJECTS} projects already "
+                                          f"(MAX_PROJECTS); project {project} is refused")
+        except RedisError as exc:  # the cap in memory still holds
+            log.warning("projects not counted in Redis: %s", exc)
+
+    def _record_project(self, project: str, entry: ProjectSetup) -> None:
+        self.queue.redis.hset(self.queue.keys.projects, project, json.dumps(
+            {"hostname": entry.hostname, "label_prompts": dict(entry.label_prompts),
+             "image_key": entry.image_key}))
 
     def predict(self, tasks: list[dict[str, Any]], context: dict[str, Any] | None = None, *,
                 label_config: str, project: str | None = None, request_id: str = "-",
@@ -259,16 +295,21 @@ class Talk2SamBackend:
     def _batch(self, tasks: list[dict[str, Any]], config: LabelConfig, access: ProjectSetup,
                request_id: str) -> list[dict[str, Any] | list[Any]]:
         slots: list[dict[str, Any] | list[Any]] = [[] for _ in tasks]
+        if len(tasks) > MAX_BATCH_TASKS:  # an empty slot: Label Studio asks again next time
+            log.warning("request %s: %d tasks, %d answered (MAX_BATCH_TASKS); Retrieve "
+                        "predictions again for the other %d", request_id, len(tasks),
+                        MAX_BATCH_TASKS, len(tasks) - MAX_BATCH_TASKS)
+        skipped = SkippedTasks(request_id, self.on_skipped)
         # each job answers boxes, or a text-alone prompt (a task with no box but a word)
         jobs: list[tuple[int, list[BoxPrompt] | TextAlonePrompt, PredictJobSpec]] = []
-        for index, task in enumerate(tasks):
+        for index, task in enumerate(tasks[:MAX_BATCH_TASKS]):
             try:
                 boxes = task_boxes(task, config)
                 spec = self._spec(task, boxes, config, access, request_id)
                 text = None if boxes else task_text_alone_prompt(task, config,
                                                                  access.label_prompts)
             except BackendError as exc:
-                self._skipped(task, exc, request_id)
+                skipped.add(task, exc)
                 continue
             if boxes:
                 jobs.append((index, boxes, spec))
@@ -287,14 +328,9 @@ class Talk2SamBackend:
                     if isinstance(prompts, TextAlonePrompt) \
                     else self._task_prediction(outcome, prompts, config)
             except BackendError as exc:
-                self._skipped(tasks[index], exc, request_id)
+                skipped.add(tasks[index], exc)
+        skipped.log(len(tasks))
         return slots
-
-    def _skipped(self, task: dict[str, Any], exc: BackendError, request_id: str) -> None:
-        """A batch task left without a prediction: say why (it is asked for again later)."""
-        self.on_skipped(type(exc).__name__)
-        log.warning("request %s: task %s gets no prediction: %s: %s", request_id,
-                    task.get("id"), type(exc).__name__, exc)
 
     def fit(self, event: str, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
         """Webhook events (label-studio-ml's ``fit``): record corrections, start training.
@@ -519,6 +555,39 @@ def _payload_project(data: dict[str, Any]) -> int | None:
     project = data.get("project")
     value = project.get("id") if isinstance(project, dict) else project
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+class SkippedTasks:
+    """The batch tasks left without a prediction (asked for again later), logged in one line
+    per request, by error type with a few task ids and the first reason: a batch of 100,000
+    bad tasks once wrote 100,000 lines."""
+
+    SHOWN_IDS = 5
+
+    def __init__(self, request_id: str, count: Callable[[str], None]):
+        self.request_id = request_id
+        self._count = count  # /metrics, per task and type
+        self._by_type: dict[str, tuple[list[Any], str, int]] = {}
+
+    def add(self, task: dict[str, Any], exc: BackendError) -> None:
+        kind = type(exc).__name__
+        self._count(kind)
+        ids, reason, n = self._by_type.get(kind, ([], str(exc)[:300], 0))
+        if len(ids) < self.SHOWN_IDS:
+            ids.append(task.get("id"))
+        self._by_type[kind] = (ids, reason, n + 1)
+
+    def log(self, tasks: int) -> None:
+        if not self._by_type:
+            return
+        total = sum(n for _, _, n in self._by_type.values())
+        parts = [f"{kind} x{n} (tasks {', '.join(map(str, ids))}{', ...' if n > len(ids) else ''}"
+                 f": {reason})" for kind, (ids, reason, n) in self._by_type.items()]
+        log.warning("request %s: %d of %d tasks get no prediction: %s", self.request_id, total,
+                    tasks, "; ".join(parts))
+
+
+_PROJECT = re.compile(r"\d{1,18}(?:\.\d{1,18})?")
 
 
 def _image_key(schema: str | None) -> str | None:

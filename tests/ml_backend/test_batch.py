@@ -71,10 +71,11 @@ def test_a_failing_task_gets_no_prediction_and_the_others_do(one_worker, caplog)
     assert [isinstance(r, dict) for r in results] == [True, False, False, False, False, True]
     assert results[1] == results[2] == results[3] == results[4] == []
     assert len(results[0]["result"]) == len(results[5]["result"]) == 1
-    reasons = " ".join(r.getMessage() for r in caplog.records if "no prediction" in r.getMessage())
+    [reasons] = [r.getMessage() for r in caplog.records if "no prediction" in r.getMessage()]
+    assert "3 of 6 tasks get no prediction" in reasons  # one line for the batch
     for task_id, error in ((1001, "ImageFetchError"), (1002, "InvalidImageError"),
                            (1004, "InvalidRequestError")):
-        assert f"task {task_id} gets no prediction: {error}" in reasons
+        assert f"{error} x1 (tasks {task_id}: " in reasons
     assert "task 1003" not in reasons  # no box is not a failure
     assert 'talk2sam_batch_tasks_skipped_total{reason="ImageFetchError"} 1' in metrics
 

@@ -182,3 +182,65 @@ def test_a_request_over_the_pixel_prompt_budget_is_refused_before_it_is_queued()
                                                   r"this size takes at most 0 prompts"):
         predict(model, "predict_interactive_request.json")
     assert queue.specs == []
+
+
+# ---------------------------------------------------------------- caps on what a stranger may send
+
+
+def test_setup_refuses_an_overlong_hostname_and_a_project_that_is_no_id():
+    model, _ = backend()
+    with pytest.raises(InvalidRequestError, match="at most 2048"):
+        model.setup(project="7", hostname="http://" + "a" * 5 * 2**20)
+    with pytest.raises(InvalidRequestError, match="project id"):
+        model.setup(project="x" * 1000)
+    assert model.setup(project="19.1795635706") == {"model_version": "talk2sam-tiny"}
+
+
+def test_projects_beyond_the_cap_are_refused_and_known_ones_still_set_up(clean_redis,
+                                                                         monkeypatch):
+    from ml_backend import model as model_module
+
+    monkeypatch.setattr(model_module, "MAX_PROJECTS", 3)
+    model, queue = backend()
+    for project in ("1", "2", "3"):
+        model.setup(project=project)
+    with pytest.raises(InvalidRequestError, match=r"3 projects already \(MAX_PROJECTS\)"):
+        model.setup(project="4")
+    model.setup(project="2.17")  # a project it knows: still fine
+    assert queue.redis.hlen(queue.keys.projects) == 3
+    other, _ = backend()  # another web process: the count in Redis holds there too
+    with pytest.raises(InvalidRequestError, match="MAX_PROJECTS"):
+        other.setup(project="5")
+
+
+def test_a_batch_answers_at_most_the_cap_and_logs_its_failures_in_one_line(monkeypatch,
+                                                                          caplog):
+    from ml_backend import model as model_module
+
+    monkeypatch.setattr(model_module, "MAX_BATCH_TASKS", 30)
+    model, queue = backend()
+    body = load_fixture("predict_batch_request.json")
+    bad = body["tasks"][0]
+    bad["predictions"][0]["result"][0]["value"]["rectanglelabels"] = ["no such label"]
+    tasks = [{**bad, "id": 100 + i} for i in range(40)]
+    with caplog.at_level("WARNING"):
+        results = model.predict(tasks, None, label_config=body["label_config"])
+    assert results == [[]] * 40 and queue.specs == []
+    lines = [r.getMessage() for r in caplog.records]
+    assert sum("no prediction" in line for line in lines) == 1
+    [line] = [line for line in lines if "no prediction" in line]
+    assert "30 of 40 tasks get no prediction: InvalidRequestError x30 (tasks 100, 101, 102, " \
+           "103, 104, ...: " in line
+    assert any("40 tasks, 30 answered (MAX_BATCH_TASKS)" in line for line in lines)
+
+
+def test_setup_keeps_the_image_key_of_the_label_config_for_training():
+    model, queue = backend()
+    schema = load_fixture("setup_request.json")["schema"].replace('value="$image"',
+                                                                  'value="$photo"')
+    model.setup(project="7.123", schema=schema)
+    assert model._project_access("7").image_key == "photo"
+    recorded = json.loads(queue.redis.hget(queue.keys.projects, "7"))
+    assert recorded["image_key"] == "photo"
+    other, _ = backend()  # another web process reads it from Redis
+    assert other._project_access("7").image_key == "photo"
