@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -115,6 +116,7 @@ class VersionRegistry:
         self.redis = redis
         self.keys = keys
         self.directory = Path(directory)
+        self._held = threading.local()  # whether this thread holds the registry's lock
 
     @property
     def file(self) -> Path:
@@ -153,14 +155,18 @@ class VersionRegistry:
     def _locked(self) -> Iterator[None]:
         with self.redis.lock(self.keys.versions_lock, timeout=LOCK_TIMEOUT_S,
                              blocking_timeout=LOCK_TIMEOUT_S):
-            yield
+            self._held.active = True  # this thread's reads inside need not take it again
+            try:
+                yield
+            finally:
+                self._held.active = False
 
     def put(self, record: VersionRecord) -> VersionRecord:
         """Add or replace a record (its status must not be ``serving``: see :meth:`promote`)."""
         if record.status not in STATUSES or record.status == "serving":
             raise VersionError(f"cannot store {record.name} as {record.status!r} with put()")
         with self._locked():
-            self._restore_if_lost()
+            self._restore_locked()
             self._check_file()
             self.redis.hset(self.keys.versions, record.name, json.dumps(record.to_dict()))
             self._mirror()
@@ -195,7 +201,7 @@ class VersionRegistry:
             The serving record.
         """
         with self._locked():
-            self._restore_if_lost()
+            self._restore_locked()
             self._check_file()
             current = read_serving(self.redis, self.keys)
             previous = self.get(current.name) if current else None
@@ -225,7 +231,7 @@ class VersionRegistry:
                 ``only_if_serving`` no longer serves.
         """
         with self._locked():
-            self._restore_if_lost()
+            self._restore_locked()
             self._check_file()
             record = self.get(name)
             if record is None:
@@ -310,9 +316,21 @@ class VersionRegistry:
 
     def _restore_if_lost(self) -> None:
         """Refill Redis from ``versions.json`` when Redis holds no registry (flushed, new), if
-        the file was written for the same KEY_PREFIX."""
+        the file was written for the same KEY_PREFIX. Under the registry's lock, like every
+        change: a reader restoring unlocked could write the file's older records over a change
+        made meanwhile."""
         if self.redis.exists(self.keys.versions) or not self.file.is_file():
             return
+        if getattr(self._held, "active", False):
+            self._restore_locked()
+            return
+        with self._locked():
+            self._restore_locked()
+
+    def _restore_locked(self) -> None:
+        """:meth:`_restore_if_lost` for a caller holding the lock."""
+        if self.redis.exists(self.keys.versions) or not self.file.is_file():
+            return  # restored meanwhile, or nothing to restore from
         saved = self._saved()
         if saved.get("key_prefix", DEFAULT_PREFIX) != self.keys.prefix:
             return

@@ -607,3 +607,20 @@ def test_a_worker_serves_its_configured_model_over_a_version_of_other_settings(
     assert registry.get(DEMO).status == "retired"  # kept for a rollback
     assert "comes from other model settings" in log
 
+
+
+def test_training_reads_the_image_under_the_label_configs_key(fake_ls, reset_project,
+                                                              clean_redis, tmp_path, monkeypatch):
+    """`<Image value="$photo">` beside a text field: the image is data["photo"] (the trainer
+    once read data["image"] whatever the config named)."""
+    tasks = copy.deepcopy(reset_project.tasks)
+    for task in tasks:
+        task["data"] = {"caption": "wires", "photo": task["data"]["image"]}
+    monkeypatch.setattr(reset_project, "tasks", tasks)
+    serve_demo(clean_redis, tmp_path)
+    settings = Settings.from_env(trainer_env(fake_ls, reset_project, tmp_path, TRAIN_EPOCHS="1"))
+    summary = TrainingRun(settings, clean_redis, "job-photo").run(
+        TrainRequest(project=PROJECT, reason="test", image_key="photo"))
+    metrics = summary["metrics"]
+    assert metrics["train_objects"] + metrics["heldout_objects"] == N_TASKS
+    assert metrics["skipped_objects"] == 0

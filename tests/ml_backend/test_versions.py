@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
+from dataclasses import replace
 import subprocess
 import sys
 
@@ -69,6 +71,47 @@ def test_registry_is_restored_from_versions_json_when_redis_lost_it(registry, cl
     clean_redis.delete(KEYS.versions, KEYS.serving)
     assert registry.serving().name == "v1"
     assert read_serving(clean_redis, KEYS).name == "v1"
+    assert {r.name for r in registry.list()} == {"base", "v1"}
+
+
+def test_a_restore_racing_a_change_never_writes_older_records_over_it(registry, clean_redis,
+                                                                    tmp_path):
+    """After a Redis flush, a reader restoring from versions.json while a writer changes a
+    record: the reader once wrote the file's older record over the writer's."""
+    registry.ensure_base("base", None)
+    v1 = finetuned(registry, "v1", parent="base")
+    clean_redis.delete(KEYS.versions, KEYS.serving)  # the file holds base and v1 (training)
+    reader, writer = (VersionRegistry(clean_redis, KEYS, tmp_path) for _ in range(2))
+    read_file, inside, go_on = reader._saved, threading.Event(), threading.Event()
+
+    def slow_read():  # the reader has read the file and is about to write it to Redis
+        saved = read_file()
+        inside.set()
+        go_on.wait(10)
+        return saved
+
+    reader._saved = slow_read
+    reading = threading.Thread(target=reader.list)
+    reading.start()
+    assert inside.wait(10)
+    writing = threading.Thread(target=writer.put,
+                               args=(replace(v1, status="failed", reason="killed"),))
+    writing.start()
+    time.sleep(0.5)  # the writer waits for the lock (before: it wrote, then was overwritten)
+    go_on.set()
+    reading.join(10)
+    writing.join(10)
+    assert registry.get("v1").status == "failed"
+    assert json.loads(registry.file.read_text())["versions"][1]["status"] == "failed"
+
+
+def test_reads_inside_a_change_restore_without_taking_the_lock_again(registry, clean_redis):
+    registry.ensure_base("base", None)
+    finetuned(registry, "v1", parent="base")
+    clean_redis.delete(KEYS.versions, KEYS.serving)
+    started = time.monotonic()
+    assert [r.name for r in registry.fail_training("no-such-job", "gone")] == []
+    assert time.monotonic() - started < 5  # no wait for a lock it holds itself
     assert {r.name for r in registry.list()} == {"base", "v1"}
 
 
