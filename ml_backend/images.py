@@ -21,6 +21,9 @@ MAX_REDIRECTS, and every hop is checked the same way; the one exception is the r
 Studio's own presign route (``/tasks/<id>/presign/``, ``/projects/<id>/presign/``, nothing else
 holding ``/presign/``) answers for a cloud URI, which may lead to the storage's https host when
 every address that host resolves to is public (a private one only when the allowlist names it).
+A host admitted by ``*`` must resolve to public addresses too. Such hosts are connected to at the
+address that was checked (the name kept in ``Host`` and TLS), so a second DNS answer cannot lead
+elsewhere; through a proxy of the environment (HTTP(S)_PROXY) the proxy resolves the name again.
 URLs holding a control character are refused.
 The token goes only with requests to Label Studio's own origin. Relative URLs may not climb
 out of their path (``..`` segments), and a local-files path (``/data/local-files/?d=<path>``) must
@@ -47,6 +50,7 @@ import re
 import socket
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import parse_qs, unquote, urljoin, urlparse
@@ -191,6 +195,12 @@ def _is_presign_route(url: str, ls_url: str) -> bool:
     """True when ``url`` is Label Studio's own presign route (not a path merely holding it)."""
     base, path = urlparse(ls_url).path.rstrip("/"), urlparse(url).path
     return path.startswith(base) and PRESIGN_ROUTE.fullmatch(path[len(base):]) is not None
+
+
+def _proxied(url: str) -> bool:
+    """Whether httpx sends ``url`` through a proxy of the environment (HTTP(S)_PROXY)."""
+    scheme, host = urlparse(url).scheme, urlparse(url).hostname or ""
+    return scheme in urllib.request.getproxies() and not urllib.request.proxy_bypass(host)
 
 
 def _addresses(host: str, port: int) -> list[str]:
@@ -447,9 +457,12 @@ class ImageFetcher:
         """(status, body, redirect location or None) of one GET, refusing bodies over
         ``max_bytes`` while they stream; errors name ``asked``."""
         extensions = {}
+        if address is not None and _proxied(url):
+            address = None  # the proxy (HTTP(S)_PROXY) connects, by name: it cannot be pinned
         if address is not None:  # connect to the address checked; Host and TLS keep the name
             parsed = httpx.URL(url)
-            headers = {**headers, "Host": parsed.netloc.decode("ascii")}
+            # a connection kept by address could serve another name without its TLS check
+            headers = {**headers, "Host": parsed.netloc.decode("ascii"), "Connection": "close"}
             if parsed.scheme == "https":
                 extensions["sni_hostname"] = parsed.host
             url = str(parsed.copy_with(host=address.split("%")[0]))

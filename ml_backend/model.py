@@ -26,7 +26,7 @@ import logging
 import re
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -67,6 +67,8 @@ LAST_BOX_TTL_S = 3600  # how long a click placed after its box is paired with th
 MAX_PROJECTS = 10_000  # projects /setup records (each a Redis hash field)
 MAX_HOSTNAME_CHARS = 2048  # a /setup hostname is a URL: longer ones are refused
 MAX_BATCH_TASKS = 1000  # tasks of one Retrieve predictions answered; the rest are asked again
+MAX_TOKEN_CHARS = 4096  # a legacy token is 40 characters, a JWT a few hundred
+MAX_LABEL_PROMPTS_CHARS = 65536  # one project's label -> prompt map, as JSON
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,7 @@ class ProjectSetup:
     access_token: str | None
     label_prompts: Mapping[str, str] = field(default_factory=dict)  # from extra_params
     image_key: str | None = None  # the task data key of the image, from the label config
+    token_ref: str | None = None  # where a job finds access_token (ml_backend.tokens)
 
 
 class Talk2SamBackend:
@@ -142,6 +145,9 @@ class Talk2SamBackend:
         if hostname and len(hostname) > MAX_HOSTNAME_CHARS:
             raise InvalidRequestError(f"/setup hostname is {len(hostname)} characters long; a "
                                       f"Label Studio URL of at most {MAX_HOSTNAME_CHARS} is read")
+        if access_token and len(access_token) > MAX_TOKEN_CHARS:
+            raise InvalidRequestError(f"/setup access_token is longer than {MAX_TOKEN_CHARS} "
+                                      "characters")
         if project and not _PROJECT.fullmatch(str(project)):
             raise InvalidRequestError("/setup project must be Label Studio's project id "
                                       "(digits, optionally '.' and digits)")
@@ -224,6 +230,9 @@ class Talk2SamBackend:
         """
         config = parse_label_config(label_config)
         access = self._project_access(project)
+        # handed over once per request, for every job of it
+        access = replace(access, token_ref=hand_over(self.queue.redis, self.queue.keys,
+                                                     access.access_token))
         if context is not None:
             return [self._interactive(tasks, context, config, access, request_id, project)]
         return self._batch(tasks, config, access, request_id)
@@ -424,11 +433,10 @@ class Talk2SamBackend:
         source = own if own is not None and (own.hostname or self.settings.label_studio_url) \
             else last
         hostname = self.settings.label_studio_url or (source.hostname if source else None)
-        # the settings' key never travels (each process has its own); /setup's token does
-        handed = None if self.settings.api_key_for(hostname) else (
-            source.access_token if source else None)
+        # the settings' key never travels (each process has its own); /setup's token does,
+        # for a worker or trainer started without the key
         return ProjectSetup(
-            hostname=hostname, access_token=handed,
+            hostname=hostname, access_token=source.access_token if source else None,
             label_prompts={**self.settings.label_prompts, **(own.label_prompts if own else {})},
             image_key=own.image_key if own else None)
 
@@ -477,15 +485,15 @@ class Talk2SamBackend:
                          find_word=text.word, find_threshold=self.settings.find_threshold,
                          find_max_regions=self.settings.find_max_regions)
 
-    def _job(self, task: dict[str, Any], config: LabelConfig, access: ProjectSetup,
-             request_id: str, **prompts: Any) -> PredictJobSpec:
+    @staticmethod
+    def _job(task: dict[str, Any], config: LabelConfig, access: ProjectSetup, request_id: str,
+             **prompts: Any) -> PredictJobSpec:
         """The job spec of one task's image, with ``prompts`` (sizes, boxes or a word)."""
         task_id = task.get("id")
         return PredictJobSpec(request_id=request_id,
                               task_id=task_id if isinstance(task_id, int) else None,
                               image_url=image_url_of(task, config), ls_url=access.hostname,
-                              ls_token_ref=hand_over(self.queue.redis, self.queue.keys,
-                                                     access.access_token), **prompts)
+                              ls_token_ref=access.token_ref, **prompts)
 
     def _task_prediction(self, answer: PredictJobResult, boxes: list[BoxPrompt],
                          config: LabelConfig) -> dict[str, Any]:
@@ -547,7 +555,11 @@ def project_label_prompts(extra_params: Any) -> dict[str, str]:
             for k, v in prompts.items()):
         raise InvalidRequestError("extra_params.label_prompts must map labels to non-empty "
                                   "prompt strings")
-    return {k.strip(): v.strip() for k, v in prompts.items()}
+    prompts = {k.strip(): v.strip() for k, v in prompts.items()}
+    if len(json.dumps(prompts)) > MAX_LABEL_PROMPTS_CHARS:
+        raise InvalidRequestError(f"extra_params.label_prompts is longer than "
+                                  f"{MAX_LABEL_PROMPTS_CHARS} characters as JSON")
+    return prompts
 
 
 def _payload_project(data: dict[str, Any]) -> int | None:

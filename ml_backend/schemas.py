@@ -188,7 +188,8 @@ class PredictJobSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PredictJobSpec:
-        return cls(**known_fields(cls, data))
+        # a spec of the previous release (``ls_token``, during a rolling upgrade) has no ref
+        return cls(**known_fields(cls, {"ls_token_ref": None, **data}))
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,7 @@ down explicitly; no other module reads ``os.environ``.
 | TRAIN_QUEUE_TTL_S | 600 | a fine-tuning job that no trainer took within this long expires (the next request queues a new one) |
 | ANNOTATION_STORE_MB | 256 | bytes of webhook annotations kept in Redis; a webhook that would outgrow it is refused (507) |
 | PROMOTE_MIN_GAIN | 0.0 | the new version serves only when its held-out mIoU minus the serving one's is above this (a tie does not promote) and it beats box-only SAM-HQ's on the same tasks |
-| PROMOTE_MIN_HELDOUT_OBJECTS | 5 | a new version is judged on at least this many held-out objects, else it is not promoted (the outcome says how many it had) |
+| PROMOTE_MIN_HELDOUT_OBJECTS | 5 | a new version is judged on at least this many held-out objects: with fewer the job is refused before training, saying how many there were |
 | PROMOTE_MIN_HELDOUT_TASKS | 3 | and those objects come from at least this many held-out tasks (the split holds out this many when the project has twice as many) |
 """
 

@@ -315,9 +315,16 @@ class Stack:
 
     def _run(self, signals: _Signals) -> int:
         opts = self.options
-        # the AOF holds /setup tokens on their way to a worker: for this user's eyes only
+        # the AOF holds /setup tokens on their way to a worker: for this user's eyes only (a
+        # folder that is not a stack's own is left as it is, with a warning)
+        ours = not opts.data_dir.exists() or any(
+            (opts.data_dir / name).exists() for name in (STATE_FILE, "appendonlydir", "versions"))
         opts.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        opts.data_dir.chmod(0o700)
+        if ours:
+            opts.data_dir.chmod(0o700)
+        elif opts.data_dir.stat().st_mode & 0o077:
+            log.warning("data dir %s can be read by other users, and Redis' AOF goes there; "
+                        "chmod 700 it, or pick another --data-dir", opts.data_dir)
         self.state.stop_leftovers()
         _check_port_free(opts.host, opts.port)
         env = dict(self.env, PYTHONUNBUFFERED="1")

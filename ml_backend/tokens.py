@@ -24,11 +24,18 @@ def token_ref(token: str) -> str:
 
 def hand_over(redis: Redis, keys: RedisKeys, token: str | None,
               ttl_s: int = TOKEN_TTL_S) -> str | None:
-    """Store ``token`` for ``ttl_s`` seconds; its reference, or None for no token."""
+    """Store ``token`` for at least ``ttl_s`` more seconds (a longer life it has, for a
+    training job, is kept); its reference, or None for no token."""
     if not token:
         return None
     ref = token_ref(token)
-    redis.set(keys.handed_token(ref), token, ex=ttl_s)
+    key = keys.handed_token(ref)
+    pipe = redis.pipeline()
+    pipe.set(key, token, nx=True, ex=ttl_s)
+    pipe.ttl(key)
+    _, left = pipe.execute()
+    if left < ttl_s:
+        redis.expire(key, ttl_s)
     return ref
 
 

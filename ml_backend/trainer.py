@@ -311,10 +311,16 @@ class TrainingRun:
 
         s = self.settings
         tasks, source = self._tasks(req)
-        tasks = [t for t in tasks if any(not a.get("was_cancelled")
-                                         for a in t.get("annotations", []))]
+        tasks = [t for t in tasks if _has_masks(t)]  # a task of rectangles alone teaches nothing
         train_tasks, held_tasks = split_tasks(tasks, s.train_holdout_percent,
                                               s.promote_min_heldout_tasks)
+        if len(tasks) >= 2 and len(held_tasks) < s.promote_min_heldout_tasks:
+            raise TrainingError(  # before any image is downloaded
+                f"too little to judge a new version on: {len(held_tasks)} held-out tasks of "
+                f"{len(tasks)} with masks from {source}; promotion needs at least "
+                f"{s.promote_min_heldout_objects} objects from {s.promote_min_heldout_tasks} "
+                f"tasks (PROMOTE_MIN_HELDOUT_OBJECTS, PROMOTE_MIN_HELDOUT_TASKS): annotate more "
+                f"tasks")
         train_items, skipped_train, _ = self._items(train_tasks, req)
         held_items, skipped_held, judged_tasks = self._items(held_tasks, req)
         if not train_items or not held_items:
@@ -384,6 +390,13 @@ class TrainingRun:
             status = "rejected"
         return {"status": status, "version": record.name, "parent": record.parent,
                 "metrics": metrics, "reason": refusal}
+
+
+def _has_masks(task: dict[str, Any]) -> bool:
+    """Whether an annotation of the task that was not cancelled holds a brush region."""
+    return any(not a.get("was_cancelled") and any(
+        isinstance(r, dict) and r.get("type") == "brushlabels" for r in a.get("result") or [])
+        for a in task.get("annotations") or [] if isinstance(a, dict))
 
 
 def promotion_refusal(new: float, serving: float, baseline: float,

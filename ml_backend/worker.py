@@ -210,10 +210,11 @@ class WorkerRuntime:
             height, width = self.model.features.height, self.model.features.width
             limit = self.settings.max_pixel_prompts
             if spec.find_word is not None:
-                if refusal := pixel_prompts_refusal(spec.find_max_regions, width, height, limit):
-                    raise InvalidRequestError(f"text alone finds up to {refusal}")
-                output = self.model.find(spec.find_word, spec.find_threshold,
-                                         spec.find_max_regions,
+                # as many regions as the budget allows on an image this size
+                regions = min(spec.find_max_regions, limit // (width * height))
+                if refusal := pixel_prompts_refusal(max(1, regions), width, height, limit):
+                    raise InvalidRequestError(f"text alone: {refusal}")
+                output = self.model.find(spec.find_word, spec.find_threshold, regions,
                                          max(0.0, self.settings.mask_box_margin_px))
                 as_polygons = [bool(spec.polygons and spec.polygons[0])] * len(output.masks)
                 predictions = [_box_prediction(output, i, polygon)

@@ -15,7 +15,7 @@ from ml_backend.model import Talk2SamBackend
 from ml_backend.ls_format import mask_to_rle
 from ml_backend.schemas import BoxPrediction, PredictJobResult, RedisKeys
 from ml_backend.settings import Settings
-from ml_backend.tokens import TOKEN_TTL_S, collect
+from ml_backend.tokens import TOKEN_TTL_S, collect, token_ref
 from tests.ml_backend.conftest import PREFIX, REDIS_URL, load_fixture
 
 
@@ -88,14 +88,21 @@ def test_setup_credentials_are_used_when_settings_have_none():
     assert 0 < queue.redis.ttl(queue.keys.handed_token(spec.ls_token_ref)) <= TOKEN_TTL_S
 
 
-def test_the_settings_key_never_travels_in_a_spec():
+def test_the_settings_key_never_travels_and_a_training_token_keeps_its_longer_life():
     model, queue = backend(LABEL_STUDIO_URL="http://127.0.0.1:8080",
                            LABEL_STUDIO_API_KEY="settings-key-0b1c2d")
     setup = load_fixture("setup_request.json")
     model.setup(**{k: setup[k] for k in ("project", "schema", "hostname", "access_token")})
+    key = queue.keys.handed_token(token_ref(setup["access_token"]))
+    queue.redis.set(key, setup["access_token"], ex=2 * TOKEN_TTL_S)  # as a training job's
     predict(model, "predict_interactive_request.json")
     spec = queue.specs[0][0]
-    assert spec.ls_token_ref is None and "settings-key" not in json.dumps(spec.to_dict())
+    assert "settings-key" not in json.dumps(spec.to_dict())
+    assert not [v for v in queue.redis.mget(queue.redis.keys(queue.keys.handed_token("*")))
+                if b"settings-key" in v]
+    # /setup's token travels, for a worker started without the key; the worker prefers its own
+    assert collect(queue.redis, queue.keys, spec.ls_token_ref) == setup["access_token"]
+    assert queue.redis.ttl(key) > TOKEN_TTL_S  # a prediction never shortens it
 
 
 def test_model_version_pinned_by_setting():
@@ -187,12 +194,16 @@ def test_a_request_over_the_pixel_prompt_budget_is_refused_before_it_is_queued()
 # ---------------------------------------------------------------- caps on what a stranger may send
 
 
-def test_setup_refuses_an_overlong_hostname_and_a_project_that_is_no_id():
+def test_setup_refuses_overlong_fields_and_a_project_that_is_no_id():
     model, _ = backend()
     with pytest.raises(InvalidRequestError, match="at most 2048"):
         model.setup(project="7", hostname="http://" + "a" * 5 * 2**20)
     with pytest.raises(InvalidRequestError, match="project id"):
         model.setup(project="x" * 1000)
+    with pytest.raises(InvalidRequestError, match="access_token is longer than 4096"):
+        model.setup(project="7", access_token="t" * 5 * 2**20)
+    with pytest.raises(InvalidRequestError, match="label_prompts is longer than 65536"):
+        model.setup(project="7", extra_params={"label_prompts": {"wire": "w" * 2**20}})
     assert model.setup(project="19.1795635706") == {"model_version": "talk2sam-tiny"}
 
 

@@ -493,3 +493,12 @@ def test_credentials_never_reach_logs_error_bodies_or_metrics(stack, fake_ls, tm
     for secret in secrets:
         for text in bodies + logs:
             assert secret not in text
+
+
+def test_a_proxy_of_the_environment_is_seen_and_then_connects_by_name(monkeypatch):
+    from ml_backend.images import _proxied
+
+    monkeypatch.setenv("http_proxy", "http://proxy.example:3128")
+    monkeypatch.setenv("no_proxy", "ls")
+    assert _proxied("http://cdn.example/a.png")
+    assert not _proxied("http://ls:8080/a.png") and not _proxied("https://cdn.example/a.png")

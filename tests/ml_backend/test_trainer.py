@@ -278,6 +278,16 @@ def test_a_small_project_holds_out_the_minimum_number_of_tasks_at_most_half():
     assert (len(train), len(held)) == (2, 2)
 
 
+def test_only_tasks_with_masks_are_split_and_cancelled_annotations_hold_none():
+    from ml_backend.trainer import _has_masks
+
+    brush = {"type": "brushlabels"}
+    assert _has_masks({"annotations": [{"result": [{"type": "rectanglelabels"}, brush]}]})
+    assert not _has_masks({"annotations": [{"result": [{"type": "rectanglelabels"}]}]})
+    assert not _has_masks({"annotations": [{"result": [brush], "was_cancelled": True}]})
+    assert not _has_masks({"annotations": None}) and not _has_masks({})
+
+
 def test_a_version_judged_on_too_few_held_out_objects_is_never_made(
         fake_ls, reset_project, clean_redis, tmp_path):
     """The defaults (5 objects from 3 tasks): six one-object tasks hold out three objects."""
