@@ -2,7 +2,7 @@
 
 | route | Label Studio's timeout | what it does |
 |---|---|---|
-| GET /health | 1 s | from memory: UP with the model class and version and the live worker count; DOWN (503, with the reason) while Redis is unreachable or no worker is live |
+| GET /health | 1 s | from memory and one Redis ping: UP with the model class and version and the live worker count; DOWN (503, with the reason) while Redis is unreachable or no worker is live |
 | POST /setup | 3 s | from memory: remembers schema and credentials, returns ``model_version`` |
 | POST /predict | 100 s | the only route that touches the queue |
 | POST /webhook | 1 s | records annotations for training, START_TRAINING enqueues a fine-tuning job (Redis only) |
@@ -42,6 +42,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
+from redis import Redis
 from redis.exceptions import RedisError
 from starlette.concurrency import run_in_threadpool
 from starlette.routing import Match
@@ -94,6 +95,7 @@ HTTP_STATUS: dict[type[Exception], int] = {
     JobFailedError: 500,
 }
 WORKER_REFRESH_S = 2.0
+HEALTH_PING_S = 0.25  # /health's own Redis ping (Label Studio waits 1 s for /health)
 KNOWN_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 OPEN_PATHS = frozenset({"/", "/health"})  # probes
 
@@ -122,6 +124,10 @@ def create_app(settings: Settings, queue: QueueClient | None = None) -> FastAPI:
                                           RedisCollector(queue, backend.training))
     # last count and, while the backend cannot serve, why: for /health (answered from memory)
     workers_seen: dict[str, Any] = {"live": 0, "down": "no worker has been seen yet"}
+    # /health pings Redis itself too (a refused connection answers at once): an outage shorter
+    # than the refresh interval, such as a restart, still shows
+    probe = Redis.from_url(settings.redis_url, socket_timeout=HEALTH_PING_S,
+                           socket_connect_timeout=HEALTH_PING_S)
 
     def refresh_workers() -> None:
         try:
@@ -192,9 +198,14 @@ def create_app(settings: Settings, queue: QueueClient | None = None) -> FastAPI:
                   "model_version": backend.model_version, "workers": workers_seen["live"]}
         if backend.model_version.endswith(UNTRAINED_TEXT_SUFFIX):
             answer["warning"] = UNTRAINED_TEXT_NOTE
-        if workers_seen["down"]:  # a probe (or Label Studio) must not send work that cannot run
-            return JSONResponse({**answer, "status": "DOWN", "reason": workers_seen["down"]},
-                                status_code=503)
+        down = workers_seen["down"]
+        if down is None:
+            try:
+                await run_in_threadpool(probe.ping)
+            except RedisError as exc:
+                down = f"Redis is unreachable: {exc}"
+        if down:  # a probe (or Label Studio) must not send work that cannot run
+            return JSONResponse({**answer, "status": "DOWN", "reason": down}, status_code=503)
         return JSONResponse(answer)
 
     @app.post("/setup")

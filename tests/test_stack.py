@@ -262,7 +262,7 @@ def wait_health(port: int, want: int, timeout_s: float, log) -> float:
             return time.monotonic() - started
         assert time.monotonic() - started < timeout_s, \
             f"/health not {want} after {timeout_s} s: {status} {body}\n{log()[-4000:]}"
-        time.sleep(0.2)
+        time.sleep(0.05)
 
 
 def post(port: int, path: str, body: dict) -> dict:
