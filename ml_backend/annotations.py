@@ -29,7 +29,7 @@ from redis import Redis
 
 from ml_backend.errors import AnnotationStoreFullError, InvalidRequestError
 from ml_backend.ls_format import declared_rle_values
-from ml_backend.schemas import RedisKeys
+from ml_backend.schemas import RedisKeys, known_fields
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +101,7 @@ class RecordedAnnotation:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> RecordedAnnotation:
-        fields = {k: v for k, v in raw.items() if k != "pairs"}  # records of older versions
-        return cls(**fields)
+        return cls(**known_fields(cls, raw))  # "pairs" of older records, fields of newer ones
 
     def to_task(self) -> dict[str, Any]:
         """The annotation as one task of a Label Studio JSON export."""

@@ -292,7 +292,8 @@ def pixel_prompts_refusal(prompts: int, width: int, height: int, limit: int) -> 
 
 
 def known_fields(cls: type, data: dict[str, Any]) -> dict[str, Any]:
-    """``data`` without the keys ``cls`` has no field for: a process of the previous release
-    (a worker still finishing its job during an upgrade) may send a field since removed."""
+    """``data`` without the keys ``cls`` has no field for: every record that crosses Redis is
+    read so, since a process of another release (during an upgrade, or a record stored long
+    ago) may have written a field removed or added since."""
     names = {f.name for f in dataclass_fields(cls)}
     return {k: v for k, v in data.items() if k in names}

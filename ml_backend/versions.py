@@ -29,7 +29,7 @@ import logging
 from redis import Redis
 
 from ml_backend.errors import VersionError
-from ml_backend.schemas import RedisKeys
+from ml_backend.schemas import RedisKeys, known_fields
 from talk2sam.files import atomic_write_text, fsync_path
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ class VersionRecord:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> VersionRecord:
-        return cls(**raw)
+        return cls(**known_fields(cls, raw))  # a field of a newer release is left out
 
 
 def utc_now() -> str:
