@@ -292,7 +292,6 @@ class FetchConfig:
     timeout_s: float = 20.0
     memory_cache_bytes: int = 256 * 2**20
     disk_cache_dir: str | None = None
-    max_pixels: int = 100_000_000
     max_bytes: int = 512 * 2**20
     allowed_hosts: tuple[str, ...] | None = None  # None: any host (see check_image_url)
 
@@ -338,7 +337,6 @@ class ImageFetcher:
         return cls(FetchConfig(timeout_s=settings.image_fetch_timeout_s,
                                memory_cache_bytes=settings.image_download_cache_mb * 2**20,
                                disk_cache_dir=settings.image_download_dir,
-                               max_pixels=settings.max_image_pixels,
                                max_bytes=settings.max_image_download_mb * 2**20,
                                allowed_hosts=settings.image_host_allowlist),
                    default_ls_url=settings.label_studio_url,

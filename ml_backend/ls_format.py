@@ -280,11 +280,6 @@ def polygon_mask(result: dict[str, Any]) -> np.ndarray:
     return polygons_mask([points * np.array([width, height]) / 100.0], height, width)
 
 
-def region_mask(result: dict[str, Any]) -> np.ndarray:
-    """A brush or polygon result -> its (H, W) bool mask."""
-    return polygon_mask(result) if result.get("type") == "polygonlabels" else brush_mask(result)
-
-
 # ---------------------------------------------------------------- export pairing
 
 

@@ -170,6 +170,12 @@ class Settings:
         return self.basic_auth_user is not None
 
     @property
+    def box_margin_px(self) -> float | None:
+        """MASK_BOX_MARGIN_PX as the predictor takes it: None (a negative setting) keeps the
+        model's mask as it is."""
+        return self.mask_box_margin_px if self.mask_box_margin_px >= 0 else None
+
+    @property
     def auth_enabled(self) -> bool:
         """Basic auth or the bearer token guards the routes."""
         return self.basic_auth_enabled or self.api_token is not None

@@ -307,6 +307,7 @@ class TrainingRun:
 
     def _train(self, req: TrainRequest, model: Any, record: VersionRecord,
                run_dir: Any) -> dict[str, Any]:
+        from talk2sam.build import default_device
         from talk2sam.train import FeatureCache, TrainConfig, Trainer, evaluate, prepare
 
         s = self.settings
@@ -339,13 +340,13 @@ class TrainingRun:
                 f"PROMOTE_MIN_HELDOUT_TASKS): annotate more tasks")
         self.progress(state="preparing", source=source, train_objects=len(train_items),
                       heldout_objects=len(held_items))
-        device = s.device or _default_device()
+        device = default_device(s.device)
         model.to(device)
         cache = FeatureCache(model)
         train_ex = prepare(model, train_items, cache, desc="training features")
         held_ex = prepare(model, held_items, cache, desc="held-out features")
         model.to("cpu")  # talk2sam.train fine-tunes and evaluates on CPU features
-        margin = s.mask_box_margin_px if s.mask_box_margin_px >= 0 else None  # as served
+        margin = s.box_margin_px  # as served
         self.progress(state="evaluating", stage="old")
         old = _scores(evaluate(model, held_ex, box_margin_px=margin))
         self.progress(state="evaluating", stage="baseline")
@@ -427,12 +428,6 @@ def _scores(aggregator: Any) -> dict[str, float | None]:
     summary = next(iter(aggregator.summary().values()))
     return {"miou": summary.miou, "mbiou": summary.mbiou, "count": summary.count,
             "score_spearman": summary.score_spearman}
-
-
-def _default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 # ---------------------------------------------------------------- worker process

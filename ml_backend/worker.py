@@ -64,7 +64,6 @@ from ml_backend.settings import Settings
 from ml_backend.tokens import collect
 from ml_backend.versions import VersionRegistry
 from ml_backend.worker_model import (
-    box_margin,
     build_predictor,
     first_predictor,
     register_base,
@@ -215,7 +214,7 @@ class WorkerRuntime:
                 if refusal := pixel_prompts_refusal(max(1, regions), width, height, limit):
                     raise InvalidRequestError(f"text alone: {refusal}")
                 output = self.model.find(spec.find_word, spec.find_threshold, regions,
-                                         max(0.0, self.settings.mask_box_margin_px))
+                                         self.settings.box_margin_px or 0.0)
                 as_polygons = [bool(spec.polygons and spec.polygons[0])] * len(output.masks)
                 predictions = [_box_prediction(output, i, polygon)
                                for i, polygon in enumerate(as_polygons)]
@@ -254,7 +253,7 @@ class WorkerRuntime:
             part = slice(start, start + rows)
             output = self.model.predict(
                 boxes[part], None if spec.words is None else list(spec.words[part]),
-                box_margin_px=box_margin(self.settings),
+                box_margin_px=self.settings.box_margin_px,
                 clicks=None if clicks is None else clicks[part])
             predictions += [_box_prediction(output, i, polygon)
                             for i, polygon in enumerate(as_polygons[part])]

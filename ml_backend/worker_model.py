@@ -128,11 +128,6 @@ def build_predictor(settings: Settings):
     return predictor
 
 
-def box_margin(settings: Settings) -> float | None:
-    """MASK_BOX_MARGIN_PX as the predictor takes it (None: keep the whole mask)."""
-    return settings.mask_box_margin_px if settings.mask_box_margin_px >= 0 else None
-
-
 def settings_serving(settings: Settings, serving: ServingVersion | None) -> Settings:
     """The settings with MODEL_CHECKPOINT replaced by the serving version's checkpoint."""
     if serving is None or settings.model == "noop":

@@ -118,10 +118,10 @@ class Pair:
 def build_pair(config: str, device: str | None = None, weights_dir: str | None = None,
                random_init: bool = True) -> Pair:
     """Build Talk2SAM and a box-only SAM-HQ around the same SAM-HQ module."""
-    from talk2sam.build import build_model
+    from talk2sam.build import build_model, default_device
 
     model = build_model(config, weights_dir, use_text=True, random_init=random_init)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(device)
     model = model.to(device).eval()
     samhq = Talk2Sam(model.cfg, model.sam)
     samhq.version = model.version.replace("talk2sam", "samhq", 1)

@@ -34,6 +34,11 @@ _READ_ERRORS = (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile,
                 pickle.UnpicklingError, struct.error)  # tiny architectures are random but identical in every process
 
 
+def default_device(device: str | None = None) -> str:
+    """``device`` when given, else CUDA when there is one, else the CPU."""
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def count_params(module: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 

@@ -96,10 +96,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Evaluate the chosen methods for every config; returns the JSON-able results."""
     import torch
 
-    from talk2sam.build import build_model, load_checkpoint
+    from talk2sam.build import build_model, default_device, load_checkpoint
 
     torch.set_num_threads(args.threads)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(args.device)
     dataset = load_dataset(args)
     name = args.name or Path(args.data).name
     methods = [m.strip() for m in args.models.split(",")]

@@ -302,11 +302,11 @@ def build_predictor(config: str = "tiny", weights_dir: str | None = None,
                     cache: BoundedCache | None = None) -> Talk2SamPredictor:
     """The one entry point for serving: build (or load a checkpoint), move to the device.
     device None -> CUDA when available, else CPU; encoder_dtype: see Talk2SamPredictor."""
-    from talk2sam.build import build_model, load_checkpoint
+    from talk2sam.build import build_model, default_device, load_checkpoint
 
     if checkpoint:
         model = load_checkpoint(checkpoint, weights_dir)
     else:
         model = build_model(config, weights_dir, use_text=use_text, random_init=random_init)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(device)
     return Talk2SamPredictor(model.to(device), encoder_dtype=encoder_dtype, cache=cache)

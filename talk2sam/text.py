@@ -88,9 +88,6 @@ class TextEncoder(nn.Module):
             return torch.stack([self._cache[w] for w in cleaned])
         return self._embed(cleaned)
 
-    def clear_cache(self) -> None:
-        self._cache.clear()
-
     def _apply(self, fn, *args, **kwargs):  # noqa: ANN001, ANN202 - nn.Module's signature
         self._cache.clear()  # .to(), .cuda(), .half(): the cached tensors would not follow
         return super()._apply(fn, *args, **kwargs)

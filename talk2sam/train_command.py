@@ -95,7 +95,7 @@ def _item_name(dataset: Any, index: int) -> str:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from talk2sam.build import build_model, load_checkpoint
+    from talk2sam.build import build_model, default_device, load_checkpoint
     from talk2sam.train import FeatureCache, LazyExamples, TrainConfig, Trainer, evaluate
 
     if not 0.0 <= args.click_share <= 1.0:
@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(args.device)
     train_items, val_items = _splits(args)
     if not len(train_items) or not len(val_items):
         raise SystemExit(f"error: need training and validation items; got {len(train_items)} "
