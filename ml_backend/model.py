@@ -23,10 +23,9 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import re
 import threading
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -56,6 +55,15 @@ from ml_backend.ls_protocol import (
     word_for_label,
 )
 from ml_backend.queue_client import QueueClient
+from ml_backend.projects import (
+    MAX_PROJECTS,
+    PROJECT,
+    ProjectSetup,
+    ProjectStore,
+    image_key_of,
+    project_id,
+    project_label_prompts,
+)
 from ml_backend.schemas import PredictJobResult, PredictJobSpec, pixel_prompts_refusal
 from ml_backend.settings import Settings
 from ml_backend.tokens import hand_over
@@ -63,24 +71,9 @@ from ml_backend.training_queue import TrainingQueue, TrainRequest
 from ml_backend.versions import utc_now
 
 log = logging.getLogger(__name__)
-LAST_BOX_TTL_S = 3600  # how long a click placed after its box is paired with that box
-MAX_PROJECTS = 10_000  # projects /setup records (each a Redis hash field)
 MAX_HOSTNAME_CHARS = 2048  # a /setup hostname is a URL: longer ones are refused
 MAX_BATCH_TASKS = 1000  # tasks of one Retrieve predictions answered; the rest are asked again
 MAX_TOKEN_CHARS = 4096  # a legacy token is 40 characters, a JWT a few hundred
-MAX_LABEL_PROMPTS_CHARS = 65536  # one project's label -> prompt map, as JSON
-
-
-@dataclass(frozen=True)
-class ProjectSetup:
-    """What /setup told us about a project (in memory, and in Redis for the hostname and the
-    prompts)."""
-
-    hostname: str | None
-    access_token: str | None
-    label_prompts: Mapping[str, str] = field(default_factory=dict)  # from extra_params
-    image_key: str | None = None  # the task data key of the image, from the label config
-    token_ref: str | None = None  # where a job finds access_token (ml_backend.tokens)
 
 
 class Talk2SamBackend:
@@ -109,6 +102,11 @@ class Talk2SamBackend:
         return AnnotationStore(self.queue.redis, self.queue.keys,
                                max_bytes=self.settings.annotation_store_mb * 2**20,
                                max_pixels=self.settings.max_image_pixels)
+
+    @functools.cached_property
+    def projects(self) -> ProjectStore:
+        """Projects set up and tasks' last boxes in the queue's Redis (made on first use)."""
+        return ProjectStore(self.queue.redis, self.queue.keys)
 
     @functools.cached_property
     def training(self) -> TrainingQueue:
@@ -148,7 +146,7 @@ class Talk2SamBackend:
         if access_token and len(access_token) > MAX_TOKEN_CHARS:
             raise InvalidRequestError(f"/setup access_token is longer than {MAX_TOKEN_CHARS} "
                                       "characters")
-        if project and not _PROJECT.fullmatch(str(project)):
+        if project and not PROJECT.fullmatch(str(project)):
             raise InvalidRequestError("/setup project must be Label Studio's project id "
                                       "(digits, optionally '.' and digits)")
         hostname = (hostname or "").rstrip("/") or None
@@ -158,25 +156,25 @@ class Talk2SamBackend:
                 "LABEL_STUDIO_URL nor in LABEL_STUDIO_ORIGINS: add its origin there to connect "
                 "it (tokens go to those only)")
         if project:
-            self._check_project_room(_project_id(project))
+            self._check_project_room(project_id(project))
         with self._lock:
             # a call without hostname or token (a health probe, a script) keeps what is known
             # of the same project (of the last one, for a call that names none); a token that
             # came with another hostname is not kept for this one
-            known = self._projects.get(_project_id(project)) if project else self._last_setup
+            known = self._projects.get(project_id(project)) if project else self._last_setup
             same_host = known is not None and hostname in (None, known.hostname)
             entry = ProjectSetup(
                 hostname=hostname or (known.hostname if known else None),
                 access_token=access_token or (known.access_token if same_host else None),
                 label_prompts=prompts if extra_params is not None
                 else (known.label_prompts if known else {}),
-                image_key=_image_key(schema) or (known.image_key if known else None))
+                image_key=image_key_of(schema) or (known.image_key if known else None))
             if project:
-                self._projects[_project_id(project)] = entry
+                self._projects[project_id(project)] = entry
             self._last_setup = entry
         if project:  # START_TRAINING is accepted only for projects set up here (any process)
             try:
-                self._record_project(_project_id(project), entry)
+                self.projects.record(project, entry)
             except RedisError as exc:
                 log.warning("project %s not recorded: %s", project, exc)
         return {"model_version": self.model_version}
@@ -195,17 +193,13 @@ class Talk2SamBackend:
                 raise InvalidRequestError(f"this backend holds {MAX_PROJECTS} projects already "
                                           f"(MAX_PROJECTS); project {project} is refused")
         try:
-            recorded = known_here or self.queue.redis.hexists(self.queue.keys.projects, project)
-            if not recorded and self.queue.redis.hlen(self.queue.keys.projects) >= MAX_PROJECTS:
-                raise InvalidRequestError(f"this backend holds {MAX_PROJECTS} projects already "
-                                          f"(MAX_PROJECTS); project {project} is refused")
+            room = known_here or self.projects.has_room_for(project)
         except RedisError as exc:  # the cap in memory still holds
             log.warning("projects not counted in Redis: %s", exc)
-
-    def _record_project(self, project: str, entry: ProjectSetup) -> None:
-        self.queue.redis.hset(self.queue.keys.projects, project, json.dumps(
-            {"hostname": entry.hostname, "label_prompts": dict(entry.label_prompts),
-             "image_key": entry.image_key}))
+            room = True
+        if not room:
+            raise InvalidRequestError(f"this backend holds {MAX_PROJECTS} projects already "
+                                      f"(MAX_PROJECTS); project {project} is refused")
 
     def predict(self, tasks: list[dict[str, Any]], context: dict[str, Any] | None = None, *,
                 label_config: str, project: str | None = None, request_id: str = "-",
@@ -259,7 +253,8 @@ class Talk2SamBackend:
         spec = self._spec(tasks[0], boxes, config, access, request_id)
         (answer,) = self.queue.predict([spec])
         self.observe_worker_version(answer.model_version)
-        self._remember_boxes(tasks[0], boxes, project)
+        if project and isinstance(tasks[0].get("id"), int):
+            self.projects.remember_boxes(project, tasks[0]["id"], boxes)
         return self._task_prediction(answer, boxes, config)
 
     def _known_boxes(self, task: dict[str, Any], config: LabelConfig, project: str | None
@@ -268,38 +263,8 @@ class Talk2SamBackend:
         drafts as the request carries them, then the box answered last for its label."""
         known = known_boxes(task, config)
         if project and isinstance(task.get("id"), int):
-            try:
-                stored = self.queue.redis.hgetall(
-                    self.queue.keys.last_boxes(_project_id(project), task["id"]))
-            except RedisError as exc:
-                log.warning("last boxes of task %s unknown: %s", task.get("id"), exc)
-                stored = {}
-            for raw in stored.values():
-                data = json.loads(raw)
-                known.append(BoxPrompt(label=data["label"], box_xyxy=tuple(data["box"]),
-                                       width=data["width"], height=data["height"],
-                                       text=data.get("text"),
-                                       image_rotation=data.get("image_rotation", 0)))
+            known += self.projects.last_boxes(project, task["id"])
         return known
-
-    def _remember_boxes(self, task: dict[str, Any], boxes: list[BoxPrompt],
-                        project: str | None) -> None:
-        if not project or not isinstance(task.get("id"), int):
-            return
-        drawn = {b.label: json.dumps({"label": b.label, "box": list(b.box_xyxy), "width": b.width,
-                                      "height": b.height, "text": b.text,
-                                      "image_rotation": b.image_rotation})
-                 for b in boxes if b.box_xyxy is not None}
-        if not drawn:
-            return
-        key = self.queue.keys.last_boxes(_project_id(project), task["id"])
-        try:
-            pipe = self.queue.redis.pipeline()
-            pipe.hset(key, mapping=drawn)
-            pipe.expire(key, LAST_BOX_TTL_S)
-            pipe.execute()
-        except RedisError as exc:
-            log.warning("boxes of task %s not remembered: %s", task.get("id"), exc)
 
     def _batch(self, tasks: list[dict[str, Any]], config: LabelConfig, access: ProjectSetup,
                request_id: str) -> list[dict[str, Any] | list[Any]]:
@@ -412,9 +377,9 @@ class Talk2SamBackend:
         if project is None:
             return False
         with self._lock:
-            if str(project) in self._projects:
+            if project_id(project) in self._projects:
                 return True
-        return bool(self.queue.redis.hexists(self.queue.keys.projects, str(project)))
+        return self.projects.is_set_up(project)
 
     def _project_access(self, project: str | None) -> ProjectSetup:
         """Label Studio URL and token for image downloads (settings first, then /setup's) and
@@ -424,10 +389,10 @@ class Talk2SamBackend:
         hostname and prompts; tokens stay in memory); prompts never come from another project.
         """
         with self._lock:
-            own = self._projects.get(_project_id(project)) if project else None
+            own = self._projects.get(project_id(project)) if project else None
             last = self._last_setup
         if own is None and project:
-            own = self._recorded_setup(_project_id(project))
+            own = self.projects.recorded(project)
         # URL and token from one /setup call (a token goes only to the host it came with),
         # unless the settings name Label Studio; the settings' key only to a trusted one
         source = own if own is not None and (own.hostname or self.settings.label_studio_url) \
@@ -439,19 +404,6 @@ class Talk2SamBackend:
             hostname=hostname, access_token=source.access_token if source else None,
             label_prompts={**self.settings.label_prompts, **(own.label_prompts if own else {})},
             image_key=own.image_key if own else None)
-
-    def _recorded_setup(self, project: str) -> ProjectSetup | None:
-        try:
-            raw = self.queue.redis.hget(self.queue.keys.projects, project)
-        except RedisError as exc:
-            log.warning("project %s setup unknown: %s", project, exc)
-            return None
-        if raw is None:
-            return None
-        data = json.loads(raw)
-        return ProjectSetup(hostname=data.get("hostname"), access_token=None,
-                            label_prompts=data.get("label_prompts") or {},
-                            image_key=data.get("image_key"))
 
     def _spec(self, task: dict[str, Any], boxes: list[BoxPrompt], config: LabelConfig,
               access: ProjectSetup, request_id: str) -> PredictJobSpec:
@@ -533,35 +485,6 @@ class Talk2SamBackend:
         return {"result": [], "score": 0.0, "model_version": self.model_version}
 
 
-def project_label_prompts(extra_params: Any) -> dict[str, str]:
-    """The ``label_prompts`` of a model's extra params (a JSON object or its text; null: {}).
-
-    Raises:
-        InvalidRequestError: naming what is wrong.
-    """
-    if extra_params is None or extra_params == "":
-        return {}
-    if isinstance(extra_params, str):
-        try:
-            extra_params = json.loads(extra_params)
-        except ValueError as exc:
-            raise InvalidRequestError(f"extra_params is not JSON: {exc}") from None
-    if not isinstance(extra_params, dict):
-        raise InvalidRequestError('extra_params must be a JSON object, e.g. '
-                                  '{"label_prompts": {"Power line": "wire"}}')
-    prompts = extra_params.get("label_prompts", {})
-    if not isinstance(prompts, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) and k.strip() and v.strip()
-            for k, v in prompts.items()):
-        raise InvalidRequestError("extra_params.label_prompts must map labels to non-empty "
-                                  "prompt strings")
-    prompts = {k.strip(): v.strip() for k, v in prompts.items()}
-    if len(json.dumps(prompts)) > MAX_LABEL_PROMPTS_CHARS:
-        raise InvalidRequestError(f"extra_params.label_prompts is longer than "
-                                  f"{MAX_LABEL_PROMPTS_CHARS} characters as JSON")
-    return prompts
-
-
 def _payload_project(data: dict[str, Any]) -> int | None:
     """Project id of a webhook payload (``project`` is an object, or an id)."""
     project = data.get("project")
@@ -599,20 +522,3 @@ class SkippedTasks:
                     tasks, "; ".join(parts))
 
 
-_PROJECT = re.compile(r"\d{1,18}(?:\.\d{1,18})?")
-
-
-def _image_key(schema: str | None) -> str | None:
-    """The task data key of the image in a label config (training reads the image there), or
-    None when there is no config or it is not one this backend can serve."""
-    if not schema:
-        return None
-    try:
-        return parse_label_config(schema).image_data_key
-    except InvalidRequestError:
-        return None
-
-
-def _project_id(project: str) -> str:
-    """Label Studio sends "19.1795635706" (id.timestamp); the id part names the project."""
-    return str(project).split(".", 1)[0]

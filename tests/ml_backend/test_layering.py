@@ -39,8 +39,9 @@ ALLOWED = {
     "worker_model": {"errors", "settings", "versions"},
     "worker": {"errors", "heartbeat", "images", "ls_format", "rq_process", "schemas", "settings",
                "tokens", "versions", "worker_model"},
-    "model": {"annotations", "errors", "ls_protocol", "queue_client", "schemas", "settings",
-              "tokens", "training_queue", "versions"},
+    "projects": {"errors", "ls_protocol", "schemas"},
+    "model": {"annotations", "errors", "ls_protocol", "projects", "queue_client", "schemas",
+              "settings", "tokens", "training_queue", "versions"},
     "metrics": {"errors", "queue_client", "training_queue"},
     "app": {"errors", "ls_protocol", "metrics", "model", "queue_client", "settings"},
 }

@@ -210,8 +210,10 @@ def test_setup_refuses_overlong_fields_and_a_project_that_is_no_id():
 def test_projects_beyond_the_cap_are_refused_and_known_ones_still_set_up(clean_redis,
                                                                          monkeypatch):
     from ml_backend import model as model_module
+    from ml_backend import projects as projects_module
 
-    monkeypatch.setattr(model_module, "MAX_PROJECTS", 3)
+    monkeypatch.setattr(model_module, "MAX_PROJECTS", 3)  # the count in memory
+    monkeypatch.setattr(projects_module, "MAX_PROJECTS", 3)  # the count in Redis
     model, queue = backend()
     for project in ("1", "2", "3"):
         model.setup(project=project)
