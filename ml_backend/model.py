@@ -37,24 +37,21 @@ from ml_backend.annotations import (
     AnnotationStore,
 )
 from ml_backend.errors import BackendError, InvalidRequestError, NoTrainerError
+from ml_backend.label_config import LabelConfig, parse_label_config
 from ml_backend.ls_protocol import (
-    CLICKS_ONLY_NOTE,
     BoxPrompt,
-    LabelConfig,
     TextAlonePrompt,
     boxes_from_results,
     clicks_from_results,
     image_url_of,
     known_boxes,
-    mask_results,
-    parse_label_config,
     task_boxes,
     task_text_alone_prompt,
     text_alone_prompt,
     with_clicks,
     word_for_label,
 )
-from ml_backend.queue_client import QueueClient
+from ml_backend.ls_results import CLICKS_ONLY_NOTE, mask_results
 from ml_backend.projects import (
     MAX_PROJECTS,
     PROJECT,
@@ -64,6 +61,7 @@ from ml_backend.projects import (
     project_id,
     project_label_prompts,
 )
+from ml_backend.queue_client import QueueClient
 from ml_backend.schemas import PredictJobResult, PredictJobSpec, pixel_prompts_refusal
 from ml_backend.settings import Settings
 from ml_backend.tokens import hand_over

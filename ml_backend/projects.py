@@ -24,7 +24,8 @@ from redis import Redis
 from redis.exceptions import RedisError
 
 from ml_backend.errors import InvalidRequestError
-from ml_backend.ls_protocol import BoxPrompt, parse_label_config
+from ml_backend.label_config import parse_label_config
+from ml_backend.ls_protocol import BoxPrompt
 from ml_backend.schemas import RedisKeys
 
 log = logging.getLogger(__name__)

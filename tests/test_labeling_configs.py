@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from label_studio_sdk.label_interface import LabelInterface
 
-from ml_backend.ls_protocol import parse_label_config
+from ml_backend.label_config import parse_label_config
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "labeling_configs"
 CONFIGS = sorted(CONFIG_DIR.glob("*.xml"))

@@ -11,7 +11,7 @@ import copy
 import pytest
 
 from ml_backend.ls_format import brush_mask
-from ml_backend.ls_protocol import CLICKS_ONLY_NOTE
+from ml_backend.ls_results import CLICKS_ONLY_NOTE
 from tests.ml_backend.conftest import load_fixture
 from tests.ml_backend.test_model import backend
 

@@ -18,21 +18,20 @@ from ml_backend.ls_format import (
     mask_to_rle,
     rotated_box_pct_to_xyxy,
 )
-from ml_backend import ls_protocol
+from ml_backend import label_config
+from ml_backend.label_config import MAX_LABEL_CONFIG_BYTES, parse_label_config
 from ml_backend.ls_protocol import (
     MAX_BOXES_PER_TASK,
-    MAX_LABEL_CONFIG_BYTES,
     BoxPrompt,
     Click,
     boxes_from_results,
-    brush_result,
     image_url_of,
-    parse_label_config,
     parse_predict_request,
     task_boxes,
     with_clicks,
     word_for_label,
 )
+from ml_backend.ls_results import brush_result
 from tests.ml_backend.conftest import REPO, load_fixture
 
 INTERACTIVE = load_fixture("predict_interactive_request.json")
@@ -243,5 +242,5 @@ def test_a_label_config_over_the_cap_is_refused_before_parsing():
 def test_parsed_configs_are_cached_by_digest_never_by_their_text():
     padded = CONFIG_XML.replace("</View>", "<!--" + "y" * 100_000 + "--></View>")
     assert parse_label_config(padded) is parse_label_config(padded)  # parsed once
-    cached = ls_protocol._parsed_configs
+    cached = label_config._parsed_configs
     assert padded not in cached._items and all(len(key) == 64 for key in cached._items)

@@ -10,7 +10,8 @@ from PIL import Image, ImageDraw
 
 from ml_backend.errors import InvalidRequestError
 from ml_backend.ls_format import mask_to_polygons, polygon_mask, polygons_mask
-from ml_backend.ls_protocol import parse_label_config, task_text_alone_prompt, text_alone_prompt
+from ml_backend.label_config import parse_label_config
+from ml_backend.ls_protocol import task_text_alone_prompt, text_alone_prompt
 from tests.ml_backend.conftest import load_fixture
 
 POLYGON_CONFIG = """<View>
