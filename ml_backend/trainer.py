@@ -17,7 +17,7 @@ without a live trainer, unclaimed jobs expire). The job (:func:`train_job`, in t
 4. scores the serving version on the held-out set, fine-tunes it with ``talk2sam.train.Trainer``
    (TRAIN_EPOCHS, at least TRAIN_MIN_STEPS optimiser steps, TRAIN_LR, TRAIN_OPTIMIZER,
    TRAIN_BATCH_SIZE, TRAIN_LOSS_POINTS) and scores it again (mIoU, mBIoU by
-   ``talk2sam.train.evaluate``); scores box-only SAM-HQ (the public decoder, no text) on the
+   ``talk2sam.evaluation.evaluate``); scores box-only SAM-HQ (the public decoder, no text) on the
    same tasks;
 5. writes the new checkpoint under VERSIONS_DIR/checkpoints (fsynced, then renamed into place:
    the serving checkpoint is never touched) and promotes it only when its held-out mIoU beats
@@ -32,7 +32,7 @@ epoch; the outcome line carries the held-out numbers. A failing or refused job l
 serving version as it was and records why, in the version's record and in the progress.
 
 Frozen image features are computed on DEVICE; the decoder is fine-tuned and evaluated on CPU
-(``talk2sam.train`` keeps cached features on CPU).
+(``talk2sam.features`` keeps cached features on CPU).
 """
 
 from __future__ import annotations
@@ -308,7 +308,9 @@ class TrainingRun:
     def _train(self, req: TrainRequest, model: Any, record: VersionRecord,
                run_dir: Any) -> dict[str, Any]:
         from talk2sam.build import default_device
-        from talk2sam.train import FeatureCache, TrainConfig, Trainer, evaluate, prepare
+        from talk2sam.evaluation import evaluate
+        from talk2sam.features import FeatureCache, prepare
+        from talk2sam.train import TrainConfig, Trainer
 
         s = self.settings
         tasks, source = self._tasks(req)

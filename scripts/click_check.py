@@ -28,7 +28,9 @@ import torch  # noqa: E402
 from talk2sam.build import load_checkpoint  # noqa: E402
 from talk2sam.data.heldout import single_set  # noqa: E402
 from talk2sam.data.randomized import RandomizedThinDataset  # noqa: E402
-from talk2sam.train import FeatureCache, TrainConfig, Trainer, click_miou, prepare  # noqa: E402
+from talk2sam.evaluation import click_miou  # noqa: E402
+from talk2sam.features import FeatureCache, prepare  # noqa: E402
+from talk2sam.train import TrainConfig, Trainer  # noqa: E402
 from talk2sam.weights import DEMO_CHECKPOINT  # noqa: E402
 
 ROUNDS = (0, 1, 3)

@@ -22,14 +22,9 @@ import torch
 from talk2sam.build import build_model
 from talk2sam.configs import get_config
 from talk2sam.data.synthetic import SyntheticThinDataset
-from talk2sam.train import (
-    FeatureCache,
-    TrainConfig,
-    Trainer,
-    evaluate,
-    predict_example,
-    prepare,
-)
+from talk2sam.evaluation import evaluate, predict_example
+from talk2sam.features import FeatureCache, prepare
+from talk2sam.train import TrainConfig, Trainer
 from talk2sam.visualize import save_comparison_grid
 
 

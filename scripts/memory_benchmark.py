@@ -22,7 +22,7 @@ import sys, torch
 torch.set_num_threads(1)
 from talk2sam.build import build_model
 from talk2sam.data.datasets import thinobject5k
-from talk2sam.train import FeatureCache, prepare
+from talk2sam.features import FeatureCache, prepare
 model = build_model(sys.argv[2])
 examples = prepare(model, thinobject5k(sys.argv[1], "train"), FeatureCache(model))
 """
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     from talk2sam.configs import get_config
     from talk2sam.data.datasets import Subset, write_published_layout
     from talk2sam.data.synthetic import SyntheticThinDataset
-    from talk2sam.train import feature_bytes
+    from talk2sam.features import feature_bytes
 
     sizes = [int(n) for n in args.images.split(",")]
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="talk2sam-memory-"))
@@ -100,7 +100,8 @@ def print_float16_check(images: int = 32) -> None:
 
     from talk2sam.build import load_checkpoint
     from talk2sam.data.synthetic import SyntheticThinDataset
-    from talk2sam.train import FeatureCache, evaluate, prepare
+    from talk2sam.evaluation import evaluate
+    from talk2sam.features import FeatureCache, prepare
     from talk2sam.weights import DEMO_CHECKPOINT
 
     torch.set_num_threads(1)

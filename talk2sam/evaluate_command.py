@@ -44,7 +44,7 @@ def _score(model: Any, examples: Any, dataset: str, output: str, use_text: bool,
     from tqdm import tqdm
 
     from talk2sam.metrics import ScoreAggregator
-    from talk2sam.train import evaluate
+    from talk2sam.evaluation import evaluate
 
     agg = ScoreAggregator()
     for i in tqdm(range(len(examples)), desc=desc, unit="obj", leave=False):
@@ -85,7 +85,7 @@ def _time_per_image(model: Any, dataset: Any, use_text: bool, images: int) -> fl
 
 def _examples(model: Any, dataset: Any, cache_dir: str | None, desc: str) -> Any:
     """In memory without a cache folder; streamed from disk with one (large sets)."""
-    from talk2sam.train import FeatureCache, LazyExamples, prepare
+    from talk2sam.features import FeatureCache, LazyExamples, prepare
 
     if cache_dir:
         return LazyExamples.cached(model, dataset, FeatureCache(model, cache_dir), desc=desc)
@@ -153,7 +153,7 @@ def save_figure(path: str, scored: dict[str, tuple[Any, Sequence[Any], str, bool
                 rows: int) -> None:
     """The paper's qualitative figure: per object the image and word, the similarity map, the
     ground truth and each method's mask."""
-    from talk2sam.train import predict_example
+    from talk2sam.evaluation import predict_example
     from talk2sam.visualize import save_comparison_grid
 
     any_examples = next(iter(scored.values()))[1]

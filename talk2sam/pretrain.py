@@ -29,13 +29,8 @@ import torch.nn.functional as F
 from talk2sam.data.randomized import CLASS_WORDS, CLASSES, RandomizedSample, RandomizedThinDataset
 from talk2sam.model import Talk2Sam
 from talk2sam.similarity import similarity_map
-from talk2sam.train import (
-    click_points,
-    error_clicks,
-    gt_to_canvas,
-    sample_clicks,
-    served_mask,
-)
+from talk2sam.evaluation import click_points, error_clicks, sample_clicks, served_mask
+from talk2sam.features import gt_to_canvas
 
 MAP_LOGIT_SCALE = 10.0  # cosine in [-1, 1] -> logits in [-10, 10]
 POSITIVE_WEIGHT = 10.0  # of an object pixel against a background pixel in the dense BCE

@@ -11,11 +11,9 @@ trained parts with metadata."""
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import random
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -27,7 +25,6 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from talk2sam import geometry
 from talk2sam.build import (
     atomic_save,
     read_checkpoint,
@@ -35,13 +32,11 @@ from talk2sam.build import (
     set_trainable,
     trained_state,
 )
-from talk2sam.clicks import largest_error_click, random_error_click
-from talk2sam.configs import ModelConfig
-from talk2sam.data.items import Item, ItemDataset
-from talk2sam.errors import ConfigError, DiskSpaceError
+from talk2sam.errors import ConfigError
+from talk2sam.evaluation import evaluate, sample_clicks, served_iou
+from talk2sam.features import Example, LazyExamples
 from talk2sam.losses import mask_loss
-from talk2sam.metrics import ScoreAggregator
-from talk2sam.model import ImageFeatures, Talk2Sam
+from talk2sam.model import Talk2Sam
 
 
 @dataclass
@@ -90,185 +85,6 @@ class TrainConfig:
 
 # settings a resumed run must share with the run it continues (epochs may grow)
 RUN_DEFINING = ("batch_size", "seed", "clip_mode", "optimizer")
-
-
-@dataclass
-class Example:
-    """One training/evaluation example: frozen features + prompt + target."""
-
-    features: ImageFeatures
-    box_xyxy: torch.Tensor  # (4,) original frame
-    word: str
-    target: torch.Tensor  # (1, S, S) uint8 0-255 (soft edges of the resize), SAM's padded canvas
-    gt: np.ndarray  # (H, W) bool, original frame
-    image: np.ndarray  # (H, W, 3) uint8, for figures
-
-
-def gt_to_canvas(mask: np.ndarray, long_side: int) -> torch.Tensor:
-    """(H, W) bool -> (1, S, S) uint8 in SAM's padded canvas (resized longest side, padded;
-    0-255, the resize's soft edges kept to 1/255)."""
-    h, w = mask.shape
-    new_h, new_w = geometry.resized_hw(h, w, long_side)
-    t = torch.from_numpy(mask.astype(np.float32))[None, None]
-    t = F.interpolate(t, size=(new_h, new_w), mode="bilinear", align_corners=False)
-    t = F.pad(t, (0, long_side - new_w, 0, long_side - new_h))[0]
-    return (t * 255.0).round().to(torch.uint8)
-
-
-CACHE_FORMAT = 2  # bump when what a cached file holds changes: old files are never reused
-
-
-def weights_fingerprint(model: Talk2Sam) -> str:
-    """A short digest of the frozen encoders' weights (SAM-HQ's image encoder, DINOv2), so
-    features cached with other weights are never reused: shapes plus a sample of each tensor
-    (the first and last values), cheap even at ViT-H size."""
-    digest = hashlib.sha1(f"{model.cfg.name}:{model.uses_text}".encode())
-    encoders = {"sam": model.sam.image_encoder}
-    if model.dino is not None:
-        encoders["dino"] = model.dino
-    for name, module in encoders.items():
-        for key, tensor in module.state_dict().items():
-            flat = tensor.detach().flatten()
-            sample = torch.cat([flat[:16], flat[-16:]]).float().cpu().numpy()
-            digest.update(f"{name}.{key}{tuple(tensor.shape)}".encode())
-            digest.update(sample.tobytes())
-    return digest.hexdigest()[:16]
-
-
-_DINO_HEADS = {"vit_large": 16, "vit_base": 12, "vit_small": 6}
-
-
-def feature_bytes(cfg: ModelConfig, uses_text: bool = True,
-                  dtype: torch.dtype = torch.float16) -> int:
-    """Bytes one image's cached features take (tensors only) for a config and dtype; no model
-    needs to be built."""
-    grid = cfg.sam.image_size // 16
-    numel = cfg.sam.prompt_dim * grid * grid + grid * grid * cfg.sam.encoder_dim
-    if uses_text:
-        dino_grid = cfg.dino.image_size // 14
-        heads = cfg.dino.overrides.get("num_heads") or next(
-            h for prefix, h in _DINO_HEADS.items() if cfg.dino.arch.startswith(prefix))
-        numel += dino_grid * dino_grid * (cfg.psi_dim + heads)
-    return numel * torch.empty((), dtype=dtype).element_size()
-
-
-class FeatureCache:
-    """Frozen-backbone features per image, so an epoch, or a later run, never re-runs the
-    encoders. With a directory they live on disk only (`dtype`, float16 by default, halves the
-    space), one file per image keyed by the image bytes, the weights' fingerprint and
-    CACHE_FORMAT; without one, in memory (small runs)."""
-
-    def __init__(self, model: Talk2Sam, directory: str | os.PathLike | None = None,
-                 dtype: torch.dtype = torch.float16):
-        self.model = model
-        self.directory = Path(directory) if directory else None
-        self.dtype = dtype
-        self.fingerprint = weights_fingerprint(model)
-        self._memory: dict[str, ImageFeatures] = {}
-
-    def key(self, image: np.ndarray) -> str:
-        digest = hashlib.sha1(np.ascontiguousarray(image).tobytes())
-        digest.update(f"{image.shape}:{self.fingerprint}:{CACHE_FORMAT}:{self.dtype}".encode())
-        return digest.hexdigest()
-
-    def path(self, key: str) -> Path | None:
-        return self.directory / f"{key}.pt" if self.directory else None
-
-    @torch.no_grad()
-    def get(self, image: np.ndarray) -> ImageFeatures:
-        """Features of `image` (float32, CPU), computed once."""
-        key = self.key(image)
-        if key in self._memory:
-            return self._memory[key]
-        path = self.path(key)
-        if path is not None and path.exists():
-            return load_features(path)
-        pixels = image if image.flags.writeable else image.copy()  # torch wants writable
-        feats = self.model.encode_image(torch.from_numpy(pixels)).to("cpu")
-        if path is None:
-            self._memory[key] = feats
-            return feats
-        path.parent.mkdir(parents=True, exist_ok=True)
-        stored = feats.to("cpu", dtype=self.dtype)
-        atomic_save(vars(stored), path)
-        return stored.to("cpu", dtype=torch.float32)  # what later reads of the file give
-
-
-def load_features(path: str | os.PathLike) -> ImageFeatures:
-    """A cached features file, as float32."""
-    return ImageFeatures(**torch.load(path, map_location="cpu", weights_only=True)).to(
-        "cpu", dtype=torch.float32)
-
-
-def check_disk(directory: str | os.PathLike, images: int, bytes_per_image: int,
-               say: Callable[[str], None] = print) -> None:
-    """Say how much disk the feature cache needs and refuse when the disk cannot hold it.
-
-    Raises:
-        DiskSpaceError: fewer free bytes than needed (plus 5%).
-    """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    need = images * bytes_per_image
-    free = shutil.disk_usage(directory).free
-    say(f"feature cache: {images} images x {bytes_per_image / 2**20:.1f} MiB = "
-        f"{need / 2**30:.2f} GiB in {directory} ({free / 2**30:.1f} GiB free)")
-    if free < need * 1.05:
-        raise DiskSpaceError(
-            f"the feature cache needs {need / 2**30:.2f} GiB in {directory} but only "
-            f"{free / 2**30:.2f} GiB are free; free space, pass another --cache-dir, or use "
-            f"fewer images")
-
-
-def _example(long_side: int, item: Item, features: ImageFeatures) -> Example:
-    return Example(
-        features=features,
-        box_xyxy=torch.as_tensor(np.asarray(item["box_xyxy"], dtype=np.float32)),
-        word=item["word"],
-        target=gt_to_canvas(item["mask"], long_side),
-        gt=item["mask"],
-        image=item["image"],
-    )
-
-
-def prepare(model: Talk2Sam, items: Sequence[Item] | ItemDataset, cache: FeatureCache,
-            desc: str = "caching features") -> list[Example]:
-    """Run the frozen encoders once per image and keep the examples in memory (small sets;
-    `LazyExamples` for large ones)."""
-    return [_example(model.long_side, items[i], cache.get(items[i]["image"]))
-            for i in tqdm(range(len(items)), desc=desc, unit="img", leave=False)]
-
-
-class LazyExamples:
-    """Examples read on demand: the item from its dataset (image and mask files), the features
-    from the disk cache. Nothing per image stays in memory, so a `DataLoader` with workers
-    streams any dataset size. Build with `LazyExamples.cached(...)`, which fills the cache first.
-    """
-
-    def __init__(self, items: ItemDataset, long_side: int, paths: Sequence[Path]):
-        self.items, self.long_side, self.paths = items, long_side, list(paths)
-
-    @classmethod
-    def cached(cls, model: Talk2Sam, items: ItemDataset, cache: FeatureCache,
-               desc: str = "caching features") -> LazyExamples:
-        if cache.directory is None:
-            raise ValueError("LazyExamples needs a FeatureCache with a directory")
-        paths = [cache.path(cache.key(items[i]["image"]))
-                 for i in tqdm(range(len(items)), desc="hashing images", unit="img",
-                               leave=False)]
-        missing = {p: i for i, p in enumerate(paths) if not p.exists()}  # once per image
-        check_disk(cache.directory, len(missing),
-                   feature_bytes(model.cfg, model.uses_text, cache.dtype),
-                   say=lambda line: tqdm.write(line))
-        for index in tqdm(missing.values(), desc=desc, unit="img", leave=False):
-            cache.get(items[index]["image"])
-        return cls(items, model.long_side, paths)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> Example:
-        return _example(self.long_side, self.items[index], load_features(self.paths[index]))
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -474,138 +290,3 @@ class Trainer:
                                       "history": self.history})
 
 
-@torch.no_grad()
-def sample_clicks(model: Talk2Sam, features: ImageFeatures, box_xyxy: torch.Tensor,
-                  words: list[str] | None, gt: np.ndarray, rng: np.random.Generator,
-                  share: float, rounds: int, box_margin_px: float | None,
-                  largest_share: float = 0.5) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """SAM's interactive training: None (box and word only) for 1 - ``share`` of the calls;
-    else 1..``rounds`` clicks, each drawn from the errors of the mask the clicks before it gave:
-    ``largest_share`` of them in the middle of the largest wrong region (where annotators
-    click, as iterative click training samples them), the others uniformly over the wrong
-    pixels (SAM's way). Returns the clicks as the decoder takes them."""
-    if rounds < 1 or rng.random() >= share:
-        return None
-    return click_points(error_clicks(model, features, box_xyxy, words, gt, rng, [],
-                                     int(rng.integers(1, rounds + 1)), box_margin_px,
-                                     largest_share))
-
-
-@torch.no_grad()
-def error_clicks(model: Talk2Sam, features: ImageFeatures, box_xyxy: torch.Tensor | None,
-                 words: list[str] | None, gt: np.ndarray, rng: np.random.Generator,
-                 clicks: list[tuple[float, float, bool]], count: int,
-                 box_margin_px: float | None, largest_share: float
-                 ) -> list[tuple[float, float, bool]]:
-    """``clicks`` and up to ``count`` more, each from the errors of the mask the clicks before
-    it gave (with the box, or without one when ``box_xyxy`` is None): see `sample_clicks`."""
-    clicks = list(clicks)
-    for _ in range(count):
-        out = model.decode(features, None if box_xyxy is None else box_xyxy[None], words,
-                           points=click_points(clicks))
-        pred = served_mask(model, out.low_res_logits, features, box_xyxy,
-                           box_margin_px).cpu().numpy()
-        click = largest_error_click(pred, gt) if rng.random() < largest_share \
-            else random_error_click(pred, gt, rng)
-        if click is None:
-            break
-        clicks.append(click)
-    return clicks
-
-
-def click_points(clicks: Sequence[tuple[float, float, bool]]
-            ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """One prompt's clicks as the decoder takes them: (1, P, 2) pixels and (1, P) labels."""
-    if not clicks:
-        return None
-    coords = torch.tensor([[[x, y] for x, y, _ in clicks]], dtype=torch.float32)
-    labels = torch.tensor([[int(positive) for _, _, positive in clicks]])
-    return coords, labels
-
-
-def served_mask(model: Talk2Sam, low_res_logits: torch.Tensor, features: ImageFeatures,
-                box_xyxy: torch.Tensor | None, box_margin_px: float | None) -> torch.Tensor:
-    """(H, W) bool on the model's device: the mask the predictor returns for one box (logit > 0
-    at the original resolution, cut to the box grown by the margin unless that is None).
-
-    Items' boxes may have inclusive maxima (a mask's tight box, `mask_box_xyxy`), where the
-    predictor gets continuous ones from Label Studio: the cut reaches one pixel further right and
-    down, so the last row and column of an inclusive box are kept (for a continuous box that is
-    one pixel of leniency)."""
-    mask = model.upscale(low_res_logits, features)[0] > 0
-    if box_margin_px is None:
-        return mask
-    x0, y0, x1, y1 = box_xyxy.tolist()
-    inside = torch.zeros_like(mask)
-    inside[geometry.box_pixels((x0, y0, x1 + 1, y1 + 1), features.height, features.width,
-                               box_margin_px)] = True
-    return mask & inside
-
-
-@torch.no_grad()
-def served_iou(model: Talk2Sam, low_res_logits: torch.Tensor, features: ImageFeatures,
-               example: Example, box_margin_px: float | None) -> torch.Tensor:
-    """True IoU (0-dim float tensor) of the served mask against the example's ground truth."""
-    mask = served_mask(model, low_res_logits, features, example.box_xyxy, box_margin_px)
-    gt = torch.from_numpy(example.gt).to(mask.device)
-    union = (mask | gt).sum()
-    return (mask & gt).sum() / union.clamp(min=1)
-
-
-@torch.no_grad()
-def predict_example(model: Talk2Sam, example: Example, output: str = "sam+hq",
-                    use_text: bool = True, box_margin_px: float | None = None
-                    ) -> tuple[np.ndarray, np.ndarray | None, float]:
-    """Mask (H, W) bool as served (see `served_mask`), similarity map (gh, gw) or None, and the
-    returned score (predicted IoU clipped to [0, 1], as the predictor returns it)."""
-    words = [example.word] if (use_text and model.uses_text) else None
-    features = example.features.to(model.device)
-    out = model.decode(features, example.box_xyxy[None], words, output=output)
-    mask = served_mask(model, out.low_res_logits, features, example.box_xyxy, box_margin_px)
-    sim = None if out.sim_maps is None else out.sim_maps[0].float().cpu().numpy()
-    return mask.cpu().numpy(), sim, float(out.iou[0].clamp(0.0, 1.0))
-
-
-@torch.no_grad()
-def evaluate(model: Talk2Sam, examples: Sequence[Example], dataset: str = "data",
-             output: str = "sam+hq", use_text: bool = True,
-             aggregator: ScoreAggregator | None = None,
-             box_margin_px: float | None = None) -> ScoreAggregator:
-    """Score masks (logit > 0 at the original resolution, cut to the box when a margin is
-    given) against ground truth: IoU and boundary IoU per object, decoder time per object, and
-    the returned score, whose rank correlation with the IoU the summary reports."""
-    model.eval()
-    agg = aggregator or ScoreAggregator()
-    for ex in examples:
-        start = time.perf_counter()
-        pred, _, score = predict_example(model, ex, output, use_text, box_margin_px)
-        agg.add(dataset, pred, ex.gt, seconds=time.perf_counter() - start, predicted_iou=score)
-    return agg
-
-
-@torch.no_grad()
-def click_miou(model: Talk2Sam, examples: Sequence[Example], rounds: Sequence[int] = (0, 1, 3),
-               box_margin_px: float | None = 0.0) -> dict[int, float]:
-    """mIoU of the served masks after k clicks, each at the largest error region of the mask
-    the clicks before it gave (`clicks.largest_error_click`), for each k in ``rounds``."""
-    from talk2sam.metrics import mask_iou
-
-    model.eval()
-    ious: dict[int, list[float]] = {k: [] for k in rounds}
-    for ex in examples:
-        words = [ex.word] if model.uses_text else None
-        features = ex.features.to(model.device)
-        clicks: list[tuple[float, float, bool]] = []
-        iou = 0.0
-        for k in range(max(rounds) + 1):
-            if k == 0 or clicks[-1] is not None:
-                out = model.decode(features, ex.box_xyxy[None], words,
-                                   points=click_points([c for c in clicks
-                                                        if c is not None]))
-                pred = served_mask(model, out.low_res_logits, features, ex.box_xyxy,
-                                   box_margin_px).cpu().numpy()
-                iou = mask_iou(pred, ex.gt)
-                clicks.append(largest_error_click(pred, ex.gt))  # None: perfect, stays so
-            if k in ious:
-                ious[k].append(iou)
-    return {k: float(np.mean(v)) for k, v in ious.items()}

@@ -96,7 +96,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from talk2sam.build import build_model, default_device, load_checkpoint
-    from talk2sam.train import FeatureCache, LazyExamples, TrainConfig, Trainer, evaluate
+    from talk2sam.evaluation import evaluate
+    from talk2sam.features import FeatureCache, LazyExamples
+    from talk2sam.train import TrainConfig, Trainer
 
     if not 0.0 <= args.click_share <= 1.0:
         raise SystemExit(f"error: --click-share must be in [0, 1], got {args.click_share}")

@@ -37,10 +37,11 @@ def test_random_clicks_fall_on_wrong_pixels_with_their_sign():
 def test_training_draws_clicks_from_the_errors_for_the_share_asked(tmp_path, monkeypatch):
     # which decoder calls of training carry clicks, and that every click sits on a pixel the
     # mask of the clicks before it got wrong (the learning effect itself: scripts/click_check.py)
-    from talk2sam import train as train_module
+    from talk2sam import evaluation  # where training draws its clicks
     from talk2sam.build import build_model
     from talk2sam.data.synthetic import SyntheticThinDataset
-    from talk2sam.train import FeatureCache, TrainConfig, Trainer, prepare
+    from talk2sam.features import FeatureCache, prepare
+    from talk2sam.train import TrainConfig, Trainer
 
     model = build_model("tiny")
     examples = prepare(model, SyntheticThinDataset(8, seed=3, stroke_scale=3.0),
@@ -58,7 +59,7 @@ def test_training_draws_clicks_from_the_errors_for_the_share_asked(tmp_path, mon
 
     # half the clicks uniformly over the errors, half in the largest wrong region
     for name in ("random_error_click", "largest_error_click"):
-        monkeypatch.setattr(train_module, name, spy(getattr(train_module, name)))
+        monkeypatch.setattr(evaluation, name, spy(getattr(evaluation, name)))
     config = TrainConfig(epochs=2, batch_size=4, lr=1e-3, optimizer="adamw", num_points=256,
                          click_share=1.0, click_rounds=2)
     Trainer(model, config, tmp_path / "all").fit(examples, resume=False)

@@ -10,7 +10,8 @@ from talk2sam.build import build_model
 from talk2sam.data.synthetic import SyntheticThinDataset
 from talk2sam.metrics import mask_iou, score_rank_correlation
 from talk2sam.predictor import Talk2SamPredictor
-from talk2sam.train import FeatureCache, TrainConfig, Trainer, prepare
+from talk2sam.features import FeatureCache, prepare
+from talk2sam.train import TrainConfig, Trainer
 
 
 def _served_scores_and_ious(model, items):
@@ -60,7 +61,7 @@ def test_an_untrained_iou_head_says_nothing():
 
 
 def test_the_iou_target_is_the_iou_of_the_mask_as_served(tmp_path):
-    from talk2sam.train import served_iou
+    from talk2sam.evaluation import served_iou
 
     model = build_model("tiny")
     item = SyntheticThinDataset(1, seed=5, size=(240, 360), multi_object=False)[0]
@@ -81,7 +82,7 @@ def test_the_iou_target_is_the_iou_of_the_mask_as_served(tmp_path):
 
 
 def test_the_cut_keeps_the_last_row_and_column_of_an_inclusive_box():
-    from talk2sam.train import served_mask
+    from talk2sam.evaluation import served_mask
 
     model = build_model("tiny")
     item = SyntheticThinDataset(1, seed=5, size=(240, 360), multi_object=False)[0]

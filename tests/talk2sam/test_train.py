@@ -5,7 +5,9 @@ import torch
 from talk2sam.build import build_model, read_checkpoint
 from talk2sam.data.synthetic import SyntheticThinDataset
 from talk2sam.losses import mask_loss, point_sample
-from talk2sam.train import FeatureCache, TrainConfig, Trainer, evaluate, gt_to_canvas, prepare
+from talk2sam.evaluation import evaluate
+from talk2sam.features import FeatureCache, gt_to_canvas, prepare
+from talk2sam.train import TrainConfig, Trainer
 
 
 def test_point_sample_reads_pixel_centres():

@@ -17,7 +17,7 @@ import torch
 from talk2sam.data.datasets import open_dataset, write_published_layout
 from talk2sam.data.synthetic import SyntheticThinDataset
 from talk2sam.errors import DiskSpaceError
-from talk2sam.train import FeatureCache, check_disk, feature_bytes, weights_fingerprint
+from talk2sam.features import FeatureCache, check_disk, feature_bytes, weights_fingerprint
 from talk2sam.weights import DEMO_CHECKPOINT
 
 REPO = Path(__file__).resolve().parents[2]
