@@ -56,7 +56,7 @@ from redis.exceptions import RedisError
 from ml_backend.annotations import AnnotationStore
 from ml_backend.errors import BackendError, TrainingError
 from ml_backend.images import ImageFetcher, decode_rgb
-from ml_backend.ls_format import LabelStudioExportDataset
+from ml_backend.ls_export import LabelStudioExportDataset
 from ml_backend.ls_protocol import word_for_label
 from ml_backend.schemas import RedisKeys
 from ml_backend import rq_process

@@ -1,5 +1,5 @@
 """Export a Label Studio project's annotations to a file (Label Studio's JSON export by default:
-the format `ml_backend.ls_format.LabelStudioExportDataset` and scripts/evaluate.py
+the format `ml_backend.ls_export.LabelStudioExportDataset` and scripts/evaluate.py
 `--format labelstudio` read).
 
 Usage:

@@ -94,7 +94,7 @@ def test_created_annotation_is_recorded_with_its_rectangle_and_mask(client, clea
 def test_recorded_annotations_pair_in_the_trainer_as_in_an_export(client, clean_redis):
     """The trainer's fallback reads records as export tasks: same pairing as Label Studio's
     export (the rectangle of the same label is the box prompt)."""
-    from ml_backend.ls_format import LabelStudioExportDataset
+    from ml_backend.ls_export import LabelStudioExportDataset
 
     post(client, CREATED)
     [record] = records(clean_redis)
