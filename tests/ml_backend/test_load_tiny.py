@@ -27,6 +27,6 @@ def test_tiny_model_masks_stay_in_their_boxes_under_load(fake_ls, tmp_path):
         assert status == 200, answer
         x0, y0, x1, y1 = want["box_px"]
         ys, xs = np.nonzero(mask_of(answer, want))
-        if len(xs):
-            assert xs.min() >= x0 - 3 and xs.max() <= x1 + 2
-            assert ys.min() >= y0 - 3 and ys.max() <= y1 + 2
+        assert len(xs) > 0, "an empty mask"
+        assert xs.min() >= x0 - 3 and xs.max() <= x1 + 2
+        assert ys.min() >= y0 - 3 and ys.max() <= y1 + 2

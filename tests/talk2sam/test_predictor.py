@@ -138,10 +138,12 @@ def test_grayscale_and_16_bit_images_segment(tiny_predictor):
 
 def test_masks_can_be_kept_inside_their_boxes(tiny_predictor, rgb_300x400):
     tiny_predictor.set_image(rgb_300x400)
-    pred = tiny_predictor.predict([[100, 49, 280, 85]], "wire", box_margin_px=2)
-    ys, xs = np.nonzero(pred.masks[0])
-    if len(xs):
-        assert xs.min() >= 98 and xs.max() <= 282 and ys.min() >= 47 and ys.max() <= 87
+    whole = tiny_predictor.predict([[100, 49, 280, 85]], "wire").masks[0]
+    cut = tiny_predictor.predict([[100, 49, 280, 85]], "wire", box_margin_px=2).masks[0]
+    ys, xs = np.nonzero(cut)
+    assert len(xs) > 0 and whole.sum() > cut.sum()  # the random model spills; the cut keeps
+    assert xs.min() >= 98 and xs.max() <= 282 and ys.min() >= 47 and ys.max() <= 87
+    assert not (cut & ~whole).any()  # only ever removes pixels
 
 
 def test_encoders_default_to_bfloat16_only_where_the_hardware_has_it(monkeypatch):

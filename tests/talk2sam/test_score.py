@@ -57,7 +57,8 @@ def test_an_untrained_iou_head_says_nothing():
                                 stroke_scale=3.0)
     scores, ious = _served_scores_and_ious(build_model("tiny"), held)
     rho = score_rank_correlation(np.array(scores), np.array(ious))
-    assert rho is None or rho < 0.5
+    # it gives every mask the same score: nothing to rank by (a trained one ranks: above)
+    assert np.ptp(scores) < 1e-6 and rho is None
 
 
 def test_the_iou_target_is_the_iou_of_the_mask_as_served(tmp_path):
