@@ -20,8 +20,8 @@ from typing import Any, NamedTuple
 from ml_backend.errors import InvalidRequestError
 from ml_backend.label_config import LabelConfig
 from ml_backend.ls_format import clip_box_xyxy, rotated_box_pct_to_xyxy
+from talk2sam.configs import MAX_WORD_CHARS
 
-MAX_PROMPT_CHARS = 200  # as talk2sam.text.MAX_WORD_CHARS: refused here, before any job is queued
 # Each box comes back as a full-size mask: thousands of them would exhaust a worker's memory.
 MAX_BOXES_PER_TASK = 256
 
@@ -228,10 +228,10 @@ def _texts_of(results: list[dict[str, Any]], name: str | None) -> dict[Any, str]
         raw = (item.get("value") or {}).get("text")
         parts = [raw] if isinstance(raw, str) else raw if isinstance(raw, list) else []
         text = " ".join(p.strip() for p in parts if isinstance(p, str)).strip()
-        if len(text) > MAX_PROMPT_CHARS:
+        if len(text) > MAX_WORD_CHARS:
             raise InvalidRequestError(
                 f"{name!r} text of {len(text)} characters is longer than "
-                f"{MAX_PROMPT_CHARS}; a prompt names an object in a few words"
+                f"{MAX_WORD_CHARS}; a prompt names an object in a few words"
             )
         if text:
             texts[item.get("id")] = text

@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     if args.pretrain_steps:
         from talk2sam.build import set_trainable
-        from talk2sam.pretrain import PretrainConfig, pretrain, progress_lines, round_to_half
+        from talk2sam.build import round_to_half
+        from talk2sam.pretrain import PretrainConfig, pretrain, progress_lines
 
         pretrain(model, PretrainConfig(steps=args.pretrain_steps, lr=args.pretrain_lr or args.lr,
                                        seed=args.seed + 100, click_share=args.click_share,

@@ -26,10 +26,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from heldout_check import markdown, measure  # noqa: E402
 
-from talk2sam.build import build_model, set_trainable  # noqa: E402
+from talk2sam.build import build_model, round_to_half, set_trainable  # noqa: E402
 from talk2sam.data.randomized import RandomizedThinDataset  # noqa: E402
 from talk2sam.predictor import Talk2SamPredictor  # noqa: E402
-from talk2sam.pretrain import PretrainConfig, pretrain, progress_lines, round_to_half  # noqa: E402
+from talk2sam.pretrain import PretrainConfig, pretrain, progress_lines  # noqa: E402
 from talk2sam.features import FeatureCache, prepare  # noqa: E402
 from talk2sam.train import TrainConfig, Trainer  # noqa: E402
 from talk2sam.weights import DEMO_CHECKPOINT  # noqa: E402

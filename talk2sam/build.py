@@ -34,6 +34,15 @@ _READ_ERRORS = (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile,
                 pickle.UnpicklingError, struct.error)  # tiny architectures are random but identical in every process
 
 
+def round_to_half(model: nn.Module) -> None:
+    """Put every weight on the float16 grid (checkpoints then store frozen parts in half the
+    space, exactly)."""
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.copy_(tensor.half().float())
+
+
 def default_device(device: str | None = None) -> str:
     """``device`` when given, else CUDA when there is one, else the CPU."""
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -129,10 +138,7 @@ def build_model(
     if cfg.sam.variant == "tiny" and (random_init or not cfg.sam_weights):
         # random tiny weights live on the float16 grid, so checkpoints can store the frozen parts in
         # half the space without changing a single value
-        with torch.no_grad():
-            for tensor in model.state_dict().values():
-                if tensor.is_floating_point():
-                    tensor.copy_(tensor.half().float())
+        round_to_half(model)
     kind = "talk2sam" if use_text else "samhq"
     if random_init or not cfg.sam_weights:
         model.version = f"{kind}-{cfg.name}-random"

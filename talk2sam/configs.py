@@ -105,6 +105,9 @@ class ModelConfig:
 
 # the version suffix of a model built from the public weights alone: its text branch (psi, the
 # mask-prompt encoder, the gate) has never been trained on the segmentation task
+# The longest text prompt: CLIP sees 77 tokens, and a longer prompt is a caller's mistake. Here,
+# torch-free, so that the web side refuses one before any job is queued.
+MAX_WORD_CHARS = 200
 UNTRAINED_TEXT_SUFFIX = "-untrained-text"
 UNTRAINED_TEXT_NOTE = ("untrained text branch: the word does not steer the masks yet (box-only "
                        "SAM-HQ quality at best); train it on a dataset or on the team's "

@@ -216,12 +216,3 @@ def progress_lines(steps: int, every: int = 25) -> Callable[[dict], None]:
                   flush=True)
 
     return report
-
-
-def round_to_half(model: Talk2Sam) -> None:
-    """Put every weight on the float16 grid (checkpoints then store frozen parts in half the
-    space, exactly)."""
-    with torch.no_grad():
-        for tensor in model.state_dict().values():
-            if tensor.is_floating_point():
-                tensor.copy_(tensor.half().float())

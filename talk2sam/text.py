@@ -12,10 +12,9 @@ import open_clip
 import torch
 from torch import nn
 
-from talk2sam.configs import ClipSpec
+from talk2sam.configs import MAX_WORD_CHARS, ClipSpec
 from talk2sam.errors import InvalidPromptError
 
-MAX_WORD_CHARS = 200  # CLIP sees 77 tokens; longer prompts are a caller's mistake, not a prompt
 
 
 def build_clip(spec: ClipSpec) -> open_clip.model.CLIP:

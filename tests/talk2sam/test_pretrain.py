@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from talk2sam.build import build_model
+from talk2sam.build import build_model, round_to_half
 from talk2sam.data.randomized import RandomizedThinDataset
 from talk2sam.pretrain import (
     PretrainConfig,
@@ -14,7 +14,6 @@ from talk2sam.pretrain import (
     grounding_targets,
     lr_factor,
     pretrain,
-    round_to_half,
 )
 
 
