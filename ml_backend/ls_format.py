@@ -41,6 +41,20 @@ def box_pct_to_xyxy(
     )
 
 
+def point_pct_to_px(x_pct: float, y_pct: float, width_px: int, height_px: int
+                    ) -> tuple[float, float]:
+    """A Label Studio point (keypoint, polygon vertex; percent of the image) -> float pixels,
+    clamped to the image (the editor allows tiny overshoots)."""
+    return (min(max(x_pct, 0.0), 100.0) * width_px / 100, min(max(y_pct, 0.0), 100.0)
+            * height_px / 100)
+
+
+def points_px_to_pct(points_px: Sequence[Sequence[float]], width_px: int, height_px: int
+                     ) -> list[list[float]]:
+    """Float pixel points -> Label Studio's percent of the image (polygon vertices)."""
+    return [[100.0 * x / width_px, 100.0 * y / height_px] for x, y in points_px]
+
+
 def box_xyxy_to_pct(box_xyxy: BoxXYXY, width_px: int, height_px: int) -> tuple[float, ...]:
     """Inverse of :func:`box_pct_to_xyxy`: XYXY pixels -> (x, y, width, height) percent."""
     x0, y0, x1, y1 = box_xyxy

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 
 from ml_backend.errors import InvalidRequestError
 from ml_backend.label_config import LabelConfig
-from ml_backend.ls_format import clip_box_xyxy, rotated_box_pct_to_xyxy
+from ml_backend.ls_format import clip_box_xyxy, point_pct_to_px, rotated_box_pct_to_xyxy
 from talk2sam.configs import MAX_WORD_CHARS
 
 # Each box comes back as a full-size mask: thousands of them would exhaust a worker's memory.
@@ -133,8 +133,7 @@ def clicks_from_results(results: list[Any], config: LabelConfig, where: str) -> 
         x, y = (_finite(value, key, where, None) for key in ("x", "y"))
         label = _mask_label(value, "keypointlabels", config, where)
         positive = item.get("is_positive", True)  # Label Studio: top level, Alt+click False
-        clicks.append(Click(label, min(max(x, 0.0), 100.0) * width / 100.0,
-                            min(max(y, 0.0), 100.0) * height / 100.0, positive is not False,
+        clicks.append(Click(label, *point_pct_to_px(x, y, width, height), positive is not False,
                             width, height))
     if len(clicks) > MAX_BOXES_PER_TASK:
         raise InvalidRequestError(f"{where}: {len(clicks)} keypoints, over {MAX_BOXES_PER_TASK}")

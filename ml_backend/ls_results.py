@@ -8,6 +8,7 @@ import uuid
 from typing import Any
 
 from ml_backend.label_config import LabelConfig
+from ml_backend.ls_format import points_px_to_pct
 
 CLICKS_ONLY_NOTE = ("clicks only: no box of this label on the task, so SAM's point prompt "
                     "alone made this mask; draw a box for the word and the box to steer it")
@@ -72,6 +73,6 @@ def polygon_result(points_px: list[list[float]], width: int, height: int, label:
                    note: str | None = None) -> dict[str, Any]:
     """One Label Studio polygon result from pixel-edge points (``ls_format.mask_to_polygons``),
     in percent of the image as Label Studio stores polygons."""
-    points = [[100.0 * x / width, 100.0 * y / height] for x, y in points_px]
+    points = points_px_to_pct(points_px, width, height)
     return _region(config.polygon_name, config, "polygonlabels", width, height, image_rotation,
                    {"points": points, "closed": True, "polygonlabels": [label]}, score, note)

@@ -29,7 +29,7 @@ ALLOWED = {
     "ls_export": {"errors", "ls_format"},
     "label_config": {"errors"},
     "ls_protocol": {"errors", "label_config", "ls_format"},
-    "ls_results": {"label_config"},
+    "ls_results": {"label_config", "ls_format"},
     "queue_client": {"errors", "schemas", "settings"},
     "versions": {"errors", "schemas"},
     "annotations": {"errors", "ls_format", "schemas"},
