@@ -199,8 +199,9 @@ def _is_presign_route(url: str, ls_url: str) -> bool:
 
 def _proxied(url: str) -> bool:
     """Whether httpx sends ``url`` through a proxy of the environment (HTTP(S)_PROXY)."""
-    scheme, host = urlparse(url).scheme, urlparse(url).hostname or ""
-    return scheme in urllib.request.getproxies() and not urllib.request.proxy_bypass(host)
+    parsed = urlparse(url)
+    return parsed.scheme in urllib.request.getproxies() and \
+        not urllib.request.proxy_bypass(parsed.hostname or "")
 
 
 def _addresses(host: str, port: int) -> list[str]:

@@ -185,16 +185,13 @@ class Talk2SamBackend:
             InvalidRequestError: naming the cap.
         """
         with self._lock:
-            if project in self._projects or len(self._projects) < MAX_PROJECTS:
-                known_here = project in self._projects
-            else:
-                raise InvalidRequestError(f"this backend holds {MAX_PROJECTS} projects already "
-                                          f"(MAX_PROJECTS); project {project} is refused")
-        try:
-            room = known_here or self.projects.has_room_for(project)
-        except RedisError as exc:  # the cap in memory still holds
-            log.warning("projects not counted in Redis: %s", exc)
-            room = True
+            known_here = project in self._projects
+            room = known_here or len(self._projects) < MAX_PROJECTS
+        if room and not known_here:  # other web processes may have set up others
+            try:
+                room = self.projects.has_room_for(project)
+            except RedisError as exc:  # the cap in memory still holds
+                log.warning("projects not counted in Redis: %s", exc)
         if not room:
             raise InvalidRequestError(f"this backend holds {MAX_PROJECTS} projects already "
                                       f"(MAX_PROJECTS); project {project} is refused")

@@ -318,12 +318,8 @@ class TrainingRun:
         train_tasks, held_tasks = split_tasks(tasks, s.train_holdout_percent,
                                               s.promote_min_heldout_tasks)
         if len(tasks) >= 2 and len(held_tasks) < s.promote_min_heldout_tasks:
-            raise TrainingError(  # before any image is downloaded
-                f"too little to judge a new version on: {len(held_tasks)} held-out tasks of "
-                f"{len(tasks)} with masks from {source}; promotion needs at least "
-                f"{s.promote_min_heldout_objects} objects from {s.promote_min_heldout_tasks} "
-                f"tasks (PROMOTE_MIN_HELDOUT_OBJECTS, PROMOTE_MIN_HELDOUT_TASKS): annotate more "
-                f"tasks")
+            raise _too_little(s, f"{len(held_tasks)} held-out tasks of {len(tasks)} with masks "
+                                 f"from {source}")  # before any image is downloaded
         train_items, skipped_train, _ = self._items(train_tasks, req)
         held_items, skipped_held, judged_tasks = self._items(held_tasks, req)
         if not train_items or not held_items:
@@ -331,15 +327,12 @@ class TrainingRun:
                 f"need brush annotations on at least two tasks (one to train on, one held out); "
                 f"found {len(train_items)} training and {len(held_items)} held-out objects "
                 f"in {len(tasks)} tasks from {source}")
-        min_objects, min_tasks = s.promote_min_heldout_objects, s.promote_min_heldout_tasks
-        if len(held_items) < min_objects or judged_tasks < min_tasks:
+        if len(held_items) < s.promote_min_heldout_objects or \
+                judged_tasks < s.promote_min_heldout_tasks:
             # a version judged on one object could be promoted on luck (or on forged data)
-            raise TrainingError(
-                f"too little to judge a new version on: {len(held_items)} held-out objects from "
-                f"{judged_tasks} tasks ({len(train_items)} training objects, {len(tasks)} "
-                f"annotated tasks from {source}); promotion needs at least {min_objects} "
-                f"objects from {min_tasks} tasks (PROMOTE_MIN_HELDOUT_OBJECTS, "
-                f"PROMOTE_MIN_HELDOUT_TASKS): annotate more tasks")
+            raise _too_little(s, f"{len(held_items)} held-out objects from {judged_tasks} tasks "
+                                 f"({len(train_items)} training objects, {len(tasks)} annotated "
+                                 f"tasks from {source})")
         self.progress(state="preparing", source=source, train_objects=len(train_items),
                       heldout_objects=len(held_items))
         device = default_device(s.device)
@@ -393,6 +386,14 @@ class TrainingRun:
             status = "rejected"
         return {"status": status, "version": record.name, "parent": record.parent,
                 "metrics": metrics, "reason": refusal}
+
+
+def _too_little(s: Settings, had: str) -> TrainingError:
+    """The refusal of a job whose held-out set is below the promotion minimum."""
+    return TrainingError(
+        f"too little to judge a new version on: {had}; promotion needs at least "
+        f"{s.promote_min_heldout_objects} objects from {s.promote_min_heldout_tasks} tasks "
+        f"(PROMOTE_MIN_HELDOUT_OBJECTS, PROMOTE_MIN_HELDOUT_TASKS): annotate more tasks")
 
 
 def _has_masks(task: dict[str, Any]) -> bool:
