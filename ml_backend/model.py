@@ -21,7 +21,6 @@ without its own text. This holds in interactive and in batch mode.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import threading
 from collections.abc import Callable

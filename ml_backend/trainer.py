@@ -53,13 +53,14 @@ import numpy as np
 from redis import Redis
 from redis.exceptions import RedisError
 
+from ml_backend import rq_process
 from ml_backend.annotations import AnnotationStore
 from ml_backend.errors import BackendError, TrainingError
 from ml_backend.images import ImageFetcher, decode_rgb
 from ml_backend.ls_export import LabelStudioExportDataset
 from ml_backend.ls_protocol import word_for_label
 from ml_backend.schemas import RedisKeys
-from ml_backend import rq_process
+from ml_backend.serving_model import load_version, serving_record
 from ml_backend.settings import Settings
 from ml_backend.tokens import collect
 from ml_backend.training_queue import (
@@ -211,30 +212,22 @@ class TrainingRun:
         return summary
 
     def _serving_model(self) -> tuple[Any, VersionRecord]:
-        """The serving version's model; a trainer never decides what serves.
+        """The serving version's model, by the workers' rule; a trainer never decides what
+        serves.
 
         Raises:
-            TrainingError: nothing serves yet, or it is a base model these settings do not build.
+            TrainingError: nothing serves yet, or it comes from other model settings.
         """
-        from talk2sam.build import build_model, load_checkpoint
-
-        s = self.settings
-        serving = self.registry.serving()
+        try:
+            serving = serving_record(self.settings, self.registry, follow=True)
+        except VersionError as exc:
+            raise TrainingError(f"{exc}; start the trainer with the workers' model "
+                                f"settings") from exc
         if serving is None:
             raise TrainingError(
                 "no serving version is registered yet: inference workers register the model "
                 "they serve when they start; start them (talk2sam-stack does) before training")
-        if serving.checkpoint:
-            return load_checkpoint(serving.checkpoint, s.model_dir), serving
-        model = (load_checkpoint(s.model_checkpoint, s.model_dir) if s.model_checkpoint
-                 else build_model(s.model_config, s.model_dir))
-        if model.version != serving.name:
-            raise TrainingError(
-                f"the serving version {serving.name} is a base model, and this trainer's "
-                f"settings build another one ({model.version}: MODEL_CONFIG={s.model_config}, "
-                f"MODEL_CHECKPOINT={s.model_checkpoint or '-'}); start the trainer with the "
-                f"workers' model settings")
-        return model, serving
+        return load_version(self.settings, serving, trainable_model).model, serving
 
     def _new_name(self) -> str:
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
@@ -415,6 +408,15 @@ def promotion_refusal(new: float, serving: float, baseline: float,
         return (f"held-out mIoU {new:.4f} does not beat box-only SAM-HQ's {baseline:.4f} on the "
                 f"same tasks")
     return None
+
+
+def trainable_model(settings: Settings) -> Any:
+    """The ``Talk2Sam`` model of these settings (torch is imported here, in the trainer only)."""
+    from talk2sam.build import build_model, load_checkpoint
+
+    if settings.model_checkpoint:
+        return load_checkpoint(settings.model_checkpoint, settings.model_dir)
+    return build_model(settings.model_config, settings.model_dir)
 
 
 def _box_only_baseline(model: Any, model_dir: str | None) -> Any:

@@ -32,6 +32,7 @@ import os
 import socket
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -63,13 +64,8 @@ from ml_backend.schemas import (
 from ml_backend.settings import Settings
 from ml_backend.tokens import collect
 from ml_backend.versions import VersionRegistry
-from ml_backend.worker_model import (
-    build_predictor,
-    first_predictor,
-    register_base,
-    release_memory,
-    settings_serving,
-)
+from ml_backend.serving_model import LoadedVersion, load_version, release_memory
+from ml_backend.worker_model import build_predictor, first_model, register_base
 
 log = logging.getLogger(__name__)
 
@@ -127,29 +123,28 @@ class WorkerRuntime:
 
     Args:
         settings: backend settings.
-        model: from :func:`ml_backend.worker_model.build_predictor`.
+        loaded: the model and the version it serves (:func:`ml_backend.worker_model.first_model`).
         name: the worker's name.
         redis: connection for metrics and heartbeat.
     """
 
-    def __init__(self, settings: Settings, model: Any, name: str, redis: Redis):
+    def __init__(self, settings: Settings, loaded: LoadedVersion, name: str, redis: Redis):
         self.settings = settings
-        self.model = model
+        self.loaded = loaded
         self.name = name
         self.keys = RedisKeys(settings.key_prefix)
         self.redis = redis
         self.registry = VersionRegistry(redis, self.keys, settings.versions_path)
-        self._unloadable: str | None = None
-        # the serving version the model was loaded for: a version without a checkpoint is the
-        # configured base model, whose own name may differ (e.g. an older "-base" record)
-        self.loaded_for: str | None = None
-        self.checkpoint = settings.model_checkpoint  # the file the model came from, or None
         self.fetcher = ImageFetcher.from_settings(settings)
         self.metrics = WorkerMetrics(redis, self.keys.metrics(name))
         self.heartbeat = Heartbeat(redis, self.keys.heartbeat(name), self.keys.workers, name,
                                    settings.worker_heartbeat_ttl_s,
                                    lambda: self.heartbeat_state().to_dict())
         self._job_id: str | None = None
+
+    @property
+    def model(self) -> Any:
+        return self.loaded.model
 
     def heartbeat_state(self) -> WorkerHeartbeat:
         return WorkerHeartbeat(name=self.name, model_version=self.model.model_version,
@@ -166,27 +161,24 @@ class WorkerRuntime:
             log.warning("serving version unknown: %s", exc)
             return
         if serving is None:  # Redis lost everything and no versions.json to restore from
-            register_base(self.registry, self.model.model_version, self.checkpoint,
-                           self.settings.model_config)
+            register_base(self.registry, self.model.model_version, self.loaded.checkpoint,
+                          self.settings.model_config)
             return
-        if serving.name in (self.model.model_version, self._unloadable, self.loaded_for):
+        if serving.name in (self.model.model_version, self.loaded.name, self.loaded.passed_over):
             return
         started = time.perf_counter()
-        model = None
+        loaded = None
         try:
-            model = build_predictor(settings_serving(self.settings, serving))
+            loaded = load_version(self.settings, serving, build_predictor)
         except Exception as exc:  # noqa: BLE001 - whatever failed, the loaded model still serves
             log.error("version %s cannot be loaded, %s keeps serving: %s: %s", serving.name,
                       self.model.model_version, type(exc).__name__, exc)
-            self._unloadable = serving.name
+            self.loaded = replace(self.loaded, passed_over=serving.name)
             self.metrics.count("reload_failures")
-        if model is None:
+        if loaded is None:
             release_memory()  # out of the except block: its traceback held the failed load
             return
-        self.model = model
-        self.checkpoint = serving.checkpoint
-        self._unloadable = None
-        self.loaded_for = serving.name
+        self.loaded = loaded
         log.info("now serving %s (loaded in %.1f s)", self.model.model_version,
                  time.perf_counter() - started)
         self.heartbeat.publish()
@@ -381,16 +373,12 @@ def main(argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -
     keys = RedisKeys(settings.key_prefix)
     t0 = time.perf_counter()
     try:
-        model, checkpoint, loaded_for, unloadable = first_predictor(
-            settings, VersionRegistry(redis, keys, settings.versions_path))
+        loaded = first_model(settings, VersionRegistry(redis, keys, settings.versions_path))
     except ModelError as exc:
         log.error("%s", exc)
         return 3
-    log.info("model %s loaded in %.1f s", model.model_version, time.perf_counter() - t0)
-    _runtime = WorkerRuntime(settings, model, process.name, redis)
-    _runtime.checkpoint, _runtime.loaded_for, _runtime._unloadable = \
-        checkpoint, loaded_for, unloadable
-    runtime = _runtime
+    log.info("model %s loaded in %.1f s", loaded.model.model_version, time.perf_counter() - t0)
+    runtime = _runtime = WorkerRuntime(settings, loaded, process.name, redis)
 
     def attach(worker: Talk2SamWorker) -> None:
         worker.runtime = runtime

@@ -1,5 +1,5 @@
-"""The model a worker holds: built from the settings, chosen against the serving version, or
-the no-op stand-in of benchmarks and tests.
+"""The model a worker holds: built from the settings (the serving version first, by the rule of
+:mod:`ml_backend.serving_model`), or the no-op stand-in of benchmarks and tests.
 
 The predictor owns its per-image feature cache (a ``talk2sam.bounded_cache.BoundedCache`` of
 IMAGE_CACHE_SIZE images and IMAGE_CACHE_MB bytes; warm jobs never evict images that predict jobs
@@ -8,7 +8,6 @@ used); :class:`NoopPredictor` answers the same calls."""
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import NamedTuple
@@ -17,8 +16,9 @@ import numpy as np
 from redis.exceptions import RedisError
 
 from ml_backend.errors import ModelError, VersionError
+from ml_backend.serving_model import LoadedVersion, load_version, release_memory, serving_record
 from ml_backend.settings import Settings
-from ml_backend.versions import ServingVersion, VersionRegistry
+from ml_backend.versions import VersionRegistry
 from talk2sam.bounded_cache import BoundedCache
 from talk2sam.prediction import Prediction
 
@@ -128,67 +128,42 @@ def build_predictor(settings: Settings):
     return predictor
 
 
-def settings_serving(settings: Settings, serving: ServingVersion | None) -> Settings:
-    """The settings with MODEL_CHECKPOINT replaced by the serving version's checkpoint."""
-    if serving is None or settings.model == "noop":
-        return settings
-    return replace(settings, model_checkpoint=serving.checkpoint)
+def configured_model(settings: Settings) -> LoadedVersion:
+    """The model of MODEL_CONFIG / MODEL_CHECKPOINT, not (yet) loaded for a serving version."""
+    return LoadedVersion(build_predictor(settings), None, settings.model_checkpoint)
 
 
-def release_memory() -> None:
-    """Give back what a failed load allocated (CUDA's cache keeps freed blocks otherwise)."""
-    import gc
-
-    gc.collect()
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def first_predictor(settings: Settings, registry: VersionRegistry
-                    ) -> tuple[object, str | None, str | None, str | None]:
+def first_model(settings: Settings, registry: VersionRegistry) -> LoadedVersion:
     """The model to start with: the serving version's when it is (or was fine-tuned from) the
     configured model, else the configured one, registered as serving.
-
-    Returns:
-        (model, the checkpoint it came from or None, the serving version it was loaded for or
-        None, a serving version that failed to load and must not be retried, or None).
 
     Raises:
         ModelError: the configured model cannot be built either.
     """
     if settings.model == "noop":
-        return build_predictor(settings), None, None, None
+        return configured_model(settings)
     try:
-        serving = registry.serving()  # restored from versions.json if Redis lost it
-        if serving is not None and not registry.descends_from(
-                serving, settings.model_checkpoint, settings.model_config):
-            log.warning("the serving version %s comes from other model settings than this "
-                        "worker's (MODEL_CONFIG=%s, MODEL_CHECKPOINT=%s): the configured model "
-                        "serves instead (roll back with scripts/versions.py)", serving.name,
-                        settings.model_config, settings.model_checkpoint or "-")
-            serving = None
-    except (RedisError, VersionError, OSError, ValueError) as exc:
+        serving = serving_record(settings, registry)
+    except VersionError as exc:
+        log.warning("%s: the configured model serves instead (roll back with "
+                    "scripts/versions.py)", exc)
+        serving = None
+    except (RedisError, OSError, ValueError) as exc:
         log.warning("serving version unknown: %s", exc)
         serving = None
-    failed: str | None = None
     if serving is not None:
         try:
-            model = build_predictor(settings_serving(settings, ServingVersion(
-                serving.name, serving.checkpoint)))
-            return model, serving.checkpoint, serving.name, None
+            return load_version(settings, serving, build_predictor)
         except Exception as exc:  # noqa: BLE001 - fall back to the configured model
             log.error("serving version %s cannot be loaded, starting with the configured "
                       "model: %s: %s", serving.name, type(exc).__name__, exc)
-            failed = serving.name
         release_memory()  # out of the except block: its traceback held the half-built model
-        return build_predictor(settings), settings.model_checkpoint, None, failed
-    model = build_predictor(settings)
-    registered = register_base(registry, model.model_version, settings.model_checkpoint,
-                                settings.model_config)
+        return replace(configured_model(settings), passed_over=serving.name)
+    loaded = configured_model(settings)
+    version = loaded.model.model_version
+    registered = register_base(registry, version, loaded.checkpoint, settings.model_config)
     # another worker may have registered another model first: it is followed before any job
-    loaded_for = registered if registered == model.model_version else None
-    return model, settings.model_checkpoint, loaded_for, None
+    return replace(loaded, name=version) if registered == version else loaded
 
 
 def register_base(registry: VersionRegistry, version: str, checkpoint: str | None,

@@ -291,7 +291,7 @@ def queue_table(redis_url: str, server: ImageServer, calls: int, device: str | N
     from ml_backend.queue_client import QueueClient
     from ml_backend.settings import Settings
     from ml_backend.worker import WorkerRuntime
-    from ml_backend.worker_model import build_predictor
+    from ml_backend.worker_model import configured_model
 
     table = Table("Queue round trip: direct call vs Redis/rq + SimpleWorker (1 box, cached image)",
                   ["path", "direct ms", "through the queue ms", "overhead ms (median)",
@@ -306,7 +306,7 @@ def queue_table(redis_url: str, server: ImageServer, calls: int, device: str | N
         settings = Settings.from_env(env)
         spec = job_spec(server.url, f"queue-{model}")
         with running_stack(env, redis_url, [f"bench-{model}"]) as stack:
-            runtime = WorkerRuntime(settings, build_predictor(settings), "bench-direct",
+            runtime = WorkerRuntime(settings, configured_model(settings), "bench-direct",
                                     Redis.from_url(redis_url))
             client = QueueClient(settings)
             runtime.predict(spec)  # download, decode, features: cached from now on

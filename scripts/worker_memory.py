@@ -34,7 +34,7 @@ width, height, prompts = (int(v) for v in sys.argv[1:4])
 from ml_backend.schemas import PredictJobSpec
 from ml_backend.settings import Settings
 from ml_backend.worker import WorkerRuntime
-from ml_backend.worker_model import build_predictor
+from ml_backend.worker_model import configured_model
 
 def peak_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -62,7 +62,7 @@ def spec(w, h, n, seed):
     return PredictJobSpec.from_dict(fields)  # either release's field names
 
 settings = Settings.from_env(dict(__import__("os").environ))
-runtime = WorkerRuntime(settings, build_predictor(settings), "memory-probe",
+runtime = WorkerRuntime(settings, configured_model(settings), "memory-probe",
                         Redis.from_url(settings.redis_url))
 warm = runtime.predict(spec(320, 240, 2, 0))
 assert warm.error is None, warm.error

@@ -34,7 +34,7 @@ from ml_backend.trainer import TrainingRun, promotion_refusal, split_tasks
 from ml_backend.training_queue import TrainingQueue, TrainRequest
 from ml_backend.versions import VersionRecord, VersionRegistry, read_serving, utc_now
 from ml_backend.worker import WorkerRuntime
-from ml_backend.worker_model import build_predictor as build_worker_model
+from ml_backend.worker_model import configured_model
 from talk2sam.build import CHECKPOINT_FORMAT, build_model, save_checkpoint
 from talk2sam.data.synthetic import SyntheticThinDataset
 from talk2sam.weights import DEMO_CHECKPOINT
@@ -507,7 +507,7 @@ def test_sigkill_mid_epoch_keeps_the_serving_checkpoint_and_the_next_run_succeed
 def test_worker_follows_the_serving_version_and_survives_one_that_cannot_load(
         fake_ls, clean_redis, tmp_path):
     settings = Settings.from_env(backend_env(fake_ls, DEVICE="cpu"))
-    runtime = WorkerRuntime(settings, build_worker_model(settings), "follower", clean_redis)
+    runtime = WorkerRuntime(settings, configured_model(settings), "follower", clean_redis)
     keys = RedisKeys(PREFIX)
     runtime.follow_serving_version()  # nothing promoted yet: keeps the configured model
     assert runtime.model.model_version == "talk2sam-tiny-random"
@@ -530,7 +530,7 @@ def test_any_failure_while_loading_a_version_keeps_the_old_one_serving(
     """Not only the model layer's own errors: a checkpoint whose config lacks a key (KeyError
     deep in the build) or CUDA running out of memory beside the loaded model."""
     settings = Settings.from_env(backend_env(fake_ls, DEVICE="cpu"))
-    runtime = WorkerRuntime(settings, build_worker_model(settings), "survivor", clean_redis)
+    runtime = WorkerRuntime(settings, configured_model(settings), "survivor", clean_redis)
     keys = RedisKeys(PREFIX)
     odd = tmp_path / "odd.pt"
     import torch
@@ -593,7 +593,7 @@ def test_a_serving_version_without_checkpoint_is_the_base_model_loaded_once(
         fake_ls, clean_redis, tmp_path):
     # e.g. a registry written when the base model was still called "talk2sam-tiny-base"
     settings = Settings.from_env(backend_env(fake_ls, DEVICE="cpu"))
-    runtime = WorkerRuntime(settings, build_worker_model(settings), "legacy", clean_redis)
+    runtime = WorkerRuntime(settings, configured_model(settings), "legacy", clean_redis)
     keys = RedisKeys(PREFIX)
     clean_redis.set(keys.serving, json.dumps({"name": "talk2sam-tiny-base", "checkpoint": None}))
     runtime.follow_serving_version()

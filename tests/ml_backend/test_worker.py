@@ -132,7 +132,7 @@ def demo_runtime():
 
     from ml_backend.settings import Settings
     from ml_backend.worker import WorkerRuntime
-    from ml_backend.worker_model import build_predictor
+    from ml_backend.worker_model import configured_model
     from talk2sam.weights import DEMO_CHECKPOINT
     from tests.ml_backend.conftest import PREFIX, REDIS_URL
 
@@ -140,7 +140,7 @@ def demo_runtime():
         settings = Settings.from_env({"MODEL_CONFIG": "tiny", "KEY_PREFIX": PREFIX,
                                       "MODEL_CHECKPOINT": str(DEMO_CHECKPOINT),
                                       "REDIS_URL": REDIS_URL, **env})
-        return WorkerRuntime(settings, build_predictor(settings), "memory-test",
+        return WorkerRuntime(settings, configured_model(settings), "memory-test",
                              redis.Redis.from_url(REDIS_URL))
     return make
 
