@@ -1,13 +1,10 @@
-"""The benchmark's table functions run on tiny configs (no timing assertions: shared machines are
-noisy). Model tables need only torch; the queue table needs the tests' Redis (a database of its
-own, TALK2SAM_BENCH_TEST_REDIS_URL, flushed; tests/conftest.py provides the server)."""
+"""The benchmark's model tables and its command line run on tiny configs (no timing assertions:
+shared machines are noisy); the service tables are tested in tests/ml_backend/test_bench_service.py."""
 
 from __future__ import annotations
 
 import importlib.util
-import os
 import sys
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +13,6 @@ import pytest
 from talk2sam import bench
 
 REPO = Path(__file__).resolve().parents[1]
-REDIS_URL = os.environ.get("TALK2SAM_BENCH_TEST_REDIS_URL", "redis://127.0.0.1:6379/11")
 
 
 def load_script():
@@ -101,52 +97,6 @@ def test_gpu_tables_run_on_the_cpu_with_the_tiny_config():
     precision = next(t for t in details if "bfloat16" in t.title)
     assert 0.0 <= precision.values["bf16_iou_median"] <= 1.0
     assert [r[0] for r in precision.rows] == ["float32", "bfloat16"]
-
-
-def test_image_server_serves_distinct_pngs():
-    script = load_script()
-    server = script.ImageServer()
-    try:
-        a = urllib.request.urlopen(f"{server.url}/data/upload/1/a_40x30.png").read()
-        b = urllib.request.urlopen(f"{server.url}/data/upload/1/b_40x30.png").read()
-        assert a.startswith(b"\x89PNG") and a != b
-    finally:
-        server.close()
-
-
-def test_fixture_request_is_renamed():
-    script = load_script()
-    if not script.FIXTURE.exists():
-        pytest.skip(f"needs the captured request {script.FIXTURE}")
-    body = script.predict_body("x1")
-    assert body["tasks"][0]["data"]["image"] == "/data/upload/19/x1_400x300.png"
-
-
-def test_queue_table_with_the_noop_worker():
-    script = load_script()
-    server = script.ImageServer()
-    try:
-        table, rss = script.queue_table(REDIS_URL, server, calls=2, models=("noop",))
-    finally:
-        server.close()
-    assert {"overhead_bare_rq_ms", "overhead_noop_ms", "submit_noop_ms"} <= table.values.keys()
-    assert list(rss) == ["worker, MODEL=noop"]
-    assert "| MODEL=noop" in table.markdown()
-
-
-def test_time_to_first_mask_through_the_backend():
-    # opens tasks through two web processes (warming on and off) and one MODEL=random worker:
-    # every box is answered with a result (the function raises on an empty one)
-    script = load_script()
-    if not script.OPEN_FIXTURE.exists():
-        pytest.skip(f"needs the captured request {script.OPEN_FIXTURE}")
-    server = script.ImageServer()
-    try:
-        samples, rss = script.first_mask_samples(REDIS_URL, server, "tiny", tasks=1, think_s=0.2)
-    finally:
-        server.close()
-    assert [len(samples["warm"]), len(samples["cold"])] == [1, 1]
-    assert rss is not None and rss > 0  # VmHWM of the worker (Linux /proc)
 
 
 def test_tuning_table_has_one_row_per_step(images):

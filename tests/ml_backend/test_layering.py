@@ -48,6 +48,10 @@ ALLOWED = {
               "queue_client", "schemas", "settings", "tokens", "training_queue", "versions"},
     "metrics": {"errors", "queue_client", "training_queue"},
     "app": {"errors", "ls_protocol", "metrics", "model", "queue_client", "settings"},
+    # the benchmark's processes and tables run the whole service from above
+    "bench_stack": {"processes", "schemas", "stack"},
+    "bench_service": {"bench_stack", "processes", "queue_client", "settings", "worker",
+                      "worker_model"},
 }
 # Modules the request-handling process must never load: the web side is torch-free and leaves
 # decoding masks, pairing them with boxes and training to the trainer process.
