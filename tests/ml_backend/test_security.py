@@ -496,7 +496,7 @@ def test_credentials_never_reach_logs_error_bodies_or_metrics(stack, fake_ls, tm
 
 
 def test_a_proxy_of_the_environment_is_seen_and_then_connects_by_name(monkeypatch):
-    from ml_backend.images import _proxied
+    from ml_backend.image_urls import proxied as _proxied
 
     monkeypatch.setenv("http_proxy", "http://proxy.example:3128")
     monkeypatch.setenv("no_proxy", "ls")
