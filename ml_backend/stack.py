@@ -20,8 +20,8 @@ progress (epoch, loss, ETA) and outcome lines appear in this log.
   child also gets SIGTERM when this process dies. The pids are kept in ``<data-dir>/stack.json``;
   the next start stops whatever a killed run left behind.
 - Heals: a child or the embedded Valkey that dies is started again after a back-off (1, 2, 4 ...
-  s, at most 30); a process that exits more than MAX_CRASHES times within CRASH_WINDOW_S stops
-  the stack, loudly. Valkey comes back on its port from its AOF (fsynced every second);
+  s, at most 30; :mod:`ml_backend.supervision`); a process that exits more than MAX_CRASHES
+  times within CRASH_WINDOW_S stops the stack, loudly. Valkey comes back on its port from its AOF (fsynced every second);
   /health answers DOWN (503) while Redis or every worker is gone.
 - The data dir is 0700: the AOF holds what Redis holds, /setup tokens on their way included.
 - Safe by default: the backend listens on 127.0.0.1. Beyond loopback (``--host 0.0.0.0``) the
@@ -45,94 +45,35 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ml_backend.embedded_redis import EmbeddedRedis
 from ml_backend.errors import StackError
 from ml_backend.model_choice import ModelChoice, choose_model
-from ml_backend.processes import Child, command_line, pid_alive, spawn, stop_pids
+from ml_backend.processes import Child, stop_pids
 from ml_backend.settings import Settings, SettingsError
+from ml_backend.supervision import (
+    CRASH_WINDOW_S,
+    STOP_TIMEOUT_S,
+    Restarts,
+    Signals,
+    StateFile,
+    Supervised,
+)
 from talk2sam.configs import UNTRAINED_TEXT_NOTE, UNTRAINED_TEXT_SUFFIX  # plain data: no torch
-from talk2sam.files import atomic_write_text
 
 log = logging.getLogger("ml_backend.stack")
 
 STATE_FILE = "stack.json"
-STOP_TIMEOUT_S = 15.0
 POLL_S = 0.5
-RESTART_FIRST_S = 1.0  # back-off before restarting a process that died: 1, 2, 4, ... s
-RESTART_MAX_S = 30.0
-CRASH_WINDOW_S = 300.0
-MAX_CRASHES = 5  # exits of one process within CRASH_WINDOW_S the stack forgives
 TRAINER_NICE = 10  # the trainer yields the CPU to the workers serving annotators
 LABEL_STUDIO_ENV = ("LABEL_STUDIO_ML_BLOCK_LOCAL_IP=false",
                     "LABEL_STUDIO_SSRF_PROTECTION_ENABLED=false")
 
 
-# ---------------------------------------------------------------- state file and orphans
-
-
-class StateFile:
-    """``<data-dir>/stack.json``: pids of the stack, its embedded server and its children."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def read(self) -> dict[str, Any]:
-        try:
-            data = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return {}
-        return data if isinstance(data, dict) else {}
-
-    def write(self, **state: Any) -> None:
-        atomic_write_text(self.path, json.dumps(state, indent=1), durable=False)
-
-    def remove(self) -> None:
-        self.path.unlink(missing_ok=True)
-
-    def stop_leftovers(self) -> None:
-        """Stop what a previous run that died without cleaning up left running.
-
-        Raises:
-            StackError: the recorded stack itself is still running.
-        """
-        state = self.read()
-        stack_pid = state.get("stack_pid")
-        if isinstance(stack_pid, int) and stack_pid != os.getpid() and pid_alive(stack_pid) \
-                and any(m in command_line(stack_pid) for m in ("ml_backend.stack", "talk2sam-stack")):
-            raise StackError(f"another stack (pid {stack_pid}) runs with data dir "
-                             f"{self.path.parent}; stop it first (Ctrl-C or kill {stack_pid})")
-        leftovers = [pid for pid in state.get("children", []) if isinstance(pid, int)
-                     and pid_alive(pid) and "ml_backend." in command_line(pid)]
-        server = state.get("server_pid")
-        if isinstance(server, int) and pid_alive(server) and "valkey-server" in command_line(server):
-            leftovers.append(server)
-        if leftovers:
-            log.warning("a previous stack did not stop cleanly; stopping its orphans: pids %s",
-                        leftovers)
-            stop_pids(leftovers, STOP_TIMEOUT_S)
-        self.remove()
-
-
 # ---------------------------------------------------------------- the stack
-
-
-class _Signals:
-    """SIGINT/SIGTERM set ``received``; a second one sets ``force`` too."""
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self.force = False
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, self._handle)
-
-    def _handle(self, signum: int, _frame: object) -> None:
-        if self.received is not None:
-            self.force = True
-        self.received = signum
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -228,42 +169,6 @@ def banner(host: str, port: int, redis_url: str, embedded: bool, data_dir: Path,
     return "\n".join(lines)
 
 
-class Restarts:
-    """The recent exits of one process and when to start it again (exponential back-off)."""
-
-    def __init__(self) -> None:
-        self.exits: list[float] = []  # monotonic times within CRASH_WINDOW_S
-        self.due: float | None = None  # when to restart it; None while it runs
-
-    def exited(self, now: float) -> float | None:
-        """Record an exit: the delay before the restart, or None after too many crashes."""
-        self.exits = [t for t in self.exits if now - t < CRASH_WINDOW_S] + [now]
-        if len(self.exits) > MAX_CRASHES:
-            return None
-        delay = min(RESTART_MAX_S, RESTART_FIRST_S * 2 ** (len(self.exits) - 1))
-        self.due = now + delay
-        return delay
-
-    def is_due(self, now: float) -> bool:
-        return self.due is not None and now >= self.due
-
-
-@dataclass
-class Supervised:
-    """A child the stack keeps running: how to start it, the running process, its restarts."""
-
-    role: str
-    argv: list[str]
-    env: dict[str, str]
-    nice: int = 0
-    child: Child | None = None
-    restarts: Restarts = field(default_factory=Restarts)
-
-    def start(self) -> None:
-        self.child = spawn(self.role, self.argv, self.env, nice=self.nice)
-        self.restarts.due = None
-
-
 @dataclass
 class StackOptions:
     """The command-line options of the stack (see :func:`build_parser`)."""
@@ -302,7 +207,7 @@ class Stack:
                          server_port=self.server.port if self.server and self.server.pid else None,
                          children=[c.pid for c in self.children])
 
-    def run(self, signals: _Signals) -> int:
+    def run(self, signals: Signals) -> int:
         """Start everything, wait for ready, then for a signal, restarting what dies; stop all.
 
         Returns:
@@ -313,7 +218,7 @@ class Stack:
         finally:
             self.stop(force=signals.force)
 
-    def _run(self, signals: _Signals) -> int:
+    def _run(self, signals: Signals) -> int:
         opts = self.options
         # the AOF holds /setup tokens on their way to a worker: for this user's eyes only (a
         # folder that is not a stack's own is left as it is, with a warning)
@@ -509,7 +414,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
                            ready_timeout_s=args.ready_timeout, trainer=not args.no_trainer,
                            trainer_threads=args.trainer_threads,
                            insecure_no_auth=args.insecure_no_auth)
-    signals = _Signals()
+    signals = Signals()
     try:
         return Stack(options, env).run(signals)
     except SettingsError as exc:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from ml_backend import model_choice, processes, stack
+from ml_backend import model_choice, processes, stack, supervision
 from ml_backend.settings import Settings
 from tests.ml_backend.conftest import REPO, FakeLabelStudio, fake_ls, load_fixture  # noqa: F401
 
@@ -138,7 +138,7 @@ def test_orphan_server_of_a_killed_run_is_stopped(tmp_path):
     server = stack.EmbeddedRedis(tmp_path, processes.free_port())
     server.start()
     try:
-        state = stack.StateFile(tmp_path / stack.STATE_FILE)
+        state = supervision.StateFile(tmp_path / stack.STATE_FILE)
         state.write(stack_pid=2**22 + 1, server_pid=server.pid, children=[])
         state.stop_leftovers()
         assert not processes.pid_alive(server.pid)
@@ -151,9 +151,9 @@ def test_a_running_stack_on_the_same_data_dir_is_refused(tmp_path):
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
                               "ml_backend.stack"])
     try:
-        state = stack.StateFile(tmp_path / stack.STATE_FILE)
+        state = supervision.StateFile(tmp_path / stack.STATE_FILE)
         state.write(stack_pid=other.pid, server_pid=None, children=[])
-        with pytest.raises(stack.StackError, match="another stack"):
+        with pytest.raises(supervision.StackError, match="another stack"):
             state.stop_leftovers()
         assert state.path.exists()
     finally:
@@ -234,11 +234,11 @@ def test_stack_serves_a_brush_and_stops_everything_on_ctrl_c(running_stack):
 
 
 def test_restarts_back_off_and_give_up_after_repeated_crashes():
-    restarts = stack.Restarts()
-    delays = [restarts.exited(100.0 + i) for i in range(stack.MAX_CRASHES)]
+    restarts = supervision.Restarts()
+    delays = [restarts.exited(100.0 + i) for i in range(supervision.MAX_CRASHES)]
     assert delays == [1.0, 2.0, 4.0, 8.0, 16.0]
     assert restarts.exited(110.0) is None  # the sixth exit within the window: give up
-    calm = stack.Restarts()
+    calm = supervision.Restarts()
     for i in range(10):  # one exit every 10 minutes is forgiven every time
         assert calm.exited(i * 600.0) == 1.0
 
