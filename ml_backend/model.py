@@ -42,15 +42,20 @@ from ml_backend.ls_protocol import (
     TextAlonePrompt,
     boxes_from_results,
     clicks_from_results,
-    image_url_of,
     known_boxes,
     task_boxes,
     task_text_alone_prompt,
     text_alone_prompt,
     with_clicks,
-    word_for_label,
 )
-from ml_backend.ls_results import CLICKS_ONLY_NOTE, mask_results
+from ml_backend.predict_jobs import (
+    SkippedTasks,
+    box_job,
+    box_prediction,
+    find_job,
+    found_prediction,
+    prediction,
+)
 from ml_backend.projects import (
     MAX_PROJECTS,
     PROJECT,
@@ -61,7 +66,7 @@ from ml_backend.projects import (
     project_label_prompts,
 )
 from ml_backend.queue_client import QueueClient
-from ml_backend.schemas import PredictJobResult, PredictJobSpec, pixel_prompts_refusal
+from ml_backend.schemas import PredictJobResult, PredictJobSpec
 from ml_backend.settings import Settings
 from ml_backend.tokens import hand_over
 from ml_backend.training_queue import TrainingQueue, TrainRequest
@@ -239,17 +244,18 @@ class Talk2SamBackend:
         if not boxes:
             text = text_alone_prompt(results, config, access.label_prompts, "context")
             if text is None:
-                return self._empty()
-            (answer,) = self.queue.predict([self._find_spec(tasks[0], text, config, access,
+                return prediction([], None, self.model_version)
+            (answer,) = self.queue.predict([self._find_job(tasks[0], text, config, access,
                                                             request_id)])
             self.observe_worker_version(answer.model_version)
-            return self._found_prediction(answer, text, config)
-        spec = self._spec(tasks[0], boxes, config, access, request_id)
+            return self._found(answer, text, config)
+        spec = box_job(tasks[0], boxes, config, access, request_id,
+                       self.settings.max_pixel_prompts)
         (answer,) = self.queue.predict([spec])
         self.observe_worker_version(answer.model_version)
         if project and isinstance(tasks[0].get("id"), int):
             self.projects.remember_boxes(project, tasks[0]["id"], boxes)
-        return self._task_prediction(answer, boxes, config)
+        return box_prediction(answer, boxes, config, self.model_version)
 
     def _known_boxes(self, task: dict[str, Any], config: LabelConfig, project: str | None
                      ) -> list[BoxPrompt]:
@@ -273,7 +279,8 @@ class Talk2SamBackend:
         for index, task in enumerate(tasks[:MAX_BATCH_TASKS]):
             try:
                 boxes = task_boxes(task, config)
-                spec = self._spec(task, boxes, config, access, request_id)
+                spec = box_job(task, boxes, config, access, request_id,
+                               self.settings.max_pixel_prompts)
                 text = None if boxes else task_text_alone_prompt(task, config,
                                                                  access.label_prompts)
             except BackendError as exc:
@@ -282,7 +289,7 @@ class Talk2SamBackend:
             if boxes:
                 jobs.append((index, boxes, spec))
             elif text is not None:
-                jobs.append((index, text, self._find_spec(task, text, config, access,
+                jobs.append((index, text, self._find_job(task, text, config, access,
                                                           request_id)))
             elif self.settings.warm_on_open:
                 self.queue.enqueue_warm(spec)
@@ -292,9 +299,9 @@ class Talk2SamBackend:
                 if isinstance(outcome, BackendError):
                     raise outcome
                 self.observe_worker_version(outcome.model_version)
-                slots[index] = self._found_prediction(outcome, prompts, config) \
+                slots[index] = self._found(outcome, prompts, config) \
                     if isinstance(prompts, TextAlonePrompt) \
-                    else self._task_prediction(outcome, prompts, config)
+                    else box_prediction(outcome, prompts, config, self.model_version)
             except BackendError as exc:
                 skipped.add(tasks[index], exc)
         skipped.log(len(tasks))
@@ -366,6 +373,16 @@ class Talk2SamBackend:
 
     # ------------------------------------------------------------ helpers
 
+    def _find_job(self, task: dict[str, Any], text: TextAlonePrompt, config: LabelConfig,
+                  access: ProjectSetup, request_id: str) -> PredictJobSpec:
+        return find_job(task, text, config, access, request_id, self.settings.find_threshold,
+                        self.settings.find_max_regions)
+
+    def _found(self, answer: PredictJobResult, text: TextAlonePrompt, config: LabelConfig
+               ) -> dict[str, Any]:
+        return found_prediction(answer, text, config, self.model_version,
+                                self.settings.find_threshold)
+
     def _set_up(self, project: int | None) -> bool:
         """Whether /setup was called for ``project`` (by this process or another one)."""
         if project is None:
@@ -399,120 +416,9 @@ class Talk2SamBackend:
             label_prompts={**self.settings.label_prompts, **(own.label_prompts if own else {})},
             image_key=own.image_key if own else None)
 
-    def _spec(self, task: dict[str, Any], boxes: list[BoxPrompt], config: LabelConfig,
-              access: ProjectSetup, request_id: str) -> PredictJobSpec:
-        sizes = {(b.width, b.height) for b in boxes}
-        if len(sizes) > 1:
-            raise InvalidRequestError(
-                f"task {task.get('id')}: rectangles disagree on original_width/height {sorted(sizes)}"
-            )
-        width, height = sizes.pop() if sizes else (0, 0)
-        # refused here on the size Label Studio declares; the worker checks the real one
-        if refusal := pixel_prompts_refusal(len(boxes), width, height,
-                                            self.settings.max_pixel_prompts):
-            raise InvalidRequestError(f"task {task.get('id')}: {refusal}")
-        return self._job(
-            task, config, access, request_id,
-            width=width,
-            height=height,
-            boxes_xyxy=[None if b.box_xyxy is None else list(b.box_xyxy) for b in boxes],
-            words=[b.text or word_for_label(b.label, access.label_prompts) for b in boxes],
-            clicks=[[[x, y, float(positive)] for x, y, positive in b.clicks] for b in boxes]
-            if any(b.clicks for b in boxes) else None,
-            polygons=[config.answers_with_polygons(b.label) for b in boxes]
-            if any(config.answers_with_polygons(b.label) for b in boxes) else None,
-        )
-
-    def _find_spec(self, task: dict[str, Any], text: TextAlonePrompt, config: LabelConfig,
-                   access: ProjectSetup, request_id: str) -> PredictJobSpec:
-        """A text-alone job: every instance of the word, no box (sizes: the image's own)."""
-        return self._job(task, config, access, request_id, width=0, height=0,
-                         polygons=[config.answers_with_polygons(text.label)],
-                         find_word=text.word, find_threshold=self.settings.find_threshold,
-                         find_max_regions=self.settings.find_max_regions)
-
-    @staticmethod
-    def _job(task: dict[str, Any], config: LabelConfig, access: ProjectSetup, request_id: str,
-             **prompts: Any) -> PredictJobSpec:
-        """The job spec of one task's image, with ``prompts`` (sizes, boxes or a word)."""
-        task_id = task.get("id")
-        return PredictJobSpec(request_id=request_id,
-                              task_id=task_id if isinstance(task_id, int) else None,
-                              image_url=image_url_of(task, config), ls_url=access.hostname,
-                              ls_token_ref=access.token_ref, **prompts)
-
-    def _task_prediction(self, answer: PredictJobResult, boxes: list[BoxPrompt],
-                         config: LabelConfig) -> dict[str, Any]:
-        results = []
-        for box, p in zip(boxes, answer.predictions):
-            items = mask_results(p, answer.width, answer.height, box.label, config,
-                                 box.image_rotation,
-                                 CLICKS_ONLY_NOTE if box.box_xyxy is None else None)
-            if not items:  # polygons asked for, and the mask had only specks (or nothing)
-                log.warning("the %r mask of box %s has no part of 9 px or more: no polygon",
-                            box.label, box.box_xyxy)
-            results += items
-        return self._prediction(results, answer)
-
-    def _found_prediction(self, answer: PredictJobResult, text: TextAlonePrompt,
-                          config: LabelConfig) -> dict[str, Any]:
-        """Text alone: each region found, with its score, under the prompt's label."""
-        found = len(answer.predictions)
-        results = [
-            item for rank, p in enumerate(answer.predictions, start=1)
-            for item in mask_results(p, answer.width, answer.height, text.label, config,
-                                     note=f"found by the text {text.word!r} alone "
-                                          f"({rank} of {found})")
-        ]
-        if not found:
-            log.warning("text %r alone found no region (FIND_THRESHOLD %.2f; lower finds more)",
-                        text.word, self.settings.find_threshold)
-        return self._prediction(results, answer)
-
-    def _prediction(self, results: list[dict[str, Any]], answer: PredictJobResult
-                    ) -> dict[str, Any]:
-        scores = [p.score for p in answer.predictions]
-        return {"result": results, "score": float(sum(scores) / len(scores)) if scores else 0.0,
-                "model_version": self.model_version}
-
-    def _empty(self) -> dict[str, Any]:
-        return {"result": [], "score": 0.0, "model_version": self.model_version}
-
 
 def _payload_project(data: dict[str, Any]) -> int | None:
     """Project id of a webhook payload (``project`` is an object, or an id)."""
     project = data.get("project")
     value = project.get("id") if isinstance(project, dict) else project
     return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-class SkippedTasks:
-    """The batch tasks left without a prediction (asked for again later), logged in one line
-    per request, by error type with a few task ids and the first reason: a batch of 100,000
-    bad tasks once wrote 100,000 lines."""
-
-    SHOWN_IDS = 5
-
-    def __init__(self, request_id: str, count: Callable[[str], None]):
-        self.request_id = request_id
-        self._count = count  # /metrics, per task and type
-        self._by_type: dict[str, tuple[list[Any], str, int]] = {}
-
-    def add(self, task: dict[str, Any], exc: BackendError) -> None:
-        kind = type(exc).__name__
-        self._count(kind)
-        ids, reason, n = self._by_type.get(kind, ([], str(exc)[:300], 0))
-        if len(ids) < self.SHOWN_IDS:
-            ids.append(task.get("id"))
-        self._by_type[kind] = (ids, reason, n + 1)
-
-    def log(self, tasks: int) -> None:
-        if not self._by_type:
-            return
-        total = sum(n for _, _, n in self._by_type.values())
-        parts = [f"{kind} x{n} (tasks {', '.join(map(str, ids))}{', ...' if n > len(ids) else ''}"
-                 f": {reason})" for kind, (ids, reason, n) in self._by_type.items()]
-        log.warning("request %s: %d of %d tasks get no prediction: %s", self.request_id, total,
-                    tasks, "; ".join(parts))
-
-
