@@ -37,7 +37,6 @@ Frozen image features are computed on DEVICE; the decoder is fine-tuned and eval
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -59,10 +58,12 @@ from ml_backend.errors import BackendError, TrainingError
 from ml_backend.images import ImageFetcher, decode_rgb
 from ml_backend.ls_export import LabelStudioExportDataset
 from ml_backend.ls_protocol import word_for_label
+from ml_backend.promotion import heldout_shortfall, promotion_refusal
 from ml_backend.schemas import RedisKeys
 from ml_backend.serving_model import load_version, serving_record
 from ml_backend.settings import Settings
 from ml_backend.tokens import collect
+from ml_backend.training_data import fetch_project_tasks, has_masks, split_tasks
 from ml_backend.training_queue import (
     TrainRequest,
     release_lock,
@@ -70,50 +71,8 @@ from ml_backend.training_queue import (
     write_progress,
 )
 from ml_backend.versions import VersionError, VersionRecord, VersionRegistry, utc_now
-from talk2sam.data.items import in_hashed_share  # numpy and PIL only: no torch
 
 log = logging.getLogger(__name__)
-
-EXPORT_TIMEOUT_S = 60.0
-
-
-# ---------------------------------------------------------------- data
-
-
-def is_held_out(task_id: int, percent: int) -> bool:
-    """Whether a task belongs to the held-out set: a hash of its id, the same in every run."""
-    return in_hashed_share(str(task_id), percent, salt="talk2sam-holdout")
-
-
-def split_tasks(tasks: Sequence[dict[str, Any]], percent: int, min_held: int = 1
-                ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(training, held-out) tasks. With two tasks or more both sets are non-empty: when the hash
-    holds out fewer than ``min_held`` tasks (at most half of them), the training tasks with the
-    smallest ids move over; when it holds out all, the one with the largest id moves back."""
-    train = [t for t in tasks if not is_held_out(int(t["id"]), percent)]
-    held = [t for t in tasks if is_held_out(int(t["id"]), percent)]
-    wanted = min(max(min_held, 1), len(tasks) // 2)
-    for task in sorted(train, key=lambda t: int(t["id"]))[:max(0, wanted - len(held))]:
-        train.remove(task)
-        held.append(task)
-    if len(tasks) >= 2 and not train:
-        last = max(held, key=lambda t: int(t["id"]))
-        held.remove(last)
-        train.append(last)
-    return train, held
-
-
-def fetch_project_tasks(ls_url: str, token: str, project: int) -> list[dict[str, Any]]:
-    """The project's annotated tasks as Label Studio's JSON export (label-studio-sdk)."""
-    from label_studio_sdk.client import LabelStudio
-
-    client = LabelStudio(base_url=ls_url, api_key=token, timeout=EXPORT_TIMEOUT_S)
-    raw = b"".join(client.projects.exports.download_sync(project, export_type="JSON"))
-    tasks = json.loads(raw)
-    if not isinstance(tasks, list):
-        raise TypeError(f"the export of project {project} is not a list of tasks")
-    return tasks
-
 
 # ---------------------------------------------------------------- the job (trainer side)
 
@@ -307,11 +266,11 @@ class TrainingRun:
 
         s = self.settings
         tasks, source = self._tasks(req)
-        tasks = [t for t in tasks if _has_masks(t)]  # a task of rectangles alone teaches nothing
+        tasks = [t for t in tasks if has_masks(t)]  # a task of rectangles alone teaches nothing
         train_tasks, held_tasks = split_tasks(tasks, s.train_holdout_percent,
                                               s.promote_min_heldout_tasks)
         if len(tasks) >= 2 and len(held_tasks) < s.promote_min_heldout_tasks:
-            raise _too_little(s, f"{len(held_tasks)} held-out tasks of {len(tasks)} with masks "
+            raise heldout_shortfall(s, f"{len(held_tasks)} held-out tasks of {len(tasks)} with masks "
                                  f"from {source}")  # before any image is downloaded
         train_items, skipped_train, _ = self._items(train_tasks, req)
         held_items, skipped_held, judged_tasks = self._items(held_tasks, req)
@@ -323,7 +282,7 @@ class TrainingRun:
         if len(held_items) < s.promote_min_heldout_objects or \
                 judged_tasks < s.promote_min_heldout_tasks:
             # a version judged on one object could be promoted on luck (or on forged data)
-            raise _too_little(s, f"{len(held_items)} held-out objects from {judged_tasks} tasks "
+            raise heldout_shortfall(s, f"{len(held_items)} held-out objects from {judged_tasks} tasks "
                                  f"({len(train_items)} training objects, {len(tasks)} annotated "
                                  f"tasks from {source})")
         self.progress(state="preparing", source=source, train_objects=len(train_items),
@@ -379,35 +338,6 @@ class TrainingRun:
             status = "rejected"
         return {"status": status, "version": record.name, "parent": record.parent,
                 "metrics": metrics, "reason": refusal}
-
-
-def _too_little(s: Settings, had: str) -> TrainingError:
-    """The refusal of a job whose held-out set is below the promotion minimum."""
-    return TrainingError(
-        f"too little to judge a new version on: {had}; promotion needs at least "
-        f"{s.promote_min_heldout_objects} objects from {s.promote_min_heldout_tasks} tasks "
-        f"(PROMOTE_MIN_HELDOUT_OBJECTS, PROMOTE_MIN_HELDOUT_TASKS): annotate more tasks")
-
-
-def _has_masks(task: dict[str, Any]) -> bool:
-    """Whether an annotation of the task that was not cancelled holds a brush region."""
-    return any(not a.get("was_cancelled") and any(
-        isinstance(r, dict) and r.get("type") == "brushlabels" for r in a.get("result") or [])
-        for a in task.get("annotations") or [] if isinstance(a, dict))
-
-
-def promotion_refusal(new: float, serving: float, baseline: float,
-                      min_gain: float) -> str | None:
-    """Why a new version must not serve, or None when it may: on the same held-out tasks its
-    mIoU must beat the serving version's by more than PROMOTE_MIN_GAIN (0: a tie is not a win)
-    and beat box-only SAM-HQ's."""
-    if not new - serving > min_gain:
-        return (f"held-out mIoU {new:.4f} vs {serving:.4f} serving: gain {new - serving:+.4f} "
-                f"is not above PROMOTE_MIN_GAIN {min_gain}")
-    if not new > baseline:
-        return (f"held-out mIoU {new:.4f} does not beat box-only SAM-HQ's {baseline:.4f} on the "
-                f"same tasks")
-    return None
 
 
 def trainable_model(settings: Settings) -> Any:

@@ -42,6 +42,7 @@ PREFIX = "t2s-test:"
 VERSIONS_DIR = tempfile.mkdtemp(prefix="t2s-test-versions-")
 LEGACY_TOKEN = "harness-token-0123456789abcdef"
 WORKER_START_TIMEOUT_S = 60
+DEMO = "talk2sam-tiny-synthetic-demo"  # the version name of the demo checkpoint
 
 
 def load_fixture(name: str) -> dict:
@@ -265,3 +266,13 @@ def noop_app(fake_ls: FakeLabelStudio, clean_redis: redis.Redis, tmp_path: Path)
         settings = Settings.from_env(env)
         with TestClient(create_app(settings, QueueClient(settings))) as client:
             yield client
+
+
+def serve_demo(client: redis.Redis, versions_dir: Path):
+    """What a worker started on the demo does first: register it as the serving version."""
+    from ml_backend.versions import VersionRegistry
+    from talk2sam.weights import DEMO_CHECKPOINT
+
+    registry = VersionRegistry(client, RedisKeys(PREFIX), versions_dir)
+    registry.ensure_base(DEMO, str(DEMO_CHECKPOINT), "tiny-768")
+    return registry

@@ -98,3 +98,24 @@ def test_one_weights_folder_for_the_library_and_the_workers():
     for env in ({"MODEL_DIR": "/w"}, {"TALK2SAM_WEIGHTS_DIR": "/w"},
                 {"MODEL_DIR": "/w", "TALK2SAM_WEIGHTS_DIR": "/old"}):
         assert Settings.from_env(env).model_dir == "/w" == str(weights_dir(env=env))
+
+
+def test_allowlist_setting_is_parsed_and_checked():
+    env = {"IMAGE_HOST_ALLOWLIST": " CDN.example, img.example:8443 ,"}
+    assert Settings.from_env(env).image_host_allowlist == ("cdn.example", "img.example:8443")
+    assert Settings.from_env({}).image_host_allowlist == ()
+    with pytest.raises(SettingsError, match="IMAGE_HOST_ALLOWLIST"):
+        Settings.from_env({"IMAGE_HOST_ALLOWLIST": "http://cdn.example/path"})
+
+
+def test_auth_and_size_settings():
+    defaults = Settings.from_env({})
+    assert (defaults.api_token, defaults.max_request_bytes) == (None, 20 * 2**20)
+    assert not defaults.auth_enabled
+    custom = Settings.from_env({"API_TOKEN": "t", "MAX_REQUEST_BYTES": "4096"})
+    assert (custom.api_token, custom.max_request_bytes) == ("t", 4096)
+    assert custom.auth_enabled
+    for name, bad in (("MAX_REQUEST_BYTES", "10"), ("MAX_REQUEST_BYTES", "20MB"),
+                      ("ANNOTATION_STORE_MB", "0"), ("TRAIN_QUEUE_TTL_S", "1")):
+        with pytest.raises(SettingsError, match=name):
+            Settings.from_env({name: bad})

@@ -6,125 +6,51 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import io
 import json
 import signal
-import subprocess
-import sys
-import threading
-import time
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 import redis
-from label_studio_sdk.converter.brush import mask2rle
-from PIL import Image
 
 from ml_backend.annotations import AnnotationStore
 from ml_backend.errors import TrainingError
 from ml_backend.schemas import RedisKeys
 from ml_backend.settings import Settings
-from ml_backend.trainer import TrainingRun, promotion_refusal, split_tasks
+from ml_backend.trainer import TrainingRun
 from ml_backend.training_queue import TrainingQueue, TrainRequest
 from ml_backend.versions import VersionRecord, VersionRegistry, read_serving, utc_now
-from ml_backend.worker import WorkerRuntime
-from ml_backend.worker_model import configured_model
-from talk2sam.build import CHECKPOINT_FORMAT, build_model, save_checkpoint
-from talk2sam.data.synthetic import SyntheticThinDataset
 from talk2sam.weights import DEMO_CHECKPOINT
-from tests.ml_backend.conftest import PREFIX, REPO, WorkerPool, backend_env, load_fixture
+from tests.ml_backend.conftest import (
+    DEMO,
+    PREFIX,
+    WorkerPool,
+    backend_env,
+    load_fixture,
+    serve_demo,
+)
 from tests.ml_backend.servers import uvicorn_app
+from tests.ml_backend.training_project import (
+    N_TASKS,
+    PROJECT,
+    TOKEN,
+    TRAIN_WAIT_S,
+    FakeProject,
+    Trainer,
+    progress,
+    served_project,
+    wait_for,
+)
 
-PROJECT = 7
-TOKEN = "trainer-test-token"
-N_TASKS = 6
-TRAIN_WAIT_S = 180
-DEMO = "talk2sam-tiny-synthetic-demo"
 CONFIG = load_fixture("setup_request.json")["schema"]  # rectangles and brushes of wires
-
-
-def ls_results(item: dict, index: int) -> list[dict]:
-    """A rectangle and a brush mask of the item's object, as the Label Studio editor saves them."""
-    height, width = item["mask"].shape
-    x0, y0, x1, y1 = (float(v) for v in item["box_xyxy"])
-    common = {"original_width": width, "original_height": height, "image_rotation": 0,
-              "to_name": "image"}
-    rect = {**common, "id": f"r{index}", "from_name": "box", "type": "rectanglelabels",
-            "value": {"x": x0 * 100 / width, "y": y0 * 100 / height,
-                      "width": (x1 - x0 + 1) * 100 / width, "height": (y1 - y0 + 1) * 100 / height,
-                      "rotation": 0, "rectanglelabels": [item["word"]]}}
-    brush = {**common, "id": f"b{index}", "from_name": "mask", "type": "brushlabels",
-             "value": {"format": "rle", "rle": mask2rle(item["mask"].astype(np.uint8) * 255),
-                       "brushlabels": [item["word"]]}}
-    return [rect, brush]
-
-
-@dataclass
-class FakeProject:
-    """A Label Studio stand-in for one project: ``/data/upload/...`` images and
-    ``/api/projects/<id>/export`` (set ``export_status`` to make the API fail)."""
-
-    url: str = ""
-    images: dict[str, bytes] = field(default_factory=dict)
-    tasks: list[dict] = field(default_factory=list)
-    export_status: int = 200
-    export_calls: int = 0
 
 
 @pytest.fixture(scope="module")
 def project() -> Iterator[FakeProject]:
-    state = FakeProject()
-    # the demo model's domain: it starts from the demo (as the local stack serves it), so a
-    # fine-tuned child can beat box-only SAM-HQ, which promotion demands
-    dataset = SyntheticThinDataset(N_TASKS, seed=3, multi_object=True, stroke_scale=3.0)
-    for i in range(N_TASKS):
-        item = dataset[i]
-        path = f"/data/upload/{PROJECT}/synth_{i}.png"
-        buffer = io.BytesIO()
-        Image.fromarray(item["image"]).save(buffer, format="PNG")
-        state.images[path] = buffer.getvalue()
-        state.tasks.append({"id": 100 + i, "data": {"image": path}, "project": PROJECT,
-                            "annotations": [{"id": 500 + i, "result": ls_results(item, i),
-                                             "was_cancelled": False}]})
-
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args: object) -> None:
-            pass
-
-        def _send(self, status: int, body: bytes, content_type: str) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def do_GET(self) -> None:
-            if self.headers.get("Authorization") != f"Token {TOKEN}":
-                self._send(401, b'{"detail": "no"}', "application/json")
-                return
-            path = self.path.split("?")[0]
-            if path in state.images:
-                self._send(200, state.images[path], "image/png")
-            elif path.rstrip("/") == f"/api/projects/{PROJECT}/export":
-                state.export_calls += 1
-                body = json.dumps(state.tasks).encode()
-                self._send(state.export_status, body if state.export_status == 200 else b"{}",
-                           "application/json")
-            else:
-                self._send(404, b"{}", "application/json")
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    state.url = f"http://127.0.0.1:{server.server_address[1]}"
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield state
-    server.shutdown()
+    with served_project() as served:
+        yield served
 
 
 def trainer_env(fake_ls, project: FakeProject, versions_dir: Path, **overrides: str
@@ -148,81 +74,13 @@ def reset_project(project: FakeProject) -> Iterator[FakeProject]:
     project.export_status = 200
 
 
-def serve_demo(client: redis.Redis, versions_dir: Path) -> VersionRegistry:
-    """What a worker started on the demo does first: register it as the serving version."""
-    registry = VersionRegistry(client, RedisKeys(PREFIX), versions_dir)
-    registry.ensure_base(DEMO, str(DEMO_CHECKPOINT), "tiny-768")
-    return registry
-
-
 def request(settings: Settings, client: redis.Redis) -> dict:
     return TrainingQueue(settings, client).request(
         TrainRequest(project=PROJECT, reason="test", requested_at="now"))
 
 
-def progress(client: redis.Redis) -> dict:
-    raw = client.get(RedisKeys(PREFIX).train_progress)
-    return json.loads(raw) if raw else {}
-
-
-def wait_for(condition, timeout_s: float, what: str, logs=lambda: "") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}\n{logs()}")
-        time.sleep(0.1)
-
-
-class Trainer:
-    """One ``python -m ml_backend.trainer`` process."""
-
-    def __init__(self, env: dict[str, str], log_path: Path, name: str):
-        self.log_path = log_path
-        self.name = f"{name}-{uuid.uuid4().hex[:6]}"  # rq keeps a killed worker's name a while
-        with open(log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "ml_backend.trainer", "--name", self.name], cwd=REPO, env=env,
-                stdout=log, stderr=subprocess.STDOUT)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-    def wait_live(self, client: redis.Redis) -> None:
-        wait_for(lambda: client.exists(RedisKeys(PREFIX).trainer_heartbeat(self.name)), 60,
-                 f"trainer {self.name} did not start", self.log)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-
 def sha256(path: str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def test_promotion_needs_a_win_over_the_serving_version_and_box_only_sam_hq():
-    assert promotion_refusal(0.60, 0.50, 0.55, 0.0) is None
-    assert "not above" in promotion_refusal(0.50, 0.50, 0.40, 0.0)  # a tie is not a win
-    assert "box-only SAM-HQ" in promotion_refusal(0.60, 0.50, 0.60, 0.0)
-    assert "box-only SAM-HQ" in promotion_refusal(0.60, 0.50, 0.70, 0.0)
-    assert "PROMOTE_MIN_GAIN" in promotion_refusal(0.60, 0.50, 0.40, 0.2)
-    assert promotion_refusal(0.45, 0.50, 0.40, -1.0) is None  # a regression allowed on purpose
-
-
-def test_split_is_stable_per_task_and_never_empty():
-    tasks = [{"id": i} for i in range(1, 200)]
-    train, held = split_tasks(tasks, 20)
-    assert 20 < len(held) < 60 and len(train) + len(held) == len(tasks)
-    _, more_held = split_tasks(tasks + [{"id": i} for i in range(200, 400)], 20)
-    assert {t["id"] for t in held} <= {t["id"] for t in more_held}  # no task changes sides
-    for pair in ([{"id": 1}, {"id": 2}], [{"id": 5}, {"id": 9}, {"id": 11}]):
-        train, held = split_tasks(pair, 20)
-        assert train and held
 
 
 def test_job_promotes_a_version_that_a_running_worker_picks_up(
@@ -268,24 +126,6 @@ def test_job_promotes_a_version_that_a_running_worker_picks_up(
     finally:
         trainer.stop()
         workers.stop()
-
-
-def test_a_small_project_holds_out_the_minimum_number_of_tasks_at_most_half():
-    tasks = [{"id": i} for i in range(1, 11)]
-    train, held = split_tasks(tasks, 1, min_held=3)
-    assert (len(train), len(held)) == (7, 3)
-    train, held = split_tasks(tasks[:4], 1, min_held=3)
-    assert (len(train), len(held)) == (2, 2)
-
-
-def test_only_tasks_with_masks_are_split_and_cancelled_annotations_hold_none():
-    from ml_backend.trainer import _has_masks
-
-    brush = {"type": "brushlabels"}
-    assert _has_masks({"annotations": [{"result": [{"type": "rectanglelabels"}, brush]}]})
-    assert not _has_masks({"annotations": [{"result": [{"type": "rectanglelabels"}]}]})
-    assert not _has_masks({"annotations": [{"result": [brush], "was_cancelled": True}]})
-    assert not _has_masks({"annotations": None}) and not _has_masks({})
 
 
 def test_a_version_judged_on_too_few_held_out_objects_is_never_made(
@@ -502,121 +342,6 @@ def test_sigkill_mid_epoch_keeps_the_serving_checkpoint_and_the_next_run_succeed
         statuses[killed_job].reason
     assert registry.serving().parent == serving.name
     assert sha256(serving.checkpoint) == digest  # the retired checkpoint is kept as it was
-
-
-def test_worker_follows_the_serving_version_and_survives_one_that_cannot_load(
-        fake_ls, clean_redis, tmp_path):
-    settings = Settings.from_env(backend_env(fake_ls, DEVICE="cpu"))
-    runtime = WorkerRuntime(settings, configured_model(settings), "follower", clean_redis)
-    keys = RedisKeys(PREFIX)
-    runtime.follow_serving_version()  # nothing promoted yet: keeps the configured model
-    assert runtime.model.model_version == "talk2sam-tiny-random"
-
-    clean_redis.set(keys.serving, json.dumps({"name": "broken",
-                                              "checkpoint": str(tmp_path / "missing.pt")}))
-    runtime.follow_serving_version()
-    assert runtime.model.model_version == "talk2sam-tiny-random"  # still serving
-
-    path = save_checkpoint(build_model("tiny"), tmp_path / "v2.pt", "v2")
-    clean_redis.set(keys.serving, json.dumps({"name": "v2", "checkpoint": str(path)}))
-    runtime.follow_serving_version()
-    assert runtime.model.model_version == "v2"
-    assert json.loads(clean_redis.get(keys.heartbeat("follower")))["model_version"] == "v2"
-    runtime.fetcher.close()
-
-
-def test_any_failure_while_loading_a_version_keeps_the_old_one_serving(
-        fake_ls, clean_redis, tmp_path, monkeypatch):
-    """Not only the model layer's own errors: a checkpoint whose config lacks a key (KeyError
-    deep in the build) or CUDA running out of memory beside the loaded model."""
-    settings = Settings.from_env(backend_env(fake_ls, DEVICE="cpu"))
-    runtime = WorkerRuntime(settings, configured_model(settings), "survivor", clean_redis)
-    keys = RedisKeys(PREFIX)
-    odd = tmp_path / "odd.pt"
-    import torch
-
-    torch.save({"format": CHECKPOINT_FORMAT, "version": "odd", "config": {"name": "x"},
-                "uses_text": True, "clip_mode": "frozen", "state": {}}, odd)
-    clean_redis.set(keys.serving, json.dumps({"name": "odd", "checkpoint": str(odd)}))
-    runtime.follow_serving_version()
-    assert runtime.model.model_version == "talk2sam-tiny-random"
-
-    import ml_backend.worker as worker_module
-
-    def out_of_memory(_settings):
-        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
-
-    monkeypatch.setattr(worker_module, "build_predictor", out_of_memory)
-    clean_redis.set(keys.serving, json.dumps({"name": "big", "checkpoint": str(odd)}))
-    runtime.follow_serving_version()
-    assert runtime.model.model_version == "talk2sam-tiny-random"
-    assert clean_redis.hget(keys.metrics("survivor"), "reload_failures") == b"2"
-    # it still answers jobs with the model it held
-    runtime.model.set_image(lambda: np.zeros((64, 64, 3), np.uint8), key="k")
-    assert runtime.model.predict(np.array([[4.0, 4, 40, 40]]), ["wire"]).masks.shape == (1, 64, 64)
-    runtime.fetcher.close()
-
-
-def test_after_redis_lost_its_data_new_workers_serve_what_versions_json_names(
-        fake_ls, clean_redis, tmp_path):
-    versions = tmp_path / "versions"
-    env = backend_env(fake_ls, VERSIONS_DIR=str(versions), DEVICE="cpu")
-    registry = VersionRegistry(clean_redis, RedisKeys(PREFIX), versions)
-    path = save_checkpoint(build_model("tiny"), registry.checkpoint_path("v7"), "v7")
-    registry.ensure_base("talk2sam-tiny-random", None, "tiny")  # what the workers run
-    registry.put(VersionRecord(name="v7", created=utc_now(), status="rejected",
-                               parent="talk2sam-tiny-random", checkpoint=str(path)))
-    registry.promote("v7")
-    clean_redis.flushdb()  # Redis restarted without its data (no AOF, a new volume)
-    version, _ = started_worker_version(env, clean_redis, tmp_path, "after-flush")
-    assert version == "v7"
-    assert read_serving(clean_redis, RedisKeys(PREFIX)).name == "v7"  # pointer restored
-    assert {r.name: r.status for r in registry.list()} == {
-        "talk2sam-tiny-random": "retired", "v7": "serving"}
-
-
-def started_worker_version(env: dict[str, str], client: redis.Redis, tmp_path: Path,
-                           name: str) -> tuple[str, str]:
-    """Start a real worker, read the model_version of its first heartbeat, stop it; returns
-    that version and the worker's log."""
-    workers = WorkerPool(env, tmp_path)
-    workers.start(name)
-    try:
-        workers.wait_ready(client)
-        beat = json.loads(client.get(RedisKeys(PREFIX).heartbeat(name)))
-        return beat["model_version"], workers.log(name)
-    finally:
-        workers.stop()
-
-
-def test_a_serving_version_without_checkpoint_is_the_base_model_loaded_once(
-        fake_ls, clean_redis, tmp_path):
-    # e.g. a registry written when the base model was still called "talk2sam-tiny-base"
-    settings = Settings.from_env(backend_env(fake_ls, DEVICE="cpu"))
-    runtime = WorkerRuntime(settings, configured_model(settings), "legacy", clean_redis)
-    keys = RedisKeys(PREFIX)
-    clean_redis.set(keys.serving, json.dumps({"name": "talk2sam-tiny-base", "checkpoint": None}))
-    runtime.follow_serving_version()
-    loaded = runtime.model
-    runtime.follow_serving_version()
-    runtime.follow_serving_version()
-    assert runtime.model is loaded  # not rebuilt on every check
-    runtime.fetcher.close()
-
-
-def test_a_worker_serves_its_configured_model_over_a_version_of_other_settings(
-        fake_ls, clean_redis, tmp_path):
-    """The stack served the demo on a first run; restarted with other model settings (real
-    weights downloaded, another MODEL_CHECKPOINT), the worker serves what it was given."""
-    versions = tmp_path / "versions"
-    registry = serve_demo(clean_redis, versions)
-    env = backend_env(fake_ls, VERSIONS_DIR=str(versions), DEVICE="cpu")  # MODEL_CONFIG=tiny
-    version, log = started_worker_version(env, clean_redis, tmp_path, "reconfigured")
-    assert version == "talk2sam-tiny-random", log
-    assert registry.serving().name == "talk2sam-tiny-random"
-    assert registry.get(DEMO).status == "retired"  # kept for a rollback
-    assert "comes from other model settings" in log
-
 
 
 def test_training_reads_the_image_under_the_label_configs_key(fake_ls, reset_project,
