@@ -103,6 +103,11 @@ def _files_by_stem(folder: Path, extensions: Iterable[str]) -> dict[str, Path]:
     return found
 
 
+def _first(names: Iterable[str], n: int = 5) -> str:
+    """The first ``n`` names in sorted order, for an error message."""
+    return ", ".join(sorted(names)[:n])
+
+
 def _pair_by_stem(image_dir: Path, mask_dir: Path) -> list[tuple[str, Path, Path]]:
     """(stem, image, mask) for every image; both folders must hold the same stems."""
     images = _files_by_stem(image_dir, IMAGE_EXTENSIONS)
@@ -112,10 +117,8 @@ def _pair_by_stem(image_dir: Path, mask_dir: Path) -> list[tuple[str, Path, Path
         (masks.keys() - images.keys(), mask_dir, image_dir),
     ):
         if missing:
-            names = ", ".join(sorted(missing)[:5])
             raise DatasetLayoutError(
-                f"{len(missing)} files in {have} have no partner in {lacks}: {names}"
-            )
+                f"{len(missing)} files in {have} have no partner in {lacks}: {_first(missing)}")
     return [(stem, images[stem], masks[stem]) for stem in sorted(images)]
 
 
@@ -154,10 +157,8 @@ def thinobject5k(root: str | Path, split: str | None = None) -> MaskFileDataset:
         wanted.discard("")
         unknown = wanted - {stem for stem, _, _ in pairs}
         if unknown:
-            raise DatasetLayoutError(
-                f"{list_file} names {len(unknown)} images not in {root / 'images'}: "
-                + ", ".join(sorted(unknown)[:5])
-            )
+            raise DatasetLayoutError(f"{list_file} names {len(unknown)} images not in "
+                                     f"{root / 'images'}: {_first(unknown)}")
         pairs = [p for p in pairs if p[0] in wanted]
     return MaskFileDataset(
         [MaskRecord(stem, im, gt, thinobject5k_word(stem)) for stem, im, gt in pairs]
@@ -243,10 +244,8 @@ def big(root: str | Path, word_from_name: Callable[[str], str] = big_word) -> Ma
     masks = {p.name[: -len("_gt.png")]: p for p in sorted(root.glob("*_gt.png"))}
     unpaired = images.keys() ^ masks.keys()
     if unpaired:
-        raise DatasetLayoutError(
-            f"{len(unpaired)} BIG names in {root} lack their _im.jpg or _gt.png: "
-            + ", ".join(sorted(unpaired)[:5])
-        )
+        raise DatasetLayoutError(f"{len(unpaired)} BIG names in {root} lack their _im.jpg or "
+                                 f"_gt.png: {_first(unpaired)}")
     return MaskFileDataset(
         [MaskRecord(n, images[n], masks[n], _clean_word(word_from_name(n))) for n in sorted(images)]
     )
@@ -289,7 +288,7 @@ def folder_dataset(root: str | Path) -> MaskFileDataset:
     words = _read_words(root)
     missing = [stem for stem, _, _ in pairs if not words.get(stem, "").strip()]
     if missing:
-        raise AnnotationError(f"{len(missing)} images have no word: {', '.join(missing[:5])}")
+        raise AnnotationError(f"{len(missing)} images have no word: {_first(missing)}")
     return MaskFileDataset([MaskRecord(s, im, gt, _clean_word(words[s])) for s, im, gt in pairs])
 
 

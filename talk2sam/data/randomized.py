@@ -29,7 +29,6 @@ drawn later hides what it covers).
 from __future__ import annotations
 
 import colorsys
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +36,15 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from talk2sam.errors import DatasetError
 from talk2sam.data.items import Item, make_item, mask_box_xyxy
+from talk2sam.data.strokes import (
+    FRAME_BARS,
+    Drawer,
+    Region,
+    in_region,
+    jittered,
+    polyline,
+    visible_masks,
+)
 
 CLASS_WORDS: dict[str, tuple[str, ...]] = {
     "wire": ("wire", "cable", "power line"),
@@ -49,7 +57,6 @@ MIN_SIDE, MAX_SIDE = 256, 1024
 MIN_VISIBLE_FRACTION = 0.6  # of the target's drawn pixels that occlusion may not hide
 _MAX_TRIES = 20
 
-Region = tuple[float, float, float, float]  # x0, y0, x1, y1
 
 
 @dataclass(frozen=True)
@@ -76,10 +83,6 @@ class RandomizedSample:
 # --- shapes: each draws strokes of width `w` into an "L" canvas, filling `region` ---------------
 
 
-def _line(draw: ImageDraw.ImageDraw, points: list[tuple[float, float]], w: float) -> None:
-    draw.line(points, fill=255, width=max(1, round(w)), joint="curve")
-
-
 def _draw_wire(draw: ImageDraw.ImageDraw, r: Region, rng: np.random.Generator, w: float) -> None:
     x0, y0, x1, y1 = r
     t = np.linspace(0.0, 1.0, 64)
@@ -90,7 +93,7 @@ def _draw_wire(draw: ImageDraw.ImageDraw, r: Region, rng: np.random.Generator, w
         sag = rng.uniform(0.1, 1.0) * (y1 - max(ya, yb))
         xs = x0 + (x1 - x0) * t
         ys = ya + (yb - ya) * t + 4 * sag * t * (1 - t)
-        _line(draw, list(zip(xs, np.minimum(ys, y1))), w)
+        polyline(draw, list(zip(xs, np.minimum(ys, y1))), w)
 
 
 def _draw_fence(draw: ImageDraw.ImageDraw, r: Region, rng: np.random.Generator, w: float) -> None:
@@ -101,28 +104,27 @@ def _draw_fence(draw: ImageDraw.ImageDraw, r: Region, rng: np.random.Generator, 
         for sign in (1.0, -1.0):  # the lines x - y = c and x + y = c
             lo, hi = (x0 - y1, x1 - y0) if sign > 0 else (x0 + y0, x1 + y1)
             for c in np.arange(lo + rng.uniform(0, step), hi, step):
-                _line(draw, [(float(c) + sign * y, y) for y in (y0, y1)], w)
+                polyline(draw, [(float(c) + sign * y, y) for y in (y0, y1)], w)
     elif kind == "mesh":
         sx, sy = step, step * rng.uniform(0.6, 1.6)
         for x in np.arange(x0 + rng.uniform(0, sx / 2), x1, sx):
-            _line(draw, [(x, y0), (x, y1)], w)
+            polyline(draw, [(x, y0), (x, y1)], w)
         for y in np.arange(y0 + rng.uniform(0, sy / 2), y1, sy):
-            _line(draw, [(x0, y), (x1, y)], w)
+            polyline(draw, [(x0, y), (x1, y)], w)
     else:
         for x in np.arange(x0 + rng.uniform(0, step / 2), x1, step):
-            _line(draw, [(x, y0 + rng.uniform(0, 0.08) * (y1 - y0)), (x, y1)], w * 1.5)
+            polyline(draw, [(x, y0 + rng.uniform(0, 0.08) * (y1 - y0)), (x, y1)], w * 1.5)
         for frac in rng.uniform(0.15, 0.85, size=int(rng.integers(1, 4))):
             y = y0 + frac * (y1 - y0)
-            _line(draw, [(x0, y), (x1, y)], w)
+            polyline(draw, [(x0, y), (x1, y)], w)
     if rng.random() < 0.6:  # posts at both ends
         for x in (x0 + w, x1 - w):
-            _line(draw, [(x, y0), (x, y1)], 2 * w)
+            polyline(draw, [(x, y0), (x, y1)], 2 * w)
 
 
-# unit-square bicycle: rear axle, bottom bracket, seat top, head top, head bottom, front axle
+# unit-square bicycle: the points of strokes.FRAME_BARS
 _BIKE = np.array([[0.18, 0.72], [0.45, 0.74], [0.38, 0.28], [0.72, 0.30], [0.70, 0.40],
                   [0.82, 0.72]])
-_BIKE_BARS = ((0, 1), (0, 2), (1, 2), (2, 3), (1, 4), (3, 4), (4, 5))
 
 
 def _draw_bicycle(draw: ImageDraw.ImageDraw, r: Region, rng: np.random.Generator,
@@ -131,7 +133,7 @@ def _draw_bicycle(draw: ImageDraw.ImageDraw, r: Region, rng: np.random.Generator
     pts = _BIKE + rng.uniform(-0.03, 0.03, size=_BIKE.shape)
     if rng.random() < 0.5:
         pts[:, 0] = 1 - pts[:, 0]
-    xy = np.column_stack([x0 + pts[:, 0] * (x1 - x0), y0 + pts[:, 1] * (y1 - y0)])
+    xy = in_region(pts, r)
     radius_x, radius_y = 0.18 * (x1 - x0), 0.28 * (y1 - y0)
     spokes = int(rng.integers(0, 13))
     for cx, cy in (xy[0], xy[5]):
@@ -139,13 +141,13 @@ def _draw_bicycle(draw: ImageDraw.ImageDraw, r: Region, rng: np.random.Generator
                      width=max(1, round(w)))
         for theta in np.linspace(0, np.pi, spokes, endpoint=False):
             dx, dy = radius_x * np.cos(theta), radius_y * np.sin(theta)
-            _line(draw, [(cx - dx, cy - dy), (cx + dx, cy + dy)], max(1.0, w / 2))
-    for i, j in _BIKE_BARS:
-        _line(draw, [tuple(xy[i]), tuple(xy[j])], w)
+            polyline(draw, [(cx - dx, cy - dy), (cx + dx, cy + dy)], max(1.0, w / 2))
+    for i, j in FRAME_BARS:
+        polyline(draw, [tuple(xy[i]), tuple(xy[j])], w)
     seat, head = xy[2], xy[3]
-    _line(draw, [(seat[0] - 0.06 * (x1 - x0), seat[1] - 0.04 * (y1 - y0)),
+    polyline(draw, [(seat[0] - 0.06 * (x1 - x0), seat[1] - 0.04 * (y1 - y0)),
                  (seat[0] + 0.05 * (x1 - x0), seat[1] - 0.04 * (y1 - y0))], w * 1.3)
-    _line(draw, [tuple(head), (head[0], head[1] - 0.12 * (y1 - y0)),
+    polyline(draw, [tuple(head), (head[0], head[1] - 0.12 * (y1 - y0)),
                  (head[0] - 0.06 * (x1 - x0), head[1] - 0.14 * (y1 - y0))], w)
 
 
@@ -154,23 +156,23 @@ def _draw_antenna(draw: ImageDraw.ImageDraw, r: Region, rng: np.random.Generator
     x0, y0, x1, y1 = r
     if rng.random() < 0.6:  # mast with crossbars narrowing upwards
         xc = x0 + rng.uniform(0.4, 0.6) * (x1 - x0)
-        _line(draw, [(xc, y0), (xc, y1)], w * 1.3)
+        polyline(draw, [(xc, y0), (xc, y1)], w * 1.3)
         n = int(rng.integers(3, 8))
         levels = y0 + np.linspace(0.04, rng.uniform(0.5, 0.8), n) * (y1 - y0)
         for y, s in zip(levels, np.linspace(rng.uniform(0.2, 0.5), 1.0, n)):
-            _line(draw, [(xc - s * (xc - x0), y), (xc + s * (x1 - xc), y)], w)
+            polyline(draw, [(xc - s * (xc - x0), y), (xc + s * (x1 - xc), y)], w)
     else:  # a boom with elements across it, on a short mast
         yb = y0 + rng.uniform(0.3, 0.5) * (y1 - y0)
-        _line(draw, [(x0, yb), (x1, yb)], w * 1.3)
+        polyline(draw, [(x0, yb), (x1, yb)], w * 1.3)
         xm = x0 + rng.uniform(0.3, 0.7) * (x1 - x0)
-        _line(draw, [(xm, yb), (xm, y1)], w * 1.3)
+        polyline(draw, [(xm, yb), (xm, y1)], w * 1.3)
         half = rng.uniform(0.2, 0.5) * (y1 - y0)
         for x, s in zip(np.linspace(x0 + w, x1 - w, int(rng.integers(4, 10))),
                         rng.uniform(0.6, 1.0, size=10)):
-            _line(draw, [(x, yb - s * half), (x, yb + s * half)], w)
+            polyline(draw, [(x, yb - s * half), (x, yb + s * half)], w)
 
 
-DRAWERS: dict[str, Callable[[ImageDraw.ImageDraw, Region, np.random.Generator, float], None]] = {
+DRAWERS: dict[str, Drawer] = {
     "wire": _draw_wire, "fence": _draw_fence, "bicycle": _draw_bicycle, "antenna": _draw_antenna,
 }
 # typical width / height of each class's region
@@ -290,15 +292,6 @@ def _region(rng: np.random.Generator, name: str, hw: tuple[int, int]) -> Region:
     return x0, y0, x0 + rw, y0 + rh
 
 
-def _jittered(region: Region, rng: np.random.Generator, hw: tuple[int, int],
-              amount: float) -> Region:
-    x0, y0, x1, y1 = region
-    dx, dy = amount * (x1 - x0), amount * (y1 - y0)
-    j = rng.uniform(-1, 1, size=4) * (dx, dy, dx, dy)
-    return (max(0.0, x0 + j[0]), max(0.0, y0 + j[1]), min(hw[1] - 1.0, x1 + j[2]),
-            min(hw[0] - 1.0, y1 + j[3]))
-
-
 def _colour_apart(rng: np.random.Generator, under: np.ndarray) -> np.ndarray:
     """A random colour at least 60 (RGB distance) from the mean background under the object."""
     for _ in range(20):
@@ -325,7 +318,7 @@ def _layout(rng: np.random.Generator, hw: tuple[int, int]):
     inside = [str(c) for c in rng.choice(CLASSES, size=k, replace=False)]
     target = int(rng.integers(k))
     common = _region(rng, inside[target], hw)
-    regions = [common if i == target else _jittered(common, rng, hw, 0.25) for i in range(k)]
+    regions = [common if i == target else jittered(common, rng, hw, 0.25) for i in range(k)]
     others = [c for c in CLASSES if c not in inside] or [c for c in CLASSES if c != inside[target]]
     n_distract = int(rng.choice([0, 1, 2], p=[0.5, 0.35, 0.15]))
     classes = list(inside)
@@ -344,11 +337,7 @@ def _layout(rng: np.random.Generator, hw: tuple[int, int]):
     regions = [regions[i] for i in order]
     target = int(np.flatnonzero(order == target)[0])
     drawn = [_draw_mask(c, r, rng, hw) for c, r in zip(classes, regions)]
-    visible, above = [], np.zeros(hw, dtype=bool)
-    for _, mask in reversed(drawn):
-        visible.append(mask & ~above)
-        above |= mask
-    visible.reverse()
+    visible = visible_masks([mask for _, mask in drawn], hw)
     need = MIN_VISIBLE_FRACTION * max(1, int(np.count_nonzero(drawn[target][1])))
     if np.count_nonzero(visible[target]) < max(need, 20):
         return None

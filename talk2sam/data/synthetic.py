@@ -26,7 +26,7 @@ for a seed: item `i` of a dataset uses `np.random.default_rng([seed, i])`.
 from __future__ import annotations
 
 import colorsys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,9 +35,15 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from talk2sam.errors import DatasetError
 from talk2sam.data.items import Item, ItemDataset, make_item, mask_box_xyxy
-
-Region = tuple[float, float, float, float]  # x0, y0, x1, y1 pixels
-Points = list[tuple[float, float]]
+from talk2sam.data.strokes import (
+    FRAME_BARS,
+    Drawer,
+    Region,
+    in_region,
+    jittered,
+    polyline,
+    visible_masks,
+)
 
 
 @dataclass(frozen=True)
@@ -88,10 +94,6 @@ class SyntheticSample:
 # --- shapes: each draws white strokes filling `region` on a mask ---------------------------------
 
 
-def _polyline(draw: ImageDraw.ImageDraw, points: Points, width: float) -> None:
-    draw.line(points, fill=255, width=max(1, round(width)), joint="curve")
-
-
 def _draw_wire(draw: ImageDraw.ImageDraw, r: Region, rng: np.random.Generator, w: float) -> None:
     x0, y0, x1, y1 = r
     t = np.linspace(0.0, 1.0, 48)
@@ -99,7 +101,7 @@ def _draw_wire(draw: ImageDraw.ImageDraw, r: Region, rng: np.random.Generator, w
         ya, yb = y0 + rng.uniform(0, 0.3, size=2) * (y1 - y0)
         sag = (y1 - (ya + yb) / 2) * (1.0 if k == 0 else rng.uniform(0.3, 0.85))
         ys = ya + (yb - ya) * t + 4 * sag * t * (1 - t)
-        _polyline(draw, list(zip(x0 + (x1 - x0) * t, ys)), w)
+        polyline(draw, list(zip(x0 + (x1 - x0) * t, ys)), w)
 
 
 def _draw_cable(draw: ImageDraw.ImageDraw, r: Region, rng: np.random.Generator, w: float) -> None:
@@ -113,7 +115,7 @@ def _draw_cable(draw: ImageDraw.ImageDraw, r: Region, rng: np.random.Generator, 
     py = np.array([ya, cy[0], cy[1], yb])
     t = np.linspace(0.0, 1.0, 64)[:, None]
     basis = np.hstack([(1 - t) ** 3, 3 * (1 - t) ** 2 * t, 3 * (1 - t) * t**2, t**3])
-    _polyline(draw, list(zip(basis @ px, basis @ py)), w)
+    polyline(draw, list(zip(basis @ px, basis @ py)), w)
 
 
 def _draw_fence(draw: ImageDraw.ImageDraw, r: Region, rng: np.random.Generator, w: float) -> None:
@@ -123,10 +125,10 @@ def _draw_fence(draw: ImageDraw.ImageDraw, r: Region, rng: np.random.Generator, 
         lo, hi = (x0 - y1, x1 - y0) if sign > 0 else (x0 + y0, x1 + y1)
         for c in np.arange(lo + rng.uniform(0, step), hi, step):
             pts = [(float(c) + sign * y, y) for y in (y0 - 2, y1 + 2)]
-            _polyline(draw, pts, w)
+            polyline(draw, pts, w)
     for x in (x0 + w, x1 - w):  # posts
-        _polyline(draw, [(x, y0), (x, y1)], 2 * w)
-    _polyline(draw, [(x0, y0 + w), (x1, y0 + w)], 1.5 * w)  # top rail
+        polyline(draw, [(x, y0), (x, y1)], 2 * w)
+    polyline(draw, [(x0, y0 + w), (x1, y0 + w)], 1.5 * w)  # top rail
 
 
 def _draw_wheel(draw: ImageDraw.ImageDraw, r: Region, rng: np.random.Generator, w: float) -> None:
@@ -137,41 +139,39 @@ def _draw_wheel(draw: ImageDraw.ImageDraw, r: Region, rng: np.random.Generator, 
     draw.ellipse((cx - hub * a, cy - hub * b, cx + hub * a, cy + hub * b), fill=255)
     phase = rng.uniform(0, 2 * np.pi)
     for theta in phase + np.linspace(0, 2 * np.pi, int(rng.integers(8, 17)), endpoint=False):
-        _polyline(draw, [(cx, cy), (cx + a * np.cos(theta), cy + b * np.sin(theta))], w / 2)
+        polyline(draw, [(cx, cy), (cx + a * np.cos(theta), cy + b * np.sin(theta))], w / 2)
 
 
-# Bicycle frame, unit square: rear axle, bottom bracket, seat top, head top, head bottom, fork end.
+# Bicycle frame, unit square: the points of strokes.FRAME_BARS (fork end for the front axle).
 _FRAME_POINTS = np.array(
     [[0.0, 0.75], [0.42, 0.95], [0.33, 0.05], [0.85, 0.12], [0.88, 0.38], [1.0, 0.78]]
 )
-_FRAME_BARS = ((0, 1), (0, 2), (1, 2), (2, 3), (1, 4), (3, 4), (4, 5))
 
 
 def _draw_frame(draw: ImageDraw.ImageDraw, r: Region, rng: np.random.Generator, w: float) -> None:
-    x0, y0, x1, y1 = r
     pts = _FRAME_POINTS + rng.uniform(-0.06, 0.06, size=_FRAME_POINTS.shape)
     pts = (pts - pts.min(0)) / np.ptp(pts, axis=0)  # span the region exactly
     if rng.random() < 0.5:
         pts[:, 0] = 1 - pts[:, 0]
-    xy = np.column_stack([x0 + pts[:, 0] * (x1 - x0), y0 + pts[:, 1] * (y1 - y0)])
-    for i, j in _FRAME_BARS:
-        _polyline(draw, [tuple(xy[i]), tuple(xy[j])], w)
+    xy = in_region(pts, r)
+    for i, j in FRAME_BARS:
+        polyline(draw, [tuple(xy[i]), tuple(xy[j])], w)
 
 
 def _draw_antenna(draw: ImageDraw.ImageDraw, r: Region, rng: np.random.Generator, w: float) -> None:
     x0, y0, x1, y1 = r
     xc = x0 + rng.uniform(0.4, 0.6) * (x1 - x0)
-    _polyline(draw, [(xc, y0), (xc, y1)], w)
+    polyline(draw, [(xc, y0), (xc, y1)], w)
     n = int(rng.integers(3, 7))
     levels = y0 + np.linspace(0.04, rng.uniform(0.55, 0.8), n) * (y1 - y0)
     spans = np.linspace(rng.uniform(0.25, 0.5), 1.0, n)  # narrow at the top, full width below
     tilt = rng.uniform(-0.04, 0.04) * (x1 - x0)
     for y, s in zip(levels, spans):
         left, right = xc - s * (xc - x0), xc + s * (x1 - xc)
-        _polyline(draw, [(left, y - tilt * s), (right, y + tilt * s)], w * 0.75)
+        polyline(draw, [(left, y - tilt * s), (right, y + tilt * s)], w * 0.75)
 
 
-DRAWERS: dict[str, Callable[[ImageDraw.ImageDraw, Region, np.random.Generator, float], None]] = {
+DRAWERS: dict[str, Drawer] = {
     "wire": _draw_wire,
     "cable": _draw_cable,
     "fence": _draw_fence,
@@ -240,18 +240,6 @@ def _paint(
 # --- samples --------------------------------------------------------------------------------------
 
 
-def _jitter(region: Region, rng: np.random.Generator, height: int, width: int) -> Region:
-    x0, y0, x1, y1 = region
-    dx, dy = 0.1 * (x1 - x0), 0.1 * (y1 - y0)
-    j = rng.uniform(-1, 1, size=4) * (dx, dy, dx, dy)
-    return (
-        max(0.0, x0 + j[0]),
-        max(0.0, y0 + j[1]),
-        min(width - 1.0, x1 + j[2]),
-        min(height - 1.0, y1 + j[3]),
-    )
-
-
 def _draw_mask(
     word: str, region: Region, rng: np.random.Generator, hw: tuple[int, int],
     stroke_scale: float = 1.0,
@@ -287,15 +275,11 @@ def _try_layout(
     rx, ry = rng.uniform(0, width - rw), rng.uniform(0, height - rh)
     common = (rx, ry, rx + rw, ry + rh)
     drawn = [
-        _draw_mask(w, common if len(chosen) == 1 else _jitter(common, rng, height, width), rng, hw,
+        _draw_mask(w, common if len(chosen) == 1 else jittered(common, rng, hw, 0.1), rng, hw,
                    stroke_scale)
         for w in chosen
     ]  # list order is depth order: later objects are drawn on top
-    visible, above = [], np.zeros(hw, dtype=bool)
-    for mask in reversed(drawn):
-        visible.append(mask & ~above)
-        above |= mask
-    visible.reverse()
+    visible = visible_masks(drawn, hw)
     target = int(rng.integers(len(chosen)))
     tmask = visible[target]
     if np.count_nonzero(tmask) < MIN_VISIBLE_FRACTION * max(1, np.count_nonzero(drawn[target])):
