@@ -141,6 +141,17 @@ def declared_rle_values(rle: Any) -> int:
     return int.from_bytes(bytes(rle[:4]), "big")
 
 
+def original_size(result: dict[str, Any], name: str) -> tuple[int, int]:
+    """(height, width) of the image a mask result was drawn on.
+
+    Raises:
+        AnnotationFormatError: the result lacks them.
+    """
+    if "original_height" not in result or "original_width" not in result:
+        raise AnnotationFormatError(f"{name} lacks original_height/width")
+    return int(result["original_height"]), int(result["original_width"])
+
+
 def brush_mask(result: dict[str, Any]) -> np.ndarray:
     """A ``brushlabels`` result -> its (H, W) bool mask (alpha > 128, like every ground truth).
 
@@ -154,9 +165,7 @@ def brush_mask(result: dict[str, Any]) -> np.ndarray:
     name = f"brush result {result.get('id')!r}"
     if value.get("format", "rle") != "rle" or "rle" not in value:
         raise AnnotationFormatError(f"{name} has no RLE")
-    if "original_height" not in result or "original_width" not in result:
-        raise AnnotationFormatError(f"{name} lacks original_height/width")
-    height, width = int(result["original_height"]), int(result["original_width"])
+    height, width = original_size(result, name)
     try:
         declared = declared_rle_values(value["rle"])
     except InvalidRequestError as exc:
@@ -274,9 +283,7 @@ def polygon_mask(result: dict[str, Any]) -> np.ndarray:
         AnnotationFormatError: no size, or fewer than three finite points.
     """
     name = f"polygon result {result.get('id')!r}"
-    if "original_height" not in result or "original_width" not in result:
-        raise AnnotationFormatError(f"{name} lacks original_height/width")
-    height, width = int(result["original_height"]), int(result["original_width"])
+    height, width = original_size(result, name)
     try:
         points = np.asarray(result.get("value", {}).get("points"), dtype=np.float64)
     except (TypeError, ValueError):

@@ -52,12 +52,21 @@ def count_params(module: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
+def read_tensors(path: str | os.PathLike, what: str = "") -> Any:
+    """torch.load on CPU, tensors only (no pickled code runs).
+
+    Raises:
+        WeightsError: naming ``what`` the file should be, when it cannot be read as such.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except _READ_ERRORS as exc:
+        raise WeightsError(f"cannot read {what}{path}: {exc}") from exc
+
+
 def load_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """torch.load on CPU, tensors only; unwraps {"model": ...}/{"state_dict": ...} containers."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except _READ_ERRORS as exc:
-        raise WeightsError(f"cannot read {path}: {exc}") from exc
+    state = read_tensors(path)
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -233,10 +242,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not Path(path).is_file():
         raise weights.WeightsMissingError(Path(path).name, str(path), None,
                                           "a Talk2SAM training run (talk2sam train)")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except _READ_ERRORS as exc:
-        raise WeightsError(f"cannot read checkpoint {path}: {exc}") from exc
+    payload = read_tensors(path, "checkpoint ")
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise WeightsError(f"{path} is not a Talk2SAM checkpoint ({CHECKPOINT_FORMAT})")
     return payload

@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--threshold must be in [0, 1]")
     try:
         return args.func(args)
-    except Talk2SamError as exc:
+    except (Talk2SamError, FileNotFoundError) as exc:  # one line, no traceback: exit status 2
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

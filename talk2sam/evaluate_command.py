@@ -233,14 +233,10 @@ def command(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from talk2sam.errors import Talk2SamError
+    """``python scripts/evaluate.py ...``: ``talk2sam evaluate ...``, errors reported alike."""
+    from talk2sam.cli import main as cli_main
 
-    try:
-        return command(args)
-    except (Talk2SamError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return cli_main(["evaluate", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

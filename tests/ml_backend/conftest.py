@@ -78,20 +78,33 @@ class FakeLabelStudio:
     access_token: str | None = None
 
 
+class QuietHandler(BaseHTTPRequestHandler):
+    """The handler of a stand-in server: logs nothing, answers in one call."""
+
+    def log_message(self, *args: object) -> None:  # keep test output quiet
+        pass
+
+    def send(self, status: int, body: bytes, content_type: str = "image/png") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def serve_http(handler: type[BaseHTTPRequestHandler], port: int = 0
+               ) -> tuple[ThreadingHTTPServer, str]:
+    """Serve ``handler`` on 127.0.0.1 from a daemon thread; returns the server and its URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", port), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
 def _start_fake_ls() -> tuple[ThreadingHTTPServer, FakeLabelStudio]:
     state = FakeLabelStudio()
 
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args: object) -> None:  # keep test output quiet
-            pass
-
-        def _send(self, status: int, body: bytes, content_type: str = "image/png") -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
+    class Handler(QuietHandler):
         def _authorized(self) -> bool:
             header = self.headers.get("Authorization", "")
             return header == f"Token {state.token}" or (
@@ -103,16 +116,16 @@ def _start_fake_ls() -> tuple[ThreadingHTTPServer, FakeLabelStudio]:
             state.requests.append(("POST", self.path))
             if self.path.rstrip("/") == "/api/token/refresh" and \
                     body.get("refresh") == state.refresh_token and state.access_token:
-                self._send(200, json.dumps({"access": state.access_token}).encode(),
+                self.send(200, json.dumps({"access": state.access_token}).encode(),
                            "application/json")
             else:
-                self._send(401, b'{"detail": "invalid"}', "application/json")
+                self.send(401, b'{"detail": "invalid"}', "application/json")
 
         def do_GET(self) -> None:
             state.requests.append(("GET", self.path))
             path = urlparse(self.path).path
             if not self._authorized():
-                self._send(401, b'{"detail": "Authentication credentials were not provided."}',
+                self.send(401, b'{"detail": "Authentication credentials were not provided."}',
                            "application/json")
                 return
             slow = re.match(r"^/slow/([0-9.]+)(/.*)$", path)
@@ -120,20 +133,17 @@ def _start_fake_ls() -> tuple[ThreadingHTTPServer, FakeLabelStudio]:
                 time.sleep(float(slow.group(1)))
                 path = slow.group(2)
             if path.startswith("/corrupt/"):
-                self._send(200, b"\x89PNG\r\n\x1a\nthis is not really a png")
+                self.send(200, b"\x89PNG\r\n\x1a\nthis is not really a png")
                 return
             if path.startswith("/data/local-files/"):
                 path = parse_qs(urlparse(self.path).query).get("d", [""])[0]
             size = re.search(r"_(\d+)x(\d+)\.png$", path)
             if not size:
-                self._send(404, b"not found", "text/plain")
+                self.send(404, b"not found", "text/plain")
                 return
-            self._send(200, synthetic_png(int(size.group(1)), int(size.group(2))))
+            self.send(200, synthetic_png(int(size.group(1)), int(size.group(2))))
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    state.url = f"http://127.0.0.1:{server.server_address[1]}"
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server, state.url = serve_http(Handler)
     return server, state
 
 

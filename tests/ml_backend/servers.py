@@ -6,10 +6,9 @@ from __future__ import annotations
 import contextlib
 import re
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -21,8 +20,10 @@ from ml_backend.stack import health
 from tests.ml_backend.conftest import (
     LEGACY_TOKEN,
     REPO,
+    QuietHandler,
     WorkerPool,
     running_workers,
+    serve_http,
     synthetic_png,
 )
 
@@ -43,10 +44,7 @@ class ImageHost:
     def start(self) -> None:
         host = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
+        class Handler(QuietHandler):
             def do_GET(self) -> None:
                 host.paths.append(self.path)
                 path = urlparse(self.path).path
@@ -63,14 +61,9 @@ class ImageHost:
                     status, body = 200, synthetic_png(int(size.group(1)), int(size.group(2)))
                 else:
                     status, body = 404, b"not found"
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                self.send(status, body)
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self._server, _ = serve_http(Handler, self.port)
 
     def stop(self) -> None:
         if self._server is not None:

@@ -9,8 +9,6 @@ from __future__ import annotations
 import base64
 import json
 import socket
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
@@ -23,7 +21,13 @@ from ml_backend.schemas import RedisKeys
 from ml_backend.settings import Settings, SettingsError
 from ml_backend.trainer import TrainingRun
 from ml_backend.training_queue import TrainRequest, trainer_heartbeat
-from tests.ml_backend.conftest import backend_env, load_fixture, synthetic_png
+from tests.ml_backend.conftest import (
+    QuietHandler,
+    backend_env,
+    load_fixture,
+    serve_http,
+    synthetic_png,
+)
 from tests.ml_backend.servers import ImageHost, private_workers, uvicorn_app
 
 GOOD = load_fixture("predict_interactive_request.json")
@@ -213,21 +217,12 @@ class Recorder:
         self.headers: list[str] = []
         recorder = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
+        class Handler(QuietHandler):
             def do_GET(self) -> None:
                 recorder.headers.append(self.headers.get("Authorization", ""))
-                body = synthetic_png(400, 300)
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                self.send(200, synthetic_png(400, 300))
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.server, self.url = serve_http(Handler)
 
     def saw(self, *secrets: str) -> list[str]:
         return [h for h in self.headers if any(s in h for s in secrets)]

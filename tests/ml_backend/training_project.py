@@ -9,12 +9,10 @@ import io
 import json
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +22,7 @@ from PIL import Image
 
 from ml_backend.schemas import RedisKeys
 from talk2sam.data.synthetic import SyntheticThinDataset
-from tests.ml_backend.conftest import PREFIX, REPO
+from tests.ml_backend.conftest import PREFIX, REPO, QuietHandler, serve_http
 
 PROJECT = 7
 TOKEN = "trainer-test-token"
@@ -78,36 +76,23 @@ def served_project() -> Iterator[FakeProject]:
                             "annotations": [{"id": 500 + i, "result": ls_results(item, i),
                                              "was_cancelled": False}]})
 
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args: object) -> None:
-            pass
-
-        def _send(self, status: int, body: bytes, content_type: str) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
+    class Handler(QuietHandler):
         def do_GET(self) -> None:
             if self.headers.get("Authorization") != f"Token {TOKEN}":
-                self._send(401, b'{"detail": "no"}', "application/json")
+                self.send(401, b'{"detail": "no"}', "application/json")
                 return
             path = self.path.split("?")[0]
             if path in state.images:
-                self._send(200, state.images[path], "image/png")
+                self.send(200, state.images[path], "image/png")
             elif path.rstrip("/") == f"/api/projects/{PROJECT}/export":
                 state.export_calls += 1
                 body = json.dumps(state.tasks).encode()
-                self._send(state.export_status, body if state.export_status == 200 else b"{}",
+                self.send(state.export_status, body if state.export_status == 200 else b"{}",
                            "application/json")
             else:
-                self._send(404, b"{}", "application/json")
+                self.send(404, b"{}", "application/json")
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    state.url = f"http://127.0.0.1:{server.server_address[1]}"
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server, state.url = serve_http(Handler)
     yield state
     server.shutdown()
 
