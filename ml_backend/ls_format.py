@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 
 from ml_backend.errors import AnnotationFormatError, InvalidRequestError
+from talk2sam.errors import InvalidPromptError
+from talk2sam.prompts import check_boxes  # numpy only: no torch in the web process
 
 BoxXYXY = tuple[float, float, float, float]
 
@@ -92,23 +94,17 @@ def rotated_box_pct_to_xyxy(
 
 
 def clip_box_xyxy(box_xyxy: BoxXYXY, width_px: int, height_px: int) -> BoxXYXY:
-    """Clip an XYXY pixel box to the image ``[0, width] x [0, height]``.
+    """Clip an XYXY pixel box to the image ``[0, width] x [0, height]``, by the model's own rule
+    (``talk2sam.prompts.check_boxes``).
 
     Raises:
         InvalidRequestError: when no area is left inside the image.
     """
-    x0, y0, x1, y1 = box_xyxy
-    clipped = (min(max(x0, 0.0), width_px), min(max(y0, 0.0), height_px),
-               min(max(x1, 0.0), width_px), min(max(y1, 0.0), height_px))
-    if clipped[2] - clipped[0] <= 0 or clipped[3] - clipped[1] <= 0:
-        raise InvalidRequestError(
-            f"box {_fmt_box(box_xyxy)} px lies outside the {width_px}x{height_px} image"
-        )
-    return clipped
-
-
-def _fmt_box(box: Sequence[float]) -> str:
-    return "(" + ", ".join(f"{v:.1f}" for v in box) + ")"
+    try:
+        (clipped,) = check_boxes(np.array([box_xyxy], dtype=np.float64), height_px, width_px)
+    except InvalidPromptError as exc:
+        raise InvalidRequestError(str(exc)) from None
+    return tuple(float(v) for v in clipped)
 
 
 def rectangle_xyxy(value: dict[str, Any], width_px: int, height_px: int) -> BoxXYXY:

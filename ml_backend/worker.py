@@ -304,7 +304,7 @@ def _expected_error(exc: Exception) -> JobError | None:
         return None
     if isinstance(exc, model_errors.InvalidPromptError):
         return JobError(InvalidRequestError.__name__, str(exc))
-    if isinstance(exc, model_errors.InvalidImageError):
+    if isinstance(exc, model_errors.UnusableImageError):
         return JobError(InvalidImageError.__name__, str(exc))
     if isinstance(exc, model_errors.Talk2SamError):
         return JobError(ModelError.__name__, str(exc))

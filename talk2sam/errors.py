@@ -48,7 +48,7 @@ class WeightsMismatchError(WeightsError):
         self.path, self.missing, self.unexpected = path, missing, unexpected
 
 
-class InvalidImageError(Talk2SamError, ValueError):
+class UnusableImageError(Talk2SamError, ValueError):
     """The image cannot be used (wrong shape, dtype, empty, too large)."""
 
 

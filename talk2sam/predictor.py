@@ -12,9 +12,9 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from talk2sam import geometry, sam_hq
+from talk2sam import geometry, prompts, sam_hq
 from talk2sam.bounded_cache import BoundedCache
-from talk2sam.errors import ImageNotSetError, InvalidImageError, InvalidPromptError
+from talk2sam.errors import ImageNotSetError, InvalidPromptError, UnusableImageError
 from talk2sam.find import DEFAULT_MAX_REGIONS, DEFAULT_THRESHOLD, candidate_boxes, distinct
 from talk2sam.model import DecoderOutput, ImageFeatures, Talk2Sam
 from talk2sam.prediction import Prediction
@@ -26,26 +26,26 @@ UPSCALE_CHUNK_PIXELS = 1 << 24  # mask pixels upscaled at once (16 M: 128 MiB of
 def normalize_image(image: np.ndarray, max_pixels: int = MAX_PIXELS_DEFAULT) -> np.ndarray:
     """Bring an image to (H, W, 3) uint8 RGB, deliberately: grayscale is repeated to 3 channels,
     RGBA drops alpha (no compositing: Label Studio shows the RGB), 16-bit and float [0, 1] images
-    are rescaled to 8 bits. Anything else raises InvalidImageError."""
+    are rescaled to 8 bits. Anything else raises UnusableImageError."""
     img = np.asarray(image)
     if img.ndim == 2:
         img = img[..., None]
     if img.ndim != 3 or img.shape[2] not in (1, 3, 4) or min(img.shape[:2]) < 1:
-        raise InvalidImageError(f"expected an (H, W), (H, W, 3) or (H, W, 4) image, "
+        raise UnusableImageError(f"expected an (H, W), (H, W, 3) or (H, W, 4) image, "
                                 f"got shape {img.shape}")
     if img.shape[0] * img.shape[1] > max_pixels:
-        raise InvalidImageError(f"image of {img.shape[1]}x{img.shape[0]} pixels exceeds the "
+        raise UnusableImageError(f"image of {img.shape[1]}x{img.shape[0]} pixels exceeds the "
                                 f"limit of {max_pixels:,} pixels")
     if img.dtype == np.uint16:
         img = (img.astype(np.float32) / 257.0 + 0.5).astype(np.uint8)
     elif img.dtype in (np.float32, np.float64):
         if not np.all(np.isfinite(img)) or img.min() < 0 or img.max() > 1:
-            raise InvalidImageError("float images must be finite and in [0, 1]")
+            raise UnusableImageError("float images must be finite and in [0, 1]")
         img = (img * 255.0 + 0.5).astype(np.uint8)
     elif img.dtype == np.bool_:
         img = img.astype(np.uint8) * 255
     elif img.dtype != np.uint8:
-        raise InvalidImageError(f"unsupported image dtype {img.dtype}")
+        raise UnusableImageError(f"unsupported image dtype {img.dtype}")
     if img.shape[2] == 1:
         img = np.repeat(img, 3, axis=2)
     return np.array(img[..., :3], dtype=np.uint8, order="C", copy=True)
@@ -70,7 +70,7 @@ def default_encoder_dtype(device: torch.device) -> torch.dtype:
 class Talk2SamPredictor:
     """Args:
         model: a built Talk2Sam (or box-only SAM-HQ), on its device.
-        max_pixels: larger images raise InvalidImageError.
+        max_pixels: larger images raise UnusableImageError.
         overlap_encoders: on CUDA, run DINOv2 in a side stream beside SAM-HQ's encoder
             (see `Talk2Sam.encode_image`); off by default until measured on a GPU with
             `scripts/benchmark.py`. No effect on CPU.
@@ -186,14 +186,14 @@ class Talk2SamPredictor:
         if raw.ndim != 2 or raw.shape[1] != 4 or len(raw) == 0:
             raise InvalidPromptError(f"boxes must have shape (N, 4) XYXY, got {raw.shape}")
         boxed = ~np.isnan(raw).all(axis=1)
-        points = geometry.check_clicks(clicks, len(raw), feats.height, feats.width)
+        points = prompts.check_clicks(clicks, len(raw), feats.height, feats.width)
         if points is not None and not (points[1] >= 0).any(axis=1)[~boxed].all():
             raise InvalidPromptError("a prompt without a box needs at least one click")
         if points is None and not boxed.all():
             raise InvalidPromptError("a prompt without a box needs clicks")
         boxes = raw.copy()
         if boxed.any():
-            boxes[boxed] = geometry.check_boxes(raw[boxed], feats.height, feats.width)
+            boxes[boxed] = prompts.check_boxes(raw[boxed], feats.height, feats.width)
         if isinstance(words, str):
             words = [words] * len(boxes)
         if words is not None:

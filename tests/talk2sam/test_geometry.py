@@ -1,9 +1,7 @@
 import numpy as np
-import pytest
 import torch
 
 from talk2sam import geometry
-from talk2sam.errors import InvalidPromptError
 
 
 def test_resized_hw_matches_sam_rounding():
@@ -47,22 +45,6 @@ def test_mask_frame_to_original_restores_size_and_position():
     assert out.shape == (1, 300, 400)
     mask = (out[0] > 0).numpy()
     assert mask[:140, :190].all() and not mask[160:, :].any() and not mask[:, 210:].any()
-
-
-@pytest.mark.parametrize("box, message", [
-    ([10, 10, 10, 50], "zero or negative"),
-    ([50, 10, 20, 40], "zero or negative"),
-    ([float("nan"), 1, 5, 5], "non-finite"),
-    ([500, 10, 600, 50], "outside"),
-])
-def test_check_boxes_rejects_bad_boxes(box, message):
-    with pytest.raises(InvalidPromptError, match=message):
-        geometry.check_boxes(np.array(box), 300, 400)
-
-
-def test_check_boxes_clips_partly_outside():
-    np.testing.assert_allclose(geometry.check_boxes([-5, 10, 450, 320], 300, 400),
-                               [[0, 10, 400, 300]])
 
 
 def test_box_masks_cover_pixel_centres_inside_the_grown_box():

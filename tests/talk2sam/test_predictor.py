@@ -4,7 +4,7 @@ import torch
 
 from talk2sam.build import build_model
 from talk2sam.configs import get_config
-from talk2sam.errors import ImageNotSetError, InvalidImageError, InvalidPromptError
+from talk2sam.errors import ImageNotSetError, InvalidPromptError, UnusableImageError
 from talk2sam.predictor import Talk2SamPredictor, default_encoder_dtype, normalize_image
 
 
@@ -123,11 +123,11 @@ def test_image_normalisation_is_deliberate():
     assert normalize_image(rgba).shape == (20, 30, 3) and normalize_image(rgba).max() == 0
     deep = np.full((20, 30, 3), 65535, np.uint16)
     assert normalize_image(deep).dtype == np.uint8 and normalize_image(deep).max() == 255
-    with pytest.raises(InvalidImageError, match="shape"):
+    with pytest.raises(UnusableImageError, match="shape"):
         normalize_image(np.zeros((20, 30, 2), np.uint8))
-    with pytest.raises(InvalidImageError, match="dtype"):
+    with pytest.raises(UnusableImageError, match="dtype"):
         normalize_image(np.zeros((20, 30, 3), np.int64))
-    with pytest.raises(InvalidImageError, match="limit"):
+    with pytest.raises(UnusableImageError, match="limit"):
         normalize_image(np.zeros((200, 300, 3), np.uint8), max_pixels=1000)
 
 
