@@ -7,10 +7,31 @@ farthest from the region's border."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from scipy import ndimage
 
 Click = tuple[float, float, bool]  # x, y pixels (original frame), positive
+
+
+@dataclass
+class ClickTraining:
+    """SAM's interactive training, as both training stages simulate it: this share of the
+    examples get 1..click_rounds clicks, each drawn from the errors of the mask the clicks
+    before it gave, so the decoder learns to use positive and negative points next to the box
+    and the word."""
+
+    click_share: float = 0.5
+    click_rounds: int = 3
+    # share of those clicks put in the middle of the largest wrong region (where annotators
+    # click); the others fall uniformly on the wrong pixels (SAM's way)
+    largest_click_share: float = 0.5
+
+    def check_clicks(self) -> None:
+        if not 0.0 <= self.click_share <= 1.0 or not 0.0 <= self.largest_click_share <= 1.0 \
+                or self.click_rounds < 0:
+            raise ValueError("click_share must be in [0, 1] and click_rounds not negative")
 
 
 def random_error_click(pred: np.ndarray, gt: np.ndarray, rng: np.random.Generator

@@ -26,18 +26,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from talk2sam.clicks import ClickTraining
 from talk2sam.data.randomized import CLASS_WORDS, CLASSES, RandomizedSample, RandomizedThinDataset
-from talk2sam.model import Talk2Sam
-from talk2sam.similarity import similarity_map
 from talk2sam.evaluation import click_points, error_clicks, sample_clicks, served_mask
 from talk2sam.features import gt_to_canvas
+from talk2sam.model import Talk2Sam
+from talk2sam.similarity import similarity_map
 
 MAP_LOGIT_SCALE = 10.0  # cosine in [-1, 1] -> logits in [-10, 10]
 POSITIVE_WEIGHT = 10.0  # of an object pixel against a background pixel in the dense BCE
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(ClickTraining):
     steps: int = 1200
     batch_size: int = 4
     lr: float = 1e-3
@@ -47,9 +48,6 @@ class PretrainConfig:
     iou_loss_weight: float = 5.0
     map_loss_weight: float = 1.0
     seed: int = 0
-    click_share: float = 0.5  # as train.TrainConfig: SAM's interactive training
-    click_rounds: int = 3
-    largest_click_share: float = 0.5  # as train.TrainConfig
     # share of the clicked samples prompted by their clicks alone, without the box (SAM trains
     # point prompts alone too; the backend answers a click with no box of its label so)
     clicks_alone_share: float = 0.0

@@ -32,6 +32,7 @@ from talk2sam.build import (
     set_trainable,
     trained_state,
 )
+from talk2sam.clicks import ClickTraining
 from talk2sam.errors import ConfigError
 from talk2sam.evaluation import evaluate, sample_clicks, served_iou
 from talk2sam.features import Example, LazyExamples
@@ -40,8 +41,9 @@ from talk2sam.model import Talk2Sam
 
 
 @dataclass
-class TrainConfig:
-    """Defaults are the paper's (section 3.1); `optimizer` and `momentum` are not in the paper."""
+class TrainConfig(ClickTraining):
+    """Defaults are the paper's (section 3.1); `optimizer` and `momentum` are not in the paper,
+    nor are the simulated clicks (`ClickTraining`'s fields)."""
 
     epochs: int = 30
     batch_size: int = 4
@@ -64,23 +66,13 @@ class TrainConfig:
     max_seconds: float | None = None  # stop after the epoch that crosses this budget
     save_every_steps: int = 50  # mid-epoch state saves (0: only after each epoch)
     num_workers: int = 0  # DataLoader workers reading examples (LazyExamples: files)
-    # SAM's interactive training: this share of the examples get 1..click_rounds clicks, each
-    # drawn from the errors of the mask the clicks before it gave (talk2sam.clicks), so the
-    # decoder learns to use positive and negative points next to the box and the word
-    click_share: float = 0.5
-    click_rounds: int = 3
-    # share of those clicks put in the middle of the largest wrong region (where annotators
-    # click); the others fall uniformly on the wrong pixels (SAM's way)
-    largest_click_share: float = 0.5
 
     def validate(self) -> None:
         if self.optimizer not in ("sgd", "adamw"):
             raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
         if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
             raise ValueError("epochs, batch_size and lr must be positive")
-        if not 0.0 <= self.click_share <= 1.0 or not 0.0 <= self.largest_click_share <= 1.0 \
-                or self.click_rounds < 0:
-            raise ValueError("click_share must be in [0, 1] and click_rounds not negative")
+        self.check_clicks()
 
 
 # settings a resumed run must share with the run it continues (epochs may grow)
