@@ -10,11 +10,17 @@ from typing import Any
 DEFAULT_URL = "http://localhost:8080"
 
 
-def add_connection_args(parser: argparse.ArgumentParser) -> None:
+def project_parser(description: str | None) -> argparse.ArgumentParser:
+    """A script's parser with what every Label Studio script takes: --project and the
+    connection (--url, --api-key)."""
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--project", type=int, required=True, help="Label Studio project id")
     parser.add_argument("--url", default=os.environ.get("LABEL_STUDIO_URL", DEFAULT_URL),
                         help=f"Label Studio base URL (default $LABEL_STUDIO_URL or {DEFAULT_URL})")
     parser.add_argument("--api-key", default=os.environ.get("LABEL_STUDIO_API_KEY"),
                         help="legacy token or personal access token (default $LABEL_STUDIO_API_KEY)")
+    return parser
 
 
 def connect(args: argparse.Namespace, timeout_s: float = 120.0) -> Any:

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from _labelstudio import add_connection_args, connect  # sibling module of scripts/
+from _labelstudio import connect, project_parser  # sibling module of scripts/
 
 
 def summarize(tasks: list[dict]) -> str:
@@ -27,16 +27,13 @@ def summarize(tasks: list[dict]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--project", type=int, required=True, help="Label Studio project id")
+    parser = project_parser(__doc__)
     parser.add_argument("--out", type=Path, default=Path("annotations.json"),
                         help="output file (default annotations.json)")
     parser.add_argument("--format", default="JSON",
                         help="Label Studio export type: JSON (default), JSON_MIN, COCO, ...")
     parser.add_argument("--all-tasks", action="store_true",
                         help="also tasks without annotations (default: annotated tasks only)")
-    add_connection_args(parser)
     return parser
 
 

@@ -24,7 +24,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from _labelstudio import add_connection_args, connect  # sibling module of scripts/
+from _labelstudio import connect, project_parser  # sibling module of scripts/
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 
@@ -108,11 +108,8 @@ def import_urls(client: Any, project: int, urls: Sequence[str], image_key: str,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = project_parser(__doc__)
     parser.add_argument("folder", type=Path, help="folder of images")
-    parser.add_argument("--project", type=int, required=True, help="Label Studio project id")
-    add_connection_args(parser)
     how = parser.add_mutually_exclusive_group()
     how.add_argument("--document-root", type=Path,
                      default=Path(os.environ.get("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT", "data")),

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from _labelstudio import add_connection_args, connect  # sibling module of scripts/
+from _labelstudio import connect, project_parser  # sibling module of scripts/
 
 
 def prediction_score(prediction: dict[str, Any]) -> float | None:
@@ -100,9 +100,7 @@ def data_manager_hint(url: str, project: int, ids: Sequence[int]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--project", type=int, required=True, help="Label Studio project id")
+    parser = project_parser(__doc__)
     parser.add_argument("-n", type=int, default=20, help="tasks to select (default 20)")
     parser.add_argument("--model-version", help="only predictions of this model version")
     parser.add_argument("--include-annotated", action="store_true",
@@ -110,7 +108,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, help="write the selection as JSON")
     parser.add_argument("--label-studio-view", action="store_true",
                         help="print how to sort the Data Manager the same way")
-    add_connection_args(parser)
     return parser
 
 
