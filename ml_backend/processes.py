@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ml_backend.errors import ChildExitedError
 
-logger = logging.getLogger("ml_backend.processes")
+logger = logging.getLogger(__name__)  # "log" names the children's log files here
 
 
 def free_port() -> int:

@@ -1,9 +1,11 @@
-"""Data that crosses Redis between the web process and the workers.
+"""What the web process and the inference workers exchange through Redis: predict job specs
+and results, worker heartbeats, the names of our Redis keys, and :func:`known_fields`, the
+tolerant reading every record crossing Redis goes through (the training requests, version records
+and recorded annotations of their own modules too).
 
-Everything here is a JSON-able frozen dataclass (rq's ``JSONSerializer`` carries ``to_dict()``
-as job kwargs and return values; nothing is pickled), plus the names of our Redis keys and the
-compact mask encoding, so that both sides agree without importing each other. This module
-imports nothing of ours.
+The records are JSON-able frozen dataclasses (rq's ``JSONSerializer`` carries ``to_dict()`` as
+job kwargs and return values; nothing is pickled), so that both sides agree without importing
+each other. This module imports nothing of ours.
 """
 
 from __future__ import annotations
@@ -142,7 +144,7 @@ def image_key(image_url: str, ls_url: str | None) -> str:
 
 @dataclass(frozen=True)
 class PredictJobSpec:
-    """One image and all its boxes: one job, one decoder call.
+    """One image and all its prompts: one job (the worker decodes them a few at a time).
 
     Attributes:
         request_id: id of the HTTP request, for logs.
@@ -153,8 +155,8 @@ class PredictJobSpec:
             the token itself never rides in a spec), or None (the worker's own
             LABEL_STUDIO_API_KEY wins when set).
         width, height: original image size in pixels that the boxes refer to.
-        boxes_xyxy: N boxes, XYXY float pixels in that frame, already clipped to it; None
-            for a prompt of clicks alone.
+        boxes_xyxy: N boxes, XYXY float pixels in that frame, already clipped to it; an entry
+            None for a prompt of clicks alone.
         words: N text prompts, or None for plain SAM-HQ (box only).
         clicks: N lists of [x, y, positive] pixels in that frame, or None (no clicks).
         polygons: N flags, answer that prompt as polygons instead of brush RLE; None: brush
@@ -257,7 +259,8 @@ class PredictJobResult:
 
 @dataclass(frozen=True)
 class WorkerHeartbeat:
-    """What a worker publishes about itself every second (JSON under ``RedisKeys.heartbeat``).
+    """What a worker publishes about itself (JSON under ``RedisKeys.heartbeat``), every third of
+    WORKER_HEARTBEAT_TTL_S and whenever it takes or ends a job.
 
     Attributes:
         name: the rq worker name.

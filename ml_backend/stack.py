@@ -64,7 +64,7 @@ from ml_backend.supervision import (
 )
 from talk2sam.configs import UNTRAINED_TEXT_NOTE, UNTRAINED_TEXT_SUFFIX  # plain data: no torch
 
-log = logging.getLogger("ml_backend.stack")
+log = logging.getLogger("ml_backend.stack")  # not __name__: "__main__" under python -m
 
 STATE_FILE = "stack.json"
 POLL_S = 0.5

@@ -22,7 +22,7 @@ from ml_backend.versions import VersionRegistry
 from talk2sam.bounded_cache import BoundedCache
 from talk2sam.prediction import Prediction
 
-log = logging.getLogger("ml_backend.worker")
+log = logging.getLogger(__name__)
 
 
 class ImageSize(NamedTuple):
