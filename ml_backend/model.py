@@ -58,11 +58,11 @@ from ml_backend.predict_jobs import (
 )
 from ml_backend.projects import (
     MAX_PROJECTS,
-    PROJECT,
     ProjectSetup,
     ProjectStore,
     image_key_of,
-    project_id,
+    parse_project,
+    payload_project,
     project_label_prompts,
 )
 from ml_backend.queue_client import QueueClient
@@ -89,7 +89,7 @@ class Talk2SamBackend:
     def __init__(self, settings: Settings, queue: QueueClient):
         self.settings = settings
         self.queue = queue
-        self._projects: dict[str, ProjectSetup] = {}
+        self._projects: dict[int, ProjectSetup] = {}
         self._last_setup: ProjectSetup | None = None
         self._lock = threading.Lock()
         # told the error type of each batch task left without a prediction (/metrics)
@@ -127,7 +127,7 @@ class Talk2SamBackend:
 
     # ------------------------------------------------------------ label-studio-ml API
 
-    def setup(self, project: str | None = None, schema: str | None = None,
+    def setup(self, project: str | int | None = None, schema: str | None = None,
               hostname: str | None = None, access_token: str | None = None,
               extra_params: Any = None, **kwargs: Any) -> dict[str, str]:
         """Remember the project's Label Studio credentials and the model's extra
@@ -148,22 +148,20 @@ class Talk2SamBackend:
         if access_token and len(access_token) > MAX_TOKEN_CHARS:
             raise InvalidRequestError(f"/setup access_token is longer than {MAX_TOKEN_CHARS} "
                                       "characters")
-        if project and not PROJECT.fullmatch(str(project)):
-            raise InvalidRequestError("/setup project must be Label Studio's project id "
-                                      "(digits, optionally '.' and digits)")
+        project = parse_project(project, "/setup")
         hostname = (hostname or "").rstrip("/") or None
         if hostname and self.settings.trusted_label_studios and not self.settings.trusts(hostname):
             raise InvalidRequestError(
                 f"/setup names Label Studio at {hostname[:200]!r}, which is neither "
                 "LABEL_STUDIO_URL nor in LABEL_STUDIO_ORIGINS: add its origin there to connect "
                 "it (tokens go to those only)")
-        if project:
-            self._check_project_room(project_id(project))
+        if project is not None:
+            self._check_project_room(project)
         with self._lock:
             # a call without hostname or token (a health probe, a script) keeps what is known
             # of the same project (of the last one, for a call that names none); a token that
             # came with another hostname is not kept for this one
-            known = self._projects.get(project_id(project)) if project else self._last_setup
+            known = self._projects.get(project) if project is not None else self._last_setup
             same_host = known is not None and hostname in (None, known.hostname)
             entry = ProjectSetup(
                 hostname=hostname or (known.hostname if known else None),
@@ -171,17 +169,17 @@ class Talk2SamBackend:
                 label_prompts=prompts if extra_params is not None
                 else (known.label_prompts if known else {}),
                 image_key=image_key_of(schema) or (known.image_key if known else None))
-            if project:
-                self._projects[project_id(project)] = entry
+            if project is not None:
+                self._projects[project] = entry
             self._last_setup = entry
-        if project:  # START_TRAINING is accepted only for projects set up here (any process)
+        if project is not None:  # START_TRAINING is accepted only for projects set up (anywhere)
             try:
                 self.projects.record(project, entry)
             except RedisError as exc:
                 log.warning("project %s not recorded: %s", project, exc)
         return {"model_version": self.model_version}
 
-    def _check_project_room(self, project: str) -> None:
+    def _check_project_room(self, project: int) -> None:
         """A new project beyond MAX_PROJECTS is refused: /setup needs no auth when auth is
         off, and every project stays in memory and in Redis.
 
@@ -201,7 +199,7 @@ class Talk2SamBackend:
                                       f"(MAX_PROJECTS); project {project} is refused")
 
     def predict(self, tasks: list[dict[str, Any]], context: dict[str, Any] | None = None, *,
-                label_config: str, project: str | None = None, request_id: str = "-",
+                label_config: str, project: str | int | None = None, request_id: str = "-",
                 **kwargs: Any) -> list[dict[str, Any] | list[Any]]:
         """One slot per task, in order.
 
@@ -222,6 +220,7 @@ class Talk2SamBackend:
             only when nothing could run at all, e.g. NoWorkerError).
         """
         config = parse_label_config(label_config)
+        project = parse_project(project, "/predict")
         access = self._project_access(project)
         # handed over once per request, for every job of it
         access = replace(access, token_ref=hand_over(self.queue.redis, self.queue.keys,
@@ -232,7 +231,7 @@ class Talk2SamBackend:
 
     def _interactive(self, tasks: list[dict[str, Any]], context: dict[str, Any],
                      config: LabelConfig, access: ProjectSetup, request_id: str,
-                     project: str | None) -> dict[str, Any]:
+                     project: int | None) -> dict[str, Any]:
         if len(tasks) != 1:
             raise InvalidRequestError(
                 f"an interactive request carries one task, this one has {len(tasks)}")
@@ -253,16 +252,16 @@ class Talk2SamBackend:
                        self.settings.max_pixel_prompts)
         (answer,) = self.queue.predict([spec])
         self.observe_worker_version(answer.model_version)
-        if project and isinstance(tasks[0].get("id"), int):
+        if project is not None and isinstance(tasks[0].get("id"), int):
             self.projects.remember_boxes(project, tasks[0]["id"], boxes)
         return box_prediction(answer, boxes, config, self.model_version)
 
-    def _known_boxes(self, task: dict[str, Any], config: LabelConfig, project: str | None
+    def _known_boxes(self, task: dict[str, Any], config: LabelConfig, project: int | None
                      ) -> list[BoxPrompt]:
         """Boxes a click may refine, oldest first: the task's predictions, annotations and
         drafts as the request carries them, then the box answered last for its label."""
         known = known_boxes(task, config)
-        if project and isinstance(task.get("id"), int):
+        if project is not None and isinstance(task.get("id"), int):
             known += self.projects.last_boxes(project, task["id"])
         return known
 
@@ -321,7 +320,7 @@ class Talk2SamBackend:
             InvalidRequestError: START_TRAINING without a project, or for one never set up.
             NoTrainerError: training requested and no trainer is alive.
         """
-        project = _payload_project(data)
+        project = payload_project(data)
         if event in RECORD_EVENTS:
             records = self.annotations.record(data)
             answer: dict[str, Any] = {"status": "recorded", "event": event,
@@ -357,7 +356,7 @@ class Talk2SamBackend:
         return {"status": "ignored", "event": str(event)}
 
     def _request_training(self, project: int | None, reason: str) -> dict[str, Any]:
-        access = self._project_access(str(project) if project is not None else None)
+        access = self._project_access(project)
         s = self.settings
         ref = hand_over(self.queue.redis, self.queue.keys, access.access_token,
                         s.train_queue_ttl_s + s.train_timeout_s)
@@ -388,11 +387,11 @@ class Talk2SamBackend:
         if project is None:
             return False
         with self._lock:
-            if project_id(project) in self._projects:
+            if project in self._projects:
                 return True
         return self.projects.is_set_up(project)
 
-    def _project_access(self, project: str | None) -> ProjectSetup:
+    def _project_access(self, project: int | None) -> ProjectSetup:
         """Label Studio URL and token for image downloads (settings first, then /setup's) and
         the label -> prompt map (LABEL_PROMPTS, the project's extra_params over it).
 
@@ -400,9 +399,9 @@ class Talk2SamBackend:
         hostname and prompts; tokens stay in memory); prompts never come from another project.
         """
         with self._lock:
-            own = self._projects.get(project_id(project)) if project else None
+            own = self._projects.get(project) if project is not None else None
             last = self._last_setup
-        if own is None and project:
+        if own is None and project is not None:
             own = self.projects.recorded(project)
         # URL and token from one /setup call (a token goes only to the host it came with),
         # unless the settings name Label Studio; the settings' key only to a trusted one
@@ -415,10 +414,3 @@ class Talk2SamBackend:
             hostname=hostname, access_token=source.access_token if source else None,
             label_prompts={**self.settings.label_prompts, **(own.label_prompts if own else {})},
             image_key=own.image_key if own else None)
-
-
-def _payload_project(data: dict[str, Any]) -> int | None:
-    """Project id of a webhook payload (``project`` is an object, or an id)."""
-    project = data.get("project")
-    value = project.get("id") if isinstance(project, dict) else project
-    return value if isinstance(value, int) and not isinstance(value, bool) else None

@@ -7,8 +7,9 @@
 - The box answered last for each label of a task: the editor sends a click without its box, and
   the click is paired with it for LAST_BOX_TTL_S.
 
-Project ids are parsed once, here: Label Studio sends ``"19.1795635706"`` (id.timestamp) to
-/setup and /predict, and the integer in webhooks; :func:`project_id` is the key of both.
+Project ids are parsed once, at the model class's edge (:func:`parse_project`): Label Studio
+sends ``"19.1795635706"`` (id.timestamp) to /setup and /predict, and the integer in webhooks;
+everything past the edge takes the integer.
 """
 
 from __future__ import annotations
@@ -36,9 +37,32 @@ PROJECT = re.compile(r"\d{1,18}(?:\.\d{1,18})?")  # what Label Studio sends /set
 MAX_LABEL_PROMPTS_CHARS = 65536  # one project's label -> prompt map, as JSON
 
 
-def project_id(project: str | int) -> str:
-    """The project's id: ``"19.1795635706"`` and ``19`` are both ``"19"``."""
-    return str(project).split(".", 1)[0]
+def parse_project(value: Any, where: str) -> int | None:
+    """Label Studio's project id: ``"19.1795635706"`` (/setup, /predict), ``"19"`` and ``19``
+    (webhooks) are all 19; None when absent.
+
+    Raises:
+        InvalidRequestError: anything else, naming ``where`` it came.
+    """
+    if value is None or value == "":
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str) and PROJECT.fullmatch(value):
+        return int(value.split(".", 1)[0])
+    raise InvalidRequestError(f"{where} project must be Label Studio's project id (digits, "
+                              "optionally '.' and digits)")
+
+
+def payload_project(data: dict[str, Any]) -> int | None:
+    """Project id of a webhook payload (``project`` is an object, or an id); None when it has
+    none that parses."""
+    project = data.get("project")
+    value = project.get("id") if isinstance(project, dict) else project
+    try:
+        return parse_project(value, "webhook")
+    except InvalidRequestError:
+        return None
 
 
 def project_label_prompts(extra_params: Any) -> dict[str, str]:
@@ -104,23 +128,23 @@ class ProjectStore:
         self.redis = redis
         self.keys = keys
 
-    def is_set_up(self, project: str | int) -> bool:
-        return bool(self.redis.hexists(self.keys.projects, project_id(project)))
+    def is_set_up(self, project: int) -> bool:
+        return bool(self.redis.hexists(self.keys.projects, str(project)))
 
-    def has_room_for(self, project: str | int) -> bool:
+    def has_room_for(self, project: int) -> bool:
         """Whether ``project`` is known or fewer than MAX_PROJECTS are."""
         return self.is_set_up(project) or self.redis.hlen(self.keys.projects) < MAX_PROJECTS
 
-    def record(self, project: str | int, setup: ProjectSetup) -> None:
-        self.redis.hset(self.keys.projects, project_id(project), json.dumps(
+    def record(self, project: int, setup: ProjectSetup) -> None:
+        self.redis.hset(self.keys.projects, str(project), json.dumps(
             {"hostname": setup.hostname, "label_prompts": dict(setup.label_prompts),
              "image_key": setup.image_key}))
 
-    def recorded(self, project: str | int) -> ProjectSetup | None:
+    def recorded(self, project: int) -> ProjectSetup | None:
         """What another process recorded of ``project`` (no token), or None (unknown, or Redis
         unreachable: logged)."""
         try:
-            raw = self.redis.hget(self.keys.projects, project_id(project))
+            raw = self.redis.hget(self.keys.projects, str(project))
         except RedisError as exc:
             log.warning("project %s setup unknown: %s", project, exc)
             return None
@@ -131,7 +155,7 @@ class ProjectStore:
                             label_prompts=data.get("label_prompts") or {},
                             image_key=data.get("image_key"))
 
-    def remember_boxes(self, project: str | int, task: int, boxes: list[BoxPrompt]) -> None:
+    def remember_boxes(self, project: int, task: int, boxes: list[BoxPrompt]) -> None:
         """Keep the boxes just answered, by label, for clicks that come without them."""
         drawn = {b.label: json.dumps({"label": b.label, "box": list(b.box_xyxy), "width": b.width,
                                       "height": b.height, "text": b.text,
@@ -139,7 +163,7 @@ class ProjectStore:
                  for b in boxes if b.box_xyxy is not None}
         if not drawn:
             return
-        key = self.keys.last_boxes(project_id(project), task)
+        key = self.keys.last_boxes(str(project), task)
         try:
             pipe = self.redis.pipeline()
             pipe.hset(key, mapping=drawn)
@@ -148,10 +172,10 @@ class ProjectStore:
         except RedisError as exc:
             log.warning("boxes of task %s not remembered: %s", task, exc)
 
-    def last_boxes(self, project: str | int, task: int) -> list[BoxPrompt]:
+    def last_boxes(self, project: int, task: int) -> list[BoxPrompt]:
         """The boxes answered last for the task's labels ([] when Redis is unreachable)."""
         try:
-            stored = self.redis.hgetall(self.keys.last_boxes(project_id(project), task))
+            stored = self.redis.hgetall(self.keys.last_boxes(str(project), task))
         except RedisError as exc:
             log.warning("last boxes of task %s unknown: %s", task, exc)
             return []
