@@ -1,25 +1,12 @@
-"""Label Studio parsing and geometry, checked by hand on the captured 1.23.2 requests."""
+"""Label Studio's requests and results parsed into prompts (ml_backend.ls_protocol), checked by
+hand on the captured 1.23.2 requests."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import numpy as np
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
-from label_studio_sdk.converter.brush import decode_rle
 
 from ml_backend.errors import InvalidRequestError
-from ml_backend.ls_format import (
-    box_pct_to_xyxy,
-    box_xyxy_to_pct,
-    clip_box_xyxy,
-    mask_to_rle,
-    rotated_box_pct_to_xyxy,
-)
-from ml_backend import label_config
-from ml_backend.label_config import MAX_LABEL_CONFIG_BYTES, parse_label_config
+from ml_backend.label_config import parse_label_config
 from ml_backend.ls_protocol import (
     MAX_BOXES_PER_TASK,
     BoxPrompt,
@@ -31,8 +18,7 @@ from ml_backend.ls_protocol import (
     with_clicks,
     word_for_label,
 )
-from ml_backend.ls_results import brush_result
-from tests.ml_backend.conftest import REPO, load_fixture
+from tests.ml_backend.conftest import load_fixture
 
 INTERACTIVE = load_fixture("predict_interactive_request.json")
 CONFIG_XML = INTERACTIVE["label_config"]
@@ -43,76 +29,6 @@ def rectangle(**value) -> dict:
     item = load_fixture("predict_interactive_request.json")["params"]["context"]["result"][0]
     item["value"].update(value)
     return item
-
-
-# ---------------------------------------------------------------- geometry
-
-
-def test_fixture_boxes_by_hand():
-    # x=25 % of 400 = 100; y=16.33 % of 300 = 49; +45 % of 400 = 180 wide; +12 % of 300 = 36 high
-    assert box_pct_to_xyxy(25.0, 16.333333333333332, 45.0, 12.0, 400, 300) == pytest.approx(
-        (100.0, 49.0, 280.0, 85.0))
-    assert box_pct_to_xyxy(10.0, 74.0, 40.0, 23.0, 400, 300) == pytest.approx(
-        (40.0, 222.0, 200.0, 291.0))
-    assert box_pct_to_xyxy(25.0, 47.1875, 45.0, 7.1875, 480, 320) == pytest.approx(
-        (120.0, 151.0, 336.0, 174.0))
-
-
-@given(x=st.floats(0, 90), y=st.floats(0, 90), w=st.floats(0.1, 10), h=st.floats(0.1, 10),
-       width=st.integers(1, 8000), height=st.integers(1, 8000))
-def test_percent_pixel_round_trip(x, y, w, h, width, height):
-    back = box_xyxy_to_pct(box_pct_to_xyxy(x, y, w, h, width, height), width, height)
-    assert back == pytest.approx((x, y, w, h), abs=1e-9)
-
-
-def test_rotation_zero_is_the_plain_box_and_ninety_degrees_by_hand():
-    assert rotated_box_pct_to_xyxy(25, 10, 45, 12, 360, 400, 300) == box_pct_to_xyxy(
-        25, 10, 45, 12, 400, 300)
-    # 20x10 px at (10, 10), turned 90 degrees clockwise about its top-left corner.
-    assert rotated_box_pct_to_xyxy(10, 10, 20, 10, 90, 100, 100) == pytest.approx(
-        (0.0, 10.0, 10.0, 30.0))
-
-
-def test_clip_keeps_the_part_inside_and_refuses_boxes_outside():
-    assert clip_box_xyxy((-3.0, 290.0, 120.0, 300.4), 400, 300) == (0.0, 290.0, 120.0, 300.0)
-    with pytest.raises(InvalidRequestError, match="outside the 400x300 image"):
-        clip_box_xyxy((410.0, 10.0, 500.0, 20.0), 400, 300)
-
-
-# ---------------------------------------------------------------- label config
-
-
-def test_label_config_controls_found_by_type_not_name():
-    assert CONFIG.image_name == "image" and CONFIG.image_data_key == "image"
-    assert CONFIG.brush_name == "mask" and CONFIG.rectangle_names == ("box",)
-    assert CONFIG.brush_labels == ("wire", "fence", "bicycle")
-    assert CONFIG.prompt_name is None
-    renamed = CONFIG_XML.replace('"mask"', '"seg"').replace('name="box"', 'name="r"').replace(
-        '"image"', '"photo"').replace("$image", "$url")
-    other = parse_label_config(renamed.replace(
-        "</View>", '<TextArea name="say" toName="photo"/></View>'))
-    assert (other.brush_name, other.rectangle_names, other.image_name, other.image_data_key,
-            other.prompt_name) == ("seg", ("r",), "photo", "url", "say")
-
-
-@pytest.mark.parametrize(("xml", "fragment"), [
-    ("<View><Image", "cannot be parsed"),
-    (('<View><Image name="i" value="$image"/>'
-      '<RectangleLabels name="b" toName="i"><Label value="a"/></RectangleLabels></View>'),
-     "exactly one BrushLabels"),
-    (('<View><Image name="i" value="$image"/>'
-      '<BrushLabels name="m" toName="i"><Label value="a"/></BrushLabels></View>'),
-     "no RectangleLabels"),
-])
-def test_unusable_label_configs_are_refused(xml, fragment):
-    with pytest.raises(InvalidRequestError, match=fragment):
-        parse_label_config(xml)
-
-
-@pytest.mark.parametrize("path", sorted((REPO / "labeling_configs").glob("*.xml")),
-                         ids=lambda p: p.name)
-def test_shipped_labeling_configs_parse(path: Path):
-    parse_label_config(path.read_text())
 
 
 # ---------------------------------------------------------------- results and tasks
@@ -207,20 +123,6 @@ def test_predict_request_shape():
             parse_predict_request(body)
 
 
-def test_brush_result_round_trips_through_label_studio_rle():
-    mask = np.zeros((300, 400), dtype=bool)
-    mask[49:85, 100:280] = True
-    item = brush_result(mask_to_rle(mask), 400, 300, "wire", CONFIG, 0.75)
-    assert len(item["id"]) == 10  # a region of its own
-    assert {k: item[k] for k in ("from_name", "to_name", "type", "original_width",
-                                 "original_height", "image_rotation", "score")} == {
-        "from_name": "mask", "to_name": "image", "type": "brushlabels", "original_width": 400,
-        "original_height": 300, "image_rotation": 0, "score": 0.75}
-    assert item["value"]["brushlabels"] == ["wire"] and item["value"]["format"] == "rle"
-    alpha = decode_rle(item["value"]["rle"]).reshape(300, 400, 4)[:, :, 3]
-    assert np.array_equal(alpha == 255, mask) and set(np.unique(alpha)) == {0, 255}
-
-
 def test_clicks_cannot_carry_a_task_past_the_prompt_cap():
     # 256 boxes of one label, then clicks of labels with no box: each such label is a prompt
     # (a mask the worker holds), so they count against the same cap as the rectangles
@@ -231,16 +133,3 @@ def test_clicks_cannot_carry_a_task_past_the_prompt_cap():
     with pytest.raises(InvalidRequestError, match="259 prompts once clicks are paired"):
         with_clicks(boxes, clicks, [])
     assert len(with_clicks(boxes[:253], clicks, [])) == 256
-
-
-def test_a_label_config_over_the_cap_is_refused_before_parsing():
-    huge = CONFIG_XML.replace("</View>", "<!--" + "x" * MAX_LABEL_CONFIG_BYTES + "--></View>")
-    with pytest.raises(InvalidRequestError, match=f"at most {MAX_LABEL_CONFIG_BYTES} bytes"):
-        parse_label_config(huge)
-
-
-def test_parsed_configs_are_cached_by_digest_never_by_their_text():
-    padded = CONFIG_XML.replace("</View>", "<!--" + "y" * 100_000 + "--></View>")
-    assert parse_label_config(padded) is parse_label_config(padded)  # parsed once
-    cached = label_config._parsed_configs
-    assert padded not in cached._items and all(len(key) == 64 for key in cached._items)
