@@ -1,6 +1,6 @@
-"""The local stack (``python -m ml_backend.stack``): model choice, orphan clean-up, and one real
-run with the embedded server: ready, a brush mask for the captured interactive request, and
-nothing left running after Ctrl-C."""
+"""The local stack (``python -m ml_backend.stack``): its banner and bind refusal, one real run with
+the embedded server (ready, a brush mask for the captured interactive request, nothing left
+running after Ctrl-C) and a run that heals (killed children and Valkey come back)."""
 
 from __future__ import annotations
 
@@ -18,13 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from ml_backend import model_choice, processes, stack, supervision
+from ml_backend import model_choice, processes, stack
 from ml_backend.settings import Settings
 from tests.ml_backend.conftest import REPO, FakeLabelStudio, fake_ls, load_fixture  # noqa: F401
 
 READY_TIMEOUT_S = 120
-
-
 
 
 def port_open(port: int) -> bool:
@@ -33,46 +31,7 @@ def port_open(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
-# ---------------------------------------------------------------- model choice
-
-
-def test_model_from_the_environment_is_kept(tmp_path):
-    choice = model_choice.choose_model({"MODEL_CONFIG": "vit_b"}, str(tmp_path), tmp_path / "none.pt")
-    assert choice.env == {} and not choice.demo and "MODEL_CONFIG=vit_b" in choice.description
-
-
-def test_real_weights_in_model_dir_are_found(tmp_path):
-    from talk2sam.configs import CONFIGS
-
-    cfg = CONFIGS["vit_b"]
-    for name in (cfg.sam_weights, cfg.dino_weights, cfg.psi_weights, cfg.clip_weights):
-        (tmp_path / name).write_bytes(b"")
-    choice = model_choice.choose_model({}, str(tmp_path), tmp_path / "none.pt", gpu=True)
-    assert choice.env == {"MODEL_CONFIG": "vit_b"} and not choice.demo
-
-
-def test_without_a_gpu_the_cpu_configuration_comes_first(tmp_path):
-    from talk2sam.configs import CONFIGS
-
-    for config in ("vit_b", "vit_tiny-dinob"):
-        cfg = CONFIGS[config]
-        for name in (cfg.sam_weights, cfg.dino_weights, cfg.psi_weights, cfg.clip_weights):
-            (tmp_path / name).write_bytes(b"")
-    on_gpu = model_choice.choose_model({"DEVICE": "cuda"}, str(tmp_path), tmp_path / "none.pt")
-    assert on_gpu.env == {"MODEL_CONFIG": "vit_b"}
-    on_cpu = model_choice.choose_model({"DEVICE": "cpu"}, str(tmp_path), tmp_path / "none.pt")
-    assert on_cpu.env == {"MODEL_CONFIG": "vit_tiny-dinob"} and "no GPU" in on_cpu.description
-
-
-def test_demo_checkpoint_then_random_tiny(tmp_path):
-    demo = tmp_path / "demo.pt"
-    demo.write_bytes(b"")
-    with_demo = model_choice.choose_model({}, str(tmp_path), demo)
-    assert with_demo.env == {"MODEL_CONFIG": "tiny-768", "MODEL_CHECKPOINT": str(demo)}
-    assert with_demo.demo and "synthetic data" in with_demo.description
-    demo.unlink()
-    random = model_choice.choose_model({}, str(tmp_path), demo)
-    assert random.env == {"MODEL_CONFIG": "tiny"} and "RANDOM weights" in random.description
+# ---------------------------------------------------------------- the banner and binding
 
 
 def test_banner_names_the_url_and_label_studio_settings():
@@ -129,36 +88,6 @@ def test_banner_flags_an_untrained_text_branch():
                            Path(".cache/stack"), {"workers": 1, "model_version": "v3"},
                            model_choice.ModelChoice({}, "", False), 1)
     assert "UNTRAINED" not in trained
-
-
-# ---------------------------------------------------------------- leftovers of a killed run
-
-
-def test_orphan_server_of_a_killed_run_is_stopped(tmp_path):
-    server = stack.EmbeddedRedis(tmp_path, processes.free_port())
-    server.start()
-    try:
-        state = supervision.StateFile(tmp_path / stack.STATE_FILE)
-        state.write(stack_pid=2**22 + 1, server_pid=server.pid, children=[])
-        state.stop_leftovers()
-        assert not processes.pid_alive(server.pid)
-        assert not state.path.exists()
-    finally:
-        server.stop()
-
-
-def test_a_running_stack_on_the_same_data_dir_is_refused(tmp_path):
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
-                              "ml_backend.stack"])
-    try:
-        state = supervision.StateFile(tmp_path / stack.STATE_FILE)
-        state.write(stack_pid=other.pid, server_pid=None, children=[])
-        with pytest.raises(supervision.StackError, match="another stack"):
-            state.stop_leftovers()
-        assert state.path.exists()
-    finally:
-        other.kill()
-        other.wait()
 
 
 # ---------------------------------------------------------------- a real run
@@ -231,16 +160,6 @@ def test_stack_serves_a_brush_and_stops_everything_on_ctrl_c(running_stack):
 
 
 # ---------------------------------------------------------------- a stack that heals
-
-
-def test_restarts_back_off_and_give_up_after_repeated_crashes():
-    restarts = supervision.Restarts()
-    delays = [restarts.exited(100.0 + i) for i in range(supervision.MAX_CRASHES)]
-    assert delays == [1.0, 2.0, 4.0, 8.0, 16.0]
-    assert restarts.exited(110.0) is None  # the sixth exit within the window: give up
-    calm = supervision.Restarts()
-    for i in range(10):  # one exit every 10 minutes is forgiven every time
-        assert calm.exited(i * 600.0) == 1.0
 
 
 def get_health(port: int) -> tuple[int, dict]:
