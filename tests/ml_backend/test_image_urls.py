@@ -5,14 +5,17 @@ root, other schemes, proxies of the environment. Nothing here reaches a network.
 
 from __future__ import annotations
 
+import base64
 import socket
 
 import httpx
 import pytest
 
-from ml_backend.errors import InvalidRequestError
-from ml_backend.image_urls import proxied
+from ml_backend.errors import ImageFetchError, InvalidRequestError
+from ml_backend.image_urls import proxied, resolve_image_url
 from ml_backend.images import FetchConfig, ImageFetcher
+
+LS_URL = "http://ls.example:8080"
 
 
 def public_dns(host: str, port: int) -> list[str]:
@@ -133,3 +136,21 @@ def test_a_proxy_of_the_environment_is_seen_and_then_connects_by_name(monkeypatc
     monkeypatch.setenv("no_proxy", "ls")
     assert proxied("http://cdn.example/a.png")
     assert not proxied("http://ls:8080/a.png") and not proxied("https://cdn.example/a.png")
+
+
+def test_url_resolution():
+    assert resolve_image_url("/data/upload/19/a.png", LS_URL, 4) == f"{LS_URL}/data/upload/19/a.png"
+    assert resolve_image_url("/data/local-files/?d=dir/a.png", LS_URL + "/", None) == \
+        f"{LS_URL}/data/local-files/?d=dir/a.png"
+    assert resolve_image_url("upload/19/a.png", LS_URL, None) == f"{LS_URL}/data/upload/19/a.png"
+    assert resolve_image_url("https://cdn.example/a.png", None, None) == "https://cdn.example/a.png"
+    presign = resolve_image_url("s3://bucket/a.png", LS_URL, 7)
+    assert presign == f"{LS_URL}/tasks/7/presign/?fileuri=" + base64.urlsafe_b64encode(
+        b"s3://bucket/a.png").decode()
+    with pytest.raises(ImageFetchError, match="LABEL_STUDIO_URL"):
+        resolve_image_url("/data/upload/19/a.png", None, 4)
+    with pytest.raises(ImageFetchError, match="task id"):
+        resolve_image_url("gs://b/a.png", LS_URL, None)
+    for url in ("ftp://x/a.png", "file:///etc/passwd", "javascript:alert(1)"):
+        with pytest.raises(InvalidRequestError, match="unsupported image URL"):  # the client's
+            resolve_image_url(url, LS_URL, None)

@@ -1,4 +1,5 @@
-"""Image URLs, Label Studio tokens (legacy and personal access), download cache, decoding."""
+"""Image downloads (ml_backend.images): Label Studio tokens (legacy and personal access) sent
+to Label Studio only, redirects and presigned URLs, the download cache, decoding."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 from PIL import Image
 
 from ml_backend.errors import ImageFetchError, InvalidImageError, InvalidRequestError
-from ml_backend.images import FetchConfig, ImageFetcher, decode_rgb, resolve_image_url
+from ml_backend.images import FetchConfig, ImageFetcher, decode_rgb
 from tests.ml_backend.conftest import synthetic_png
 
 LS = "http://ls.example:8080"
@@ -29,24 +30,6 @@ def jwt(claims: dict) -> str:
         return base64.urlsafe_b64encode(json.dumps(obj).encode()).decode().rstrip("=")
 
     return f"{part({'alg': 'HS256'})}.{part(claims)}.signature"
-
-
-def test_url_resolution():
-    assert resolve_image_url("/data/upload/19/a.png", LS, 4) == f"{LS}/data/upload/19/a.png"
-    assert resolve_image_url("/data/local-files/?d=dir/a.png", LS + "/", None) == \
-        f"{LS}/data/local-files/?d=dir/a.png"
-    assert resolve_image_url("upload/19/a.png", LS, None) == f"{LS}/data/upload/19/a.png"
-    assert resolve_image_url("https://cdn.example/a.png", None, None) == "https://cdn.example/a.png"
-    presign = resolve_image_url("s3://bucket/a.png", LS, 7)
-    assert presign == f"{LS}/tasks/7/presign/?fileuri=" + base64.urlsafe_b64encode(
-        b"s3://bucket/a.png").decode()
-    with pytest.raises(ImageFetchError, match="LABEL_STUDIO_URL"):
-        resolve_image_url("/data/upload/19/a.png", None, 4)
-    with pytest.raises(ImageFetchError, match="task id"):
-        resolve_image_url("gs://b/a.png", LS, None)
-    for url in ("ftp://x/a.png", "file:///etc/passwd", "javascript:alert(1)"):
-        with pytest.raises(InvalidRequestError, match="unsupported image URL"):  # the client's
-            resolve_image_url(url, LS, None)
 
 
 class FakeServer:
