@@ -29,6 +29,7 @@ from redis import Redis
 
 from ml_backend.errors import AnnotationStoreFullError, InvalidRequestError
 from ml_backend.ls_format import declared_rle_values
+from ml_backend.projects import payload_project
 from ml_backend.schemas import RedisKeys, known_fields
 
 log = logging.getLogger(__name__)
@@ -202,7 +203,7 @@ class AnnotationStore:
         tasks = [t for t in _as_list(payload.get("task") or payload.get("tasks"))
                  if isinstance(t, dict)]
         tasks_by_id = {_int_id(t): t for t in tasks}
-        project = _int_id(payload.get("project"))
+        project = payload_project(payload)
         written: dict[int, RecordedAnnotation] = {}
         dropped: list[int] = []
         for ann in _as_list(payload.get("annotation") or payload.get("annotations")):

@@ -2,8 +2,8 @@
 
 A worker serves a version only when it is, or was fine-tuned from, the base model of the
 worker's settings (MODEL_CHECKPOINT, else MODEL_CONFIG); the trainer follows whatever the workers
-serve. A version's weights come from its own checkpoint; a version without one is the base model
-the settings build. Workers fall back to their configured model when the rule or the load
+serve. A version's weights come from its own checkpoint; a version without one is built from
+MODEL_CONFIG alone. Workers fall back to their configured model when the rule or the load
 fails; the trainer refuses (it never decides what serves)."""
 
 from __future__ import annotations
@@ -56,18 +56,18 @@ def serving_record(settings: Settings, registry: VersionRegistry, follow: bool =
     if not registry.descends_from(serving, settings.model_checkpoint, settings.model_config):
         raise VersionError(
             f"the serving version {serving.name} comes from other model settings than this "
-            f"process's: its settings build another one (MODEL_CONFIG={settings.model_config}, "
-            f"MODEL_CHECKPOINT={settings.model_checkpoint or '-'})")
+            f"process's, whose settings build another one (MODEL_CONFIG={settings.model_config},"
+            f" MODEL_CHECKPOINT={settings.model_checkpoint or '-'})")
     return serving
 
 
 def load_version(settings: Settings, version: ServingVersion | VersionRecord,
                  build: Callable[[Settings], Any]) -> LoadedVersion:
-    """Build ``version`` with ``build`` (a factory of settings): from its checkpoint, or as the
-    configured base model when it has none."""
-    checkpoint = version.checkpoint or settings.model_checkpoint
-    return LoadedVersion(build(replace(settings, model_checkpoint=checkpoint)), version.name,
-                         checkpoint)
+    """Build ``version`` with ``build`` (a factory of settings): from its checkpoint, or from
+    MODEL_CONFIG alone when it has none (a base registered by a process without
+    MODEL_CHECKPOINT; a base from a checkpoint is registered with it)."""
+    return LoadedVersion(build(replace(settings, model_checkpoint=version.checkpoint)),
+                         version.name, version.checkpoint)
 
 
 def release_memory() -> None:

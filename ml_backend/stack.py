@@ -19,8 +19,8 @@ progress (epoch, loss, ETA) and outcome lines appear in this log.
   this process, which stops the children in order, and a whole group is signalled); on Linux a
   child also gets SIGTERM when this process dies. The pids are kept in ``<data-dir>/stack.json``;
   the next start stops whatever a killed run left behind.
-- Heals: a child or the embedded Valkey that dies is started again after a back-off (1, 2, 4 ...
-  s, at most 30; :mod:`ml_backend.supervision`); a process that exits more than MAX_CRASHES
+- Heals (:mod:`ml_backend.supervision`): a child or the embedded Valkey that dies is started
+  again after a back-off (1, 2, 4 ... s, at most 30); a process that exits more than MAX_CRASHES
   times within CRASH_WINDOW_S stops the stack, loudly. Valkey comes back on its port from its AOF (fsynced every second);
   /health answers DOWN (503) while Redis or every worker is gone.
 - The data dir is 0700: the AOF holds what Redis holds, /setup tokens on their way included.

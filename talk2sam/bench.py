@@ -1,7 +1,7 @@
 """Model-level benchmarks: cold image latency, warm per-prompt latency, batched boxes, encoders.
 
 Everything here is torch only (the service-level benchmarks, which need Redis, rq and the
-backend, live in ``scripts/benchmark.py``). Each function measures SAM-HQ and Talk2SAM on the
+backend, live in ``ml_backend/bench_service.py``; ``scripts/benchmark.py`` prints both). Each function measures SAM-HQ and Talk2SAM on the
 same images and the same SAM-HQ module (one set of random or loaded weights shared by both), and
 returns a :class:`Table` of medians. Timings are wall clock: on a shared CPU they are noisy, so
 compare only within one run.

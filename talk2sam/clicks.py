@@ -28,7 +28,7 @@ class ClickTraining:
     # click); the others fall uniformly on the wrong pixels (SAM's way)
     largest_click_share: float = 0.5
 
-    def check_clicks(self) -> None:
+    def validate_clicks(self) -> None:
         if not 0.0 <= self.click_share <= 1.0 or not 0.0 <= self.largest_click_share <= 1.0 \
                 or self.click_rounds < 0:
             raise ValueError("click_share must be in [0, 1] and click_rounds not negative")

@@ -72,7 +72,7 @@ class TrainConfig(ClickTraining):
             raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
         if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
             raise ValueError("epochs, batch_size and lr must be positive")
-        self.check_clicks()
+        self.validate_clicks()
 
 
 # settings a resumed run must share with the run it continues (epochs may grow)

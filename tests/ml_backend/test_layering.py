@@ -35,7 +35,7 @@ ALLOWED = {
     "ls_results": {"label_config", "ls_format"},
     "queue_client": {"errors", "schemas", "settings"},
     "versions": {"errors", "schemas"},
-    "annotations": {"errors", "ls_format", "schemas"},
+    "annotations": {"errors", "ls_format", "projects", "schemas"},
     "heartbeat": set(),
     "tokens": {"schemas"},
     "rq_process": {"heartbeat", "settings"},

@@ -13,7 +13,14 @@ import redis
 
 from ml_backend.schemas import RedisKeys
 from ml_backend.settings import Settings
-from ml_backend.versions import VersionRecord, VersionRegistry, read_serving, utc_now
+from ml_backend.serving_model import LoadedVersion, load_version
+from ml_backend.versions import (
+    ServingVersion,
+    VersionRecord,
+    VersionRegistry,
+    read_serving,
+    utc_now,
+)
 from ml_backend.worker import WorkerRuntime
 from ml_backend.worker_model import configured_model
 from talk2sam.build import CHECKPOINT_FORMAT, build_model, save_checkpoint
@@ -132,3 +139,20 @@ def test_a_worker_serves_its_configured_model_over_a_version_of_other_settings(
     assert registry.serving().name == "talk2sam-tiny-random"
     assert registry.get(DEMO).status == "retired"  # kept for a rollback
     assert "comes from other model settings" in log
+
+
+def test_a_version_is_built_from_its_own_checkpoint_or_from_model_config_alone():
+    """A base registered without a checkpoint was built from MODEL_CONFIG: a worker started
+    with a MODEL_CHECKPOINT of its own must not load that file under the base's name."""
+    settings = Settings.from_env({"MODEL_CONFIG": "tiny", "MODEL_CHECKPOINT": "/weights/x.pt"})
+    asked: list[str | None] = []
+
+    def build(s: Settings) -> str:
+        asked.append(s.model_checkpoint)
+        return "model"
+
+    assert load_version(settings, ServingVersion("base", None), build) == LoadedVersion(
+        "model", "base", None)
+    assert load_version(settings, ServingVersion("v2", "/versions/v2.pt"), build) == \
+        LoadedVersion("model", "v2", "/versions/v2.pt")
+    assert asked == [None, "/versions/v2.pt"]
