@@ -8,6 +8,7 @@ import os
 import pickle
 import struct
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -124,8 +125,7 @@ def build_model(
         torch.manual_seed(TINY_SEED)
     sam = build_sam_hq(cfg.sam)
     if files and cfg.sam_weights:
-        path = _weights_path(cfg.sam_weights, weights_dir)
-        load_strict(sam, load_file(path), path)
+        _load_official(sam, cfg.sam_weights, weights_dir, load_file)
     dino = text = psi = None
     if use_text:
         dino_file = _weights_path(cfg.dino_weights, weights_dir) if files else None
@@ -136,13 +136,12 @@ def build_model(
         dino = DinoEncoder(vit, cfg.dino.image_size)
         clip = build_clip(cfg.clip)
         if files and cfg.clip_weights:
-            path = _weights_path(cfg.clip_weights, weights_dir)
-            load_strict(clip, load_clip_file(path), path)
+            _load_official(clip, cfg.clip_weights, weights_dir, load_clip_file)
         text = TextEncoder(clip, cfg.prompt_templates)
         psi = Projection(cfg.text_dim, cfg.psi_dim)
         if files and cfg.psi_weights:
-            path = _weights_path(cfg.psi_weights, weights_dir)
-            load_strict(psi, rename_psi_keys(load_file(path)), path)
+            _load_official(psi, cfg.psi_weights, weights_dir,
+                           lambda path: rename_psi_keys(load_file(path)))
     model = Talk2Sam(cfg, sam, dino, text, psi)
     if cfg.sam.variant == "tiny" and (random_init or not cfg.sam_weights):
         # random tiny weights live on the float16 grid, so checkpoints can store the frozen parts in
@@ -155,6 +154,14 @@ def build_model(
         model.version = f"{kind}-{cfg.name}-base" + (UNTRAINED_TEXT_SUFFIX if use_text else "")
     set_trainable(model, clip_mode="frozen")
     return model.eval()
+
+
+def _load_official(module: nn.Module, filename: str, weights_dir: str | os.PathLike | None,
+                   read: Callable[[Path], dict[str, torch.Tensor]]) -> None:
+    """Load an official weight file into ``module``, every key or nothing (``read`` turns the
+    file into that module's state dict)."""
+    path = _weights_path(filename, weights_dir)
+    load_strict(module, read(path), path)
 
 
 def trainable_modules(model: Talk2Sam, clip_mode: str = "frozen") -> dict[str, nn.Module]:

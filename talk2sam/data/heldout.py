@@ -186,13 +186,18 @@ def _size(rng: np.random.Generator) -> tuple[int, int]:
             return h, w
 
 
+def _blank(seed: int, i: int) -> tuple[np.random.Generator, int, int, np.ndarray]:
+    """Image ``i`` of a set before its objects: its generator, size and background."""
+    rng = np.random.default_rng([seed, i])
+    h, w = _size(rng)
+    return rng, h, w, _background(rng, h, w)
+
+
 def single_set(n: int = 24, seed: int = 777) -> list[HeldoutCase]:
     """One thin object per image in a loose box; classes in turn."""
     cases = []
     for i in range(n):
-        rng = np.random.default_rng([seed, i])
-        h, w = _size(rng)
-        image = _background(rng, h, w)
+        rng, h, w, image = _blank(seed, i)
         name = HELDOUT_CLASSES[i % len(HELDOUT_CLASSES)]
         cov, _ = _object(rng, name, h, w)
         image = _finish(image, [cov], rng)
@@ -205,9 +210,7 @@ def pair_set(n_images: int = 12, seed: int = 888) -> list[HeldoutCase]:
     """Two objects of different classes sharing one region and one box; 2 cases per image."""
     cases = []
     for i in range(n_images):
-        rng = np.random.default_rng([seed, i])
-        h, w = _size(rng)
-        image = _background(rng, h, w)
+        rng, h, w, image = _blank(seed, i)
         names = [str(v) for v in rng.choice(HELDOUT_CLASSES, size=2, replace=False)]
         first, region = _object(rng, names[0], h, w)
         x0, y0, x1, y1 = region

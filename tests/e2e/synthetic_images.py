@@ -16,26 +16,35 @@ from PIL import Image, ImageDraw
 
 
 @dataclass(frozen=True)
-class WireImage:
-    """A generated PNG and the box around its wire.
+class BoxedImage:
+    """A generated PNG and a box on it.
 
     Attributes:
         path: the PNG file.
         width, height: its size in pixels.
-        box_xyxy: (x0, y0, x1, y1) float pixels, the wire's bounds plus a margin, inside the image.
-        mask: (height, width) bool, the wire's pixels.
+        box_xyxy: (x0, y0, x1, y1) float pixels inside the image.
     """
 
     path: Path
     width: int
     height: int
     box_xyxy: tuple[float, float, float, float]
-    mask: np.ndarray = field(repr=False, compare=False)
 
     @property
     def box_pct(self) -> dict[str, float]:
         """The box as a Label Studio rectangle value (percent of the image, XYWH)."""
         return box_pct(self.box_xyxy, self.width, self.height)
+
+
+@dataclass(frozen=True)
+class WireImage(BoxedImage):
+    """A wire's picture; the box is the wire's bounds plus a margin.
+
+    Attributes:
+        mask: (height, width) bool, the wire's pixels.
+    """
+
+    mask: np.ndarray = field(repr=False, compare=False)
 
 
 def box_pct(box_xyxy: tuple[float, float, float, float], width: int, height: int
@@ -147,27 +156,17 @@ def make_wires_image(path: Path, seed: int, count: int = 3, width: int = 480,
 
 
 @dataclass(frozen=True)
-class ClickScene:
-    """A PNG where a box around one wire also holds a distractor, for clicks that refine.
+class ClickScene(BoxedImage):
+    """A picture where a box around one wire also holds a distractor, for clicks that refine;
+    the box is around the target wire.
 
     Attributes:
-        path: the PNG file.
-        width, height: its size in pixels.
-        box_xyxy: the box around the target wire (XYXY pixels), the distractor inside it.
         target: (height, width) bool, the target wire's pixels.
         distractor: (height, width) bool, the distractor's pixels (a pole crossing the box).
     """
 
-    path: Path
-    width: int
-    height: int
-    box_xyxy: tuple[float, float, float, float]
     target: np.ndarray = field(repr=False, compare=False)
     distractor: np.ndarray = field(repr=False, compare=False)
-
-    @property
-    def box_pct(self) -> dict[str, float]:
-        return box_pct(self.box_xyxy, self.width, self.height)
 
 
 def make_click_scene(path: Path, seed: int, width: int = 420, height: int = 320) -> ClickScene:
