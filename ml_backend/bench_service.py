@@ -4,6 +4,7 @@ peak memory per process. Each runs real processes (:mod:`ml_backend.bench_stack`
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
@@ -127,6 +128,30 @@ def queue_table(redis_url: str, server: ImageServer, calls: int, device: str | N
     return table, rss
 
 
+@contextlib.contextmanager
+def health_polled(url: str, out: list[float]) -> Iterator[None]:
+    """GET ``url``/health every 20 ms from a thread while the block runs; latencies to ``out``."""
+    import httpx
+
+    stop = threading.Event()
+
+    def poll() -> None:
+        with httpx.Client(timeout=10) as client:
+            while not stop.is_set():
+                start = time.perf_counter()
+                client.get(f"{url}/health").raise_for_status()
+                out.append(time.perf_counter() - start)
+                time.sleep(0.02)
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        poller.join()
+
+
 def e2e_table(redis_url: str, server: ImageServer, requests: int, clients: int = 2,
               device: str | None = None) -> tuple[Table, Table, dict[str, float | None]]:
     """/predict through the app (uvicorn) and one tiny worker: a box on a cached image and on a
@@ -147,43 +172,28 @@ def e2e_table(redis_url: str, server: ImageServer, requests: int, clients: int =
                     raise RuntimeError(f"/predict answered no result: {resp.text[:300]}")
                 return elapsed
 
-            def health_samples(stop: threading.Event, out: list[float]) -> None:
-                with httpx.Client(timeout=10) as h:
-                    while not stop.is_set():
-                        start = time.perf_counter()
-                        h.get(f"{url}/health").raise_for_status()
-                        out.append(time.perf_counter() - start)
-                        time.sleep(0.02)
-
             post("e2e-cached")
             cached = [post("e2e-cached") for _ in range(requests)]
             new = [post(f"e2e-new-{i}") for i in range(requests)]
 
             idle: list[float] = []
-            stop = threading.Event()
-            poller = threading.Thread(target=health_samples, args=(stop, idle))
-            poller.start()
-            time.sleep(2.0)
-            stop.set()
-            poller.join()
+            with health_polled(url, idle):
+                time.sleep(2.0)
 
             loaded: list[float] = []
             under_load: list[float] = []
-            stop = threading.Event()
-            poller = threading.Thread(target=health_samples, args=(stop, loaded))
-            poller.start()
 
             def client_loop(k: int) -> None:
                 for i in range(requests):
                     under_load.append(post(f"e2e-load-{k}-{i}"))
 
-            posters = [threading.Thread(target=client_loop, args=(k,)) for k in range(clients)]
-            for t in posters:
-                t.start()
-            for t in posters:
-                t.join()
-            stop.set()
-            poller.join()
+            with health_polled(url, loaded):
+                posters = [threading.Thread(target=client_loop, args=(k,))
+                           for k in range(clients)]
+                for t in posters:
+                    t.start()
+                for t in posters:
+                    t.join()
         rss = {f"{k} (e2e)" if k == "app (uvicorn)" else f"worker, tiny (e2e, {k})": v
                for k, v in stack.rss().items()}
 
