@@ -1,8 +1,8 @@
 """Durable record of the annotations Label Studio reports through its webhook.
 
 Label Studio posts ANNOTATION_CREATED / ANNOTATION_UPDATED with the whole annotation, its task
-and its project; ANNOTATIONS_DELETED with the ids only. Each annotation holding brush masks is
-kept as one JSON value in the Redis hash ``RedisKeys.annotations`` (field: the annotation id, so
+and its project; ANNOTATIONS_DELETED with the ids only. Each annotation holding masks (brush or
+polygon regions) is kept as one JSON value in the Redis hash ``RedisKeys.annotations`` (field: the annotation id, so
 an update replaces it and a deletion drops it). With Redis' append-only file on (``appendonly
 yes``, as docker/docker-compose.yml and talk2sam-stack run it) nothing recorded is lost when a
 process restarts.
@@ -10,7 +10,8 @@ process restarts.
 The web process only *validates cheaply* and stores: the brush RLE is never decoded here (its
 header declares how many values it expands to, and the decoder would allocate that much), so a
 brush region is refused unless its declared length is exactly width x height x 4 of its declared
-size, and that size is within MAX_IMAGE_PIXELS. Decoding and pairing masks with boxes happen in
+size, and that size is within MAX_IMAGE_PIXELS; a polygon region needs 3 to MAX_POLYGON_POINTS
+finite points and a size within the same limit. Polygons are rasterised by the trainer. Decoding and pairing masks with boxes happen in
 the trainer, which prefers the project's annotations fetched from Label Studio and falls back to
 these records when Label Studio cannot be reached. The store is bounded in bytes
 (ANNOTATION_STORE_MB): a webhook that would outgrow it is refused, and nothing stored is
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -28,7 +30,7 @@ from typing import Any
 from redis import Redis
 
 from ml_backend.errors import AnnotationStoreFullError, InvalidRequestError
-from ml_backend.ls_format import declared_rle_values
+from ml_backend.ls_format import MASK_TYPES, declared_rle_values
 from ml_backend.projects import payload_project
 from ml_backend.schemas import RedisKeys, known_fields
 
@@ -37,8 +39,9 @@ log = logging.getLogger(__name__)
 RECORD_EVENTS = frozenset({"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED"})
 DELETE_EVENTS = frozenset({"ANNOTATION_DELETED", "ANNOTATIONS_DELETED"})
 TASK_DELETE_EVENTS = frozenset({"TASKS_DELETED"})
-KEPT_TYPES = ("rectanglelabels", "brushlabels")
+KEPT_TYPES = ("rectanglelabels", *MASK_TYPES)
 MAX_SIDE_PX = 65_535
+MAX_POLYGON_POINTS = 10_000  # Label Studio's polygons of a thin object have tens to hundreds
 
 # KEYS[2] holds the total bytes of KEYS[1]'s values; a missing counter (records of an older
 # version, a counter lost alone) is recomputed from the hash first.
@@ -80,13 +83,13 @@ return removed
 
 @dataclass(frozen=True)
 class RecordedAnnotation:
-    """An annotation with brush masks, as the webhook delivered it.
+    """An annotation with masks (brush or polygon regions), as the webhook delivered it.
 
     Attributes:
         annotation_id, task_id, project: Label Studio ids.
         data: the task's ``data`` (the image URL under its key).
-        result: the annotation's ``rectanglelabels`` and ``brushlabels`` results (RLE masks,
-            validated but not decoded).
+        result: the annotation's ``rectanglelabels``, ``brushlabels`` and ``polygonlabels``
+            results (RLE masks and polygons, validated but not decoded).
         updated_at: Label Studio's ``updated_at`` of the annotation.
     """
 
@@ -124,6 +127,42 @@ def check_brush(result: Mapping[str, Any], max_pixels: int) -> None:
     value = result.get("value")
     if not isinstance(value, Mapping) or value.get("format", "rle") != "rle":
         raise InvalidRequestError(f"{name}: value.format must be 'rle'")
+    width, height = _declared_size(result, name, max_pixels)
+    declared = declared_rle_values(value.get("rle"))
+    if declared != width * height * 4:
+        raise InvalidRequestError(
+            f"{name}: its RLE declares {declared} values, a {width}x{height} RGBA mask has "
+            f"{width * height * 4}")
+    check_one_label(result)
+
+
+def check_polygon(result: Mapping[str, Any], max_pixels: int) -> None:
+    """Cheap checks of one ``polygonlabels`` result: its size, and 3 to MAX_POLYGON_POINTS
+    finite [x, y] points (percent of the image).
+
+    Raises:
+        InvalidRequestError: naming the region and what is wrong with it.
+    """
+    name = f"polygon region {str(result.get('id'))[:40]!r}"
+    _declared_size(result, name, max_pixels)
+    value = result.get("value")
+    points = value.get("points") if isinstance(value, Mapping) else None
+    if not isinstance(points, list) or not 3 <= len(points) <= MAX_POLYGON_POINTS:
+        raise InvalidRequestError(
+            f"{name}: value.points must be a list of 3 to {MAX_POLYGON_POINTS} [x, y] points")
+    if not all(isinstance(p, list) and len(p) == 2 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            for v in p) for p in points):
+        raise InvalidRequestError(f"{name}: every point must be [x, y], two finite numbers")
+    check_one_label(result)
+
+
+def _declared_size(result: Mapping[str, Any], name: str, max_pixels: int) -> tuple[int, int]:
+    """(width, height) a mask region declares, within MAX_SIDE_PX a side and ``max_pixels``.
+
+    Raises:
+        InvalidRequestError: naming the region.
+    """
     width, height = result.get("original_width"), result.get("original_height")
     if not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_SIDE_PX
                for v in (width, height)):
@@ -132,12 +171,7 @@ def check_brush(result: Mapping[str, Any], max_pixels: int) -> None:
     if width * height > max_pixels:
         raise InvalidRequestError(
             f"{name}: {width}x{height} is above MAX_IMAGE_PIXELS={max_pixels}")
-    declared = declared_rle_values(value.get("rle"))
-    if declared != width * height * 4:
-        raise InvalidRequestError(
-            f"{name}: its RLE declares {declared} values, a {width}x{height} RGBA mask has "
-            f"{width * height * 4}")
-    check_one_label(result)
+    return width, height
 
 
 def check_one_label(result: Mapping[str, Any]) -> None:
@@ -189,15 +223,16 @@ class AnnotationStore:
     def record(self, payload: dict[str, Any]) -> list[RecordedAnnotation]:
         """Record the annotation(s) of an ANNOTATION(S)_CREATED / ANNOTATION_UPDATED payload.
 
-        An annotation without brush masks, or cancelled, drops an earlier record of the same id
-        (an update may have erased the masks). Every brush region is checked first: one bad
+        An annotation without masks, or cancelled, drops an earlier record of the same id
+        (an update may have erased the masks). Every mask region is checked first: one bad
         region refuses the whole payload and nothing is written.
 
         Returns:
             The records written.
 
         Raises:
-            InvalidRequestError: a malformed brush region (see :func:`check_brush`).
+            InvalidRequestError: a malformed mask region (:func:`check_brush`,
+                :func:`check_polygon`).
             AnnotationStoreFullError: the store would outgrow ANNOTATION_STORE_MB.
         """
         tasks = [t for t in _as_list(payload.get("task") or payload.get("tasks"))
@@ -236,11 +271,12 @@ class AnnotationStore:
             return None
         result = [r for r in ann.get("result") or []
                   if isinstance(r, dict) and r.get("type") in KEPT_TYPES]
-        brushes = [r for r in result if r["type"] == "brushlabels"]
-        if not brushes:
+        masks = [r for r in result if r["type"] in MASK_TYPES]
+        if not masks:
             return None
-        for region in brushes:
-            check_brush(region, self.max_pixels)
+        for region in masks:
+            check = check_brush if region["type"] == "brushlabels" else check_polygon
+            check(region, self.max_pixels)
         for region in result:  # training pairs each mask with the rectangles of its label
             if region["type"] == "rectanglelabels":
                 check_one_label(region)

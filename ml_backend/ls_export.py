@@ -1,5 +1,5 @@
-"""Label Studio's JSON export as a dataset: one item per brush region, its box the same label's
-rectangle of the same annotation. The trainer reads a project's export so, and ``talk2sam train``
+"""Label Studio's JSON export as a dataset: one item per mask region (brush or polygon), its box
+the same label's rectangle of the same annotation. The trainer reads a project's export so, and ``talk2sam train``
 / ``talk2sam evaluate`` read an export file as the ``labelstudio`` dataset format (registered as
 the ``talk2sam.datasets`` entry point ``labelstudio``: ``talk2sam`` itself knows nothing of Label
 Studio).
@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from ml_backend.errors import AnnotationFormatError
-from ml_backend.ls_format import brush_mask, rectangle_xyxy
+from ml_backend.ls_format import MASK_TYPES, rectangle_xyxy, result_mask
 
 
 def _pixels_inside(mask: np.ndarray, box: np.ndarray) -> int:
@@ -44,14 +44,14 @@ class _LsRegion:
     task_id: Any
     image_ref: str
     word: str
-    brush: dict[str, Any]
+    mask_result: dict[str, Any]  # its brushlabels or polygonlabels result
     rectangles: tuple[dict[str, Any], ...]  # same-label rectangles of the same annotation
 
 
 class LabelStudioExportDataset:
-    """Objects annotated in Label Studio, from its JSON export: one item per brush region.
+    """Objects annotated in Label Studio, from its JSON export: one item per mask region.
 
-    Pairing rule: a `brushlabels` region's word is its label; its box is the `rectanglelabels`
+    Pairing rule: a `brushlabels` or `polygonlabels` region's word is its label; its box is the `rectanglelabels`
     region of the same annotation with the same label (when several, the one holding most mask
     pixels, then the smallest; when none holds any, or there is none, the mask's tight box).
     Rectangle boxes are continuous pixels (`rectangle_xyxy`); mask boxes use the inclusive
@@ -111,9 +111,9 @@ class LabelStudioExportDataset:
             results = ann.get("result", [])
             rects = [r for r in results if r.get("type") == "rectanglelabels"]
             for res in results:
-                if res.get("type") != "brushlabels":
+                if res.get("type") not in MASK_TYPES:
                     continue
-                word = _single_label(res, "brushlabels")
+                word = _single_label(res, res["type"])
                 same = tuple(r for r in rects if _single_label(r, "rectanglelabels") == word)
                 name = f"task{task.get('id')}_ann{ann.get('id')}_{res.get('id')}"
                 regions.append(_LsRegion(name, task.get("id"), data[key], word, res, same))
@@ -132,7 +132,7 @@ class LabelStudioExportDataset:
     def __getitem__(self, index: int) -> dict[str, Any]:
         from talk2sam.data.items import make_item  # the trainer's side only: not at import
         region = self.regions[index]
-        mask = brush_mask(region.brush)
+        mask = result_mask(region.mask_result)
         image = self._image(region.image_ref)
         if image.shape[:2] != mask.shape:
             raise AnnotationFormatError(

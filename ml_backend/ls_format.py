@@ -288,3 +288,20 @@ def polygon_mask(result: dict[str, Any]) -> np.ndarray:
             or not np.isfinite(points).all():
         raise AnnotationFormatError(f"{name} needs at least three finite [x, y] points")
     return polygons_mask([points * np.array([width, height]) / 100.0], height, width)
+
+
+MASK_TYPES = ("brushlabels", "polygonlabels")  # the results a model learns masks from
+
+
+def result_mask(result: dict[str, Any]) -> np.ndarray:
+    """A ``brushlabels`` or ``polygonlabels`` result -> its (H, W) bool mask.
+
+    Raises:
+        AnnotationFormatError: another type, or a result its decoder refuses.
+    """
+    if result.get("type") == "brushlabels":
+        return brush_mask(result)
+    if result.get("type") == "polygonlabels":
+        return polygon_mask(result)
+    raise AnnotationFormatError(f"result {result.get('id')!r} of type {result.get('type')!r} "
+                                f"holds no mask (one of {', '.join(MASK_TYPES)})")

@@ -276,8 +276,8 @@ class TrainingRun:
         held_items, skipped_held, judged_tasks = self._items(held_tasks, req)
         if not train_items or not held_items:
             raise TrainingError(
-                f"need brush annotations on at least two tasks (one to train on, one held out); "
-                f"found {len(train_items)} training and {len(held_items)} held-out objects "
+                f"need brush annotations (or polygons) on at least two tasks (one to train on, "
+                f"one held out); found {len(train_items)} training and {len(held_items)} held-out objects "
                 f"in {len(tasks)} tasks from {source}")
         if len(held_items) < s.promote_min_heldout_objects or \
                 judged_tasks < s.promote_min_heldout_tasks:

@@ -7,6 +7,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from ml_backend.ls_format import MASK_TYPES
 from talk2sam.data.items import in_hashed_share  # numpy and PIL only: no torch
 
 EXPORT_TIMEOUT_S = 60.0
@@ -48,7 +49,8 @@ def fetch_project_tasks(ls_url: str, token: str, project: int) -> list[dict[str,
 
 
 def has_masks(task: dict[str, Any]) -> bool:
-    """Whether an annotation of the task that was not cancelled holds a brush region."""
+    """Whether an annotation of the task that was not cancelled holds a mask (a brush or a
+    polygon region)."""
     return any(not a.get("was_cancelled") and any(
-        isinstance(r, dict) and r.get("type") == "brushlabels" for r in a.get("result") or [])
+        isinstance(r, dict) and r.get("type") in MASK_TYPES for r in a.get("result") or [])
         for a in task.get("annotations") or [] if isinstance(a, dict))

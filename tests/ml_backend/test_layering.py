@@ -41,7 +41,7 @@ ALLOWED = {
     "rq_process": {"heartbeat", "settings"},
     "training_queue": {"errors", "heartbeat", "schemas", "settings", "versions"},
     "serving_model": {"errors", "settings", "versions"},
-    "training_data": set(),
+    "training_data": {"ls_format"},
     "promotion": {"errors", "settings"},
     "trainer": {"annotations", "errors", "images", "ls_export", "ls_protocol", "promotion",
                 "rq_process", "schemas", "serving_model", "settings", "tokens", "training_data",

@@ -105,3 +105,25 @@ def test_the_labelstudio_format_reaches_talk2sam_through_its_entry_point(tmp_pat
                                        brush("b", "wire", mask)]}]}]))
     with pytest.raises(AnnotationError, match="not found"):
         open_dataset(broken, "labelstudio", images_root=tmp_path)[0]
+
+
+def polygon(rid: str, label: str, points_px: list[tuple[float, float]]) -> dict:
+    """A polygonlabels result as the editor saves it (points in percent of the image)."""
+    return {"id": rid, "type": "polygonlabels", "from_name": "outline", "to_name": "image",
+            "original_width": W, "original_height": H, "image_rotation": 0,
+            "value": {"points": [[100 * x / W, 100 * y / H] for x, y in points_px],
+                      "closed": True, "polygonlabels": [label]}}
+
+
+def test_a_polygon_correction_is_an_object_as_a_brush_one_is():
+    # pixel-edge corners (2, 4) and (10, 8): the pixels whose centres are inside, x 2..9, y 4..7
+    outline = polygon("p1", "fence", [(2, 4), (10, 4), (10, 8), (2, 8)])
+    tasks = [{"id": 9, "data": {"image": "/data/upload/1/fence.png"}, "annotations": [
+        {"id": 90, "result": [rectangle("r1", "fence", 6.25, 25, 75, 50), outline,
+                              brush("b1", "wire", rect_mask(0, 0, 3, 1))]}]}]
+    ds = LabelStudioExportDataset(tasks, lambda ref: np.zeros((H, W, 3), np.uint8))
+    assert [r.word for r in ds.regions] == ["fence", "wire"]
+    fence = ds[0]
+    np.testing.assert_array_equal(fence["mask"], rect_mask(2, 4, 9, 7))
+    np.testing.assert_allclose(fence["box_xyxy"], [1, 3, 13, 9])  # its label's rectangle
+    assert fence["name"] == "task9_ann90_p1"

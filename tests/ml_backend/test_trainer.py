@@ -17,6 +17,7 @@ import redis
 
 from ml_backend.annotations import AnnotationStore
 from ml_backend.errors import TrainingError
+from ml_backend.ls_format import brush_mask, mask_to_polygons, points_px_to_pct
 from ml_backend.schemas import RedisKeys
 from ml_backend.settings import Settings
 from ml_backend.trainer import TrainingRun
@@ -359,3 +360,31 @@ def test_training_reads_the_image_under_the_label_configs_key(fake_ls, reset_pro
     metrics = summary["metrics"]
     assert metrics["train_objects"] + metrics["heldout_objects"] == N_TASKS
     assert metrics["skipped_objects"] == 0
+
+
+def test_polygon_corrections_train_as_brush_ones(fake_ls, reset_project, clean_redis, tmp_path,
+                                                 monkeypatch):
+    """The same objects outlined with polygons instead of painted: every one is trained on or
+    judged, none skipped."""
+    tasks = copy.deepcopy(reset_project.tasks)
+    for task in tasks:
+        result = task["annotations"][0]["result"]
+        for i, region in enumerate(result):
+            if region["type"] != "brushlabels":
+                continue
+            width, height = region["original_width"], region["original_height"]
+            (outline, *_) = mask_to_polygons(brush_mask(region))  # its first part is enough
+            result[i] = {**{k: region[k] for k in ("id", "to_name", "original_width",
+                                                   "original_height", "image_rotation")},
+                         "type": "polygonlabels", "from_name": "outline",
+                         "value": {"points": points_px_to_pct(outline, width, height),
+                                   "closed": True,
+                                   "polygonlabels": region["value"]["brushlabels"]}}
+    monkeypatch.setattr(reset_project, "tasks", tasks)
+    serve_demo(clean_redis, tmp_path)
+    settings = Settings.from_env(trainer_env(fake_ls, reset_project, tmp_path, TRAIN_EPOCHS="1"))
+    summary = TrainingRun(settings, clean_redis, "job-polygons").run(
+        TrainRequest(project=PROJECT, reason="test"))
+    metrics = summary["metrics"]
+    assert metrics["train_objects"] + metrics["heldout_objects"] == N_TASKS
+    assert metrics["skipped_objects"] == 0 and metrics["new"]["count"] == metrics["heldout_objects"]

@@ -30,3 +30,9 @@ def test_only_tasks_with_masks_are_split_and_cancelled_annotations_hold_none():
     assert not has_masks({"annotations": [{"result": [{"type": "rectanglelabels"}]}]})
     assert not has_masks({"annotations": [{"result": [brush], "was_cancelled": True}]})
     assert not has_masks({"annotations": None}) and not has_masks({})
+
+
+def test_a_polygon_correction_counts_as_a_mask():
+    polygon = {"type": "polygonlabels"}
+    assert has_masks({"annotations": [{"result": [{"type": "rectanglelabels"}, polygon]}]})
+    assert not has_masks({"annotations": [{"result": [polygon], "was_cancelled": True}]})

@@ -105,6 +105,42 @@ def test_recorded_annotations_pair_in_the_trainer_as_in_an_export(client, clean_
     assert item["mask"].any()
 
 
+def polygon_annotation(points: list) -> dict:
+    """The captured creation with its brush replaced by a polygon of the same label."""
+    body = copy.deepcopy(CREATED)
+    result = body["annotation"]["result"]
+    brush = next(r for r in result if r["type"] == "brushlabels")
+    result[result.index(brush)] = {
+        "id": "poly1", "type": "polygonlabels", "from_name": "outline", "to_name": "image",
+        "original_width": 400, "original_height": 300, "image_rotation": 0,
+        "value": {"points": points, "closed": True, "polygonlabels": brush["value"]["brushlabels"]}}
+    return body
+
+
+def test_a_polygon_correction_is_recorded_and_trains_as_a_brush_one(client, clean_redis):
+    from ml_backend.ls_export import LabelStudioExportDataset
+
+    # 25-70 % x 16.33-28.33 % of 400x300: x 100..280, y 49..85 px, the rectangle's own area
+    square = [[25, 16.333333], [70, 16.333333], [70, 28.333333], [25, 28.333333]]
+    assert post(client, polygon_annotation(square))["annotations"] == [17]
+    [record] = records(clean_redis)
+    assert [r["type"] for r in record.result] == ["rectanglelabels", "polygonlabels"]
+    item = LabelStudioExportDataset([record.to_task()], lambda _: np.zeros((300, 400, 3),
+                                                                          np.uint8))[0]
+    assert item["word"] == "wire" and item["mask"].sum() == 180 * 36
+    assert item["box_xyxy"] == pytest.approx([100, 49, 280, 85])
+
+
+@pytest.mark.parametrize(("points", "why"), [
+    ([[1, 1], [2, 2]], "3 to 10000"),
+    ([[1, 1], [2, 2], [3, "x"]], "two finite numbers"),
+    ([[1, 1]] * 10_001, "3 to 10000"),
+])
+def test_a_malformed_polygon_is_refused_at_ingest(client, clean_redis, points, why):
+    answer = post(client, polygon_annotation(points), status=400)
+    assert why in json.dumps(answer) and records(clean_redis) == []
+
+
 def test_update_replaces_the_record(client, clean_redis):
     post(client, CREATED)
     updated = copy.deepcopy(UPDATED)
