@@ -146,6 +146,14 @@ def _training_families(training: dict[str, Any]) -> Iterator[Any]:
     if "trainers" in training:
         yield GaugeMetricFamily("talk2sam_trainers_live", "Trainers with a live heartbeat",
                                 value=len(training["trainers"]))
+    if training.get("outcomes"):
+        outcome = GaugeMetricFamily("talk2sam_training_project_outcome",
+                                    "Outcome of each project's last training job",
+                                    labels=["project", "outcome", "version"])
+        for project, done in training["outcomes"].items():
+            outcome.add_metric([project, str(done.get("result") or done.get("state")),
+                                str(done.get("version"))], 1)
+        yield outcome
     progress = training.get("progress") or {}
     if not progress:
         return

@@ -94,6 +94,11 @@ class RedisKeys:
         return f"{self.prefix}train:progress"
 
     @property
+    def train_outcomes(self) -> str:
+        """Hash: project id -> JSON outcome of its last training job (done or failed, why)."""
+        return f"{self.prefix}train:outcomes"
+
+    @property
     def trainers(self) -> str:
         """Set of trainer names that have announced themselves (dead ones are pruned lazily)."""
         return f"{self.prefix}trainers"

@@ -41,6 +41,7 @@ LOCK_TTL_S = 7 * 86400  # a backstop only: staleness is judged from the job and 
 JUST_ENQUEUED_S = 10.0  # a lock this young counts as held while its job is not visible yet
 RESULT_TTL_S = 7 * 86400
 ACTIVE_STATES = ("queued", "preparing", "evaluating", "training", "saving")
+FINAL_STATES = ("done", "failed")  # a job's progress ends in one of them
 _RELEASE_LOCK = """
 if redis.call('get', KEYS[1]) then
   local held = cjson.decode(redis.call('get', KEYS[1]))
@@ -218,14 +219,24 @@ class TrainingQueue:
                          "at": progress.get("updated_at", 0)}) is None:
             progress = self._stale(progress)
         serving = read_serving(self.redis, self.keys)
+        outcomes = {k.decode(): json.loads(v)
+                    for k, v in self.redis.hgetall(self.keys.train_outcomes).items()}
         return {"serving": serving.name if serving else None,
                 "trainers": live_trainers(self.redis, self.keys),
                 "progress": progress, "lock": lock,
-                "queued": len(self.queue.get_jobs())}  # skips (and drops) expired ids
+                "queued": len(self.queue.get_jobs()),  # skips (and drops) expired ids
+                "outcomes": dict(sorted(outcomes.items(), key=lambda kv: int(kv[0])))}
 
 
 def write_progress(redis: Redis, keys: RedisKeys, fields: dict[str, Any]) -> None:
-    redis.set(keys.train_progress, json.dumps({**fields, "updated_at": time.time()}))
+    """The progress of the job; a finished job's is also kept as its project's outcome (what a
+    project manager who pressed *Start training* looks up later, whatever ran since)."""
+    progress = json.dumps({**fields, "updated_at": time.time()})
+    pipe = redis.pipeline()
+    pipe.set(keys.train_progress, progress)
+    if fields.get("state") in FINAL_STATES and fields.get("project") is not None:
+        pipe.hset(keys.train_outcomes, str(fields["project"]), progress)
+    pipe.execute()
 
 
 def release_lock(redis: Redis, keys: RedisKeys, job_id: str) -> bool:

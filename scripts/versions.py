@@ -76,6 +76,14 @@ def cmd_status(queue: TrainingQueue) -> int:
     print(line)
     print(f"updated {time.time() - progress.get('updated_at', time.time()):.0f} s ago; "
           f"{status['queued']} queued")
+    for project, done in status["outcomes"].items():  # each project's last job, whatever ran since
+        line = f"project {project}: {done.get('result') or done.get('state')}"
+        if done.get("version"):
+            line += f" {done['version']}"
+        detail = _fmt_metrics(done.get("metrics") or {})
+        line += f" (held-out {detail})" if detail else ""
+        why = done.get("reason") or done.get("error")
+        print(line + (f"; {why}" if why else ""))
     return 0
 
 
