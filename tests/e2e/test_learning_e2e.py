@@ -28,8 +28,13 @@ import pytest
 import redis
 from label_studio_sdk import LabelStudio
 from label_studio_sdk.converter.brush import decode_rle, mask2rle
+from PIL import Image
 
+from ml_backend.annotations import AnnotationStore
+from ml_backend.ls_export import LabelStudioExportDataset
+from ml_backend.ls_format import mask_to_polygons, points_px_to_pct
 from ml_backend.schemas import RedisKeys
+from ml_backend.training_data import fetch_project_tasks
 from tests.e2e.harness import REPO_ROOT, LabelStudioServer, StackRun, start_stack, wait_until
 from tests.e2e.synthetic_images import WireImage, make_wire_image
 from tests.e2e.test_label_studio_e2e import (
@@ -59,6 +64,16 @@ def corrected_brush(image: WireImage, region_id: str) -> dict[str, Any]:
             "image_rotation": 0,
             "value": {"format": "rle", "rle": mask2rle(image.mask.astype(np.uint8) * 255),
                       "brushlabels": ["wire"]}}
+
+
+def corrected_polygon(image: WireImage, region_id: str) -> dict[str, Any]:
+    """The wire outlined with the polygon tool, as the editor saves it (percent points)."""
+    outline = max(mask_to_polygons(image.mask), key=len)  # the wire's largest part
+    return {"id": region_id, "from_name": "outline", "to_name": "image", "type": "polygonlabels",
+            "origin": "manual", "original_width": image.width, "original_height": image.height,
+            "image_rotation": 0,
+            "value": {"points": points_px_to_pct(outline, image.width, image.height),
+                      "closed": True, "polygonlabels": ["wire"]}}
 
 
 def served_iou(client: LabelStudio, ml_id: int, task_id: int, image: WireImage
@@ -180,3 +195,44 @@ def test_start_training_without_a_trainer_is_an_error_label_studio_shows(
         ls_client.projects.delete(project_id)
     finally:
         run.stop()
+
+
+POLYGON_CONFIG = LOWER_CASE_CONFIG.replace("</View>", """  <PolygonLabels name="outline" toName="image">
+    <Label value="wire"/>
+  </PolygonLabels>
+</View>""")
+
+
+def test_polygon_corrections_in_label_studio_are_recorded_and_trained_on_as_its_export_holds_them(
+        label_studio: LabelStudioServer, ls_client: LabelStudio, stack: StackRun) -> None:
+    """Wires outlined with the polygon tool: Label Studio's webhook brings them to the backend,
+    which records them, and its export (what the trainer reads) gives each wire back as a mask."""
+    project_id = int(ls_client.projects.create(title="e2e polygons",
+                                               label_config=POLYGON_CONFIG).id)
+    images = sky_wires(label_studio.files_root / "polygons", "outlined", (500, 501, 502))
+    task_ids = import_local_files(ls_client, label_studio, project_id, images)
+    ls_client.ml.create(project=project_id, url=stack.url, is_interactive=True)
+    setup_version(stack, project_id)
+    for task_id, image in zip(task_ids, images):
+        ls_client.annotations.create(task_id, project=project_id, result=[
+            rectangle(image, "wire", f"r{task_id}"), corrected_polygon(image, f"p{task_id}")])
+    store = AnnotationStore(redis.Redis.from_url(stack.redis_url()), RedisKeys())
+    wait_until(lambda: len(store.all(project_id)) == len(images),
+               "polygon annotations recorded from Label Studio's webhook", 30, [stack.service])
+    for record in store.all(project_id):
+        assert sorted(r["type"] for r in record.result) == ["polygonlabels", "rectanglelabels"]
+
+    by_url = {label_studio.local_file_url(image.path): image for image in images}
+    dataset = LabelStudioExportDataset(
+        fetch_project_tasks(label_studio.url, label_studio.token, project_id),
+        lambda url: np.asarray(Image.open(by_url[url].path).convert("RGB")))
+    assert len(dataset) == len(images)
+    ious = []
+    for index, region in enumerate(dataset.regions):
+        item, wire = dataset[index], by_url[region.image_ref].mask
+        assert item["word"] == "wire"
+        ious.append(np.count_nonzero(item["mask"] & wire) / np.count_nonzero(item["mask"] | wire))
+    print(f"\npolygon masks from Label Studio's export against the drawn wires: IoU "
+          f"{[round(i, 3) for i in ious]}")
+    assert min(ious) > 0.8, ious
+    ls_client.projects.delete(project_id)
