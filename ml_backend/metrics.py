@@ -139,10 +139,19 @@ class RedisCollector(Collector):
 
 def _training_families(training: dict[str, Any]) -> Iterator[Any]:
     if training.get("serving"):
-        serving = GaugeMetricFamily("talk2sam_serving_version", "The version workers serve",
+        serving = GaugeMetricFamily("talk2sam_serving_version",
+                                    "The base version workers serve to projects without their own",
                                     labels=["version"])
         serving.add_metric([training["serving"]], 1)
         yield serving
+    if training.get("projects"):
+        own = GaugeMetricFamily("talk2sam_project_serving_version",
+                                "The version fine-tuned for a project and serving it (the "
+                                "others are served by talk2sam_serving_version)",
+                                labels=["project", "version"])
+        for scope, version in training["projects"].items():
+            own.add_metric([scope, version], 1)
+        yield own
     if "trainers" in training:
         yield GaugeMetricFamily("talk2sam_trainers_live", "Trainers with a live heartbeat",
                                 value=len(training["trainers"]))

@@ -8,9 +8,11 @@ answer.
 Scores: each brush result carries ``score``, the decoder's predicted IoU for that mask (the
 model's own confidence; low = uncertain, the tasks to correct first: docs/ACTIVE_LEARNING.md); a
 task's ``score`` is the mean over its masks, 0.0 when it has none.
-``model_version`` is always the one /setup reports: MODEL_VERSION when set, else the version the
-live workers report (learned from heartbeats and job results), else ``talk2sam-<MODEL_CONFIG>``
-until a worker has been seen.
+``model_version`` is per project, and predictions carry the one /setup reports: MODEL_VERSION
+when set, else the version fine-tuned for the project and serving it (``ml_backend.versions``),
+else the base version the live workers report (learned from heartbeats and job results), else
+``talk2sam-<MODEL_CONFIG>`` until a worker has been seen. Label Studio thus re-predicts only the
+project whose version changed.
 
 Text prompts: a rectangle's label goes through LABEL_PROMPTS (an unmapped label is its own
 prompt); text typed in a TextArea of the label config on the same image overrides it: a
@@ -64,13 +66,14 @@ from ml_backend.projects import (
     parse_project,
     payload_project,
     project_label_prompts,
+    project_scope,
 )
 from ml_backend.queue_client import QueueClient
 from ml_backend.schemas import PredictJobResult, PredictJobSpec
 from ml_backend.settings import Settings
 from ml_backend.tokens import hand_over
 from ml_backend.training_queue import TrainingQueue, TrainRequest
-from ml_backend.versions import utc_now
+from ml_backend.versions import read_project_serving, utc_now
 
 log = logging.getLogger(__name__)
 MAX_HOSTNAME_CHARS = 2048  # a /setup hostname is a URL: longer ones are refused
@@ -118,6 +121,25 @@ class Talk2SamBackend:
     @property
     def model_version(self) -> str:
         return self._model_version
+
+    def _answered_by(self, answer: PredictJobResult) -> str:
+        """The model_version a prediction carries: MODEL_VERSION when set, else the version
+        that answered (the project's own, or the base)."""
+        self.observe_worker_version(answer.base_version or answer.model_version)
+        return self.settings.model_version or answer.model_version
+
+    def project_version(self, scope: str | None) -> str:
+        """The model_version of a project: MODEL_VERSION when set, else the version fine-tuned
+        for it and serving it, else the base's (what the workers report)."""
+        if self.settings.model_version is None and scope is not None:
+            try:
+                own = read_project_serving(self.queue.redis, self.queue.keys, scope)
+            except RedisError as exc:
+                log.warning("version of project %s unknown: %s", scope, exc)
+                own = None
+            if own is not None:
+                return own.name
+        return self.model_version
 
     def observe_worker_version(self, version: str) -> None:
         """Adopt the workers' model version unless MODEL_VERSION pins one."""
@@ -177,7 +199,8 @@ class Talk2SamBackend:
                 self.projects.record(project, entry)
             except RedisError as exc:
                 log.warning("project %s not recorded: %s", project, exc)
-        return {"model_version": self.model_version}
+        scope = self._project_access(project).scope if project is not None else None
+        return {"model_version": self.project_version(scope)}
 
     def _check_project_room(self, project: int) -> None:
         """A new project beyond MAX_PROJECTS is refused: /setup needs no auth when auth is
@@ -243,18 +266,16 @@ class Talk2SamBackend:
         if not boxes:
             text = text_alone_prompt(results, config, access.label_prompts, "context")
             if text is None:
-                return prediction([], None, self.model_version)
+                return prediction([], None, self.project_version(access.scope))
             (answer,) = self.queue.predict([self._find_job(tasks[0], text, config, access,
                                                             request_id)])
-            self.observe_worker_version(answer.model_version)
             return self._found(answer, text, config)
         spec = box_job(tasks[0], boxes, config, access, request_id,
                        self.settings.max_pixel_prompts)
         (answer,) = self.queue.predict([spec])
-        self.observe_worker_version(answer.model_version)
         if project is not None and isinstance(tasks[0].get("id"), int):
             self.projects.remember_boxes(project, tasks[0]["id"], boxes)
-        return box_prediction(answer, boxes, config, self.model_version)
+        return box_prediction(answer, boxes, config, self._answered_by(answer))
 
     def _known_boxes(self, task: dict[str, Any], config: LabelConfig, project: int | None
                      ) -> list[BoxPrompt]:
@@ -297,10 +318,9 @@ class Talk2SamBackend:
             try:
                 if isinstance(outcome, BackendError):
                     raise outcome
-                self.observe_worker_version(outcome.model_version)
                 slots[index] = self._found(outcome, prompts, config) \
                     if isinstance(prompts, TextAlonePrompt) \
-                    else box_prediction(outcome, prompts, config, self.model_version)
+                    else box_prediction(outcome, prompts, config, self._answered_by(outcome))
             except BackendError as exc:
                 skipped.add(tasks[index], exc)
         skipped.log(len(tasks))
@@ -379,7 +399,7 @@ class Talk2SamBackend:
 
     def _found(self, answer: PredictJobResult, text: TextAlonePrompt, config: LabelConfig
                ) -> dict[str, Any]:
-        return found_prediction(answer, text, config, self.model_version,
+        return found_prediction(answer, text, config, self._answered_by(answer),
                                 self.settings.find_threshold)
 
     def _set_up(self, project: int | None) -> bool:
@@ -413,4 +433,4 @@ class Talk2SamBackend:
         return ProjectSetup(
             hostname=hostname, access_token=source.access_token if source else None,
             label_prompts={**self.settings.label_prompts, **(own.label_prompts if own else {})},
-            image_key=own.image_key if own else None)
+            image_key=own.image_key if own else None, scope=project_scope(hostname, project))

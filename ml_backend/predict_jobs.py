@@ -64,7 +64,7 @@ def _job(task: dict[str, Any], config: LabelConfig, access: ProjectSetup, reques
     return PredictJobSpec(request_id=request_id,
                           task_id=task_id if isinstance(task_id, int) else None,
                           image_url=image_url_of(task, config), ls_url=access.hostname,
-                          ls_token_ref=access.token_ref, **prompts)
+                          ls_token_ref=access.token_ref, scope=access.scope, **prompts)
 
 
 def box_prediction(answer: PredictJobResult, boxes: list[BoxPrompt], config: LabelConfig,

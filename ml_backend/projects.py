@@ -10,6 +10,11 @@
 Project ids are parsed once, at the model class's edge (:func:`parse_project`): Label Studio
 sends ``"19.1795635706"`` (id.timestamp) to /setup and /predict, and the integer in webhooks;
 everything past the edge takes the integer.
+
+A project's *scope* (:func:`project_scope`) names it across Label Studio instances: the origin
+of its Label Studio (LABEL_STUDIO_URL, else the hostname /setup sent) and its id, e.g.
+``http://ls.example:8080#3``. Model versions, lineage and training outcomes are kept per scope,
+so project 3 of a staging instance never shares a fine-tune with project 3 of production.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from redis import Redis
 from redis.exceptions import RedisError
@@ -52,6 +58,29 @@ def parse_project(value: Any, where: str) -> int | None:
         return int(value.split(".", 1)[0])
     raise InvalidRequestError(f"{where} project must be Label Studio's project id (digits, "
                               "optionally '.' and digits)")
+
+
+NO_ORIGIN = "-"  # the scope's origin while no Label Studio URL is known
+
+
+def project_scope(ls_url: str | None, project: int | None) -> str | None:
+    """``<origin>#<id>`` of a project, e.g. ``http://127.0.0.1:8080#3``: the origin is the
+    scheme, host and port of its Label Studio URL, lower-cased (``-`` when unknown); None for
+    no project."""
+    if project is None:
+        return None
+    origin = NO_ORIGIN
+    if ls_url:
+        parts = urlsplit(ls_url.strip())
+        if parts.scheme and parts.netloc:
+            origin = f"{parts.scheme}://{parts.netloc}".lower()
+    return f"{origin}#{project}"
+
+
+def scope_project(scope: str) -> int | None:
+    """The project id of a scope (None when it is not one)."""
+    _, _, project = scope.rpartition("#")
+    return int(project) if project.isdigit() else None
 
 
 def payload_project(data: dict[str, Any]) -> int | None:
@@ -114,6 +143,7 @@ class ProjectSetup:
     label_prompts: Mapping[str, str] = field(default_factory=dict)  # from extra_params
     image_key: str | None = None  # the task data key of the image, from the label config
     token_ref: str | None = None  # where a job finds access_token (ml_backend.tokens)
+    scope: str | None = None  # project_scope of the project asked about (its versions)
 
 
 class ProjectStore:

@@ -1,10 +1,60 @@
-"""The gate a fine-tuned version passes before it serves: enough held-out evidence, and a win
-over the serving version and box-only SAM-HQ on the same held-out tasks."""
+"""The gate a fine-tuned version passes before it serves its project: enough held-out evidence,
+and a gain over the project's serving version and over box-only SAM-HQ that holds up on the same
+held-out objects.
+
+"Holds up" is a paired bootstrap over per-object IoU: the objects are resampled with
+replacement (the same draw for both models), and the gain's interval at PROMOTE_CONFIDENCE is
+read from the resampled mean gains. The version serves only when the interval's low end is above
+PROMOTE_MIN_GAIN against the serving version and above 0 against box-only SAM-HQ. A gain carried
+by one or two lucky objects leaves a low end below zero and is refused, with the interval."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
 from ml_backend.errors import TrainingError
 from ml_backend.settings import Settings
+
+BOOTSTRAP_RESAMPLES = 4000
+BOOTSTRAP_SEED = 0  # the same verdict for the same scores, every time
+
+
+@dataclass(frozen=True)
+class Gain:
+    """Mean per-object IoU gain of one model over another, with its bootstrap interval."""
+
+    mean: float
+    low: float
+    high: float
+    objects: int
+    confidence: float
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {k: round(v, 5) if isinstance(v, float) else v for k, v in asdict(self).items()}
+
+    def __str__(self) -> str:
+        return (f"{self.mean:+.4f} [{self.low:+.4f}, {self.high:+.4f}] "
+                f"({self.confidence:.0%} interval, {self.objects} objects)")
+
+
+def paired_gain(new: Sequence[float], old: Sequence[float], confidence: float) -> Gain:
+    """The mean of ``new - old`` over paired objects and its percentile bootstrap interval."""
+    if len(new) != len(old) or not new:
+        raise ValueError(f"paired scores of the same objects are needed, got {len(new)} and "
+                         f"{len(old)}")
+    diffs = np.asarray(new, dtype=np.float64) - np.asarray(old, dtype=np.float64)
+    if diffs.ndim != 1:
+        raise ValueError(f"paired scores of the same objects are needed, got {len(new)} and "
+                         f"{len(old)}")
+    draws = np.random.default_rng(BOOTSTRAP_SEED).integers(
+        0, len(diffs), size=(BOOTSTRAP_RESAMPLES, len(diffs)))
+    means = diffs[draws].mean(axis=1)
+    tail = (1.0 - confidence) / 2
+    low, high = np.quantile(means, [tail, 1.0 - tail])
+    return Gain(float(diffs.mean()), float(low), float(high), len(diffs), confidence)
 
 
 def heldout_shortfall(s: Settings, had: str) -> TrainingError:
@@ -15,15 +65,14 @@ def heldout_shortfall(s: Settings, had: str) -> TrainingError:
         f"(PROMOTE_MIN_HELDOUT_OBJECTS, PROMOTE_MIN_HELDOUT_TASKS): annotate more tasks")
 
 
-def promotion_refusal(new: float, serving: float, baseline: float,
-                      min_gain: float) -> str | None:
-    """Why a new version must not serve, or None when it may: on the same held-out tasks its
-    mIoU must beat the serving version's by more than PROMOTE_MIN_GAIN (0: a tie is not a win)
-    and beat box-only SAM-HQ's."""
-    if not new - serving > min_gain:
-        return (f"held-out mIoU {new:.4f} vs {serving:.4f} serving: gain {new - serving:+.4f} "
-                f"is not above PROMOTE_MIN_GAIN {min_gain}")
-    if not new > baseline:
-        return (f"held-out mIoU {new:.4f} does not beat box-only SAM-HQ's {baseline:.4f} on the "
-                f"same tasks")
+def promotion_refusal(over_serving: Gain, over_baseline: Gain, min_gain: float) -> str | None:
+    """Why a new version must not serve, or None when it may: on the same held-out objects the
+    low end of its gain over the serving version must be above PROMOTE_MIN_GAIN, and that of its
+    gain over box-only SAM-HQ above 0."""
+    if not over_serving.low > min_gain:
+        return (f"held-out IoU gain over the serving version {over_serving} does not hold up: "
+                f"its low end is not above PROMOTE_MIN_GAIN {min_gain}")
+    if not over_baseline.low > 0.0:
+        return (f"held-out IoU gain over box-only SAM-HQ {over_baseline} does not hold up: its "
+                f"low end is not above 0")
     return None

@@ -95,7 +95,7 @@ class RedisKeys:
 
     @property
     def train_outcomes(self) -> str:
-        """Hash: project id -> JSON outcome of its last training job (done or failed, why)."""
+        """Hash: project scope -> JSON outcome of its last training job (done or failed, why)."""
         return f"{self.prefix}train:outcomes"
 
     @property
@@ -129,8 +129,15 @@ class RedisKeys:
 
     @property
     def serving(self) -> str:
-        """JSON ``{"name", "checkpoint"}`` of the version the workers must serve."""
+        """JSON ``{"name", "checkpoint"}`` of the base version the workers serve (to every
+        project without a version of its own)."""
         return f"{self.prefix}serving"
+
+    @property
+    def project_serving(self) -> str:
+        """Hash: project scope (``projects.project_scope``) -> JSON ``{"name", "checkpoint"}``
+        of the version fine-tuned for that project and serving it."""
+        return f"{self.prefix}serving:projects"
 
 
 def image_key(image_url: str, ls_url: str | None) -> str:
@@ -169,6 +176,8 @@ class PredictJobSpec:
         find_word: text alone: segment every instance of this word (no boxes; ``words`` and
             ``clicks`` unused), or None.
         find_threshold, find_max_regions: ``talk2sam.find``'s threshold and region cap.
+        scope: the project's scope (``projects.project_scope``: Label Studio origin and
+            project id), whose own fine-tuned version answers; None: the base version.
     """
 
     request_id: str
@@ -185,6 +194,7 @@ class PredictJobSpec:
     find_word: str | None = None
     find_threshold: float = 0.5
     find_max_regions: int = 20
+    scope: str | None = None
 
     @property
     def image_key(self) -> str:
@@ -234,7 +244,8 @@ class PredictJobResult:
 
     Attributes:
         worker: name of the worker that ran it.
-        model_version: the worker's predictor version.
+        model_version: the version that answered: the project's own, else the base.
+        base_version: the worker's base version (what serves projects without their own).
         width, height: size of the decoded image, which is the size of every mask.
         cache_hit: whether the image's features were already cached in the worker.
         predictions: one per box, in the spec's order.
@@ -243,6 +254,7 @@ class PredictJobResult:
 
     worker: str
     model_version: str
+    base_version: str | None = None
     width: int = 0
     height: int = 0
     cache_hit: bool = False

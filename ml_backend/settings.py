@@ -31,6 +31,8 @@ down explicitly; no other module reads ``os.environ``.
 | TORCH_THREADS | unset | CPU math threads per worker; unset: torch's default (all cores). Several CPU workers on one host: cores / workers |
 | IMAGE_CACHE_SIZE | 8 | images whose features a worker keeps (LRU) |
 | IMAGE_CACHE_MB | 1024 | bytes of those features at most (ViT-H with DINOv2 ViT-L: about 30 MiB an image in float32); images warmed for a batch never evict the ones predict jobs used |
+| HEAD_CACHE_SIZE | 16 | projects' fine-tuned heads (trained parts: decoder, psi, mask-prompt encoder, gate) a worker keeps in memory beside its one base model (LRU) |
+| HEAD_CACHE_MB | 512 | bytes of those heads at most (vit_b: about 17 MiB a head, vit_h: about 18 MiB); a project whose head was evicted reloads it from its checkpoint |
 | MASK_BOX_MARGIN_PX | 0.0 | drop mask pixels centred farther than this outside their box; -1 keeps all (text alone always cuts to the boxes it found) |
 | IMAGE_DOWNLOAD_CACHE_MB | 256 | downloaded image bytes a worker keeps in memory, by URL |
 | IMAGE_DOWNLOAD_DIR | unset | when set, downloaded images are also cached on disk there |
@@ -57,7 +59,8 @@ down explicitly; no other module reads ``os.environ``.
 | TRAIN_TIMEOUT_S | 3600 | longest one fine-tuning job may run |
 | TRAIN_QUEUE_TTL_S | 600 | a fine-tuning job that no trainer took within this long expires (the next request queues a new one) |
 | ANNOTATION_STORE_MB | 256 | bytes of webhook annotations kept in Redis; a webhook that would outgrow it is refused (507) |
-| PROMOTE_MIN_GAIN | 0.0 | the new version serves only when its held-out mIoU minus the serving one's is above this (a tie does not promote) and it beats box-only SAM-HQ's on the same tasks |
+| PROMOTE_MIN_GAIN | 0.0 | the new version serves its project only when the low end of its held-out IoU gain over the project's serving version (paired bootstrap interval at PROMOTE_CONFIDENCE) is above this, and that of its gain over box-only SAM-HQ on the same objects is above 0 |
+| PROMOTE_CONFIDENCE | 0.9 | the two-sided confidence of that interval (0.9: the gain is above its low end with 95 % confidence) |
 | PROMOTE_MIN_HELDOUT_OBJECTS | 5 | a new version is judged on at least this many held-out objects: with fewer the job is refused before training, saying how many there were |
 | PROMOTE_MIN_HELDOUT_TASKS | 3 | and those objects come from at least this many held-out tasks (the split holds out this many when the project has twice as many) |
 """
@@ -113,6 +116,8 @@ class Settings:
     torch_threads: int | None = None
     image_cache_size: int = 8
     image_cache_mb: int = 1024
+    head_cache_size: int = 16
+    head_cache_mb: int = 512
     mask_box_margin_px: float = 0.0  # negative: keep the model's mask as it is
     image_download_cache_mb: int = 256
     image_download_dir: str | None = None
@@ -140,6 +145,7 @@ class Settings:
     train_queue_ttl_s: int = 600
     annotation_store_mb: int = 256
     promote_min_gain: float = 0.0
+    promote_confidence: float = 0.9
     promote_min_heldout_objects: int = 5
     promote_min_heldout_tasks: int = 3
 
@@ -224,6 +230,8 @@ class Settings:
             torch_threads=get.opt("TORCH_THREADS", _int_in(1, 1024)),
             image_cache_size=get("IMAGE_CACHE_SIZE", _int_in(1, 1024), d.image_cache_size),
             image_cache_mb=get("IMAGE_CACHE_MB", _int_in(1, 1_000_000), d.image_cache_mb),
+            head_cache_size=get("HEAD_CACHE_SIZE", _int_in(1, 10_000), d.head_cache_size),
+            head_cache_mb=get("HEAD_CACHE_MB", _int_in(1, 1_000_000), d.head_cache_mb),
             mask_box_margin_px=get("MASK_BOX_MARGIN_PX", _float_in(-1.0, 10_000.0),
                                    d.mask_box_margin_px),
             image_download_cache_mb=get("IMAGE_DOWNLOAD_CACHE_MB", _int_in(0, 1_000_000),
@@ -261,6 +269,8 @@ class Settings:
             annotation_store_mb=get("ANNOTATION_STORE_MB", _int_in(1, 1_000_000),
                                     d.annotation_store_mb),
             promote_min_gain=get("PROMOTE_MIN_GAIN", _float_in(-1.0, 1.0), d.promote_min_gain),
+            promote_confidence=get("PROMOTE_CONFIDENCE", _float_in(0.5, 0.999),
+                                   d.promote_confidence),
             promote_min_heldout_objects=get("PROMOTE_MIN_HELDOUT_OBJECTS", _int_in(1, 1_000_000),
                                             d.promote_min_heldout_objects),
             promote_min_heldout_tasks=get("PROMOTE_MIN_HELDOUT_TASKS", _int_in(1, 1_000_000),

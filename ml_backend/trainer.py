@@ -3,10 +3,11 @@
 Jobs are requested through ``ml_backend.training_queue`` (the web side: one job at a time, none
 without a live trainer, unclaimed jobs expire). The job (:func:`train_job`, in this process):
 
-1. loads the version that serves now (the serving pointer, which the inference workers register
-   when they start): its checkpoint, or the base model of MODEL_CONFIG / MODEL_CHECKPOINT when
-   that base is what serves. With no serving version, or a base this trainer's settings do not
-   build, it refuses (``TrainingError``): it never registers a model of its own;
+1. loads the version that serves the project now: its own fine-tune when one was promoted for
+   it (its scope: Label Studio origin and project id), else the base (the serving pointer, which
+   the inference workers register when they start), from its checkpoint or from MODEL_CONFIG /
+   MODEL_CHECKPOINT. With no serving version, or a base this trainer's settings do not build,
+   it refuses (``TrainingError``): it never registers a model of its own;
 2. fetches the project's annotations from Label Studio (label-studio-sdk, JSON export; the
    START_TRAINING webhook carries none), the source of truth; only when Label Studio cannot be
    reached does it fall back, with a warning in the log and in the progress, to the
@@ -20,11 +21,12 @@ without a live trainer, unclaimed jobs expire). The job (:func:`train_job`, in t
    ``talk2sam.evaluation.evaluate``); scores box-only SAM-HQ (the public decoder, no text) on the
    same tasks;
 5. writes the new checkpoint under VERSIONS_DIR/checkpoints (fsynced, then renamed into place:
-   the serving checkpoint is never touched) and promotes it only when its held-out mIoU beats
-   the serving version's by more than PROMOTE_MIN_GAIN (default 0: ties do not promote) and
-   box-only SAM-HQ's, and only while the version it was trained from still serves (a rollback
-   during training wins); else it is recorded as rejected with the reason. Inference workers
-   pick the promoted version up between jobs.
+   the serving checkpoint is never touched) and promotes it for its project only when its gain
+   in held-out IoU holds up (``ml_backend.promotion``: the low end of a paired bootstrap
+   interval above PROMOTE_MIN_GAIN over the project's serving version, above 0 over box-only
+   SAM-HQ), and only while the version it was trained from still serves the project (a
+   rollback during training wins); else it is recorded as rejected with the reason. Inference
+   workers answer the project with it from their next job; other projects do not change.
 
 Progress (state, epoch, step, loss, ETA) is written to ``RedisKeys.train_progress`` while it
 runs (GET /metrics, ``python scripts/versions.py status``) and logged at each state change and
@@ -58,7 +60,7 @@ from ml_backend.errors import BackendError, TrainingError
 from ml_backend.images import ImageFetcher, decode_rgb
 from ml_backend.ls_export import LabelStudioExportDataset
 from ml_backend.ls_protocol import word_for_label
-from ml_backend.promotion import heldout_shortfall, promotion_refusal
+from ml_backend.promotion import heldout_shortfall, paired_gain, promotion_refusal
 from ml_backend.schemas import RedisKeys
 from ml_backend.serving_model import load_version, serving_record
 from ml_backend.settings import Settings
@@ -125,22 +127,22 @@ class TrainingRun:
         """Train, evaluate, save and promote or reject. Returns a summary; raises on failure
         after recording it (the serving version is never changed by a failing job)."""
         started = time.time()
-        self.progress(state="preparing", project=req.project, reason=req.reason,
-                      started_at=started, version=None)
+        self.progress(state="preparing", project=req.project, scope=req.scope,
+                      reason=req.reason, started_at=started, version=None)
         AnnotationStore(self.redis, self.keys).reset_new(req.project)
         try:
-            model, parent = self._serving_model()
+            model, parent = self._serving_model(req.scope)
         except BaseException as exc:
             reason = str(exc) if isinstance(exc, TrainingError) else \
                 f"cannot load the serving version: {type(exc).__name__}: {exc}"
             self.progress(state="failed", error=reason[:500], finished_at=time.time())
             log.error("training job %s refused: %s", self.job_id, reason)
             raise
-        name = self._new_name()
+        name = self._new_name(req.project)
         try:
             record = self.registry.put(VersionRecord(
                 name=name, created=utc_now(), status="training", parent=parent.name,
-                job_id=self.job_id, project=req.project))
+                job_id=self.job_id, project=req.project, scope=req.scope))
         except BaseException as exc:
             self.progress(state="failed", error=f"cannot record version {name}: "
                           f"{type(exc).__name__}: {exc}"[:500], finished_at=time.time())
@@ -162,17 +164,17 @@ class TrainingRun:
         self.progress(state="done", finished_at=time.time(), result=summary["status"],
                       reason=summary.get("reason"), metrics=summary["metrics"])
         m = summary["metrics"]
-        log.info("training job %s: %s %s in %.0f s: held-out mIoU %.4f (serving %s %.4f, "
-                 "box-only SAM-HQ %.4f) on %d objects from %d tasks%s", self.job_id[:8],
-                 summary["status"], name, time.time() - started, m["new"]["miou"], parent.name,
-                 m["old"]["miou"], m["baseline"]["miou"], m["heldout_objects"],
-                 m["heldout_tasks"],
-                 f"; {summary['reason']}" if summary.get("reason") else "")
+        log.info("training job %s: %s %s for project %s in %.0f s: held-out mIoU %.4f (serving "
+                 "%s %.4f, box-only SAM-HQ %.4f) on %d objects from %d tasks; gain over serving "
+                 "%s%s", self.job_id[:8], summary["status"], name, req.scope or "-",
+                 time.time() - started, m["new"]["miou"], parent.name, m["old"]["miou"],
+                 m["baseline"]["miou"], m["heldout_objects"], m["heldout_tasks"],
+                 m["gain_interval"], f"; {summary['reason']}" if summary.get("reason") else "")
         return summary
 
-    def _serving_model(self) -> tuple[Any, VersionRecord]:
-        """The serving version's model, by the workers' rule; a trainer never decides what
-        serves.
+    def _serving_model(self, scope: str | None) -> tuple[Any, VersionRecord]:
+        """The model serving the project now (its own version, else the base), by the workers'
+        rule; a trainer never decides what serves.
 
         Raises:
             TrainingError: nothing serves yet, or it comes from other model settings.
@@ -186,11 +188,15 @@ class TrainingRun:
             raise TrainingError(
                 "no serving version is registered yet: inference workers register the model "
                 "they serve when they start; start them (talk2sam-stack does) before training")
+        own = self.registry.project_version(scope)
+        if own is not None and (record := self.registry.get(own.name)) is not None:
+            serving = record  # the project's lineage goes on from its own version
         return load_version(self.settings, serving, trainable_model).model, serving
 
-    def _new_name(self) -> str:
+    def _new_name(self, project: int | None) -> str:
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-        return f"talk2sam-{self.settings.model_config}-ft-{stamp}-{self.job_id[:6]}"
+        of = f"-p{project}" if project is not None else ""
+        return f"talk2sam-{self.settings.model_config}{of}-ft-{stamp}-{self.job_id[:6]}"
 
     def _handed_token(self, req: TrainRequest) -> str | None:
         return collect(self.redis, self.keys, req.ls_token_ref)
@@ -310,9 +316,14 @@ class TrainingRun:
         history = trainer.fit(train_ex, resume=False)
         self.progress(state="evaluating", stage="new")
         new = _scores(evaluate(model, held_ex, box_margin_px=margin))
-        gain = new["miou"] - old["miou"]
-        metrics = {"old": old, "new": new, "baseline": baseline, "gain_miou": gain,
-                   "gain_over_baseline_miou": new["miou"] - baseline["miou"], "source": source,
+        new_ious, old_ious, baseline_ious = (m.pop("ious") for m in (new, old, baseline))
+        over_serving = paired_gain(new_ious, old_ious, s.promote_confidence)
+        over_baseline = paired_gain(new_ious, baseline_ious, s.promote_confidence)
+        metrics = {"old": old, "new": new, "baseline": baseline,
+                   "gain_miou": new["miou"] - old["miou"],
+                   "gain_over_baseline_miou": new["miou"] - baseline["miou"],
+                   "gain_interval": str(over_serving), "gain": over_serving.to_dict(),
+                   "gain_over_baseline": over_baseline.to_dict(), "source": source,
                    "train_objects": len(train_items), "heldout_objects": len(held_items),
                    "skipped_objects": skipped_train + skipped_held,
                    "train_tasks": len(train_tasks), "heldout_tasks": judged_tasks,
@@ -324,8 +335,7 @@ class TrainingRun:
         path = self.registry.checkpoint_path(record.name)
         trainer.save(path, record.name, metrics)
         record = self.registry.put(replace(record, checkpoint=str(path), metrics=metrics))
-        refusal = promotion_refusal(new["miou"], old["miou"], baseline["miou"],
-                                    s.promote_min_gain)
+        refusal = promotion_refusal(over_serving, over_baseline, s.promote_min_gain)
         if refusal is None:
             try:
                 self.registry.promote(record.name, only_if_serving=record.parent)
@@ -362,7 +372,7 @@ def _box_only_baseline(model: Any, model_dir: str | None) -> Any:
 def _scores(aggregator: Any) -> dict[str, float | None]:
     summary = next(iter(aggregator.summary().values()))
     return {"miou": summary.miou, "mbiou": summary.mbiou, "count": summary.count,
-            "score_spearman": summary.score_spearman}
+            "score_spearman": summary.score_spearman, "ious": aggregator.ious(summary.dataset)}
 
 
 # ---------------------------------------------------------------- worker process

@@ -66,6 +66,9 @@ class TrainRequest:
         label_prompts: label -> prompt map of the project (LABEL_PROMPTS and its extra_params).
         image_key: the ``task["data"]`` key of the image in the project's label config, or None
             (``image``, or the only key).
+        scope: the project's scope (``projects.project_scope``): whose versions the job
+            starts from and promotes into; None: the base (``versions.py train`` without a
+            project).
         recorded_fallback: whether the trainer may train on the annotations recorded from
             webhooks when Label Studio's export cannot be had. Only a caller who is vouched for
             sets it (a web process with auth on, an operator's command): with auth off anyone
@@ -79,6 +82,7 @@ class TrainRequest:
     requested_at: str = ""
     label_prompts: dict[str, str] = field(default_factory=dict)
     image_key: str | None = None
+    scope: str | None = None
     recorded_fallback: bool = False
 
     def to_dict(self) -> dict[str, Any]:
@@ -163,7 +167,8 @@ class TrainingQueue:
             release_lock(self.redis, self.keys, job_id)
             raise
         write_progress(self.redis, self.keys, {
-            "state": "queued", "job_id": job_id, "project": req.project, "reason": req.reason,
+            "state": "queued", "job_id": job_id, "project": req.project, "scope": req.scope,
+            "reason": req.reason,
             "requested_at": req.requested_at, "queued_at": time.time(),
         })
         log.info("training job %s queued for project %s (%s); trainers live: %s", job_id,
@@ -225,7 +230,9 @@ class TrainingQueue:
                 "trainers": live_trainers(self.redis, self.keys),
                 "progress": progress, "lock": lock,
                 "queued": len(self.queue.get_jobs()),  # skips (and drops) expired ids
-                "outcomes": dict(sorted(outcomes.items(), key=lambda kv: int(kv[0])))}
+                "projects": VersionRegistry(self.redis, self.keys,
+                                            self.settings.versions_path).projects(),
+                "outcomes": dict(sorted(outcomes.items()))}
 
 
 def write_progress(redis: Redis, keys: RedisKeys, fields: dict[str, Any]) -> None:
@@ -234,8 +241,9 @@ def write_progress(redis: Redis, keys: RedisKeys, fields: dict[str, Any]) -> Non
     progress = json.dumps({**fields, "updated_at": time.time()})
     pipe = redis.pipeline()
     pipe.set(keys.train_progress, progress)
-    if fields.get("state") in FINAL_STATES and fields.get("project") is not None:
-        pipe.hset(keys.train_outcomes, str(fields["project"]), progress)
+    of = fields.get("scope") or fields.get("project")
+    if fields.get("state") in FINAL_STATES and of is not None:
+        pipe.hset(keys.train_outcomes, str(of), progress)
     pipe.execute()
 
 

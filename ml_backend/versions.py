@@ -6,10 +6,20 @@ is mirrored to ``VERSIONS_DIR/versions.json`` after every change (temp file + re
 never leaves half a file); when Redis has lost it, it is restored from that file. Fine-tuned
 checkpoints are written next to it under ``checkpoints/`` and never overwritten.
 
-Statuses: ``training`` (a job is producing it), ``serving`` (the one workers load), ``retired``
-(served before), ``rejected`` (trained, but not better on the held-out set), ``failed`` (the job
-failed; ``reason`` says why). Workers read only the small ``serving`` key between jobs
-(:func:`read_serving`) and reload when it names another version than the one they hold.
+Versions are per project. The ``serving`` key names the *base* version: the model the workers
+were started with (or one an operator promoted over it), which serves every project without a
+version of its own. A fine-tune belongs to the project whose corrections made it (its
+``scope``, ``projects.project_scope``: Label Studio origin and project id); once promoted it
+serves that project only, named in the hash ``RedisKeys.project_serving``, and the next
+fine-tune of that project starts from it (its lineage). Rolling a project back removes or
+changes its own entry and nothing else.
+
+Statuses: ``training`` (a job is producing it), ``serving`` (the base, or a project's own),
+``retired`` (served before), ``rejected`` (trained, but not better on the held-out set),
+``failed`` (the job failed; ``reason`` says why). Workers read the small ``serving`` key between
+jobs (:func:`read_serving`) and reload their base when it names another version; a job's
+project's entry is one HGET (:func:`read_project_serving`), and its trained parts are swapped
+in on the worker's base (``ml_backend.project_heads``).
 """
 
 from __future__ import annotations
@@ -63,6 +73,8 @@ class VersionRecord:
         job_id: the training job that made it, or None.
         project: the Label Studio project it learnt from, or None.
         config: for a base model registered by a worker, the MODEL_CONFIG it was built from.
+        scope: for a fine-tune, the project it serves once promoted (origin and id); None for
+            a base (or a version of a release that kept one version for every project).
     """
 
     name: str
@@ -75,6 +87,7 @@ class VersionRecord:
     job_id: str | None = None
     project: int | None = None
     config: str | None = None
+    scope: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -95,6 +108,21 @@ def read_serving(redis: Redis, keys: RedisKeys) -> ServingVersion | None:
         return None
     data = json.loads(raw)
     return ServingVersion(name=data["name"], checkpoint=data.get("checkpoint"))
+
+
+def read_project_serving(redis: Redis, keys: RedisKeys, scope: str | None
+                         ) -> ServingVersion | None:
+    """The version fine-tuned for ``scope`` and serving it, or None: the base serves (one
+    HGET)."""
+    raw = redis.hget(keys.project_serving, scope) if scope else None
+    if raw is None:
+        return None
+    data = json.loads(raw)
+    return ServingVersion(name=data["name"], checkpoint=data.get("checkpoint"))
+
+
+def _pointer(record: VersionRecord) -> str:
+    return json.dumps({"name": record.name, "checkpoint": record.checkpoint})
 
 
 def _same_file(a: str | None, b: str | None) -> bool:
@@ -148,6 +176,22 @@ class VersionRegistry:
         """What workers must serve, restored from ``versions.json`` first when Redis lost it."""
         self._restore_if_lost()
         return read_serving(self.redis, self.keys)
+
+    def project_version(self, scope: str | None) -> ServingVersion | None:
+        """The version fine-tuned for ``scope`` that serves it; None when the base does."""
+        self._restore_if_lost()
+        return read_project_serving(self.redis, self.keys, scope)
+
+    def serving_for(self, scope: str | None) -> VersionRecord | None:
+        """The record of what serves ``scope``: its own version, else the base."""
+        own = self.project_version(scope)
+        return self.get(own.name) if own is not None else self.serving()
+
+    def projects(self) -> dict[str, str]:
+        """Scope -> name of the version serving it, for every project with its own."""
+        self._restore_if_lost()
+        raw = self.redis.hgetall(self.keys.project_serving)
+        return {k.decode(): json.loads(v)["name"] for k, v in sorted(raw.items())}
 
     # ------------------------------------------------------------ changing
 
@@ -218,13 +262,16 @@ class VersionRegistry:
 
     def promote(self, name: str, reason: str | None = None,
                 only_if_serving: str | None = None) -> VersionRecord:
-        """Make ``name`` the serving version; the one serving before becomes ``retired``.
+        """Make ``name`` serve: a fine-tune its own project (the project's previous own version
+        becomes ``retired``; the base keeps serving the others), any other version as the base
+        (the base before becomes ``retired``).
 
         Args:
             name: the version to serve.
             reason: stored with it (e.g. ``rollback``).
-            only_if_serving: promote only while this version serves (a fine-tuned child
-                replaces its parent, never a version rolled back to during its training).
+            only_if_serving: promote only while this version serves the same project (a
+                fine-tuned child replaces its parent, never a version rolled back to during its
+                training).
 
         Raises:
             VersionError: unknown version, its checkpoint file is missing, or
@@ -241,7 +288,8 @@ class VersionRegistry:
             if record.status == "failed" or (record.status == "training"
                                              and record.checkpoint is None):
                 raise VersionError(f"version {name} is {record.status} and cannot serve")
-            current = read_serving(self.redis, self.keys)
+            own = read_project_serving(self.redis, self.keys, record.scope)
+            current = own or read_serving(self.redis, self.keys)
             if only_if_serving is not None and (current is None
                                                 or current.name != only_if_serving):
                 raise VersionError(
@@ -250,12 +298,43 @@ class VersionRegistry:
                     f"promoted meanwhile); it is not promoted over it")
             if record.checkpoint is not None:
                 fsync_path(record.checkpoint)  # on the disk before any worker is sent to it
-            previous = self.get(current.name) if current else None
             record = replace(record, status="serving",
                              reason=reason if reason is not None else record.reason)
-            self._set_serving(record, previous)
+            if record.scope is not None:
+                self._set_project_serving(record, self.get(own.name) if own else None)
+            else:
+                self._set_serving(record, self.get(current.name) if current else None)
             self._mirror()
             return record
+
+    def rollback_project(self, scope: str, name: str | None = None) -> VersionRecord | None:
+        """Serve ``scope`` with its earlier version ``name`` (one of its own, not failed), or
+        with the base when ``name`` is None; no other project changes.
+
+        Returns:
+            The record now serving the project (None: the base, unknown).
+
+        Raises:
+            VersionError: ``name`` is not a version of this project, or cannot serve.
+        """
+        if name is not None:
+            record = self.get(name)
+            if record is None or record.scope != scope:
+                raise VersionError(f"{name!r} is not a version of project {scope}; see "
+                                   f"`versions.py list --project ...`")
+            return self.promote(name, reason="rollback")
+        with self._locked():
+            self._restore_locked()
+            self._check_file()
+            own = read_project_serving(self.redis, self.keys, scope)
+            pipe = self.redis.pipeline(transaction=True)
+            if own is not None and (previous := self.get(own.name)) is not None:
+                pipe.hset(self.keys.versions, previous.name,
+                          json.dumps(replace(previous, status="retired").to_dict()))
+            pipe.hdel(self.keys.project_serving, scope)
+            pipe.execute()
+            self._mirror()
+        return self.serving()
 
     def fail_training(self, job_id: str, reason: str) -> list[VersionRecord]:
         """Mark the ``training`` versions of ``job_id`` failed (their job is gone)."""
@@ -275,8 +354,17 @@ class VersionRegistry:
             pipe.hset(self.keys.versions, previous.name,
                       json.dumps(replace(previous, status="retired").to_dict()))
         pipe.hset(self.keys.versions, record.name, json.dumps(record.to_dict()))
-        pipe.set(self.keys.serving, json.dumps({"name": record.name,
-                                                "checkpoint": record.checkpoint}))
+        pipe.set(self.keys.serving, _pointer(record))
+        pipe.execute()
+
+    def _set_project_serving(self, record: VersionRecord, previous: VersionRecord | None
+                             ) -> None:
+        pipe = self.redis.pipeline(transaction=True)
+        if previous is not None and previous.name != record.name:
+            pipe.hset(self.keys.versions, previous.name,
+                      json.dumps(replace(previous, status="retired").to_dict()))
+        pipe.hset(self.keys.versions, record.name, json.dumps(record.to_dict()))
+        pipe.hset(self.keys.project_serving, record.scope, _pointer(record))
         pipe.execute()
 
     # ------------------------------------------------------------ disk mirror
@@ -286,10 +374,12 @@ class VersionRegistry:
         records = sorted((json.loads(v) for v in raw.values()),
                          key=lambda r: (r["created"], r["name"]))
         current = read_serving(self.redis, self.keys)
+        projects = {k.decode(): json.loads(v)["name"]
+                    for k, v in sorted(self.redis.hgetall(self.keys.project_serving).items())}
         try:  # Redis holds the change already; the mirror is its backup
             atomic_write_text(self.file, json.dumps(
                 {"key_prefix": self.keys.prefix, "serving": current.name if current else None,
-                 "versions": records}, indent=1))
+                 "projects": projects, "versions": records}, indent=1))
         except OSError as exc:
             log.error("the registry changed in Redis but %s was not written: %s", self.file, exc)
 
@@ -341,7 +431,9 @@ class VersionRegistry:
         pipe.hset(self.keys.versions, mapping={n: json.dumps(r) for n, r in records.items()})
         serving = records.get(saved.get("serving") or "")
         if serving is not None:
-            pipe.set(self.keys.serving, json.dumps({"name": serving["name"],
-                                                    "checkpoint": serving.get("checkpoint")}),
-                     nx=True)
+            pipe.set(self.keys.serving, _pointer(VersionRecord.from_dict(serving)), nx=True)
+        for scope, name in (saved.get("projects") or {}).items():
+            if name in records:
+                pipe.hsetnx(self.keys.project_serving, scope,
+                            _pointer(VersionRecord.from_dict(records[name])))
         pipe.execute()

@@ -50,6 +50,7 @@ from ml_backend.errors import (
     ModelError,
 )
 from ml_backend.heartbeat import Heartbeat
+from ml_backend.project_heads import ProjectHeads
 from ml_backend.images import ImageFetcher, decode_rgb
 from ml_backend.ls_format import mask_to_polygons, mask_to_rle
 from ml_backend.schemas import (
@@ -141,13 +142,34 @@ class WorkerRuntime:
                                    settings.worker_heartbeat_ttl_s,
                                    lambda: self.heartbeat_state().to_dict())
         self._job_id: str | None = None
+        self.heads = self._heads()
 
     @property
     def model(self) -> Any:
         return self.loaded.model
 
+    @property
+    def base_version(self) -> str:
+        """The version of the base model held (what serves projects without their own)."""
+        return self.heads.base.version if self.heads is not None else self.model.model_version
+
+    def _heads(self) -> ProjectHeads | None:
+        if self.settings.model == "noop":
+            return None
+        return ProjectHeads(self.model, self.settings, self.registry, self.metrics.count)
+
+    def use_project(self, scope: str | None) -> str:
+        """Swap in the head of what serves the project ``scope``; the version that answers."""
+        if self.heads is None:
+            return self.model.model_version
+        try:
+            return self.heads.use(scope)
+        except (RedisError, OSError, ValueError) as exc:  # the registry unreadable: the base
+            log.warning("version of project %s unknown, the base answers: %s", scope, exc)
+            return self.heads.use(None)
+
     def heartbeat_state(self) -> WorkerHeartbeat:
-        return WorkerHeartbeat(name=self.name, model_version=self.model.model_version,
+        return WorkerHeartbeat(name=self.name, model_version=self.base_version,
                                busy=self._job_id is not None,
                                images=self.model.cached_keys(), seen_at=time.time())
 
@@ -161,10 +183,10 @@ class WorkerRuntime:
             log.warning("serving version unknown: %s", exc)
             return
         if serving is None:  # Redis lost everything and no versions.json to restore from
-            register_base(self.registry, self.model.model_version, self.loaded.checkpoint,
+            register_base(self.registry, self.base_version, self.loaded.checkpoint,
                           self.settings.model_config)
             return
-        if serving.name in (self.model.model_version, self.loaded.name, self.loaded.passed_over):
+        if serving.name in (self.base_version, self.loaded.name, self.loaded.passed_over):
             return
         started = time.perf_counter()
         loaded = None
@@ -172,14 +194,16 @@ class WorkerRuntime:
             loaded = load_version(self.settings, serving, build_predictor)
         except Exception as exc:  # noqa: BLE001 - whatever failed, the loaded model still serves
             log.error("version %s cannot be loaded, %s keeps serving: %s: %s", serving.name,
-                      self.model.model_version, type(exc).__name__, exc)
+                      self.base_version, type(exc).__name__, exc)
             self.loaded = replace(self.loaded, passed_over=serving.name)
             self.metrics.count("reload_failures")
         if loaded is None:
             release_memory()  # out of the except block: its traceback held the failed load
             return
+        self.heads = None  # the old base's heads go with it
         self.loaded = loaded
-        log.info("now serving %s (loaded in %.1f s)", self.model.model_version,
+        self.heads = self._heads()
+        log.info("now serving %s (loaded in %.1f s)", self.base_version,
                  time.perf_counter() - started)
         self.heartbeat.publish()
 
@@ -196,7 +220,9 @@ class WorkerRuntime:
         """Run one predict job; expected failures come back as ``error`` data."""
         started = time.perf_counter()
         hit: bool | None = None
+        version = self.base_version
         try:
+            version = self.use_project(spec.scope)
             hit = self.model.set_image(lambda: self._load_rgb(spec), key=spec.image_key)
             height, width = self.model.features.height, self.model.features.width
             limit = self.settings.max_pixel_prompts
@@ -212,9 +238,9 @@ class WorkerRuntime:
                                for i, polygon in enumerate(as_polygons)]
             else:
                 predictions = self._predict_in_chunks(spec, height, width)
-            result = PredictJobResult(worker=self.name, model_version=self.model.model_version,
-                                      width=width, height=height, cache_hit=hit,
-                                      predictions=predictions)
+            result = PredictJobResult(worker=self.name, model_version=version,
+                                      base_version=self.base_version, width=width,
+                                      height=height, cache_hit=hit, predictions=predictions)
         except Exception as exc:  # job boundary: expected errors become data, the rest re-raise
             error = _expected_error(exc)
             if error is None:
@@ -222,8 +248,8 @@ class WorkerRuntime:
                                     latency_s=time.perf_counter() - started)
                 raise
             log.info("job for task %s refused: %s: %s", spec.task_id, error.type, error.message)
-            result = PredictJobResult(worker=self.name, model_version=self.model.model_version,
-                                      error=error)
+            result = PredictJobResult(worker=self.name, model_version=version,
+                                      base_version=self.base_version, error=error)
         elapsed = time.perf_counter() - started
         self.metrics.record(job="predict", ok=result.error is None, hit=hit,
                             boxes=len(spec.boxes_xyxy), latency_s=elapsed)

@@ -1,9 +1,15 @@
 """Model versions of the ML backend: list them, show training progress, roll back.
 
+Versions are per project: the base serves every project without a version of its own; a
+project's promoted fine-tunes serve it alone. PROJECT is a project id (when one Label Studio
+uses it) or its scope as ``list`` and ``status`` print it (``http://ls:8080#3``: origin#id).
+
 Usage:
-    python scripts/versions.py list                 # every version, the serving one marked *
-    python scripts/versions.py status               # serving version, current/last training job
-    python scripts/versions.py rollback VERSION     # serve VERSION again (workers reload it)
+    python scripts/versions.py list [--project P]   # versions (of one project), serving marked *
+    python scripts/versions.py status               # base, each project's version and last job
+    python scripts/versions.py rollback VERSION     # serve VERSION again (its own project's
+                                                    # version when it is a fine-tune; else the base)
+    python scripts/versions.py rollback --project P base   # P is served by the base again
     python scripts/versions.py train --project ID   # enqueue a fine-tuning job (like START_TRAINING)
 
 Settings come from the environment, as for the backend (REDIS_URL, KEY_PREFIX, VERSIONS_DIR or
@@ -18,9 +24,11 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from redis import Redis
 
+from ml_backend.projects import ProjectStore, project_scope
 from ml_backend.schemas import RedisKeys
 from ml_backend.settings import settings_for_command
 from ml_backend.training_queue import TrainingQueue, TrainRequest
@@ -39,13 +47,38 @@ def _fmt_metrics(metrics: dict) -> str:
                f"{metrics.get('heldout_tasks', '?')} tasks" if "heldout_objects" in metrics else ""))
 
 
-def cmd_list(registry: VersionRegistry) -> int:
-    records = registry.list()
+def project_scope_of(registry: VersionRegistry, project: str) -> str:
+    """The scope a ``--project`` argument names: a scope as printed, or an id one Label Studio
+    uses here.
+
+    Raises:
+        VersionError: an id of several Label Studios' projects, or of none with versions.
+    """
+    if "#" in project:
+        return project
+    scopes = {r.scope for r in registry.list() if r.scope} | set(registry.projects())
+    matching = sorted(scope for scope in scopes if scope.rpartition("#")[2] == project)
+    if len(matching) != 1:
+        raise VersionError(f"project {project} names {len(matching)} projects with versions"
+                           f"{': ' + ', '.join(matching) if matching else ''}; give its scope "
+                           f"(origin#id) as `list` prints it")
+    return matching[0]
+
+
+def _setup_hostname(redis: Redis, settings: Any, project: int) -> str | None:
+    """The Label Studio URL /setup sent for ``project`` (its scope's origin), if it was set up."""
+    recorded = ProjectStore(redis, RedisKeys(settings.key_prefix)).recorded(project)
+    return recorded.hostname if recorded else None
+
+
+def cmd_list(registry: VersionRegistry, scope: str | None) -> int:
+    records = [r for r in registry.list() if scope is None or r.scope in (scope, None)]
     if not records:
         print("no versions recorded yet")
     for r in records:
         mark = "*" if r.status == "serving" else " "
-        line = f"{mark} {r.name:48s} {r.status:9s} {r.created}  parent={r.parent or '-'}"
+        line = (f"{mark} {r.name:48s} {r.status:9s} {r.created}  project={r.scope or '- (base)'}"
+                f"  parent={r.parent or '-'}")
         detail = _fmt_metrics(r.metrics)
         print(line + (f"  {detail}" if detail else "") + (f"  ({r.reason})" if r.reason else ""))
     return 0
@@ -53,7 +86,10 @@ def cmd_list(registry: VersionRegistry) -> int:
 
 def cmd_status(queue: TrainingQueue) -> int:
     status = queue.status()
-    print(f"serving: {status['serving'] or '- (no worker has registered one yet)'}")
+    print(f"serving: {status['serving'] or '- (no worker has registered one yet)'} (the base: "
+          f"every project without a version of its own)")
+    for scope, version in status["projects"].items():
+        print(f"project {scope}: serves {version}")
     trainers = status["trainers"]
     print(f"trainers: {', '.join(trainers) if trainers else 'none live (Start training answers 503)'}")
     progress = status["progress"]
@@ -91,10 +127,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python scripts/versions.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="every version")
-    sub.add_parser("status", help="serving version and training progress")
+    listing = sub.add_parser("list", help="every version, or a project's and the bases")
+    listing.add_argument("--project", default=None, help="a project id or scope")
+    sub.add_parser("status", help="serving versions and training progress")
     rollback = sub.add_parser("rollback", help="serve an earlier version again")
-    rollback.add_argument("version")
+    rollback.add_argument("version", help="a version, or 'base' with --project")
+    rollback.add_argument("--project", default=None,
+                          help="roll this project back (id or scope); the others do not change")
     train = sub.add_parser("train", help="enqueue a fine-tuning job")
     train.add_argument("--project", type=int, default=None)
     parser.add_argument("--json", action="store_true", help="print JSON (list, status)")
@@ -105,11 +144,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     redis = Redis.from_url(settings.redis_url)
     registry = VersionRegistry(redis, RedisKeys(settings.key_prefix), settings.versions_path)
     queue = TrainingQueue(settings, redis)
+    try:
+        scope = project_scope_of(registry, args.project) \
+            if args.command in ("list", "rollback") and args.project else None
+    except VersionError as exc:
+        print(f"{args.command}: {exc}", file=sys.stderr)
+        return 1
     if args.command == "list":
         if args.json:
-            print(json.dumps([r.to_dict() for r in registry.list()], indent=1))
+            print(json.dumps([r.to_dict() for r in registry.list()
+                              if scope is None or r.scope in (scope, None)], indent=1))
             return 0
-        return cmd_list(registry)
+        return cmd_list(registry, scope)
     if args.command == "status":
         if args.json:
             print(json.dumps(queue.status(), indent=1))
@@ -117,16 +163,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_status(queue)
     if args.command == "train":
         # whoever reaches Redis is an operator: the recorded webhooks may stand in for the export
-        print(json.dumps(queue.request(TrainRequest(project=args.project, reason="cli",
-                                                    requested_at=utc_now(),
-                                                    recorded_fallback=True))))
+        print(json.dumps(queue.request(TrainRequest(
+            project=args.project, reason="cli", requested_at=utc_now(),
+            scope=None if args.project is None else project_scope(
+                settings.label_studio_url or _setup_hostname(redis, settings, args.project),
+                args.project),
+            recorded_fallback=True))))
         return 0
     try:
-        record = registry.promote(args.version, reason="rollback")
+        if scope is not None and args.version == "base":
+            record = registry.rollback_project(scope)
+            print(f"project {scope} is served by the base "
+                  f"{record.name if record else '(none registered yet)'} from the next job")
+            return 0
+        record = registry.rollback_project(scope, args.version) if scope is not None \
+            else registry.promote(args.version, reason="rollback")
     except VersionError as exc:
         print(f"cannot roll back: {exc}", file=sys.stderr)
         return 1
-    print(f"{record.name} serves now; workers load it before their next job")
+    print(f"{record.name} serves {'project ' + record.scope if record.scope else 'as the base'} "
+          f"now; workers use it from their next job")
     return 0
 
 

@@ -249,6 +249,10 @@ class ScoreAggregator:
         if predicted_iou is not None:
             self._predicted.setdefault(dataset, []).append((float(predicted_iou), float(iou)))
 
+    def ious(self, dataset: str) -> list[float]:
+        """Per-object IoUs of ``dataset``, in the order they were added."""
+        return list(self._iou.get(dataset, []))
+
     def summary(self) -> dict[str, DatasetScores]:
         """Per-dataset means, in the order datasets were first added."""
         out = {}
