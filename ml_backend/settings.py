@@ -59,7 +59,7 @@ down explicitly; no other module reads ``os.environ``.
 | TRAIN_TIMEOUT_S | 3600 | longest one fine-tuning job may run |
 | TRAIN_QUEUE_TTL_S | 600 | a fine-tuning job that no trainer took within this long expires (the next request queues a new one) |
 | ANNOTATION_STORE_MB | 256 | bytes of webhook annotations kept in Redis; a webhook that would outgrow it is refused (507) |
-| PROMOTE_MIN_GAIN | 0.0 | the new version serves its project only when the low end of its held-out IoU gain over the project's serving version (paired bootstrap interval at PROMOTE_CONFIDENCE) is above this, and that of its gain over box-only SAM-HQ on the same objects is above 0 |
+| PROMOTE_MIN_GAIN | 0.0 | the new version serves its project only when the low end of its held-out IoU gain over the project's serving version (paired bootstrap interval at PROMOTE_CONFIDENCE) is above this, and its mean IoU on the same objects beats box-only SAM-HQ's |
 | PROMOTE_CONFIDENCE | 0.9 | the two-sided confidence of that interval (0.9: the gain is above its low end with 95 % confidence) |
 | PROMOTE_MIN_HELDOUT_OBJECTS | 5 | a new version is judged on at least this many held-out objects: with fewer the job is refused before training, saying how many there were |
 | PROMOTE_MIN_HELDOUT_TASKS | 3 | and those objects come from at least this many held-out tasks (the split holds out this many when the project has twice as many) |

@@ -22,9 +22,9 @@ without a live trainer, unclaimed jobs expire). The job (:func:`train_job`, in t
    same tasks;
 5. writes the new checkpoint under VERSIONS_DIR/checkpoints (fsynced, then renamed into place:
    the serving checkpoint is never touched) and promotes it for its project only when its gain
-   in held-out IoU holds up (``ml_backend.promotion``: the low end of a paired bootstrap
-   interval above PROMOTE_MIN_GAIN over the project's serving version, above 0 over box-only
-   SAM-HQ), and only while the version it was trained from still serves the project (a
+   in held-out IoU over the project's serving version holds up (``ml_backend.promotion``: the
+   low end of a paired bootstrap interval above PROMOTE_MIN_GAIN) and its mean IoU beats box-only
+   SAM-HQ's on the same objects, and only while the version it was trained from still serves the project (a
    rollback during training wins); else it is recorded as rejected with the reason. Inference
    workers answer the project with it from their next job; other projects do not change.
 

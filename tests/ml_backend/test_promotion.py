@@ -30,6 +30,8 @@ def test_the_new_version_must_also_beat_box_only_sam_hq_and_the_min_gain():
     old, new = [0.2, 0.3, 0.25, 0.3], [0.5, 0.6, 0.55, 0.6]
     over_serving = paired_gain(new, old, 0.9)
     assert "box-only SAM-HQ" in promotion_refusal(over_serving, paired_gain(new, new, 0.9), 0.0)
+    worse = paired_gain(new, [n + 0.01 for n in new], 0.9)
+    assert "does not beat the public model" in promotion_refusal(over_serving, worse, 0.0)
     assert "PROMOTE_MIN_GAIN 0.5" in promotion_refusal(over_serving, over_serving, 0.5)
     tie = paired_gain(old, old, 0.9)
     assert tie.low == tie.high == 0.0 and promotion_refusal(tie, over_serving, 0.0)

@@ -18,7 +18,8 @@ import redis
 from ml_backend.annotations import AnnotationStore
 from ml_backend.errors import TrainingError
 from ml_backend.ls_format import brush_mask, mask_to_polygons, points_px_to_pct
-from ml_backend.schemas import RedisKeys
+from ml_backend.queue_client import QueueClient
+from ml_backend.schemas import PredictJobSpec, RedisKeys
 from ml_backend.settings import Settings
 from ml_backend.trainer import TrainingRun
 from ml_backend.training_queue import TrainingQueue, TrainRequest
@@ -84,8 +85,31 @@ def sha256(path: str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def test_job_promotes_a_version_that_a_running_worker_picks_up(
+SCOPE_A, SCOPE_B = "http://ls.test:8080#7", "http://ls.test:8080#8"
+
+
+def project_masks(settings: Settings, project: FakeProject, scope: str | None
+                  ) -> tuple[str, list[str]]:
+    """The version that answers ``scope`` and its masks (brush RLE) for every task's boxes,
+    through the queue and a real worker."""
+    specs = [PredictJobSpec(
+        request_id="test", task_id=task["id"], image_url=project.url + task["data"]["image"],
+        ls_url=None, ls_token_ref=None, width=64, height=64, scope=scope, words=["wire"],
+        boxes_xyxy=[[r["value"]["x"] * 0.64, r["value"]["y"] * 0.64,
+                     (r["value"]["x"] + r["value"]["width"]) * 0.64,
+                     (r["value"]["y"] + r["value"]["height"]) * 0.64]
+                    for r in task["annotations"][0]["result"] if r["type"] == "rectanglelabels"])
+        for task in project.tasks]
+    answers = QueueClient(settings).predict(specs)
+    assert all(a.error is None and a.predictions for a in answers), answers
+    assert len({a.model_version for a in answers}) == 1
+    return answers[0].model_version, [json.dumps(p.rle) for a in answers for p in a.predictions]
+
+
+def test_a_projects_fine_tune_serves_that_project_only(
         fake_ls, reset_project, clean_redis, tmp_path):
+    """Training on project A (origin and id) promotes into A's lineage: the same worker then
+    answers A with the new version and project B, and the base, exactly as before."""
     env = trainer_env(fake_ls, reset_project, tmp_path / "versions")
     settings = Settings.from_env(env)
     workers = WorkerPool(env, tmp_path)
@@ -95,35 +119,50 @@ def test_job_promotes_a_version_that_a_running_worker_picks_up(
     try:
         workers.wait_ready(clean_redis)
         trainer.wait_live(clean_redis)
-        assert request(settings, clean_redis)["status"] == "queued"
-        assert request(settings, clean_redis)["status"] in ("already queued", "already running")
+        base_a, masks_a = project_masks(settings, reset_project, SCOPE_A)
+        base_b, masks_b = project_masks(settings, reset_project, SCOPE_B)
+        assert base_a == base_b == DEMO and masks_a == masks_b
+        queue = TrainingQueue(settings, clean_redis)
+        ask = TrainRequest(project=PROJECT, reason="test", requested_at="now", scope=SCOPE_A)
+        assert queue.request(ask)["status"] == "queued"
+        assert queue.request(ask)["status"] in ("already queued", "already running")
         wait_for(lambda: progress(clean_redis).get("state") in ("done", "failed"), TRAIN_WAIT_S,
                  "training did not finish", trainer.log)
         done = progress(clean_redis)
         assert done["state"] == "done" and done["result"] == "promoted", trainer.log()
         assert done["metrics"]["source"] == "label-studio" and reset_project.export_calls >= 1
+        gain = done["metrics"]["gain"]
+        assert gain["low"] > -1 and gain["objects"] == done["metrics"]["heldout_objects"]
         registry = VersionRegistry(clean_redis, keys, tmp_path / "versions")
-        serving = registry.serving()
-        assert serving.name == done["version"] and serving.parent == DEMO
-        assert Path(serving.checkpoint).is_file()
-        assert set(serving.metrics["new"]) >= {"miou", "mbiou"}
-        # PROMOTE_MIN_GAIN -1 forgives a regression against the serving version, never a loss
-        # to box-only SAM-HQ on the same tasks
-        metrics = serving.metrics
+        assert registry.serving().name == DEMO  # the base serves every other project
+        own = registry.get(registry.project_version(SCOPE_A).name)
+        assert own.name == done["version"] and own.parent == DEMO and own.scope == SCOPE_A
+        assert registry.project_version(SCOPE_B) is None
+        assert Path(own.checkpoint).is_file() and set(own.metrics["new"]) >= {"miou", "mbiou"}
+        metrics = own.metrics  # PROMOTE_MIN_GAIN -1 never forgives a loss to box-only SAM-HQ
         assert metrics["new"]["miou"] > metrics["baseline"]["miou"]
         assert metrics["baseline"]["count"] == metrics["new"]["count"]
-        assert [r.status for r in registry.list()] == ["retired", "serving"]
+        assert [r.status for r in registry.list()] == ["serving", "serving"]
         saved = json.loads((tmp_path / "versions" / "versions.json").read_text())
-        assert saved["serving"] == serving.name and len(saved["versions"]) == 2
+        assert saved["serving"] == DEMO and saved["projects"] == {SCOPE_A: own.name}
+        assert queue.status()["outcomes"][SCOPE_A]["version"] == own.name
         wait_for(lambda: clean_redis.get(keys.train_lock) is None, 10,
                  "the lock was not released")  # the next request may run
 
-        def worker_version() -> str:
-            beat = clean_redis.get(keys.heartbeat("follower"))
-            return json.loads(beat)["model_version"] if beat else ""
+        after_a, new_masks_a = project_masks(settings, reset_project, SCOPE_A)
+        after_b, new_masks_b = project_masks(settings, reset_project, SCOPE_B)
+        assert after_a == own.name and new_masks_a != masks_a
+        assert after_b == DEMO and new_masks_b == masks_b  # bit for bit
+        again_a, _ = project_masks(settings, reset_project, SCOPE_A)  # B's head went back out
+        assert again_a == own.name
+        beat = json.loads(clean_redis.get(keys.heartbeat("follower")))
+        assert beat["model_version"] == DEMO  # the worker's base did not change
+        counters = clean_redis.hgetall(keys.metrics("follower"))
+        assert int(counters[b"head_loads"]) == 1 and int(counters[b"head_switches"]) == 3
 
-        wait_for(lambda: worker_version() == serving.name, 60, "worker kept the old version",
-                 lambda: workers.log("follower"))
+        assert registry.rollback_project(SCOPE_A).name == DEMO  # A is served by the base again
+        rolled, rolled_masks = project_masks(settings, reset_project, SCOPE_A)
+        assert rolled == DEMO and rolled_masks == masks_a
     finally:
         trainer.stop()
         workers.stop()
