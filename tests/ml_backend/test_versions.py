@@ -23,12 +23,13 @@ def registry(clean_redis, tmp_path):
     return VersionRegistry(clean_redis, KEYS, tmp_path)
 
 
-def finetuned(registry: VersionRegistry, name: str, parent: str) -> VersionRecord:
+def finetuned(registry: VersionRegistry, name: str, parent: str, scope: str | None = None
+              ) -> VersionRecord:
     path = registry.checkpoint_path(name)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"checkpoint " + name.encode())
     return registry.put(VersionRecord(name=name, created=utc_now(), status="training",
-                                      parent=parent, checkpoint=str(path),
+                                      parent=parent, checkpoint=str(path), scope=scope,
                                       metrics={"old": {"miou": 0.1, "mbiou": 0.1},
                                                "new": {"miou": 0.2, "mbiou": 0.15}}))
 
@@ -47,6 +48,60 @@ def test_base_then_promotion_retires_the_previous_version(registry, clean_redis,
     assert saved["serving"] == "v1" and [v["name"] for v in saved["versions"]] == [
         "talk2sam-tiny-random", "v1"]
     assert not list(tmp_path.glob("*.tmp"))
+
+
+A, B = "http://ls.test:8080#3", "http://staging.test:8080#3"  # one id, two Label Studios
+
+
+def test_a_projects_fine_tunes_serve_it_alone_and_roll_back_without_touching_others(
+        registry, clean_redis, tmp_path):
+    base = registry.ensure_base("base", None)
+    finetuned(registry, "a1", parent="base", scope=A)
+    registry.promote("a1", only_if_serving="base")
+    assert registry.serving().name == "base" and registry.serving_for(B).name == "base"
+    assert registry.project_version(A).name == "a1" and registry.project_version(B) is None
+    finetuned(registry, "a2", parent="a1", scope=A)
+    with pytest.raises(VersionError, match="a1 serves now"):  # trained from the base: stale
+        registry.promote("a2", only_if_serving="base")
+    registry.promote("a2", only_if_serving="a1")
+    finetuned(registry, "b1", parent="base", scope=B)
+    registry.promote("b1", only_if_serving="base")
+    assert registry.projects() == {A: "a2", B: "b1"}
+    assert {r.name: r.status for r in registry.list()} == {
+        "base": "serving", "a1": "retired", "a2": "serving", "b1": "serving"}
+
+    assert registry.rollback_project(A, "a1").name == "a1"
+    assert registry.projects() == {A: "a1", B: "b1"}
+    with pytest.raises(VersionError, match="not a version of project"):
+        registry.rollback_project(A, "b1")
+    assert registry.rollback_project(B) == base  # B is served by the base again
+    assert registry.projects() == {A: "a1"} and registry.serving_for(B).name == "base"
+    assert registry.get("b1").status == "retired"
+
+    saved = json.loads((tmp_path / "versions.json").read_text())
+    assert saved["serving"] == "base" and saved["projects"] == {A: "a1"}
+    clean_redis.flushdb()  # Redis lost everything: the mirror brings the projects back
+    assert registry.project_version(A).name == "a1" and registry.serving().name == "base"
+
+
+def test_cli_rolls_one_project_back_by_id_or_scope(registry, tmp_path):
+    registry.ensure_base("base", None)
+    finetuned(registry, "a1", parent="base", scope=A)
+    registry.promote("a1")
+    finetuned(registry, "b1", parent="base", scope=B)
+    registry.promote("b1")
+    ambiguous = cli(tmp_path, "rollback", "--project", "3", "base")
+    assert ambiguous.returncode == 1 and "names 2 projects" in ambiguous.stderr
+    assert A in ambiguous.stderr and B in ambiguous.stderr
+    done = cli(tmp_path, "rollback", "--project", A, "base")
+    assert done.returncode == 0 and "served by the base base" in done.stdout
+    assert registry.projects() == {B: "b1"}
+    listed = cli(tmp_path, "list", "--project", "3")  # one project with versions left... and A's
+    assert listed.returncode == 1  # a1 still names A: the id stays ambiguous
+    listed = cli(tmp_path, "list", "--project", B)
+    assert "* b1" in listed.stdout and "a1" not in listed.stdout and "base" in listed.stdout
+    status = cli(tmp_path, "status")
+    assert f"project {B}: serves b1" in status.stdout and A not in status.stdout
 
 
 def test_rollback_refuses_unknown_failed_or_missing_checkpoints(registry):
