@@ -3,9 +3,9 @@
 | route | Label Studio's timeout | what it does |
 |---|---|---|
 | GET /health | 1 s | from memory and one Redis ping: UP with the model class and version and the live worker count; DOWN (503, with the reason) while Redis is unreachable or no worker is live |
-| POST /setup | 3 s | from memory: remembers schema and credentials, returns ``model_version`` |
+| POST /setup | 3 s | from memory: remembers schema and credentials, returns the project's ``model_version`` (its own fine-tune's, else the base's) |
 | POST /predict | 100 s | the only route that touches the queue |
-| POST /webhook | 1 s | records annotations for training, START_TRAINING enqueues a fine-tuning job (Redis only) |
+| POST /webhook | 1 s | records annotations for training, START_TRAINING enqueues a fine-tuning job (Redis only) or refuses at once, saying why, what it can check then (a trainer alive, enough annotated tasks) |
 | GET /metrics | - | Prometheus text (``ml_backend.metrics``), or JSON with ``?format=json`` |
 
 Errors: typed errors are mapped to HTTP statuses in :data:`HTTP_STATUS`, the one place; bodies
@@ -30,6 +30,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import sys
@@ -40,7 +41,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from redis import Redis
 from redis.exceptions import RedisError
@@ -60,6 +61,7 @@ from ml_backend.errors import (
     NoWorkerError,
     QueueFullError,
     RequestTooLargeError,
+    TrainingError,
     UnauthorizedError,
     WorkerDiedError,
 )
@@ -87,6 +89,7 @@ HTTP_STATUS: dict[type[Exception], int] = {
     ImageFetchError: 502,
     AnnotationStoreFullError: 507,
     NoTrainerError: 503,
+    TrainingError: 422,
     QueueFullError: 503,
     NoWorkerError: 503,
     WorkerDiedError: 503,
@@ -98,6 +101,15 @@ WORKER_REFRESH_S = 2.0
 HEALTH_PING_S = 0.25  # /health's own Redis ping (Label Studio waits 1 s for /health)
 KNOWN_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 OPEN_PATHS = frozenset({"/", "/health"})  # probes
+# Label Studio 1.23.2 keeps only requests' error line of a refused START_TRAINING ("422 Client
+# Error: Unprocessable Entity for url: ...") as the model card's message, never the body. So a
+# refusal answers its Label Studio with a redirect to a URL that spells the reason, whose answer
+# carries the status: the card then reads "... for url: http://backend/start-training-refused/
+# 422/project-3-has-1-annotated-task;-training-needs-6...". Other clients get the JSON error.
+LABEL_STUDIO_AGENT = "heartex/"  # the User-Agent of Label Studio's ML connection
+REFUSED_PATH = "/start-training-refused"  # open: it only echoes its own path
+REFUSAL_STATUSES = frozenset({400, 422, 503})
+MAX_REFUSAL_CHARS = 600
 
 
 def http_status(exc: Exception) -> int:
@@ -172,7 +184,9 @@ def create_app(settings: Settings, queue: QueueClient | None = None) -> FastAPI:
         try:
             # the ASGI scope's path is the request line's; request.url is rebuilt from the Host
             # header, which a client can bend (`Host: x/health?` made old Starlette see /health)
-            if settings.auth_enabled and request.scope["path"] not in OPEN_PATHS:
+            path = request.scope["path"]
+            if settings.auth_enabled and path not in OPEN_PATHS and not path.startswith(
+                    REFUSED_PATH + "/"):
                 _check_auth(request, settings)
             _check_content_length(request, settings.max_request_bytes)
             response = await call_next(request)
@@ -228,14 +242,26 @@ def create_app(settings: Settings, queue: QueueClient | None = None) -> FastAPI:
         return {"results": results}
 
     @app.post("/webhook")
-    async def webhook(request: Request) -> dict[str, Any]:
+    async def webhook(request: Request) -> Any:
         try:
             body = json.loads(await _read_body(request, settings.max_request_bytes) or b"{}")
         except (ValueError, RecursionError):
             body = {}
         event = body.get("action") if isinstance(body, dict) else None
-        return await run_in_threadpool(backend.fit, str(event),
-                                       body if isinstance(body, dict) else {})
+        try:
+            return await run_in_threadpool(backend.fit, str(event),
+                                           body if isinstance(body, dict) else {})
+        except BackendError as exc:
+            if event != "START_TRAINING" or not request.headers.get(
+                    "user-agent", "").startswith(LABEL_STUDIO_AGENT):
+                raise
+            log.info("request %s: %s %s", request.state.request_id, type(exc).__name__, exc)
+            return RedirectResponse(refusal_url(http_status(exc), str(exc)), status_code=303)
+
+    @app.api_route(REFUSED_PATH + "/{status}/{reason:path}", methods=["GET", "POST"])
+    async def training_refused(status: int, reason: str) -> JSONResponse:
+        return JSONResponse({"error": {"type": "TrainingNotStarted", "message": reason}},
+                            status_code=status if status in REFUSAL_STATUSES else 400)
 
     @app.get("/metrics")
     async def metrics_route(request: Request) -> Response:
@@ -245,6 +271,12 @@ def create_app(settings: Settings, queue: QueueClient | None = None) -> FastAPI:
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def refusal_url(status: int, message: str) -> str:
+    """The path that spells a refusal for Label Studio's model card (see REFUSED_PATH)."""
+    words = re.sub(r"[^A-Za-z0-9_.,;:()=+]+", "-", message).strip("-")[:MAX_REFUSAL_CHARS]
+    return f"{REFUSED_PATH}/{status if status in REFUSAL_STATUSES else 400}/{words}"
 
 
 def _route_template(app: FastAPI, request: Request) -> str:

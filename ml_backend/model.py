@@ -37,7 +37,7 @@ from ml_backend.annotations import (
     TASK_DELETE_EVENTS,
     AnnotationStore,
 )
-from ml_backend.errors import BackendError, InvalidRequestError, NoTrainerError
+from ml_backend.errors import BackendError, InvalidRequestError, NoTrainerError, TrainingError
 from ml_backend.label_config import LabelConfig, parse_label_config
 from ml_backend.ls_protocol import (
     BoxPrompt,
@@ -68,6 +68,7 @@ from ml_backend.projects import (
     project_label_prompts,
     project_scope,
 )
+from ml_backend.promotion import annotated_tasks_needed
 from ml_backend.queue_client import QueueClient
 from ml_backend.schemas import PredictJobResult, PredictJobSpec
 from ml_backend.settings import Settings
@@ -370,10 +371,29 @@ class Talk2SamBackend:
                 raise InvalidRequestError(
                     f"START_TRAINING for project {project}, which this backend was never set up "
                     f"for (Label Studio calls /setup when the model is connected)")
+            self.training.require_trainer()  # what it can check at once, it checks now
+            self._check_annotated_tasks(project, data)
             return {"status": "training", "event": event,
                     "training": self._request_training(project, event)}
         log.info("webhook %s ignored", event)
         return {"status": "ignored", "event": str(event)}
+
+    def _check_annotated_tasks(self, project: int, data: dict[str, Any]) -> None:
+        """Refuse at once what a job would refuse later: a project with too few annotated tasks
+        (Label Studio's own count, ``num_tasks_with_annotations``, in the START_TRAINING
+        payload; a payload without it is left to the job).
+
+        Raises:
+            TrainingError: naming the count and what training needs.
+        """
+        counted = data["project"].get("num_tasks_with_annotations") \
+            if isinstance(data.get("project"), dict) else None
+        needed = annotated_tasks_needed(self.settings)
+        if isinstance(counted, int) and not isinstance(counted, bool) and counted < needed:
+            raise TrainingError(
+                f"project {project} has {counted} annotated task{'' if counted == 1 else 's'}; "
+                f"training needs {needed}: {self.settings.promote_min_heldout_tasks} held out to "
+                f"judge the new version (PROMOTE_MIN_HELDOUT_TASKS) and as many to train on")
 
     def _request_training(self, project: int | None, reason: str) -> dict[str, Any]:
         access = self._project_access(project)
@@ -383,7 +403,7 @@ class Talk2SamBackend:
         answer = self.training.request(TrainRequest(
             project=project, ls_url=access.hostname, ls_token_ref=ref, reason=reason,
             requested_at=utc_now(), label_prompts=dict(access.label_prompts),
-            image_key=access.image_key,
+            image_key=access.image_key, scope=access.scope,
             # with auth off a webhook may be forged: train on Label Studio's export alone
             recorded_fallback=s.auth_enabled))
         if answer["status"] == "queued":  # the job will see every annotation made so far

@@ -59,6 +59,12 @@ def paired_gain(new: Sequence[float], old: Sequence[float], confidence: float) -
     return Gain(float(diffs.mean()), float(low), float(high), len(diffs), confidence)
 
 
+def annotated_tasks_needed(s: Settings) -> int:
+    """Annotated tasks a project needs before a job can judge a new version: the split holds out
+    PROMOTE_MIN_HELDOUT_TASKS tasks only from twice as many (``training_data.split_tasks``)."""
+    return max(2, 2 * s.promote_min_heldout_tasks)
+
+
 def heldout_shortfall(s: Settings, had: str) -> TrainingError:
     """The refusal of a job whose held-out set is below the promotion minimum."""
     return TrainingError(

@@ -128,12 +128,7 @@ class TrainingQueue:
         Raises:
             NoTrainerError: no trainer process is alive to take the job.
         """
-        trainers = live_trainers(self.redis, self.keys)
-        if not trainers:
-            raise NoTrainerError(
-                "no trainer is running, so training cannot start: start `talk2sam-trainer` "
-                "(python -m ml_backend.trainer) with the backend's REDIS_URL and KEY_PREFIX; "
-                "talk2sam-stack starts one unless it was given --no-trainer")
+        trainers = self.require_trainer()
         for _ in range(10):
             with self.redis.pipeline() as pipe:
                 try:
@@ -174,6 +169,20 @@ class TrainingQueue:
         log.info("training job %s queued for project %s (%s); trainers live: %s", job_id,
                  req.project, req.reason, ", ".join(trainers))
         return {"status": "queued", "job_id": job_id}
+
+    def require_trainer(self) -> list[str]:
+        """The live trainers' names.
+
+        Raises:
+            NoTrainerError: none is alive.
+        """
+        trainers = live_trainers(self.redis, self.keys)
+        if not trainers:
+            raise NoTrainerError(
+                "no trainer is running, so training cannot start: start `talk2sam-trainer` "
+                "(python -m ml_backend.trainer) with the backend's REDIS_URL and KEY_PREFIX; "
+                "talk2sam-stack starts one unless it was given --no-trainer")
+        return trainers
 
     def job_state(self, held: dict[str, Any]) -> str | None:
         """``"queued"`` or ``"running"`` while the lock's job is alive, else None (stale)."""

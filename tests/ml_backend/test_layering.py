@@ -54,7 +54,8 @@ ALLOWED = {
     "predict_jobs": {"errors", "label_config", "ls_protocol", "ls_results", "projects",
                      "schemas"},
     "model": {"annotations", "errors", "label_config", "ls_protocol", "predict_jobs", "projects",
-              "queue_client", "schemas", "settings", "tokens", "training_queue", "versions"},
+              "promotion", "queue_client", "schemas", "settings", "tokens", "training_queue",
+              "versions"},
     "metrics": {"errors", "queue_client", "training_queue"},
     "app": {"errors", "ls_protocol", "metrics", "model", "queue_client", "settings"},
     # the benchmark's processes and tables run the whole service from above

@@ -23,10 +23,13 @@ from ml_backend.schemas import RedisKeys
 from ml_backend.settings import Settings
 from ml_backend.training_queue import trainer_heartbeat
 from tests.ml_backend.conftest import PREFIX, backend_env, load_fixture
+from tests.ml_backend.servers import uvicorn_app
 
 CREATED = load_fixture("webhook_annotation_created.json")
 UPDATED = load_fixture("webhook_annotation_updated.json")
-TRAIN = load_fixture("train_request.json")
+CAPTURED_TRAIN = load_fixture("train_request.json")  # its project has one annotated task
+TRAIN = {**CAPTURED_TRAIN, "project": {**CAPTURED_TRAIN["project"],
+                                       "num_tasks_with_annotations": 6}}
 KEYS = RedisKeys(PREFIX)
 LABEL_STUDIO_TIMEOUT_S = 1.0
 
@@ -305,6 +308,42 @@ def test_start_training_without_a_live_trainer_is_503_naming_it(client, clean_re
     error = post(client, TRAIN, status=503)["error"]
     assert error["type"] == "NoTrainerError" and "talk2sam-trainer" in error["message"]
     assert Queue(KEYS.train_queue, connection=clean_redis).count == 0
+
+
+def test_start_training_on_too_few_annotated_tasks_is_refused_at_once(
+        client, clean_redis, trainer):
+    """Label Studio counts the project's annotated tasks in the payload: one cannot be split
+    into tasks to train on and PROMOTE_MIN_HELDOUT_TASKS (3) held-out ones."""
+    set_up(client)
+    error = post(client, CAPTURED_TRAIN, status=422)["error"]
+    assert error["type"] == "TrainingError"
+    assert "project 19 has 1 annotated task; training needs 6" in error["message"]
+    assert Queue(KEYS.train_queue, connection=clean_redis).count == 0
+
+
+def test_label_studio_is_sent_the_reason_in_the_one_line_it_keeps(fake_ls, clean_redis,
+                                                                   trainer, tmp_path):
+    """Label Studio 1.23.2 posts START_TRAINING with requests and keeps only str(HTTPError) as
+    the model card's message: the reason must be in that line, as a real server answers it."""
+    import requests
+
+    env = backend_env(fake_ls, MODEL="noop", BASIC_AUTH_USER="ls", BASIC_AUTH_PASS="secret")
+    with uvicorn_app(env, tmp_path / "app.log") as url:
+        auth = ("ls", "secret")
+        assert requests.post(f"{url}/setup", json={"project": "19.1764000000"}, auth=auth,
+                             timeout=5).status_code == 200
+        session = requests.Session()
+        session.headers["User-Agent"] = "heartex/1.23.2"  # as Label Studio's ML connection
+        answer = session.post(f"{url}/webhook", json=CAPTURED_TRAIN, auth=auth, timeout=5)
+        with pytest.raises(requests.HTTPError) as refused:
+            answer.raise_for_status()
+        line = str(refused.value)
+        assert line.startswith("422 Client Error: Unprocessable Entity for url: ")
+        assert "project-19-has-1-annotated-task;-training-needs-6" in line, line
+        assert "PROMOTE_MIN_HELDOUT_TASKS" in line
+        plain = requests.post(f"{url}/webhook", json=CAPTURED_TRAIN, auth=auth, timeout=5)
+        assert plain.status_code == 422 and not plain.history  # other clients: the JSON error
+        assert "training needs 6" in plain.json()["error"]["message"]
 
 
 @pytest.mark.parametrize("body, why", [
