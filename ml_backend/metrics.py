@@ -41,7 +41,8 @@ log = logging.getLogger(__name__)
 
 PREDICT_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 90.0)
 WORKER_COUNTERS = ("jobs", "warm_jobs", "job_errors", "boxes", "cache_hits", "cache_misses",
-                   "reload_failures")
+                   "reload_failures", "head_switches", "head_switch_seconds", "head_loads",
+                   "head_load_failures")
 
 
 class HttpMetrics:

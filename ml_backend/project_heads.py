@@ -31,12 +31,12 @@ class ProjectHeads:
         predictor: a ``Talk2SamPredictor`` (its head now is the base's).
         settings: backend settings (head cache bounds, the worker's base model).
         registry: the version registry.
-        count: called with a counter's name (``head_switches``, ``head_loads``,
-            ``head_load_failures``) for the worker's metrics.
+        count: called with a counter's name (``head_switches``, ``head_switch_seconds``,
+            ``head_loads``, ``head_load_failures``) and an amount, for the worker's metrics.
     """
 
     def __init__(self, predictor: Any, settings: Settings, registry: VersionRegistry,
-                 count: Callable[[str], None] = lambda name: None):
+                 count: Callable[..., None] = lambda name, by=1: None):
         self.predictor = predictor
         self.settings = settings
         self.registry = registry
@@ -44,7 +44,6 @@ class ProjectHeads:
         self.base = predictor.head()
         self.cache = BoundedCache(settings.head_cache_size, settings.head_cache_mb * 2**20)
         self.passed_over: set[str] = set()
-        self.switch_seconds = 0.0
 
     def use(self, scope: str | None) -> str:
         """Put in the head of the version serving ``scope`` (its own, else the base's); returns
@@ -54,7 +53,7 @@ class ProjectHeads:
         if head.version != self.predictor.model_version:
             started = time.perf_counter()
             self.predictor.use_head(head)
-            self.switch_seconds += time.perf_counter() - started
+            self.count("head_switch_seconds", time.perf_counter() - started)
             self.count("head_switches")
         return head.version
 

@@ -82,7 +82,7 @@ class WorkerMetrics:
     """Counters of one worker in the Redis hash ``RedisKeys.metrics(name)``.
 
     Fields: jobs, job_errors, warm_jobs, boxes, cache_hits, cache_misses, reload_failures,
-    latency_sum_s, latency_count and cumulative ``latency_le_<bucket>`` counts (a Prometheus
+    head_switches, head_switch_seconds, head_loads, head_load_failures, latency_sum_s, latency_count and cumulative ``latency_le_<bucket>`` counts (a Prometheus
     histogram).
     """
 
@@ -90,9 +90,12 @@ class WorkerMetrics:
         self._redis = redis
         self._key = key
 
-    def count(self, field: str) -> None:
+    def count(self, field: str, by: int | float = 1) -> None:
         try:
-            self._redis.hincrby(self._key, field, 1)
+            if isinstance(by, float):
+                self._redis.hincrbyfloat(self._key, field, by)
+            else:
+                self._redis.hincrby(self._key, field, by)
         except RedisError as exc:
             log.warning("metrics not recorded: %s", exc)
 

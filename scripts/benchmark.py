@@ -10,7 +10,10 @@ Prints markdown tables of medians and ratios:
 5. end to end: /predict of the backend app (a uvicorn subprocess) with a captured Label Studio
    request whose image a local http.server serves, and /health latency while predictions run;
 6. throughput with 1 and 2 worker processes on a batch of images;
-7. peak memory (RSS) of each process.
+7. peak memory (RSS) of each process;
+8. one base, many projects: a predictor answering two projects alternately (a head switch
+   before each box) against staying on one, and the memory of heads (``heads`` alone, or with
+   ``cpu``).
 
 1-3 use ``--config`` (real sizes get random weights: timings only); 4-7 always use the ``tiny``
 model in the workers (the workers load real sizes only from weight files). Redis: a database of
@@ -78,14 +81,15 @@ def cpu_tables(args: argparse.Namespace, server: ImageServer) -> Iterator[Table]
     for config in args.configs:
         pair = bench.build_pair(config, args.device)
         cold, warm = model_tables(pair, images, args.repeats, args.prompts)
+        heads = bench.head_table(pair, images[0], args.prompts)
         described = pair.describe()
         del pair
         gc.collect()
         first, rss = first_mask_samples(args.redis_url, server, config, args.tasks,
                                         args.think_s, args.device)
-        for table in (cold, warm):
+        for table in (cold, warm, heads):
             table.title = f"`{config}`: {table.title}"
-        details += [cold, warm]
+        details += [cold, warm, heads]
         n_cold = args.images * args.repeats
         summary.rows.append([
             f"`{config}`", fmt_ms(cold.values["cold_samhq_ms"]),
@@ -113,6 +117,25 @@ def cpu_tables(args: argparse.Namespace, server: ImageServer) -> Iterator[Table]
     yield from details
     if args.tuning:
         yield bench.tuning_table(args.tuning, images, args.prompts, args.device)
+
+
+def head_tables(args: argparse.Namespace) -> Iterator[Table]:
+    """Per config: one predictor answering two projects alternately (head switches) and the
+    memory of heads (also part of ``cpu``)."""
+    import gc
+
+    from talk2sam import bench
+
+    images = synthetic_images(1, seed=1)
+    for config in args.configs:
+        pair = bench.build_pair(config, args.device)
+        bench.warm_up(pair, images[0])
+        table = bench.head_table(pair, images[0], args.prompts)
+        table.title = f"`{config}`: {table.title}"
+        table.notes.append(f"- {pair.describe()}.")
+        del pair
+        gc.collect()
+        yield table
 
 
 def gpu_tables(args: argparse.Namespace) -> Iterator[Table]:
@@ -192,8 +215,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python scripts/benchmark.py", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", nargs="?", default="all", choices=("cpu", "service", "gpu", "all"),
-                        help="which table: cpu (configs side by side), service, gpu; all: cpu "
+    parser.add_argument("what", nargs="?", default="all",
+                        choices=("cpu", "service", "gpu", "heads", "all"),
+                        help="which table: cpu (configs side by side), service, gpu, heads; all: cpu "
                              "and service")
     parser.add_argument("--quick", action="store_true",
                         help="the tiny config, few images and calls: a smoke run of every table")
@@ -259,6 +283,8 @@ def run(args: argparse.Namespace) -> str:
 
     if args.what == "gpu":
         add(gpu_tables(args))
+    elif args.what == "heads":
+        add(head_tables(args))
     else:
         server = ImageServer()
         try:

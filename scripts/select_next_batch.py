@@ -1,9 +1,11 @@
 """Active learning: list the N tasks of a Label Studio project whose predictions the model is least
 sure of (lowest prediction score), to annotate next.
 
-A task's score is that of its most recent prediction (of --model-version when given): the
-prediction's ``score`` (the talk2sam backend sends the mean predicted IoU of its masks), else the
-mean ``score`` of its regions. Tasks without a prediction are left out (run "Retrieve
+A task's score is that of its most recent prediction of the project's own model version: the
+one its connected backend serves it (Label Studio's ML connection of the project reports it; a
+project that was fine-tuned has its own), or --model-version; --any-version ranks by the most
+recent prediction whatever made it. The score is the prediction's ``score`` (the talk2sam
+backend sends the mean predicted IoU of its masks), else the mean ``score`` of its regions. Tasks without a prediction are left out (run "Retrieve
 predictions" in the Data Manager first), and so are annotated tasks unless --include-annotated.
 
 Usage:
@@ -87,6 +89,16 @@ def fetch_tasks(client: Any, project: int) -> list[dict[str, Any]]:
     return tasks
 
 
+def project_model_version(client: Any, project: int) -> str | None:
+    """The model_version the project's connected ML backend serves it (None: none connected)."""
+    versions = {b.model_version for b in client.ml.list(project=project) if b.model_version}
+    if len(versions) > 1:
+        print(f"project {project} has backends of several versions {sorted(versions)}: ranking "
+              f"by the most recent prediction; choose one with --model-version", file=sys.stderr)
+        return None
+    return versions.pop() if versions else None
+
+
 def data_manager_hint(url: str, project: int, ids: Sequence[int]) -> str:
     """How to see the same order in Label Studio's Data Manager."""
     return "\n".join([
@@ -102,7 +114,10 @@ def data_manager_hint(url: str, project: int, ids: Sequence[int]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = project_parser(__doc__)
     parser.add_argument("-n", type=int, default=20, help="tasks to select (default 20)")
-    parser.add_argument("--model-version", help="only predictions of this model version")
+    parser.add_argument("--model-version", help="only predictions of this model version "
+                        "(default: the one the project's connected backend serves it)")
+    parser.add_argument("--any-version", action="store_true",
+                        help="rank by the most recent prediction of any model version")
     parser.add_argument("--include-annotated", action="store_true",
                         help="also rank tasks that already have an annotation")
     parser.add_argument("--out", type=Path, help="write the selection as JSON")
@@ -113,7 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    tasks = fetch_tasks(connect(args), args.project)
+    client = connect(args)
+    if args.model_version is None and not args.any_version:
+        args.model_version = project_model_version(client, args.project)
+    print(f"ranking by predictions of {args.model_version or 'any model version'}")
+    tasks = fetch_tasks(client, args.project)
     ranked = rank_uncertain(tasks, args.n, args.model_version, args.include_annotated)
     with_score = sum(1 for t in tasks if task_score(t, args.model_version) is not None)
     print(f"{len(tasks)} tasks, {with_score} with a prediction; the {len(ranked)} least certain:")

@@ -385,3 +385,71 @@ def tuning_table(config: str, images: Sequence[np.ndarray], prompts: int = 5,
     table.notes.append(f"{pair.describe()}; {torch.get_num_threads()} intra-op threads. Each "
                        f"step keeps the ones above it.")
     return table
+
+
+def _rss_mib() -> float:
+    """This process's resident memory now (VmRSS), MiB; NaN where /proc is missing."""
+    try:
+        with open("/proc/self/status") as status:
+            line = next(row for row in status if row.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return float("nan")
+    return int(line.split()[1]) / 1024
+
+
+def head_table(pair: Pair, image: np.ndarray, prompts: int = 10, heads: int = 8,
+               gpu_gib: float = 24.0, headroom_gib: float = 4.0) -> Table:
+    """(8) One base, many projects: the cost of answering projects A and B alternately on one
+    predictor (a head switch before each box) against staying on one project, the memory a head
+    takes, and how many fit beside the model on a ``gpu_gib`` GPU."""
+    from talk2sam.heads import Head
+
+    pred = pair.talk2sam
+    base = pred.head()
+    generator = torch.Generator().manual_seed(0)
+    other = Head("project-b", {k: v + 0.01 * torch.randn(v.shape, generator=generator)
+                               if v.is_floating_point() else v.clone()
+                               for k, v in base.state.items()}, True)
+    pred.set_image(image)
+    pred.predict(boxes_for(image, 1), "wire")  # the word and the HQ features cached
+    same, switch, switched_box = [], [], []
+    for j in range(prompts):
+        box = boxes_for(image, 1, seed=j)
+        same.append(timed(pred.device, pred.predict, box, "wire"))
+        switch.append(timed(pred.device, pred.use_head, other if j % 2 == 0 else base))
+        switched_box.append(timed(pred.device, pred.predict, box, "wire"))
+    pred.use_head(base)
+    before = _rss_mib()
+    held = [Head(f"p{i}", {k: v.clone() for k, v in other.state.items()}, True)
+            for i in range(heads)]
+    per_head_rss = (_rss_mib() - before) / heads
+    del held
+    model_bytes = sum(t.numel() * t.element_size() for t in pred.model.state_dict().values())
+    room = gpu_gib * 2**30 - model_bytes - headroom_gib * 2**30
+    fit = max(0, int(room // base.nbytes))
+    table = Table("One base, many projects: head switch and memory (projects A and B "
+                  "alternately on one predictor)",
+                  ["measure", "value"])
+    table.rows += [
+        ["box, same project as the last (median ms, n)",
+         f"{fmt_ms(median_ms(same))} ({prompts})"],
+        ["head switch (median ms, n)", f"{fmt_ms(median_ms(switch))} ({prompts})"],
+        ["box right after a switch (median ms, n)",
+         f"{fmt_ms(median_ms(switched_box))} ({prompts})"],
+        ["switch + box vs same-project box",
+         f"{(median_ms(switch) + median_ms(switched_box)) / median_ms(same):.2f}x"],
+        ["head size MiB (trained parts, float32)", f"{base.nbytes / 2**20:,.1f}"],
+        [f"memory per head held MiB (RSS over {heads} heads)", f"{per_head_rss:,.1f}"],
+        ["model MiB (encoders, CLIP, decoder)", f"{model_bytes / 2**20:,.0f}"],
+        [f"heads beside the model on a {gpu_gib:g} GiB GPU", f"{fit:,}"],
+    ]
+    table.values.update({"head_switch_ms": median_ms(switch), "same_box_ms": median_ms(same),
+                         "switched_box_ms": median_ms(switched_box),
+                         "head_mib": base.nbytes / 2**20, "heads_fit": float(fit)})
+    table.notes.append(
+        f"A switch copies the head into the model's own tensors (no allocation); the image's "
+        f"features stay cached, only the HQ decoder's per-image features are made again for "
+        f"the new decoder (the 'box right after a switch' row). Heads beside the model: "
+        f"({gpu_gib:g} GiB - the model's weights - {headroom_gib:g} GiB left for activations "
+        f"and the feature cache) / head size; an estimate from sizes, not a GPU measurement.")
+    return table

@@ -99,7 +99,7 @@ def error_lines(log: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackRun]:
-    """The README's main command, nothing set but where its data goes and one minimum: ten
+    """The README's main command, nothing set but where its data goes and one minimum: eight
     corrected one-wire tasks hold out three (PROMOTE_MIN_HELDOUT_TASKS, default 3), so
     PROMOTE_MIN_HELDOUT_OBJECTS comes down from 5 to the three objects they hold."""
     run = start_stack(tmp_path_factory.mktemp("learning-stack"),
@@ -110,23 +110,51 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackRun]:
         run.stop()
 
 
-def test_start_training_in_label_studio_promotes_a_version_that_segments_other_tasks_better(
+FENCE_CONFIG = LOWER_CASE_CONFIG.replace('<Label value="wire"/>', "")  # fence, bicycle
+
+
+def served_masks(client: LabelStudio, ml_id: int, task_ids: Sequence[int],
+                 images: Sequence[WireImage], label: str) -> tuple[list[list[int]], set[str]]:
+    """The brush RLE Label Studio gets for a box on each image, and the model_versions."""
+    masks, versions = [], set()
+    for task_id, image in zip(task_ids, images):
+        data = predict_interactive(client, ml_id, task_id,
+                                   {"result": [rectangle(image, label, f"q{task_id}")]})
+        (item,) = brush_items(data["result"])
+        masks.append(item["value"]["rle"])
+        versions.add(data["model_version"])
+    assert all(any(rle) for rle in masks)
+    return masks, versions
+
+
+def test_start_training_on_one_project_changes_that_project_only(
         label_studio: LabelStudioServer, ls_client: LabelStudio, stack: StackRun) -> None:
-    project_id = int(ls_client.projects.create(title="e2e learning",
-                                               label_config=LOWER_CASE_CONFIG).id)
+    """Projects A (wire) and B (fence, bicycle) on one stack; eight corrections on A and *Start
+    training* on A: A's model_version changes and its masks of other tasks improve; B keeps its
+    model_version and its masks, bit for bit."""
+    project_a = int(ls_client.projects.create(title="e2e learning A",
+                                              label_config=LOWER_CASE_CONFIG).id)
+    project_b = int(ls_client.projects.create(title="e2e learning B",
+                                              label_config=FENCE_CONFIG).id)
     root = label_studio.files_root / "learning"
-    corrected = sky_wires(root, "corrected", range(300, 310))
+    corrected = sky_wires(root, "corrected", range(300, 308))
     others = sky_wires(root, "other", range(400, 406))
-    task_ids = import_local_files(ls_client, label_studio, project_id, corrected + others)
+    task_ids = import_local_files(ls_client, label_studio, project_a, corrected + others)
     corrected_ids, other_ids = task_ids[:len(corrected)], task_ids[len(corrected):]
-    ml_id = int(ls_client.ml.create(project=project_id, url=stack.url, is_interactive=True,
+    b_images = sky_wires(root, "b", range(500, 504))
+    b_ids = import_local_files(ls_client, label_studio, project_b, b_images)
+    ml_id = int(ls_client.ml.create(project=project_a, url=stack.url, is_interactive=True,
                                     title="talk2sam stack").id)
-    before_version = setup_version(stack, project_id)
+    ml_b = int(ls_client.ml.create(project=project_b, url=stack.url, is_interactive=True,
+                                   title="talk2sam stack").id)
+    before_version = setup_version(stack, project_a)
     before = [served_iou(ls_client, ml_id, t, img) for t, img in zip(other_ids, others)]
     assert {v for _, v in before} == {before_version}
+    b_before, b_versions = served_masks(ls_client, ml_b, b_ids, b_images, "fence")
+    assert b_versions == {setup_version(stack, project_b)} == {before_version}
 
     for task_id, image in zip(corrected_ids, corrected):
-        ls_client.annotations.create(task_id, project=project_id, result=[
+        ls_client.annotations.create(task_id, project=project_a, result=[
             rectangle(image, "wire", f"r{task_id}"), corrected_brush(image, f"m{task_id}")])
     client = redis.Redis.from_url(stack.redis_url())
     keys = RedisKeys()
@@ -136,40 +164,79 @@ def test_start_training_in_label_studio_promotes_a_version_that_segments_other_t
     pressed = time.monotonic()
     ls_client.ml.train(ml_id)
     assert ls_client.ml.get(ml_id).state not in ("ER", "ERROR"), ls_client.ml.get(ml_id)
-    wait_until(lambda: setup_version(stack, project_id) != before_version,
+    wait_until(lambda: setup_version(stack, project_a) != before_version,
                f"a new model_version within {PROMOTION_WAIT_S} s of Start training",
                PROMOTION_WAIT_S, [stack.service], interval_s=2.0)
     waited = time.monotonic() - pressed
-    new_version = setup_version(stack, project_id)
+    new_version = setup_version(stack, project_a)
 
     after = [served_iou(ls_client, ml_id, t, img) for t, img in zip(other_ids, others)]
     assert {v for _, v in after} == {new_version}
     iou_before = float(np.mean([iou for iou, _ in before]))
     iou_after = float(np.mean([iou for iou, _ in after]))
-    print(f"\nStart training -> {new_version} served after {waited:.0f} s; IoU on "
-          f"{len(others)} other tasks: {iou_before:.3f} ({before_version}) -> {iou_after:.3f}; "
-          f"per task before {[round(i, 3) for i, _ in before]} after "
-          f"{[round(i, 3) for i, _ in after]}")
-    assert iou_after > iou_before, (before, after)
-
     progress = json.loads(client.get(keys.train_progress))
+    print(f"\nStart training on A -> {new_version} served after {waited:.0f} s; IoU on "
+          f"{len(others)} other tasks of A: {iou_before:.3f} ({before_version}) -> "
+          f"{iou_after:.3f}; per task before {[round(i, 3) for i, _ in before]} after "
+          f"{[round(i, 3) for i, _ in after]}; gate: {progress['metrics']['gain_interval']}")
+    assert iou_after > iou_before, (before, after)  # a version that lowers them is not served
+
+    b_after, b_versions = served_masks(ls_client, ml_b, b_ids, b_images, "fence")
+    assert b_versions == {setup_version(stack, project_b)} == {before_version}
+    assert b_after == b_before  # project B: the same masks, bit for bit
+
     assert progress["result"] == "promoted" and progress["metrics"]["source"] == "label-studio"
     assert progress["metrics"]["heldout_objects"] >= 3 and progress["metrics"]["heldout_tasks"] >= 3
+    assert progress["metrics"]["gain"]["low"] > 0
     assert progress["metrics"]["new"]["miou"] > progress["metrics"]["old"]["miou"]
     metrics = httpx.get(f"{stack.url}/metrics", timeout=5).text
-    assert f'talk2sam_training_last_result{{result="promoted",version="{new_version}"}} 1' \
-        in metrics
+    assert re.search(rf'talk2sam_project_serving_version{{project="[^"]+#{project_a}",'
+                     rf'version="{new_version}"}} 1', metrics), metrics
+    assert f'talk2sam_serving_version{{version="{before_version}"}} 1' in metrics
     status = subprocess.run(
         [sys.executable, "scripts/versions.py", "status"], cwd=REPO_ROOT, capture_output=True,
         text=True, timeout=60, env={"REDIS_URL": stack.redis_url(), "PATH": "/usr/bin:/bin",
                                     "PYTHONPATH": str(REPO_ROOT),
                                     "VERSIONS_DIR": str(stack.data_dir / "versions")})
-    assert f"serving: {new_version}" in status.stdout and "-> promoted (held-out mIoU" in \
-        status.stdout, status.stdout + status.stderr
+    assert f"serving: {before_version}" in status.stdout, status.stdout + status.stderr
+    assert re.search(rf"project \S+#{project_a}: serves {new_version}", status.stdout)
+    assert re.search(rf"project \S+#{project_a}: promoted {new_version} \(held-out mIoU",
+                     status.stdout), status.stdout
+    ranked = subprocess.run(  # active learning ranks A's tasks by A's own version
+        [sys.executable, "scripts/select_next_batch.py", "--project", str(project_a), "-n", "3",
+         "--url", label_studio.url, "--api-key", label_studio.token], cwd=REPO_ROOT,
+        capture_output=True, text=True, timeout=120)
+    assert f"ranking by predictions of {new_version}" in ranked.stdout, ranked.stdout + \
+        ranked.stderr
     log = stack.service.log_path.read_text(errors="replace")
     assert "training job" in log and "epoch" in log  # progress reached the stack's log
     assert error_lines(log) == [], error_lines(log)
+    ls_client.projects.delete(project_a)
+    ls_client.projects.delete(project_b)
+
+
+def test_start_training_on_one_annotated_task_shows_why_on_the_model_card(
+        label_studio: LabelStudioServer, ls_client: LabelStudio, stack: StackRun) -> None:
+    project_id = int(ls_client.projects.create(title="e2e one task",
+                                               label_config=LOWER_CASE_CONFIG).id)
+    images = sky_wires(label_studio.files_root / "learning", "one", range(600, 602))
+    task_ids = import_local_files(ls_client, label_studio, project_id, images)
+    ml_id = int(ls_client.ml.create(project=project_id, url=stack.url, is_interactive=True).id)
+    ls_client.annotations.create(task_ids[0], project=project_id, result=[
+        rectangle(images[0], "wire", "r1"), corrected_brush(images[0], "m1")])
+    ls_client.ml.train(ml_id)
+    state, message = ml_record(label_studio, ml_id)
+    assert state == "ER" and message.startswith("422 Client Error"), (state, message)
+    assert f"project-{project_id}-has-1-annotated-task;-training-needs-6" in message, message
     ls_client.projects.delete(project_id)
+
+
+def ml_record(label_studio: LabelStudioServer, ml_id: int) -> tuple[str, str]:
+    """The model's state and error message as Label Studio stored them. Reading the model
+    through its API runs a health check that resets both, so this reads the record."""
+    with sqlite3.connect(label_studio.data_dir / "label_studio.sqlite3") as db:
+        return db.execute("SELECT state, error_message FROM ml_mlbackend WHERE id = ?",
+                          (ml_id,)).fetchone()
 
 
 def test_start_training_without_a_trainer_is_an_error_label_studio_shows(
@@ -182,13 +249,11 @@ def test_start_training_without_a_trainer_is_an_error_label_studio_shows(
         ml_id = int(ls_client.ml.create(project=project_id, url=run.url, is_interactive=True).id)
         ls_client.ml.train(ml_id)
         # Label Studio answers its own caller 200 whatever the backend says, and records the
-        # backend's status line on the model (state ER, error_message; not the body); reading
-        # the model through its API runs a health check that resets both, so read the record.
-        with sqlite3.connect(label_studio.data_dir / "label_studio.sqlite3") as db:
-            state, message = db.execute("SELECT state, error_message FROM ml_mlbackend "
-                                        "WHERE id = ?", (ml_id,)).fetchone()
+        # backend's status line on the model (state ER, error_message; not the body)
+        state, message = ml_record(label_studio, ml_id)
         assert state == "ER" and "503 Server Error: Service Unavailable" in message, \
             (state, message)
+        assert "no-trainer-is-running" in message, message
         # the body names what is missing, in the stack's log and in /metrics
         assert "NoTrainerError no trainer is running" in run.service.log_path.read_text()
         assert "talk2sam_trainers_live 0" in httpx.get(f"{run.url}/metrics", timeout=5).text
