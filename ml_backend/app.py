@@ -61,6 +61,7 @@ from ml_backend.errors import (
     NoWorkerError,
     QueueFullError,
     RequestTooLargeError,
+    TrainingBusyError,
     TrainingError,
     UnauthorizedError,
     WorkerDiedError,
@@ -89,6 +90,7 @@ HTTP_STATUS: dict[type[Exception], int] = {
     ImageFetchError: 502,
     AnnotationStoreFullError: 507,
     NoTrainerError: 503,
+    TrainingBusyError: 409,
     TrainingError: 422,
     QueueFullError: 503,
     NoWorkerError: 503,
@@ -108,7 +110,7 @@ OPEN_PATHS = frozenset({"/", "/health"})  # probes
 # 422/project-3-has-1-annotated-task;-training-needs-6...". Other clients get the JSON error.
 LABEL_STUDIO_AGENT = "heartex/"  # the User-Agent of Label Studio's ML connection
 REFUSED_PATH = "/start-training-refused"  # open: it only echoes its own path
-REFUSAL_STATUSES = frozenset({400, 422, 503})
+REFUSAL_STATUSES = frozenset({400, 409, 422, 503})
 MAX_REFUSAL_CHARS = 600
 
 

@@ -50,6 +50,11 @@ class NoTrainerError(BackendError):
     """Training was requested but no trainer process is alive to take the job."""
 
 
+class TrainingBusyError(BackendError):
+    """Training was requested for a project while another project's job is queued or running
+    (one job at a time)."""
+
+
 class TrainingError(BackendError):
     """A training job cannot proceed (too few usable annotations, no serving version to start
     from, a base model the trainer cannot build)."""

@@ -37,7 +37,13 @@ from ml_backend.annotations import (
     TASK_DELETE_EVENTS,
     AnnotationStore,
 )
-from ml_backend.errors import BackendError, InvalidRequestError, NoTrainerError, TrainingError
+from ml_backend.errors import (
+    BackendError,
+    InvalidRequestError,
+    NoTrainerError,
+    TrainingBusyError,
+    TrainingError,
+)
 from ml_backend.label_config import LabelConfig, parse_label_config
 from ml_backend.ls_protocol import (
     BoxPrompt,
@@ -340,6 +346,8 @@ class Talk2SamBackend:
         Raises:
             InvalidRequestError: START_TRAINING without a project, or for one never set up.
             NoTrainerError: training requested and no trainer is alive.
+            TrainingError: START_TRAINING for a project with too few annotated tasks.
+            TrainingBusyError: START_TRAINING while another project's job runs.
         """
         project = payload_project(data)
         if event in RECORD_EVENTS:
@@ -352,9 +360,9 @@ class Talk2SamBackend:
                 if self._set_up(project):
                     try:
                         answer["training"] = self._request_training(project, "TRAIN_EVERY_N")
-                    except NoTrainerError as exc:  # the annotation is recorded all the same
+                    except (NoTrainerError, TrainingBusyError) as exc:  # recorded all the same
                         log.warning("TRAIN_EVERY_N reached for project %s: %s", project, exc)
-                        answer["training"] = {"status": "no trainer", "error": str(exc)}
+                        answer["training"] = {"status": "not started", "error": str(exc)}
                 else:
                     log.warning("TRAIN_EVERY_N reached for project %s, which was never set up "
                                 "here: no training requested", project)

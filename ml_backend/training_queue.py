@@ -29,7 +29,7 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
-from ml_backend.errors import NoTrainerError, TrainingError
+from ml_backend.errors import NoTrainerError, TrainingBusyError, TrainingError
 from ml_backend.heartbeat import Heartbeat
 from ml_backend.schemas import TRAIN_JOB, RedisKeys, known_fields
 from ml_backend.settings import Settings
@@ -123,10 +123,12 @@ class TrainingQueue:
         """Enqueue a job unless one is queued or running.
 
         Returns:
-            ``{"status": "queued" | "already queued" | "already running", "job_id": ...}``.
+            ``{"status": "queued" | "already queued" | "already running", "job_id": ...}``:
+            a request for the project whose job is queued or running joins it.
 
         Raises:
             NoTrainerError: no trainer process is alive to take the job.
+            TrainingBusyError: another project's job is queued or running.
         """
         trainers = self.require_trainer()
         for _ in range(10):
@@ -138,11 +140,14 @@ class TrainingQueue:
                     state = self.job_state(held) if held else None
                     if state is not None:
                         pipe.unwatch()
+                        if held.get("scope") not in (None, req.scope):
+                            raise TrainingBusyError(self._busy(held, state))
                         return {"status": f"already {state}", "job_id": held["job_id"]}
                     job_id = uuid.uuid4().hex
                     pipe.multi()
-                    pipe.set(self.keys.train_lock,
-                             json.dumps({"job_id": job_id, "at": time.time()}), ex=LOCK_TTL_S)
+                    pipe.set(self.keys.train_lock, json.dumps(
+                        {"job_id": job_id, "at": time.time(), "scope": req.scope}),
+                        ex=LOCK_TTL_S)
                     pipe.execute()
                 except WatchError:
                     continue
@@ -169,6 +174,14 @@ class TrainingQueue:
         log.info("training job %s queued for project %s (%s); trainers live: %s", job_id,
                  req.project, req.reason, ", ".join(trainers))
         return {"status": "queued", "job_id": job_id}
+
+    def _busy(self, held: dict[str, Any], state: str) -> str:
+        """Why a request waits for another project's job, with that job's ETA when known."""
+        progress = self._progress()
+        eta = progress.get("eta_s") if progress.get("job_id") == held["job_id"] else None
+        return (f"the training of project {held['scope']} is {state}"
+                + (f" (about {eta:.0f} s left)" if isinstance(eta, (int, float)) else "")
+                + "; one job runs at a time: press Start training again when it has finished")
 
     def require_trainer(self) -> list[str]:
         """The live trainers' names.

@@ -303,6 +303,22 @@ def test_start_training_enqueues_one_job_however_often_it_is_asked(client, clean
     assert "talk2sam_training_running 1" in text and "talk2sam_trainers_live 1" in text
 
 
+def test_another_projects_request_is_refused_while_a_job_runs_and_the_same_joins_it(
+        client, clean_redis, trainer):
+    set_up(client, 19)
+    set_up(client, 20)
+    first = post(client, TRAIN)["training"]
+    other = {**TRAIN, "project": {**TRAIN["project"], "id": 20}}
+    error = post(client, other, status=409)["error"]
+    assert error["type"] == "TrainingBusyError"
+    assert "the training of project " in error["message"] and "#19 is queued" in error["message"]
+    assert post(client, TRAIN)["training"] == {"status": "already queued",
+                                               "job_id": first["job_id"]}
+    [job] = Queue(KEYS.train_queue, connection=clean_redis,
+                  serializer=JSONSerializer).get_jobs()
+    assert job.kwargs["request"]["scope"].endswith("#19")
+
+
 def test_start_training_without_a_live_trainer_is_503_naming_it(client, clean_redis):
     set_up(client)
     error = post(client, TRAIN, status=503)["error"]
