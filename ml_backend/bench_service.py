@@ -1,6 +1,6 @@
 """The service's benchmark tables: the queue round trip against bare rq, /predict and /health
 end to end, time to first mask with and without warming on open, throughput of 1 and 2 workers,
-peak memory per process. Each runs real processes (:mod:`ml_backend.bench_stack`)."""
+one worker answering two projects alternately (head switches), peak memory per process. Each runs real processes (:mod:`ml_backend.bench_stack`)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from ml_backend.bench_stack import (
@@ -291,6 +292,89 @@ def throughput_table(redis_url: str, server: ImageServer, batch: int, cores: int
     return table, rss
 
 
+def projects_table(redis_url: str, server: ImageServer, calls: int, device: str | None = None
+                   ) -> tuple[Table, dict[str, float | None]]:
+    """One tiny worker process serving project A (its own fine-tune's head) and project B (the
+    base): jobs of B alone against jobs of A and B alternately, each on a cached image, so that
+    every alternate job switches heads. Returns the table and the worker's peak RSS."""
+    from redis import Redis
+
+    from ml_backend.queue_client import QueueClient
+    from ml_backend.schemas import RedisKeys
+    from ml_backend.settings import Settings
+    from ml_backend.versions import VersionRecord, VersionRegistry, utc_now
+
+    versions = Path(tempfile.mkdtemp(prefix="t2s-bench-versions-"))
+    env = {**backend_env(redis_url, server.url, "talk2sam", device=device),
+           "VERSIONS_DIR": str(versions)}
+    settings = Settings.from_env(env)
+    scope_a, scope_b = f"{server.url}#1", f"{server.url}#2"
+    spec_a = replace(job_spec(server.url, "projects"), scope=scope_a)
+    spec_b = replace(spec_a, scope=scope_b)
+    with running_stack(env, redis_url, ["bench-projects"]) as stack:
+        keys = RedisKeys(PREFIX)
+        registry = VersionRegistry(Redis.from_url(redis_url), keys, versions)
+        base = registry.serving()
+        name = "bench-project-a-ft"
+        path = _fine_tuned_checkpoint(registry.checkpoint_path(name), name)
+        registry.put(VersionRecord(name=name, created=utc_now(), status="training",
+                                   parent=base.name, checkpoint=str(path), scope=scope_a))
+        registry.promote(name, only_if_serving=base.name)
+        client = QueueClient(settings)
+        deadline = lambda: time.monotonic() + settings.job_timeout_s  # noqa: E731
+        for spec in (spec_a, spec_b):  # download, features, the head read once
+            client.predict([spec])
+        alone, alternate = [], []
+        for _ in range(calls):
+            start = time.perf_counter()
+            client.wait(client.submit(spec_b, deadline()), deadline())
+            alone.append(time.perf_counter() - start)
+        versions_seen = set()
+        for i in range(calls):
+            start = time.perf_counter()
+            answer = client.wait(client.submit(spec_a if i % 2 == 0 else spec_b, deadline()),
+                                 deadline())
+            alternate.append(time.perf_counter() - start)
+            versions_seen.add(answer.model_version)
+        counters = {k.decode(): float(v) for k, v in Redis.from_url(redis_url).hgetall(
+            keys.metrics("bench-projects")).items()}
+        rss = stack.rss()
+    switches = counters.get("head_switches", 0.0)
+    switch_ms = 1000 * counters.get("head_switch_seconds", 0.0) / switches if switches else 0.0
+    table = Table("One worker, two projects: B alone vs A and B alternately (tiny, cached image, "
+                  "1 box a job)", ["jobs", "median ms", "p90 ms", "n"])
+    for label, samples in (("project B only (no head switch)", alone),
+                           ("A and B alternately (a head switch before each)", alternate)):
+        table.rows.append([label, fmt_ms(median_ms(samples)),
+                           fmt_ms(percentile_ms(samples, 90)), str(len(samples))])
+    table.rows.append(["the head switch itself, in the worker (mean)", fmt_ms(switch_ms), "",
+                       f"{switches:.0f}"])
+    table.values.update({"projects_alone_ms": median_ms(alone),
+                         "projects_alternate_ms": median_ms(alternate),
+                         "head_switch_ms": switch_ms})
+    table.notes.append(
+        f"Answered by {sorted(versions_seen)}; head loads {counters.get('head_loads', 0):.0f}. "
+        f"A switch copies A's or the base's trained parts into the one model; the encoders and "
+        f"the image's cached features serve both projects. The worker's peak RSS: "
+        + ", ".join(f"{mib:,.0f} MiB" for mib in rss.values() if mib is not None) + ".")
+    return table, {"worker, two projects (tiny)": next(iter(rss.values()), None)}
+
+
+def _fine_tuned_checkpoint(path: Path, version: str) -> Path:
+    """A tiny model whose trained parts moved, saved as a fine-tuning job saves its checkpoint
+    (what a project's promoted version is, for timing: random, not trained)."""
+    import torch
+
+    from talk2sam.build import build_model, save_checkpoint, set_trainable
+
+    model = build_model("tiny")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in set_trainable(model):
+            p.add_(torch.randn(p.shape, generator=generator) * 0.05)
+    return save_checkpoint(model, path, version)
+
+
 def rss_table(rss: dict[str, float | None]) -> Table:
     table = Table("Peak memory (VmHWM) per process", ["process", "peak RSS MiB"])
     for name, mib in rss.items():
@@ -311,6 +395,8 @@ def service_tables(redis_url: str, server: ImageServer, calls: int, batch: int,
     throughput, more = throughput_table(redis_url, server, batch,
                                         os.cpu_count() or 1, device)
     rss.update(more)
+    projects, more = projects_table(redis_url, server, max(6, calls // 2), device)
+    rss.update(more)
     q, h, t = queue.values, health.values, throughput.values
     summary = Table("The service: queue, /health, throughput",
                     ["measurement", "value", "baseline in the same run", "ratio"])
@@ -325,6 +411,10 @@ def service_tables(redis_url: str, server: ImageServer, calls: int, batch: int,
         [f"throughput, 2 workers ({batch} new images)", f"{t['throughput_2']:.2f} images/s",
          f"best 1 worker {t['throughput_1']:.2f} images/s",
          f"{t['throughput_2'] / t['throughput_1']:.2f}x"],
+        ["one worker, projects A and B alternately (median job)",
+         f"{fmt_ms(projects.values['projects_alternate_ms'])} ms",
+         f"project B alone {fmt_ms(projects.values['projects_alone_ms'])} ms",
+         f"{projects.values['projects_alternate_ms'] / projects.values['projects_alone_ms']:.2f}"],
     ]
     yield summary
-    yield from (queue, predict, health, throughput, rss_table(rss))
+    yield from (queue, predict, health, throughput, projects, rss_table(rss))

@@ -67,6 +67,18 @@ def test_model_tables(pair, images):
         assert all(line.count("|") == len(table.columns) + 1 for line in lines[2:4 + len(table.rows)])
 
 
+def test_head_table_switches_and_gives_the_base_back(pair, images):
+    pair.talk2sam.set_image(images[0])
+    before = pair.talk2sam.predict(bench.boxes_for(images[0], 1), "wire", return_logits=True)
+    table = bench.head_table(pair, images[0], prompts=2, heads=2)
+    assert {"head_switch_ms", "same_box_ms", "switched_box_ms", "head_mib",
+            "heads_fit"} <= table.values.keys()
+    assert table.values["heads_fit"] > 1000  # a tiny head is 0.2 MiB
+    pair.talk2sam.set_image(images[0])
+    after = pair.talk2sam.predict(bench.boxes_for(images[0], 1), "wire", return_logits=True)
+    assert np.array_equal(before.logits, after.logits)  # the base's head is back in place
+
+
 def test_percentile_is_nearest_rank():
     samples = [i / 1000 for i in range(1, 101)]
     assert bench.percentile_ms(samples, 99) == pytest.approx(99.0)

@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 
-from ml_backend.bench_service import first_mask_samples, queue_table
+from ml_backend.bench_service import first_mask_samples, projects_table, queue_table
 from ml_backend.bench_stack import FIXTURE, OPEN_FIXTURE, ImageServer, predict_body
 
 REDIS_URL = os.environ.get("TALK2SAM_BENCH_TEST_REDIS_URL", "redis://127.0.0.1:6379/11")
@@ -42,6 +42,19 @@ def test_queue_table_with_the_noop_worker():
     assert {"overhead_bare_rq_ms", "overhead_noop_ms", "submit_noop_ms"} <= table.values.keys()
     assert list(rss) == ["worker, MODEL=noop"]
     assert "| MODEL=noop" in table.markdown()
+
+
+def test_one_worker_answers_two_projects_with_their_own_versions():
+    """The worker is real (tiny); project A's head is a saved fine-tune, B is the base: both
+    versions answer, and every alternate job switched heads."""
+    server = ImageServer()
+    try:
+        table, rss = projects_table(REDIS_URL, server, calls=4)
+    finally:
+        server.close()
+    assert "bench-project-a-ft" in table.notes[0] and "head loads 1" in table.notes[0]
+    assert table.values["head_switch_ms"] > 0 and table.rows[2][3] == "6"  # 2 warm + 4
+    assert list(rss) == ["worker, two projects (tiny)"] and rss["worker, two projects (tiny)"]
 
 
 def test_time_to_first_mask_through_the_backend():
