@@ -32,7 +32,7 @@ down explicitly; no other module reads ``os.environ``.
 | IMAGE_CACHE_SIZE | 8 | images whose features a worker keeps (LRU) |
 | IMAGE_CACHE_MB | 1024 | bytes of those features at most (ViT-H with DINOv2 ViT-L: about 30 MiB an image in float32); images warmed for a batch never evict the ones predict jobs used |
 | HEAD_CACHE_SIZE | 16 | projects' fine-tuned heads (trained parts: decoder, psi, mask-prompt encoder, gate) a worker keeps in memory beside its one base model (LRU) |
-| HEAD_CACHE_MB | 512 | bytes of those heads at most (vit_b: about 17 MiB a head, vit_h: about 18 MiB); a project whose head was evicted reloads it from its checkpoint |
+| HEAD_CACHE_MB | 512 | bytes of those heads at most (vit_b: about 26 MiB a head, vit_tiny: 24 MiB); a project whose head was evicted reloads it from its checkpoint |
 | MASK_BOX_MARGIN_PX | 0.0 | drop mask pixels centred farther than this outside their box; -1 keeps all (text alone always cuts to the boxes it found) |
 | IMAGE_DOWNLOAD_CACHE_MB | 256 | downloaded image bytes a worker keeps in memory, by URL |
 | IMAGE_DOWNLOAD_DIR | unset | when set, downloaded images are also cached on disk there |

@@ -387,18 +387,8 @@ def tuning_table(config: str, images: Sequence[np.ndarray], prompts: int = 5,
     return table
 
 
-def _rss_mib() -> float:
-    """This process's resident memory now (VmRSS), MiB; NaN where /proc is missing."""
-    try:
-        with open("/proc/self/status") as status:
-            line = next(row for row in status if row.startswith("VmRSS:"))
-    except (OSError, StopIteration):
-        return float("nan")
-    return int(line.split()[1]) / 1024
-
-
-def head_table(pair: Pair, image: np.ndarray, prompts: int = 10, heads: int = 8,
-               gpu_gib: float = 24.0, headroom_gib: float = 4.0) -> Table:
+def head_table(pair: Pair, image: np.ndarray, prompts: int = 10, gpu_gib: float = 24.0,
+               headroom_gib: float = 4.0) -> Table:
     """(8) One base, many projects: the cost of answering projects A and B alternately on one
     predictor (a head switch before each box) against staying on one project, the memory a head
     takes, and how many fit beside the model on a ``gpu_gib`` GPU."""
@@ -419,11 +409,6 @@ def head_table(pair: Pair, image: np.ndarray, prompts: int = 10, heads: int = 8,
         switch.append(timed(pred.device, pred.use_head, other if j % 2 == 0 else base))
         switched_box.append(timed(pred.device, pred.predict, box, "wire"))
     pred.use_head(base)
-    before = _rss_mib()
-    held = [Head(f"p{i}", {k: v.clone() for k, v in other.state.items()}, True)
-            for i in range(heads)]
-    per_head_rss = (_rss_mib() - before) / heads
-    del held
     model_bytes = sum(t.numel() * t.element_size() for t in pred.model.state_dict().values())
     room = gpu_gib * 2**30 - model_bytes - headroom_gib * 2**30
     fit = max(0, int(room // base.nbytes))
@@ -438,8 +423,8 @@ def head_table(pair: Pair, image: np.ndarray, prompts: int = 10, heads: int = 8,
          f"{fmt_ms(median_ms(switched_box))} ({prompts})"],
         ["switch + box vs same-project box",
          f"{(median_ms(switch) + median_ms(switched_box)) / median_ms(same):.2f}x"],
-        ["head size MiB (trained parts, float32)", f"{base.nbytes / 2**20:,.1f}"],
-        [f"memory per head held MiB (RSS over {heads} heads)", f"{per_head_rss:,.1f}"],
+        ["memory per head held MiB (its tensors: trained parts, float32)",
+         f"{base.nbytes / 2**20:,.1f}"],
         ["model MiB (encoders, CLIP, decoder)", f"{model_bytes / 2**20:,.0f}"],
         [f"heads beside the model on a {gpu_gib:g} GiB GPU", f"{fit:,}"],
     ]

@@ -70,7 +70,7 @@ def test_model_tables(pair, images):
 def test_head_table_switches_and_gives_the_base_back(pair, images):
     pair.talk2sam.set_image(images[0])
     before = pair.talk2sam.predict(bench.boxes_for(images[0], 1), "wire", return_logits=True)
-    table = bench.head_table(pair, images[0], prompts=2, heads=2)
+    table = bench.head_table(pair, images[0], prompts=2)
     assert {"head_switch_ms", "same_box_ms", "switched_box_ms", "head_mib",
             "heads_fit"} <= table.values.keys()
     assert table.values["heads_fit"] > 1000  # a tiny head is 0.2 MiB
