@@ -5,7 +5,7 @@
 | GET /health | 1 s | from memory and one Redis ping: UP with the model class and version and the live worker count; DOWN (503, with the reason) while Redis is unreachable or no worker is live |
 | POST /setup | 3 s | from memory: remembers schema and credentials, returns the project's ``model_version`` (its own fine-tune's, else the base's) |
 | POST /predict | 100 s | the only route that touches the queue |
-| POST /webhook | 1 s | records annotations for training, START_TRAINING enqueues a fine-tuning job (Redis only) or refuses at once, saying why, what it can check then (a trainer alive, enough annotated tasks) |
+| POST /webhook | 1 s | records annotations for training, START_TRAINING enqueues a fine-tuning job (Redis only) or refuses at once, saying why, what it can check then (503: no trainer alive; 422: too few annotated tasks; 409: another project's job running) |
 | GET /metrics | - | Prometheus text (``ml_backend.metrics``), or JSON with ``?format=json`` |
 
 Errors: typed errors are mapped to HTTP statuses in :data:`HTTP_STATUS`, the one place; bodies
@@ -107,10 +107,10 @@ OPEN_PATHS = frozenset({"/", "/health"})  # probes
 # Error: Unprocessable Entity for url: ...") as the model card's message, never the body. So a
 # refusal answers its Label Studio with a redirect to a URL that spells the reason, whose answer
 # carries the status: the card then reads "... for url: http://backend/start-training-refused/
-# 422/project-3-has-1-annotated-task;-training-needs-6...". Other clients get the JSON error.
+# <ref>/project-3-has-1-annotated-task;-training-needs-6...". Other clients get the JSON error.
 LABEL_STUDIO_AGENT = "heartex/"  # the User-Agent of Label Studio's ML connection
-REFUSED_PATH = "/start-training-refused"  # open: it only echoes its own path
-REFUSAL_STATUSES = frozenset({400, 409, 422, 503})
+REFUSED_PATH = "/start-training-refused"  # open: the random ref is the key, for a few minutes
+REFUSAL_TTL_S = 300
 MAX_REFUSAL_CHARS = 600
 
 
@@ -258,12 +258,19 @@ def create_app(settings: Settings, queue: QueueClient | None = None) -> FastAPI:
                     "user-agent", "").startswith(LABEL_STUDIO_AGENT):
                 raise
             log.info("request %s: %s %s", request.state.request_id, type(exc).__name__, exc)
-            return RedirectResponse(refusal_url(http_status(exc), str(exc)), status_code=303)
+            ref = secrets.token_hex(8)
+            await run_in_threadpool(queue.redis.set, queue.keys.training_refusal(ref),
+                                    http_status(exc), ex=REFUSAL_TTL_S)
+            return RedirectResponse(refusal_url(ref, str(exc)), status_code=303)
 
-    @app.api_route(REFUSED_PATH + "/{status}/{reason:path}", methods=["GET", "POST"])
-    async def training_refused(status: int, reason: str) -> JSONResponse:
+    @app.api_route(REFUSED_PATH + "/{ref}/{reason:path}", methods=["GET", "POST"])
+    async def training_refused(ref: str, reason: str) -> JSONResponse:
+        status = await run_in_threadpool(queue.redis.get, queue.keys.training_refusal(ref[:32]))
+        if status is None:  # only refusals this backend made answer here
+            return JSONResponse({"error": {"type": "NotFound", "message": "no such refusal"}},
+                                status_code=404)
         return JSONResponse({"error": {"type": "TrainingNotStarted", "message": reason}},
-                            status_code=status if status in REFUSAL_STATUSES else 400)
+                            status_code=int(status))
 
     @app.get("/metrics")
     async def metrics_route(request: Request) -> Response:
@@ -275,10 +282,11 @@ def create_app(settings: Settings, queue: QueueClient | None = None) -> FastAPI:
     return app
 
 
-def refusal_url(status: int, message: str) -> str:
-    """The path that spells a refusal for Label Studio's model card (see REFUSED_PATH)."""
+def refusal_url(ref: str, message: str) -> str:
+    """Where a refusal for Label Studio's model card is spelt (see REFUSED_PATH): relative to
+    /webhook, so that a path prefix of a proxy in front is kept."""
     words = re.sub(r"[^A-Za-z0-9_.,;:()=+]+", "-", message).strip("-")[:MAX_REFUSAL_CHARS]
-    return f"{REFUSED_PATH}/{status if status in REFUSAL_STATUSES else 400}/{words}"
+    return f"{REFUSED_PATH.lstrip('/')}/{ref}/{words}"
 
 
 def _route_template(app: FastAPI, request: Request) -> str:

@@ -72,11 +72,10 @@ from ml_backend.projects import (
     parse_project,
     payload_project,
     project_label_prompts,
-    project_scope,
 )
 from ml_backend.promotion import annotated_tasks_needed
 from ml_backend.queue_client import QueueClient
-from ml_backend.schemas import PredictJobResult, PredictJobSpec
+from ml_backend.schemas import PredictJobResult, PredictJobSpec, project_scope
 from ml_backend.settings import Settings
 from ml_backend.tokens import hand_over
 from ml_backend.training_queue import TrainingQueue, TrainRequest
@@ -201,12 +200,12 @@ class Talk2SamBackend:
             if project is not None:
                 self._projects[project] = entry
             self._last_setup = entry
+        scope = project_scope(self.settings.label_studio_url or entry.hostname, project)
         if project is not None:  # START_TRAINING is accepted only for projects set up (anywhere)
             try:
-                self.projects.record(project, entry)
+                self.projects.record(project, replace(entry, scope=scope))
             except RedisError as exc:
                 log.warning("project %s not recorded: %s", project, exc)
-        scope = self._project_access(project).scope if project is not None else None
         return {"model_version": self.project_version(scope)}
 
     def _check_project_room(self, project: int) -> None:

@@ -11,10 +11,11 @@ Project ids are parsed once, at the model class's edge (:func:`parse_project`): 
 sends ``"19.1795635706"`` (id.timestamp) to /setup and /predict, and the integer in webhooks;
 everything past the edge takes the integer.
 
-A project's *scope* (:func:`project_scope`) names it across Label Studio instances: the origin
-of its Label Studio (LABEL_STUDIO_URL, else the hostname /setup sent) and its id, e.g.
+A project's *scope* (``schemas.project_scope``) names it across Label Studio instances: the
+origin of its Label Studio (LABEL_STUDIO_URL, else the hostname /setup sent) and its id, e.g.
 ``http://ls.example:8080#3``. Model versions, lineage and training outcomes are kept per scope,
-so project 3 of a staging instance never shares a fine-tune with project 3 of production.
+so project 3 of a staging instance never shares a fine-tune with project 3 of production. /setup
+records it with the project, for the commands that act on a project by its id.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import re
 from collections.abc import Mapping
 from typing import Any
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
 
 from redis import Redis
 from redis.exceptions import RedisError
@@ -58,29 +58,6 @@ def parse_project(value: Any, where: str) -> int | None:
         return int(value.split(".", 1)[0])
     raise InvalidRequestError(f"{where} project must be Label Studio's project id (digits, "
                               "optionally '.' and digits)")
-
-
-NO_ORIGIN = "-"  # the scope's origin while no Label Studio URL is known
-
-
-def project_scope(ls_url: str | None, project: int | None) -> str | None:
-    """``<origin>#<id>`` of a project, e.g. ``http://127.0.0.1:8080#3``: the origin is the
-    scheme, host and port of its Label Studio URL, lower-cased (``-`` when unknown); None for
-    no project."""
-    if project is None:
-        return None
-    origin = NO_ORIGIN
-    if ls_url:
-        parts = urlsplit(ls_url.strip())
-        if parts.scheme and parts.netloc:
-            origin = f"{parts.scheme}://{parts.netloc}".lower()
-    return f"{origin}#{project}"
-
-
-def scope_project(scope: str) -> int | None:
-    """The project id of a scope (None when it is not one)."""
-    _, _, project = scope.rpartition("#")
-    return int(project) if project.isdigit() else None
 
 
 def payload_project(data: dict[str, Any]) -> int | None:
@@ -143,7 +120,7 @@ class ProjectSetup:
     label_prompts: Mapping[str, str] = field(default_factory=dict)  # from extra_params
     image_key: str | None = None  # the task data key of the image, from the label config
     token_ref: str | None = None  # where a job finds access_token (ml_backend.tokens)
-    scope: str | None = None  # project_scope of the project asked about (its versions)
+    scope: str | None = None  # schemas.project_scope of the project (its versions)
 
 
 class ProjectStore:
@@ -168,7 +145,7 @@ class ProjectStore:
     def record(self, project: int, setup: ProjectSetup) -> None:
         self.redis.hset(self.keys.projects, str(project), json.dumps(
             {"hostname": setup.hostname, "label_prompts": dict(setup.label_prompts),
-             "image_key": setup.image_key}))
+             "image_key": setup.image_key, "scope": setup.scope}))
 
     def recorded(self, project: int) -> ProjectSetup | None:
         """What another process recorded of ``project`` (no token), or None (unknown, or Redis
@@ -183,7 +160,7 @@ class ProjectStore:
         data = json.loads(raw)
         return ProjectSetup(hostname=data.get("hostname"), access_token=None,
                             label_prompts=data.get("label_prompts") or {},
-                            image_key=data.get("image_key"))
+                            image_key=data.get("image_key"), scope=data.get("scope"))
 
     def remember_boxes(self, project: int, task: int, boxes: list[BoxPrompt]) -> None:
         """Keep the boxes just answered, by label, for clicks that come without them."""

@@ -2,9 +2,10 @@
 a gain over the project's serving version that holds up on the same held-out objects, and a
 mean above box-only SAM-HQ's there.
 
-"Holds up" is a paired bootstrap over per-object IoU: the objects are resampled with
-replacement (the same draw for both models), and the gain's interval at PROMOTE_CONFIDENCE is
-read from the resampled mean gains. The version serves only when the interval's low end is above
+"Holds up" is a paired bootstrap over per-object IoU: the held-out tasks are resampled with
+replacement, each with all of its objects (the objects of one image are not independent
+evidence), the same draw for both models, and the gain's interval at PROMOTE_CONFIDENCE is read
+from the resampled mean gains. The version serves only when the interval's low end is above
 PROMOTE_MIN_GAIN. A gain carried by one or two lucky objects leaves a low end below zero and is
 refused, with the interval. (A project's first fine-tune is judged against the base, whose
 untrained text branch is box-only SAM-HQ exactly; the box-only comparison keeps a later
@@ -42,18 +43,26 @@ class Gain:
                 f"({self.confidence:.0%} interval, {self.objects} objects)")
 
 
-def paired_gain(new: Sequence[float], old: Sequence[float], confidence: float) -> Gain:
-    """The mean of ``new - old`` over paired objects and its percentile bootstrap interval."""
-    if len(new) != len(old) or not new:
+def paired_gain(new: Sequence[float], old: Sequence[float], confidence: float,
+                groups: Sequence[object] | None = None) -> Gain:
+    """The mean of ``new - old`` over paired objects and its percentile bootstrap interval.
+
+    Args:
+        groups: each object's task: objects of one task are drawn together (a cluster
+            bootstrap), since the objects of one image are not independent evidence. None:
+            each object on its own.
+    """
+    if len(new) != len(old) or not new or (groups is not None and len(groups) != len(new)):
         raise ValueError(f"paired scores of the same objects are needed, got {len(new)} and "
                          f"{len(old)}")
     diffs = np.asarray(new, dtype=np.float64) - np.asarray(old, dtype=np.float64)
-    if diffs.ndim != 1:
-        raise ValueError(f"paired scores of the same objects are needed, got {len(new)} and "
-                         f"{len(old)}")
+    labels = np.unique(np.asarray([str(g) for g in groups]) if groups is not None
+                       else np.arange(len(diffs)).astype(str), return_inverse=True)[1]
+    sums = np.bincount(labels, weights=diffs)  # per task: the sum of its objects' gains
+    counts = np.bincount(labels).astype(np.float64)
     draws = np.random.default_rng(BOOTSTRAP_SEED).integers(
-        0, len(diffs), size=(BOOTSTRAP_RESAMPLES, len(diffs)))
-    means = diffs[draws].mean(axis=1)
+        0, len(sums), size=(BOOTSTRAP_RESAMPLES, len(sums)))
+    means = sums[draws].sum(axis=1) / counts[draws].sum(axis=1)
     tail = (1.0 - confidence) / 2
     low, high = np.quantile(means, [tail, 1.0 - tail])
     return Gain(float(diffs.mean()), float(low), float(high), len(diffs), confidence)

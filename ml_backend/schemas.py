@@ -14,6 +14,7 @@ import hashlib
 from dataclasses import asdict, dataclass, field
 from dataclasses import fields as dataclass_fields
 from typing import Any
+from urllib.parse import urlsplit
 
 PREDICT_JOB = "ml_backend.worker.predict_job"
 WARM_JOB = "ml_backend.worker.warm_job"
@@ -98,6 +99,11 @@ class RedisKeys:
         """Hash: project scope -> JSON outcome of its last training job (done or failed, why)."""
         return f"{self.prefix}train:outcomes"
 
+    def training_refusal(self, ref: str) -> str:
+        """HTTP status of a START_TRAINING refusal sent to Label Studio by redirect, for a few
+        minutes (``app.REFUSED_PATH``)."""
+        return f"{self.prefix}train:refusal:{ref}"
+
     @property
     def trainers(self) -> str:
         """Set of trainer names that have announced themselves (dead ones are pruned lazily)."""
@@ -135,9 +141,27 @@ class RedisKeys:
 
     @property
     def project_serving(self) -> str:
-        """Hash: project scope (``projects.project_scope``) -> JSON ``{"name", "checkpoint"}``
+        """Hash: project scope (``schemas.project_scope``) -> JSON ``{"name", "checkpoint"}``
         of the version fine-tuned for that project and serving it."""
         return f"{self.prefix}serving:projects"
+
+
+NO_ORIGIN = "-"  # a scope's origin while no Label Studio URL is known
+
+
+def project_scope(ls_url: str | None, project: int | None) -> str | None:
+    """A project's name across Label Studio instances, ``<origin>#<id>``, e.g.
+    ``http://127.0.0.1:8080#3``: the origin is the scheme, host and port of its Label Studio URL,
+    lower-cased (``-`` when unknown); None for no project. Versions, lineage and training
+    outcomes are kept under it."""
+    if project is None:
+        return None
+    origin = NO_ORIGIN
+    if ls_url:
+        parts = urlsplit(ls_url.strip())
+        if parts.scheme and parts.netloc:
+            origin = f"{parts.scheme}://{parts.netloc}".lower()
+    return f"{origin}#{project}"
 
 
 def image_key(image_url: str, ls_url: str | None) -> str:
@@ -176,7 +200,7 @@ class PredictJobSpec:
         find_word: text alone: segment every instance of this word (no boxes; ``words`` and
             ``clicks`` unused), or None.
         find_threshold, find_max_regions: ``talk2sam.find``'s threshold and region cap.
-        scope: the project's scope (``projects.project_scope``: Label Studio origin and
+        scope: the project's scope (``schemas.project_scope``: Label Studio origin and
             project id), whose own fine-tuned version answers; None: the base version.
     """
 

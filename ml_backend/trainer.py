@@ -61,7 +61,7 @@ from ml_backend.images import ImageFetcher, decode_rgb
 from ml_backend.ls_export import LabelStudioExportDataset
 from ml_backend.ls_protocol import word_for_label
 from ml_backend.promotion import heldout_shortfall, paired_gain, promotion_refusal
-from ml_backend.schemas import RedisKeys
+from ml_backend.schemas import RedisKeys, project_scope
 from ml_backend.serving_model import load_version, serving_record
 from ml_backend.settings import Settings
 from ml_backend.tokens import collect
@@ -127,6 +127,9 @@ class TrainingRun:
         """Train, evaluate, save and promote or reject. Returns a summary; raises on failure
         after recording it (the serving version is never changed by a failing job)."""
         started = time.time()
+        if req.scope is None and req.project is not None:  # a request of an older web process
+            req = replace(req, scope=project_scope(req.ls_url or self.settings.label_studio_url,
+                                                   req.project))
         self.progress(state="preparing", project=req.project, scope=req.scope,
                       reason=req.reason, started_at=started, version=None)
         AnnotationStore(self.redis, self.keys).reset_new(req.project)
@@ -189,8 +192,14 @@ class TrainingRun:
                 "no serving version is registered yet: inference workers register the model "
                 "they serve when they start; start them (talk2sam-stack does) before training")
         own = self.registry.project_version(scope)
-        if own is not None and (record := self.registry.get(own.name)) is not None:
+        record = self.registry.get(own.name) if own is not None else None
+        root = self.registry.base_of(serving)
+        if record is not None and self.registry.descends_from(record, root.checkpoint,
+                                                              root.config):
             serving = record  # the project's lineage goes on from its own version
+        elif record is not None:
+            log.warning("project %s: its version %s was fine-tuned from another base than %s; "
+                        "training starts from the base", scope, record.name, serving.name)
         return load_version(self.settings, serving, trainable_model).model, serving
 
     def _new_name(self, project: int | None) -> str:
@@ -259,6 +268,7 @@ class TrainingRun:
                 continue
             item["word"] = word_for_label(region.word, {**self.settings.label_prompts,
                                                         **req.label_prompts})
+            item["task_id"] = region.task_id  # the gate draws a task's objects together
             items.append(item)
             used_tasks.add(region.task_id)
         return items, skipped, len(used_tasks)
@@ -317,8 +327,9 @@ class TrainingRun:
         self.progress(state="evaluating", stage="new")
         new = _scores(evaluate(model, held_ex, box_margin_px=margin))
         new_ious, old_ious, baseline_ious = (m.pop("ious") for m in (new, old, baseline))
-        over_serving = paired_gain(new_ious, old_ious, s.promote_confidence)
-        over_baseline = paired_gain(new_ious, baseline_ious, s.promote_confidence)
+        tasks = [item["task_id"] for item in held_items]
+        over_serving = paired_gain(new_ious, old_ious, s.promote_confidence, tasks)
+        over_baseline = paired_gain(new_ious, baseline_ious, s.promote_confidence, tasks)
         metrics = {"old": old, "new": new, "baseline": baseline,
                    "gain_miou": new["miou"] - old["miou"],
                    "gain_over_baseline_miou": new["miou"] - baseline["miou"],

@@ -29,11 +29,11 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
-from ml_backend.errors import NoTrainerError, TrainingBusyError, TrainingError
+from ml_backend.errors import NoTrainerError, TrainingBusyError
 from ml_backend.heartbeat import Heartbeat
 from ml_backend.schemas import TRAIN_JOB, RedisKeys, known_fields
 from ml_backend.settings import Settings
-from ml_backend.versions import VersionRegistry, read_serving
+from ml_backend.versions import VersionRegistry, read_project_pointers, read_serving
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class TrainRequest:
         label_prompts: label -> prompt map of the project (LABEL_PROMPTS and its extra_params).
         image_key: the ``task["data"]`` key of the image in the project's label config, or None
             (``image``, or the only key).
-        scope: the project's scope (``projects.project_scope``): whose versions the job
+        scope: the project's scope (``schemas.project_scope``): whose versions the job
             starts from and promotes into; None: the base (``versions.py train`` without a
             project).
         recorded_fallback: whether the trainer may train on the annotations recorded from
@@ -140,8 +140,8 @@ class TrainingQueue:
                     state = self.job_state(held) if held else None
                     if state is not None:
                         pipe.unwatch()
-                        if held.get("scope") not in (None, req.scope):
-                            raise TrainingBusyError(self._busy(held, state))
+                        if held.get("scope") != req.scope:
+                            raise TrainingBusyError(self._busy(held, state, req.scope))
                         return {"status": f"already {state}", "job_id": held["job_id"]}
                     job_id = uuid.uuid4().hex
                     pipe.multi()
@@ -153,7 +153,8 @@ class TrainingQueue:
                     continue
             break
         else:
-            raise TrainingError("could not take the training lock (contention)")
+            raise TrainingBusyError("could not take the training lock (many requests at "
+                                    "once): press Start training again")
         if held:
             self._abandon(held["job_id"])
         try:
@@ -175,11 +176,13 @@ class TrainingQueue:
                  req.project, req.reason, ", ".join(trainers))
         return {"status": "queued", "job_id": job_id}
 
-    def _busy(self, held: dict[str, Any], state: str) -> str:
+    def _busy(self, held: dict[str, Any], state: str, asking: str | None) -> str:
         """Why a request waits for another project's job, with that job's ETA when known."""
         progress = self._progress()
         eta = progress.get("eta_s") if progress.get("job_id") == held["job_id"] else None
-        return (f"the training of project {held['scope']} is {state}"
+        log.info("training of %s refused while the job %s of %s is %s", asking,
+                 held["job_id"], held.get("scope"), state)
+        return (f"another project's training job is {state}"
                 + (f" (about {eta:.0f} s left)" if isinstance(eta, (int, float)) else "")
                 + "; one job runs at a time: press Start training again when it has finished")
 
@@ -252,8 +255,7 @@ class TrainingQueue:
                 "trainers": live_trainers(self.redis, self.keys),
                 "progress": progress, "lock": lock,
                 "queued": len(self.queue.get_jobs()),  # skips (and drops) expired ids
-                "projects": VersionRegistry(self.redis, self.keys,
-                                            self.settings.versions_path).projects(),
+                "projects": read_project_pointers(self.redis, self.keys),
                 "outcomes": dict(sorted(outcomes.items()))}
 
 

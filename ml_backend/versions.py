@@ -9,7 +9,7 @@ checkpoints are written next to it under ``checkpoints/`` and never overwritten.
 Versions are per project. The ``serving`` key names the *base* version: the model the workers
 were started with (or one an operator promoted over it), which serves every project without a
 version of its own. A fine-tune belongs to the project whose corrections made it (its
-``scope``, ``projects.project_scope``: Label Studio origin and project id); once promoted it
+``scope``, ``schemas.project_scope``: Label Studio origin and project id); once promoted it
 serves that project only, named in the hash ``RedisKeys.project_serving``, and the next
 fine-tune of that project starts from it (its lineage). Rolling a project back removes or
 changes its own entry and nothing else.
@@ -121,6 +121,12 @@ def read_project_serving(redis: Redis, keys: RedisKeys, scope: str | None
     return ServingVersion(name=data["name"], checkpoint=data.get("checkpoint"))
 
 
+def read_project_pointers(redis: Redis, keys: RedisKeys) -> dict[str, str]:
+    """Scope -> name of the version serving it, for every project with its own (one HGETALL)."""
+    raw = redis.hgetall(keys.project_serving)
+    return {k.decode(): json.loads(v)["name"] for k, v in sorted(raw.items())}
+
+
 def _pointer(record: VersionRecord) -> str:
     return json.dumps({"name": record.name, "checkpoint": record.checkpoint})
 
@@ -190,8 +196,7 @@ class VersionRegistry:
     def projects(self) -> dict[str, str]:
         """Scope -> name of the version serving it, for every project with its own."""
         self._restore_if_lost()
-        raw = self.redis.hgetall(self.keys.project_serving)
-        return {k.decode(): json.loads(v)["name"] for k, v in sorted(raw.items())}
+        return read_project_pointers(self.redis, self.keys)
 
     # ------------------------------------------------------------ changing
 
@@ -349,10 +354,24 @@ class VersionRegistry:
             return failed
 
     def _set_serving(self, record: VersionRecord, previous: VersionRecord | None) -> None:
+        """Serve ``record`` as the base. A project whose version was fine-tuned from another
+        base cannot run on this one: it is served by the base again (its version is kept,
+        retired, for a rollback), so that what /setup reports is what answers."""
+        root = self.base_of(record)
+        stale = [own for own in (self.get(n) for n in read_project_pointers(
+            self.redis, self.keys).values()) if own is not None
+            and not self.descends_from(own, root.checkpoint, root.config)]
         pipe = self.redis.pipeline(transaction=True)
         if previous is not None and previous.name != record.name:
             pipe.hset(self.keys.versions, previous.name,
                       json.dumps(replace(previous, status="retired").to_dict()))
+        for own in stale:
+            log.warning("project %s: its version %s was fine-tuned from another base than %s; "
+                        "the base serves it now", own.scope, own.name, record.name)
+            pipe.hset(self.keys.versions, own.name, json.dumps(replace(
+                own, status="retired", reason=f"its base no longer serves ({record.name} "
+                                               f"does)").to_dict()))
+            pipe.hdel(self.keys.project_serving, own.scope)
         pipe.hset(self.keys.versions, record.name, json.dumps(record.to_dict()))
         pipe.set(self.keys.serving, _pointer(record))
         pipe.execute()
@@ -374,8 +393,7 @@ class VersionRegistry:
         records = sorted((json.loads(v) for v in raw.values()),
                          key=lambda r: (r["created"], r["name"]))
         current = read_serving(self.redis, self.keys)
-        projects = {k.decode(): json.loads(v)["name"]
-                    for k, v in sorted(self.redis.hgetall(self.keys.project_serving).items())}
+        projects = read_project_pointers(self.redis, self.keys)
         try:  # Redis holds the change already; the mirror is its backup
             atomic_write_text(self.file, json.dumps(
                 {"key_prefix": self.keys.prefix, "serving": current.name if current else None,

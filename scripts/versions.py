@@ -28,8 +28,8 @@ from typing import Any
 
 from redis import Redis
 
-from ml_backend.projects import ProjectStore, project_scope
-from ml_backend.schemas import RedisKeys
+from ml_backend.projects import ProjectStore
+from ml_backend.schemas import RedisKeys, project_scope
 from ml_backend.settings import settings_for_command
 from ml_backend.training_queue import TrainingQueue, TrainRequest
 from ml_backend.versions import VersionError, VersionRegistry, utc_now
@@ -65,10 +65,16 @@ def project_scope_of(registry: VersionRegistry, project: str) -> str:
     return matching[0]
 
 
-def _setup_hostname(redis: Redis, settings: Any, project: int) -> str | None:
-    """The Label Studio URL /setup sent for ``project`` (its scope's origin), if it was set up."""
+def training_scope(redis: Redis, settings: Any, project: int | None) -> str | None:
+    """The scope a web process gave ``project`` at /setup (its versions' lineage); for a project
+    never set up, the one these settings give it."""
+    if project is None:
+        return None
     recorded = ProjectStore(redis, RedisKeys(settings.key_prefix)).recorded(project)
-    return recorded.hostname if recorded else None
+    if recorded is not None and recorded.scope:
+        return recorded.scope
+    return project_scope(settings.label_studio_url or (recorded.hostname if recorded else None),
+                         project)
 
 
 def cmd_list(registry: VersionRegistry, scope: str | None) -> int:
@@ -144,12 +150,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     redis = Redis.from_url(settings.redis_url)
     registry = VersionRegistry(redis, RedisKeys(settings.key_prefix), settings.versions_path)
     queue = TrainingQueue(settings, redis)
-    try:
-        scope = project_scope_of(registry, args.project) \
-            if args.command in ("list", "rollback") and args.project else None
-    except VersionError as exc:
-        print(f"{args.command}: {exc}", file=sys.stderr)
-        return 1
+    scope = None
+    if args.command in ("list", "rollback") and args.project:
+        try:
+            scope = project_scope_of(registry, args.project)
+        except VersionError as exc:
+            print(f"{args.command}: {exc}", file=sys.stderr)
+            return 1
     if args.command == "list":
         if args.json:
             print(json.dumps([r.to_dict() for r in registry.list()
@@ -165,9 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # whoever reaches Redis is an operator: the recorded webhooks may stand in for the export
         print(json.dumps(queue.request(TrainRequest(
             project=args.project, reason="cli", requested_at=utc_now(),
-            scope=None if args.project is None else project_scope(
-                settings.label_studio_url or _setup_hostname(redis, settings, args.project),
-                args.project),
+            scope=training_scope(redis, settings, args.project),
             recorded_fallback=True))))
         return 0
     try:

@@ -397,7 +397,7 @@ def head_table(pair: Pair, image: np.ndarray, prompts: int = 10, gpu_gib: float 
     pred = pair.talk2sam
     base = pred.head()
     generator = torch.Generator().manual_seed(0)
-    other = Head("project-b", {k: v + 0.01 * torch.randn(v.shape, generator=generator)
+    other = Head("project-b", {k: v + 0.01 * torch.randn(v.shape, generator=generator).to(v)
                                if v.is_floating_point() else v.clone()
                                for k, v in base.state.items()}, True)
     pred.set_image(image)

@@ -18,10 +18,12 @@ from talk2sam.configs import ModelConfig
 from talk2sam.errors import ConfigError, WeightsMismatchError
 from talk2sam.model import Talk2Sam
 
+SWITCHING = "<switching heads>"  # a model's version while a head is being copied in
+
 
 @dataclass(frozen=True)
 class Head:
-    """One version's trained parts, on the CPU, keyed by their path in the model."""
+    """One version's trained parts, keyed by their path in the model."""
 
     version: str
     state: dict[str, torch.Tensor]
@@ -31,6 +33,11 @@ class Head:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.state.values())
 
+    def to(self, device: torch.device | str) -> Head:
+        """This head on ``device`` (a worker keeps its heads where its model is)."""
+        return Head(self.version, {k: v.to(device) for k, v in self.state.items()},
+                    self.text_trained)
+
 
 def head_keys(model: Talk2Sam) -> set[str]:
     """State keys of the parts a head replaces (CLIP stays frozen: it is shared too)."""
@@ -39,10 +46,10 @@ def head_keys(model: Talk2Sam) -> set[str]:
 
 
 def current_head(model: Talk2Sam) -> Head:
-    """A copy of the head the model holds now (the base's, before any other is used)."""
+    """A copy of the head the model holds now (the base's, before any other is used), on the
+    model's device."""
     keys = head_keys(model)
-    state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()
-             if k in keys}
+    state = {k: v.detach().clone() for k, v in model.state_dict().items() if k in keys}
     return Head(model.version, state, bool(getattr(model, "text_trained", False)))
 
 

@@ -16,7 +16,7 @@ from talk2sam import geometry, prompts, sam_hq
 from talk2sam.bounded_cache import BoundedCache
 from talk2sam.errors import ImageNotSetError, InvalidPromptError, UnusableImageError
 from talk2sam.find import DEFAULT_MAX_REGIONS, DEFAULT_THRESHOLD, candidate_boxes, distinct
-from talk2sam.heads import Head, current_head
+from talk2sam.heads import SWITCHING, Head, current_head
 from talk2sam.model import DecoderOutput, ImageFeatures, Talk2Sam
 from talk2sam.prediction import Prediction
 
@@ -160,10 +160,11 @@ class Talk2SamPredictor:
     def use_head(self, head: Head) -> None:
         """Answer with ``head``'s trained parts from now on, on the same encoders and cached
         image features (a copy into the model's own tensors: no allocation)."""
+        self.model.version = SWITCHING  # a copy cut short is never taken for either head
+        self._hq = None  # made by the decoder being replaced
         own = self.model.state_dict()
         for key, value in head.state.items():
             own[key].copy_(value)
-        self._hq = None  # made by the decoder being replaced
         self.model.version = head.version
         self.model.text_trained = head.text_trained
 

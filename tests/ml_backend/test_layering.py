@@ -60,8 +60,8 @@ ALLOWED = {
     "app": {"errors", "ls_protocol", "metrics", "model", "queue_client", "settings"},
     # the benchmark's processes and tables run the whole service from above
     "bench_stack": {"processes", "schemas", "stack"},
-    "bench_service": {"bench_stack", "processes", "queue_client", "settings", "worker",
-                      "worker_model"},
+    "bench_service": {"bench_stack", "processes", "queue_client", "schemas", "settings",
+                      "versions", "worker", "worker_model"},
 }
 # Modules the request-handling process must never load: the web side is torch-free and leaves
 # decoding masks, pairing them with boxes and training to the trainer process.

@@ -37,6 +37,20 @@ def test_the_new_version_must_also_beat_box_only_sam_hq_and_the_min_gain():
     assert tie.low == tie.high == 0.0 and promotion_refusal(tie, over_serving, 0.0)
 
 
+def test_objects_of_one_task_are_drawn_together():
+    """Five objects on one lucky image and one elsewhere: as objects they look like a steady
+    gain, as the two tasks they are, the gain does not hold up."""
+    old = [0.4] * 6
+    new = [0.6, 0.6, 0.6, 0.6, 0.6, 0.35]
+    tasks = [1, 1, 1, 1, 1, 2]
+    assert paired_gain(new, old, 0.9).low > 0.0
+    by_task = paired_gain(new, old, 0.9, tasks)
+    assert by_task.mean == pytest.approx(paired_gain(new, old, 0.9).mean)
+    assert by_task.low < 0.0 < by_task.high and by_task.objects == 6
+    one_each = paired_gain(new, old, 0.9, range(6))  # a task per object: the plain bootstrap
+    assert one_each == paired_gain(new, old, 0.9)
+
+
 def test_the_verdict_is_the_same_every_time_and_pairs_must_match():
     new, old = [0.5, 0.1, 0.7, 0.2], [0.4, 0.2, 0.5, 0.1]
     assert paired_gain(new, old, 0.9) == paired_gain(new, old, 0.9)
@@ -44,3 +58,5 @@ def test_the_verdict_is_the_same_every_time_and_pairs_must_match():
         paired_gain([0.5, 0.4], [0.3], 0.9)
     with pytest.raises(ValueError):
         paired_gain([], [], 0.9)
+    with pytest.raises(ValueError):
+        paired_gain([0.5, 0.4], [0.3, 0.2], 0.9, groups=[1])

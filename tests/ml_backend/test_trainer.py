@@ -19,11 +19,11 @@ from ml_backend.annotations import AnnotationStore
 from ml_backend.errors import TrainingError
 from ml_backend.ls_format import brush_mask, mask_to_polygons, points_px_to_pct
 from ml_backend.queue_client import QueueClient
-from ml_backend.schemas import PredictJobSpec, RedisKeys
+from ml_backend.schemas import PredictJobSpec, RedisKeys, project_scope
 from ml_backend.settings import Settings
 from ml_backend.trainer import TrainingRun
 from ml_backend.training_queue import TrainingQueue, TrainRequest
-from ml_backend.versions import VersionRecord, VersionRegistry, read_serving, utc_now
+from ml_backend.versions import VersionRecord, VersionRegistry, read_project_serving, utc_now
 from talk2sam.weights import DEMO_CHECKPOINT
 from tests.ml_backend.conftest import (
     DEMO,
@@ -131,8 +131,11 @@ def test_a_projects_fine_tune_serves_that_project_only(
         done = progress(clean_redis)
         assert done["state"] == "done" and done["result"] == "promoted", trainer.log()
         assert done["metrics"]["source"] == "label-studio" and reset_project.export_calls >= 1
-        gain = done["metrics"]["gain"]
-        assert gain["low"] > -1 and gain["objects"] == done["metrics"]["heldout_objects"]
+        gain, scores = done["metrics"]["gain"], done["metrics"]
+        assert gain["objects"] == scores["heldout_objects"] and gain["low"] <= gain["high"]
+        assert gain["mean"] == pytest.approx(scores["new"]["miou"] - scores["old"]["miou"],
+                                             abs=1e-4)
+        assert str(gain["objects"]) + " objects" in scores["gain_interval"]
         registry = VersionRegistry(clean_redis, keys, tmp_path / "versions")
         assert registry.serving().name == DEMO  # the base serves every other project
         own = registry.get(registry.project_version(SCOPE_A).name)
@@ -337,10 +340,11 @@ def test_sigkill_mid_epoch_keeps_the_serving_checkpoint_and_the_next_run_succeed
     env = trainer_env(fake_ls, reset_project, versions)
     serve_demo(clean_redis, versions)
     first = TrainingRun(Settings.from_env(env), clean_redis, "job-first").run(
-        TrainRequest(project=PROJECT))
+        TrainRequest(project=PROJECT))  # no scope, as an older web process asks: derived
+    scope = project_scope(reset_project.url, PROJECT)
     registry = VersionRegistry(clean_redis, keys, versions)
-    serving = registry.serving()
-    assert serving.name == first["version"]
+    serving = registry.serving_for(scope)
+    assert serving.name == first["version"] and serving.scope == scope
     digest = sha256(serving.checkpoint)
 
     slow = Trainer({**env, "TRAIN_EPOCHS": "500", "TRAIN_BATCH_SIZE": "1"},
@@ -357,9 +361,9 @@ def test_sigkill_mid_epoch_keeps_the_serving_checkpoint_and_the_next_run_succeed
     finally:
         slow.stop()
     assert progress(clean_redis)["epoch"] < 500
-    assert registry.serving().name == serving.name
+    assert registry.serving_for(scope).name == serving.name
     assert sha256(serving.checkpoint) == digest
-    assert read_serving(clean_redis, keys).checkpoint == serving.checkpoint
+    assert read_project_serving(clean_redis, keys, scope).checkpoint == serving.checkpoint
     json.loads((versions / "versions.json").read_text())  # whole, not half-written
 
     # The lock names the killed job; once its trainer's heartbeat expires, it is taken over.
@@ -380,7 +384,7 @@ def test_sigkill_mid_epoch_keeps_the_serving_checkpoint_and_the_next_run_succeed
     statuses = {r.job_id: r for r in registry.list() if r.job_id}
     assert statuses[killed_job].status == "failed" and "trainer stopped" in \
         statuses[killed_job].reason
-    assert registry.serving().parent == serving.name
+    assert registry.serving_for(scope).parent == serving.name  # the project's lineage
     assert sha256(serving.checkpoint) == digest  # the retired checkpoint is kept as it was
 
 

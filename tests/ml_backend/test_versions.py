@@ -84,6 +84,21 @@ def test_a_projects_fine_tunes_serve_it_alone_and_roll_back_without_touching_oth
     assert registry.project_version(A).name == "a1" and registry.serving().name == "base"
 
 
+def test_a_new_base_takes_back_the_projects_fine_tuned_from_another(registry):
+    """Workers started with other model settings register another base: a project's version
+    of the old base cannot run on it, so the project is served by the new base (and /setup
+    says so), its version kept for a rollback to the old settings."""
+    registry.ensure_base("demo", None, "tiny-768")
+    finetuned(registry, "a1", parent="demo", scope=A)
+    registry.promote("a1")
+    registry.ensure_base("demo", None, "tiny-768")  # the same settings again: nothing changes
+    assert registry.projects() == {A: "a1"}
+    registry.ensure_base("real", None, "vit_b")
+    assert registry.projects() == {} and registry.serving_for(A).name == "real"
+    stale = registry.get("a1")
+    assert stale.status == "retired" and "real" in stale.reason
+
+
 def test_cli_rolls_one_project_back_by_id_or_scope(registry, tmp_path):
     registry.ensure_base("base", None)
     finetuned(registry, "a1", parent="base", scope=A)

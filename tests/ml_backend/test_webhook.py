@@ -311,7 +311,8 @@ def test_another_projects_request_is_refused_while_a_job_runs_and_the_same_joins
     other = {**TRAIN, "project": {**TRAIN["project"], "id": 20}}
     error = post(client, other, status=409)["error"]
     assert error["type"] == "TrainingBusyError"
-    assert "the training of project " in error["message"] and "#19 is queued" in error["message"]
+    assert "another project's training job is queued" in error["message"]
+    assert "#19" not in error["message"]  # no other project's Label Studio named
     assert post(client, TRAIN)["training"] == {"status": "already queued",
                                                "job_id": first["job_id"]}
     [job] = Queue(KEYS.train_queue, connection=clean_redis,
@@ -357,6 +358,9 @@ def test_label_studio_is_sent_the_reason_in_the_one_line_it_keeps(fake_ls, clean
         assert line.startswith("422 Client Error: Unprocessable Entity for url: ")
         assert "project-19-has-1-annotated-task;-training-needs-6" in line, line
         assert "PROMOTE_MIN_HELDOUT_TASKS" in line
+        forged = requests.get(f"{url}/start-training-refused/0123456789abcdef/anything",
+                              timeout=5)
+        assert forged.status_code == 404  # only refusals the backend made answer there
         plain = requests.post(f"{url}/webhook", json=CAPTURED_TRAIN, auth=auth, timeout=5)
         assert plain.status_code == 422 and not plain.history  # other clients: the JSON error
         assert "training needs 6" in plain.json()["error"]["message"]

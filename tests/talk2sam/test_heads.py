@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from talk2sam.bounded_cache import BoundedCache
 from talk2sam.build import build_model, save_checkpoint, set_trainable
 from talk2sam.errors import ConfigError, WeightsMismatchError
-from talk2sam.heads import head_keys, read_head
+from talk2sam.heads import Head, head_keys, read_head
 from talk2sam.predictor import Talk2SamPredictor
 
 BOXES = np.array([[40.0, 30.0, 200.0, 90.0], [10.0, 100.0, 120.0, 260.0]])
@@ -36,7 +37,8 @@ def test_a_swapped_head_answers_as_its_own_model_and_the_base_comes_back_bit_for
     path = save_checkpoint(tuned, tmp_path / "p7.pt", version="p7-ft")
     reference = answer(Talk2SamPredictor(tuned.eval()), rgb_300x400)
 
-    predictor = Talk2SamPredictor(build_model("tiny"))
+    # a worker's predictor: the image's features stay cached across switches
+    predictor = Talk2SamPredictor(build_model("tiny"), cache=BoundedCache(4, 2**30))
     before = answer(predictor, rgb_300x400)
     base = predictor.head()
     head = read_head(path, predictor.model)
@@ -46,6 +48,7 @@ def test_a_swapped_head_answers_as_its_own_model_and_the_base_comes_back_bit_for
     predictor.use_head(head)  # the cached image features are kept
     assert predictor.model_version == "p7-ft"
     swapped = answer(predictor, rgb_300x400)
+    assert predictor.set_image(rgb_300x400, key="image")  # served from the cache
     for ours, theirs in zip(swapped, reference):
         np.testing.assert_allclose(ours, theirs, atol=1e-5)
     assert not np.array_equal(swapped[1], before[1])
@@ -55,6 +58,29 @@ def test_a_swapped_head_answers_as_its_own_model_and_the_base_comes_back_bit_for
     assert predictor.model_version == base.version
     for ours, theirs in zip(after, before):
         assert np.array_equal(ours, theirs)
+
+
+def test_a_head_copied_in_part_is_never_taken_for_either_version(rgb_300x400, monkeypatch):
+    predictor = Talk2SamPredictor(build_model("tiny"))
+    base = predictor.head()
+    other = Head("other", {k: v + 1.0 for k, v in base.state.items()}, True)
+    calls = {"n": 0}
+    copy = torch.Tensor.copy_
+
+    def failing_copy(tensor, source, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("interrupted")
+        return copy(tensor, source, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "copy_", failing_copy)
+    with pytest.raises(RuntimeError):
+        predictor.use_head(other)
+    monkeypatch.undo()
+    assert predictor.model_version not in (base.version, other.version)
+    predictor.use_head(base)  # what a worker does next: the names differ, so it copies again
+    assert predictor.model_version == base.version
+    assert all(torch.equal(v, predictor.model.state_dict()[k]) for k, v in base.state.items())
 
 
 def test_a_checkpoint_of_another_base_or_config_is_refused(tmp_path):
