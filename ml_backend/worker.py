@@ -15,14 +15,15 @@ same image skips the download, the decoding and both image encoders. A heartbeat
 hits/misses, latency histogram) are kept in a Redis hash per worker for /metrics.
 
 Model versions: a worker starting while no version serves registers the model it was started
-with as the serving one (the pointer starts as what the workers serve, never as what a trainer
-would build). Before each job, and every ``VERSION_CHECK_S`` while idle, it reads the serving
-pointer (``ml_backend.versions``, restored from ``versions.json`` when Redis lost it); when a
-fine-tuning job or a rollback made another version serve, it loads that version's checkpoint and
-reports its name as ``model_version``, with no restart. Any failure while loading (a bad file,
-CUDA out of memory beside the loaded model) is logged, counted (``reload_failures`` in
-/metrics) and the current version keeps serving; that version is not retried until the pointer
-changes again.
+with as the serving one, the base (the pointer starts as what the workers serve, never as what a
+trainer would build). Before each job, and every ``VERSION_CHECK_S`` while idle, it reads the
+base pointer (``ml_backend.versions``, restored from ``versions.json`` when Redis lost it); when
+an operator made another base serve, it loads that version and reports it in its heartbeat, with
+no restart. Any failure while loading (a bad file, CUDA out of memory beside the loaded model) is
+logged, counted (``reload_failures`` in /metrics) and the current base keeps serving; that
+version is not retried until the pointer changes again. A project's own fine-tune is not a
+reload: each job's project head is swapped in on the base (``ml_backend.project_heads``), and
+the job's result names the version that answered.
 """
 
 from __future__ import annotations
