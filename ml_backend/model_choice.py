@@ -38,14 +38,14 @@ class ModelChoice:
 
 def real_config_in(model_dir: str | os.PathLike, gpu: bool = True) -> str | None:
     """The first of :data:`REAL_CONFIGS` (:data:`CPU_REAL_CONFIGS` when ``gpu`` is False) whose
-    weight files are all present in ``model_dir``."""
+    weight files are all present in ``model_dir`` (or where MODEL_WEIGHT_FILES names them)."""
     from talk2sam.configs import CONFIGS  # plain dataclasses: no torch
+    from talk2sam.weights import locate
 
-    directory = Path(model_dir)
     for name in REAL_CONFIGS if gpu else CPU_REAL_CONFIGS:
         cfg = CONFIGS[name]
         files = (cfg.sam_weights, cfg.dino_weights, cfg.psi_weights, cfg.clip_weights)
-        if all(f and (directory / f).is_file() for f in files):
+        if all(f and locate(f, model_dir).is_file() for f in files):
             return name
     return None
 

@@ -4,6 +4,7 @@ files, freezing by the paper's regime, and the small checkpoint of Talk2SAM's ow
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 import pickle
 import struct
@@ -25,11 +26,16 @@ from talk2sam.sam_hq import build_sam_hq
 from talk2sam.text import TextEncoder, build_clip
 from talk2sam.vision import DinoEncoder, build_dino
 
+log = logging.getLogger(__name__)
+
 CHECKPOINT_FORMAT = "talk2sam-trained-parts/1"
 # entries of CLIP files that are not weights: OpenAI's metadata, and a TorchScript export's
 # non-persistent causal-mask buffer
 _CLIP_NON_WEIGHT_KEYS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
 TINY_SEED = 0
+# Light HQ-SAM's TinyViT keeps its ImageNet classifier, which SAM never runs; SAM-HQ's own
+# loader (strict=False) loads a file without it, and so does ours
+TINYVIT_CLASSIFIER = ("image_encoder.norm_head.", "image_encoder.head.")
 # what torch.load raises on a file that is not a (tensors-only) checkpoint
 _READ_ERRORS = (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile,
                 pickle.UnpicklingError, struct.error)  # tiny architectures are random but identical in every process
@@ -76,9 +82,17 @@ def load_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_strict(module: nn.Module, state: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
-    """Load every key or nothing: missing, unexpected or mis-shaped keys raise."""
+def load_strict(module: nn.Module, state: dict[str, torch.Tensor], path: str | os.PathLike,
+                unused: tuple[str, ...] = ()) -> None:
+    """Load every key or nothing: missing, unexpected or mis-shaped keys raise, but for missing
+    keys under the ``unused`` prefixes (kept as built, named in a log line). Float16 copies load
+    (the values are cast to the module's dtype)."""
     own = module.state_dict()
+    absent = sorted(k for k in set(own) - set(state) if k.startswith(unused)) if unused else []
+    if absent:
+        log.info("%s lacks %s, which the model never runs (its own loader ignores them too): "
+                 "kept as built", path, ", ".join(absent))
+        state = {**state, **{k: own[k] for k in absent}}
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     bad = [f"{k} {tuple(state[k].shape)} != {tuple(own[k].shape)}" for k in own
@@ -125,14 +139,16 @@ def build_model(
         torch.manual_seed(TINY_SEED)
     sam = build_sam_hq(cfg.sam)
     if files and cfg.sam_weights:
-        _load_official(sam, cfg.sam_weights, weights_dir, load_file)
+        _load_official(sam, cfg.sam_weights, weights_dir, load_file, TINYVIT_CLASSIFIER)
     dino = text = psi = None
     if use_text:
         dino_file = _weights_path(cfg.dino_weights, weights_dir) if files else None
         try:
             vit = build_dino(cfg.dino, str(dino_file) if dino_file else None)
-        except RuntimeError as exc:  # timm's strict load_state_dict
-            raise WeightsMismatchError(str(dino_file), [], [], str(exc)[:500]) from exc
+        except _READ_ERRORS as exc:  # timm's strict load_state_dict, or a file it cannot read
+            note = weights.size_note(cfg.dino_weights, dino_file) if dino_file else None
+            raise WeightsMismatchError(str(dino_file), [], [], str(exc)[:500] + (
+                f"; {note}" if note else "")) from exc
         dino = DinoEncoder(vit, cfg.dino.image_size)
         clip = build_clip(cfg.clip)
         if files and cfg.clip_weights:
@@ -157,11 +173,18 @@ def build_model(
 
 
 def _load_official(module: nn.Module, filename: str, weights_dir: str | os.PathLike | None,
-                   read: Callable[[Path], dict[str, torch.Tensor]]) -> None:
+                   read: Callable[[Path], dict[str, torch.Tensor]],
+                   unused: tuple[str, ...] = ()) -> None:
     """Load an official weight file into ``module``, every key or nothing (``read`` turns the
-    file into that module's state dict)."""
+    file into that module's state dict); keys starting with one of ``unused`` (parts the
+    upstream model never runs) may be absent."""
     path = _weights_path(filename, weights_dir)
-    load_strict(module, read(path), path)
+    try:
+        state = read(path)
+    except WeightsError as exc:
+        note = weights.size_note(filename, path)
+        raise WeightsError(f"{exc}" + (f"; {note}" if note else "")) from exc
+    load_strict(module, state, path, unused)
 
 
 def trainable_modules(model: Talk2Sam, clip_mode: str = "frozen") -> dict[str, nn.Module]:

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from talk2sam import evaluate_command, train_command
+from talk2sam import evaluate_command, train_command, weights_command
 from talk2sam.errors import Talk2SamError
 from talk2sam.find import DEFAULT_THRESHOLD
 from talk2sam.weights import DEMO_CHECKPOINT
@@ -105,11 +105,12 @@ def cmd_download(args: argparse.Namespace) -> int:
         if name not in weights.WEIGHT_FILES:
             raise SystemExit(f"unknown weight file {name!r}; known: {sorted(weights.WEIGHT_FILES)}")
         entry = weights.WEIGHT_FILES[name]
-        try:
-            print(f"{name}: already present at {weights.resolve(name, args.weights_dir)}")
+        present = weights.locate(name, args.weights_dir)
+        if present.is_file():
+            note = weights.size_note(name, present)
+            print(f"{name}: already present at {present}"
+                  + (f" ({note}; delete it to download the official file)" if note else ""))
             continue
-        except Talk2SamError:
-            pass
         with tqdm(total=entry.size_bytes, unit="B", unit_scale=True, desc=name) as bar:
             def progress(done: int, total: int | None) -> None:
                 bar.total = total
@@ -162,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train_command.add_parser(sub)
     evaluate_command.add_parser(sub)
+    weights_command.add_parser(sub)
     return parser
 
 

@@ -1,21 +1,31 @@
 """Registry of every weight file the method uses, the weights directory, and a resumable,
-checksum-verified downloader for users with internet access."""
+checksum-verified downloader for users with internet access.
+
+A file is judged by what it holds, not by its bytes: a registered size that differs (a copy
+re-saved by another torch, a float16 copy, an older release of the same weights) is a warning
+naming both sizes; loading it strictly (every key, every shape) decides. Users point at their own
+copies with MODEL_WEIGHT_FILES (``name=path`` pairs, comma-separated), or put them in the
+weights directory under the registered names."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import urllib.request
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from talk2sam.errors import WeightsError, WeightsMissingError
 
+log = logging.getLogger(__name__)
+
 # the backend's name for it too (Label Studio's ML backends call it MODEL_DIR); the older
 # TALK2SAM_WEIGHTS_DIR is read when MODEL_DIR is unset
 WEIGHTS_DIR_ENV = "MODEL_DIR"
 OLD_WEIGHTS_DIR_ENV = "TALK2SAM_WEIGHTS_DIR"
+OWN_FILES_ENV = "MODEL_WEIGHT_FILES"  # name=path,name=path: a user's own copies, by path
 DEFAULT_WEIGHTS_DIR = Path.home() / ".cache" / "talk2sam" / "weights"
 
 # tiny Talk2SAM trained on synthetic images only (scripts/learning_check.py): lets the project run
@@ -75,23 +85,53 @@ def weights_dir(explicit: str | os.PathLike | None = None,
     return Path(named) if named else DEFAULT_WEIGHTS_DIR
 
 
+def own_files(env: Mapping[str, str] | None = None) -> dict[str, Path]:
+    """The user's own copies of registered files (MODEL_WEIGHT_FILES), by registered name.
+
+    Raises:
+        WeightsError: an entry that is not ``name=path``.
+    """
+    env = os.environ if env is None else env
+    files = {}
+    for entry in filter(None, (e.strip() for e in env.get(OWN_FILES_ENV, "").split(","))):
+        name, sep, path = entry.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise WeightsError(f"{OWN_FILES_ENV} entry {entry!r} is not name=path, e.g. "
+                               f"sam_hq_vit_b.pth=/data/weights/my_sam_hq_b.pth")
+        files[name.strip()] = Path(path.strip()).expanduser()
+    return files
+
+
+def locate(name: str, directory: str | os.PathLike | None = None) -> Path:
+    """Where the file ``name`` is looked for: the user's own copy, else the weights directory."""
+    return own_files().get(name) or weights_dir(directory) / name
+
+
 def resolve(name: str, directory: str | os.PathLike | None = None) -> Path:
-    """Path of a registered weight file, checked for presence and size.
+    """Path of a registered weight file, checked for presence; a size that differs from the
+    registered one is logged with both numbers (loading strictly decides).
 
     Raises:
         WeightsMissingError: the file is absent (message names it, its size and its source).
-        WeightsError: the file has the wrong size (truncated download).
     """
     entry = WEIGHT_FILES.get(name) or WeightFile(name, name, None, None, None, "your own files")
-    path = weights_dir(directory) / name
+    path = locate(name, directory)
     if not path.is_file():
         raise WeightsMissingError(name, str(path), entry.size_bytes, entry.source)
-    size = path.stat().st_size
-    if entry.size_bytes is not None and size != entry.size_bytes:
-        raise WeightsError(
-            f"{path} has {size:,} bytes but {name} is {entry.size_bytes:,} bytes: the file is "
-            f"truncated or not the official one; download it again from {entry.source}")
+    if (note := size_note(name, path)) is not None:
+        log.warning("%s", note)
     return path
+
+
+def size_note(name: str, path: Path) -> str | None:
+    """What to say of a file whose size differs from the registered one, or None."""
+    entry = WEIGHT_FILES.get(name)
+    size = path.stat().st_size
+    if entry is None or entry.size_bytes is None or size == entry.size_bytes:
+        return None
+    return (f"{path} has {size:,} bytes, the official {name} {entry.size_bytes:,}: a re-saved, "
+            f"float16 or older copy loads if it holds the official keys and shapes; a truncated "
+            f"one does not (then download it again from {entry.source})")
 
 
 def sha256_of(path: Path, chunk: int = 1 << 20) -> str:

@@ -92,10 +92,63 @@ def test_missing_file_names_file_size_and_source(tmp_path):
     assert "sam_hq_vit_b.pth" in message and "379,335,069" in message and "lkeab/hq-sam" in message
 
 
-def test_truncated_official_file_is_refused(tmp_path):
+def test_truncated_official_file_is_refused_naming_both_sizes(tmp_path):
     (tmp_path / "sam_hq_vit_b.pth").write_bytes(b"\0" * 1000)
-    with pytest.raises(WeightsError, match="truncated"):
-        weights.resolve("sam_hq_vit_b.pth", tmp_path)
+    with pytest.raises(WeightsError) as err:
+        build_model("vit_b", weights_dir=tmp_path)
+    message = str(err.value)
+    assert "cannot read" in message and "sam_hq_vit_b.pth" in message
+    assert "1,000 bytes, the official sam_hq_vit_b.pth 379,335,069" in message
+    assert "download it again from Hugging Face lkeab/hq-sam" in message
+
+
+def registered(monkeypatch, name: str, size: int) -> None:
+    """Give a test file a registered size, as the official files have."""
+    monkeypatch.setitem(weights.WEIGHT_FILES, name, weights.WeightFile(
+        name, "a test file", size, None, None, "the test"))
+
+
+def test_a_resaved_or_float16_copy_loads_with_a_warning_naming_both_sizes(
+        official_files, monkeypatch, caplog):
+    directory, written = official_files
+    state = written["sam"].state_dict()
+    torch.save({k: v.half() if v.is_floating_point() else v for k, v in state.items()},
+               directory / FILES["sam_weights"])  # a float16 copy: other bytes, same keys
+    registered(monkeypatch, FILES["sam_weights"], 123_456)
+    with caplog.at_level("WARNING", logger="talk2sam.weights"):
+        model = build_model(tiny_files_config(), weights_dir=directory)
+    assert "the official tiny_sam_hq.pth 123,456" in caplog.text and "float16" in caplog.text
+    for key, value in state.items():
+        expected = value.half().float() if value.is_floating_point() else value
+        assert torch.equal(model.sam.state_dict()[key], expected), key
+
+
+def test_own_copies_are_found_by_path(official_files, tmp_path_factory, monkeypatch):
+    directory, written = official_files
+    elsewhere = tmp_path_factory.mktemp("mine") / "my psi.pth"
+    (directory / FILES["psi_weights"]).rename(elsewhere)
+    with pytest.raises(WeightsMissingError, match=FILES["psi_weights"]):
+        build_model(tiny_files_config(), weights_dir=directory)
+    monkeypatch.setenv(weights.OWN_FILES_ENV, f"{FILES['psi_weights']}={elsewhere}")
+    model = build_model(tiny_files_config(), weights_dir=directory)
+    assert torch.equal(model.psi.state_dict()["linear_layer.weight"],
+                       written["psi"].state_dict()["linear_layer.weight"])
+    monkeypatch.setenv(weights.OWN_FILES_ENV, "no equals sign")
+    with pytest.raises(WeightsError, match="not name=path"):
+        build_model(tiny_files_config(), weights_dir=directory)
+
+
+def test_tinyvit_classifier_keys_may_be_absent_as_upstream_allows(caplog):
+    from talk2sam.build import TINYVIT_CLASSIFIER, load_strict
+
+    sam = build_sam_hq(get_config("vit_tiny").sam)
+    state = {k: v.clone() for k, v in sam.state_dict().items()
+             if not k.startswith(TINYVIT_CLASSIFIER)}
+    with pytest.raises(WeightsMismatchError, match="norm_head"):
+        load_strict(sam, state, "sam_hq_vit_tiny.pth")
+    with caplog.at_level("INFO", logger="talk2sam.build"):
+        load_strict(sam, state, "sam_hq_vit_tiny.pth", TINYVIT_CLASSIFIER)
+    assert "image_encoder.head.weight" in caplog.text and "never runs" in caplog.text
 
 
 def test_wrong_architecture_fails_without_loading(official_files):
@@ -248,3 +301,26 @@ def test_a_checkpoint_is_on_the_disk_before_its_name_is(tmp_path, tiny_model, mo
                                                      real_replace(a, b))[1])
     save_checkpoint(tiny_model, tmp_path / "v1.pt", version="v1")
     assert events == [("fsync", False), ("replace", None), ("fsync", True)]
+
+
+def test_weights_check_says_what_each_file_is_and_whether_the_config_runs(official_files,
+                                                                         monkeypatch, capsys):
+    from talk2sam import cli
+    from talk2sam.weights_command import check
+
+    directory, _ = official_files
+    states, verdict = check(tiny_files_config(), str(directory), load=True)
+    assert all(s.present for s in states) and verdict.startswith("runs: every file loaded")
+    registered(monkeypatch, FILES["sam_weights"], 999)
+    sam = directory / FILES["sam_weights"]
+    sam.write_bytes(sam.read_bytes()[:4000])  # truncated
+    states, verdict = check(tiny_files_config(), str(directory), load=True)
+    assert "the official file 999 (another copy: loading decides)" in states[0].how
+    assert verdict.startswith("cannot run: cannot read") and "download it again" in verdict
+    (directory / FILES["psi_weights"]).unlink()
+    states, verdict = check(tiny_files_config(), str(directory), load=True)
+    assert not states[2].present and "1 file(s) missing" in verdict
+    assert cli.main(["weights", "check", "--config", "vit_b", "--weights-dir",
+                     str(directory)]) == 1
+    out = capsys.readouterr().out
+    assert "sam_hq_vit_b.pth" in out and "MISSING" in out and "lkeab/hq-sam" in out
