@@ -184,12 +184,12 @@ def _cold(pred: Talk2SamPredictor, image: np.ndarray, box: np.ndarray, word: str
 @torch.inference_mode()
 def encoder_split(model: Talk2Sam, image: np.ndarray) -> tuple[float, float]:
     """Seconds of SAM-HQ's image encoder and of DINOv2, each alone, on one image."""
-    from talk2sam import geometry, sam_hq
+    from talk2sam import sam_hq
 
-    x = torch.from_numpy(image).to(model.device).permute(2, 0, 1)[None].float()
-    new_hw = geometry.resized_hw(image.shape[0], image.shape[1], model.long_side)
+    rgb = torch.from_numpy(image).to(model.device)
+    x = rgb.permute(2, 0, 1)[None].float()
     sam_t = timed(model.device, lambda: sam_hq.encode_image(
-        model.sam, sam_hq.preprocess(model.sam, x, new_hw)))
+        model.sam, sam_hq.preprocess(model.sam, rgb, model.long_side)))
     dino = model.dino
     if dino is None:
         return sam_t, 0.0
@@ -261,10 +261,9 @@ def _one_by_one(pred: Talk2SamPredictor, boxes: np.ndarray, word: str) -> None:
 def _encode_threaded(model: Talk2Sam, rgb: torch.Tensor) -> None:
     """Talk2SAM's image encoding with DINOv2 in a second thread (CPU experiment only).
     Inference mode is thread-local, so the thread enters it itself."""
-    from talk2sam import geometry, sam_hq
+    from talk2sam import sam_hq
 
     x = rgb.to(model.device).permute(2, 0, 1)[None].float()
-    new_hw = geometry.resized_hw(rgb.shape[0], rgb.shape[1], model.long_side)
     dino = model.dino
     out: dict[str, object] = {}
 
@@ -274,7 +273,7 @@ def _encode_threaded(model: Talk2Sam, rgb: torch.Tensor) -> None:
 
     thread = threading.Thread(target=run_dino)
     thread.start()
-    sam_hq.encode_image(model.sam, sam_hq.preprocess(model.sam, x, new_hw))
+    sam_hq.encode_image(model.sam, sam_hq.preprocess(model.sam, rgb, model.long_side))
     thread.join()
 
 

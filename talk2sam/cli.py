@@ -45,8 +45,12 @@ def cmd_segment(args: argparse.Namespace) -> int:
         print("note: no --config/--checkpoint given: using the synthetic-data DEMO model (tiny, "
               "trained on generated images only); give --config vit_b with real weights for real "
               "masks", file=sys.stderr)
+    import torch
+
     predictor = build_predictor(args.config or "tiny", args.weights_dir, checkpoint,
-                                args.device, use_text=not args.box_only)
+                                args.device, use_text=not args.box_only,
+                                encoder_dtype=None if args.encoder_dtype == "auto"
+                                else getattr(torch, args.encoder_dtype))
     if (warning := untrained_text_warning(predictor.model)) is not None:
         print(f"note: {warning}", file=sys.stderr)
     stages.update(1)
@@ -146,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--checkpoint", help="Talk2SAM checkpoint of trained parts")
     seg.add_argument("--weights-dir", help="directory of the official weight files")
     seg.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    seg.add_argument("--encoder-dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                     help="dtype of the two image encoders (auto: bfloat16 on CUDA and on CPUs "
+                          "with native bfloat16, else float32); float32 gives box-only masks "
+                          "equal to SAM-HQ's SamPredictor")
     seg.add_argument("--out", help="output prefix (default: next to the image)")
     seg.set_defaults(func=cmd_segment)
 

@@ -48,7 +48,7 @@ def gt_to_canvas(mask: np.ndarray, long_side: int) -> torch.Tensor:
     return (t * 255.0).round().to(torch.uint8)
 
 
-CACHE_FORMAT = 2  # bump when what a cached file holds changes: old files are never reused
+CACHE_FORMAT = 3  # bump when what a cached file holds changes: old files are never reused (3: SamPredictor's uint8 resize)
 
 
 def weights_fingerprint(model: Talk2Sam) -> str:

@@ -115,10 +115,9 @@ class Talk2Sam(nn.Module):
         cores, and DINOv2 in a second thread gave no clear gain (docs/PERFORMANCE.md)."""
         height, width = rgb.shape[:2]
         x = rgb.to(self.device).permute(2, 0, 1)[None].float()
-        new_hw = geometry.resized_hw(height, width, self.long_side)
 
         def encode_sam() -> tuple[torch.Tensor, torch.Tensor]:
-            canvas = sam_hq.preprocess(self.sam, x, new_hw)
+            canvas = sam_hq.preprocess(self.sam, rgb, self.long_side)
             if self.channels_last:
                 canvas = canvas.contiguous(memory_format=torch.channels_last)
             return sam_hq.encode_image(self.sam, canvas)

@@ -11,7 +11,6 @@ import warnings
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from talk2sam.configs import SamSpec
@@ -68,10 +67,15 @@ def build_sam_hq(spec: SamSpec) -> Sam:
     return sam.eval()
 
 
-def preprocess(sam: Sam, rgb255: torch.Tensor, new_hw: tuple[int, int]) -> torch.Tensor:
-    """(1, 3, H, W) float 0-255 -> (1, 3, S, S): longest side to S, normalised, zero-padded."""
-    x = F.interpolate(rgb255, size=new_hw, mode="bilinear", align_corners=False, antialias=True)
-    return sam.preprocess(x.clamp(0, 255))
+def preprocess(sam: Sam, rgb: torch.Tensor, long_side: int) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (1, 3, S, S), as SamPredictor makes it: the uint8 image's longest side
+    resized to S by SAM-HQ's own ResizeLongestSide.apply_image (PIL, on the CPU), normalised and
+    zero-padded. A resize of the float image differs by up to 1e-2 in logits (vit_b)."""
+    from segment_anything_hq.utils.transforms import ResizeLongestSide
+
+    resized = ResizeLongestSide(long_side).apply_image(rgb.cpu().numpy())
+    x = torch.as_tensor(resized, device=rgb.device).permute(2, 0, 1)[None].float()
+    return sam.preprocess(x)
 
 
 def encode_image(sam: Sam, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
