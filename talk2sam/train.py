@@ -59,6 +59,9 @@ class TrainConfig(ClickTraining):
     # synthetic runs: 5 ranks held-out masks better than 1 (Spearman 0.62-0.72 vs 0.44-0.60
     # over three seeds) with the same mIoU
     iou_loss_weight: float = 5.0
+    # the decoder output the mask loss is taken on: "sam+hq" (what is served) or "hq" (SAM-HQ's
+    # own training: the HQ token's mask)
+    loss_output: str = "sam+hq"
     # served masks are cut to their box grown by this margin (the backend's MASK_BOX_MARGIN_PX);
     # None: not cut. The IoU head learns the IoU of the mask as served.
     box_margin_px: float | None = 0.0
@@ -72,6 +75,10 @@ class TrainConfig(ClickTraining):
             raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
         if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
             raise ValueError("epochs, batch_size and lr must be positive")
+        if self.loss_output not in ("sam+hq", "hq"):
+            raise ValueError(f"loss_output must be 'sam+hq' or 'hq', got {self.loss_output!r}")
+        if self.momentum < 0 or self.iou_loss_weight < 0:
+            raise ValueError("momentum and iou_loss_weight must not be negative")
         self.validate_clicks()
 
 
@@ -182,7 +189,8 @@ class Trainer:
             points = sample_clicks(self.model, features, ex.box_xyxy, words, ex.gt,
                                    self._click_rng, cfg.click_share, cfg.click_rounds,
                                    cfg.box_margin_px, cfg.largest_click_share)
-            out = self.model.decode(features, ex.box_xyxy[None], words, points=points)
+            out = self.model.decode(features, ex.box_xyxy[None], words, points=points,
+                                    output=cfg.loss_output)
             target = ex.target[None].to(device).float() / 255.0
             bce, dice = mask_loss(out.low_res_logits, target,
                                   cfg.num_points, cfg.oversample, cfg.importance)

@@ -1,7 +1,17 @@
 """`talk2sam train`: train Talk2SAM (or the box-only SAM-HQ baseline) on a dataset on disk.
 
-The paper's regime by default (SGD lr 1e-3, batch 4, 30 epochs; BCE + Dice + the IoU head). The
-frozen encoders run once per image into a feature cache on disk (float16 by default); training
+Two recipes, each a set of defaults that any flag overrides:
+
+- ``--recipe talk2sam`` (the default): the paper's schedule (SGD lr 1e-3, batch 4, 30 epochs,
+  BCE + Dice) with what serving needs on top: momentum 0.9; the IoU head trained on the served
+  mask's true IoU (MSE x5: prediction scores that rank masks); half the examples with 1-3
+  simulated clicks (the decoder learns to follow them); the loss on the SAM + HQ logits (what is
+  served); the residual dense mode (an untrained text branch is box-only SAM-HQ exactly).
+- ``--recipe paper``: the paper's recipe as written: SGD lr 1e-3 without momentum (the paper
+  gives none), BCE + Dice only, no clicks, the loss on the HQ token's mask (SAM-HQ's training),
+  the map replacing SAM's "no mask" embedding (``dense_mode=replace``).
+
+The frozen encoders run once per image into a feature cache on disk (float16 by default); training
 streams examples from it through a DataLoader, so memory does not grow with the dataset. A
 validation split is scored after every epoch and the best model kept as `<out>/best.pt`; the run
 resumes from `<out>/train_state.pt` (also mid-epoch) when started again with the same `--out`.
@@ -40,14 +50,27 @@ def add_parser(sub: Any) -> None:
                    help="train the box-only SAM-HQ baseline (same data, same budget)")
     p.add_argument("--clip", default="frozen", choices=["frozen", "partial"])
     p.add_argument("--device", help="cuda, cpu, ... (default: CUDA when available)")
+    p.add_argument("--recipe", default="talk2sam", choices=sorted(RECIPES),
+                   help="defaults of the flags below: talk2sam (serving's) or paper (as "
+                        "written); see above")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
+    p.add_argument("--optimizer", choices=["sgd", "adamw"], help="recipe: sgd")
+    p.add_argument("--momentum", type=float, help="SGD momentum (recipe: talk2sam 0.9, paper 0)")
+    p.add_argument("--iou-loss-weight", type=float,
+                   help="weight of the IoU head's MSE (recipe: talk2sam 5, paper 0)")
+    p.add_argument("--loss-output", choices=["sam+hq", "hq"],
+                   help="decoder output the mask loss is taken on (recipe: talk2sam sam+hq, "
+                        "paper hq)")
+    p.add_argument("--dense-mode", choices=["residual", "replace"],
+                   help="how the map meets SAM-HQ (recipe: talk2sam residual, paper replace); "
+                        "a --checkpoint keeps its own")
     p.add_argument("--loss-points", type=int, default=112 * 112)
-    p.add_argument("--click-share", type=float, default=0.5,
+    p.add_argument("--click-share", type=float,
                    help="share of the examples trained with 1-3 simulated clicks (SAM's "
-                        "interactive training), so the decoder learns to follow them; 0: none")
+                        "interactive training), so the decoder learns to follow them; 0: none "
+                        "(recipe: talk2sam 0.5, paper 0)")
     p.add_argument("--out", required=True, help="run folder (state, best.pt, last.pt, results)")
     p.add_argument("--cache-dir", help="feature cache folder (default: <out>/features)")
     p.add_argument("--cache-dtype", default="float16", choices=["float16", "float32"])
@@ -62,6 +85,23 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
+
+
+# the defaults each recipe gives the flags left unset
+RECIPES: dict[str, dict[str, Any]] = {
+    "talk2sam": {"optimizer": "sgd", "momentum": 0.9, "iou_loss_weight": 5.0,
+                 "loss_output": "sam+hq", "dense_mode": "residual", "click_share": 0.5},
+    "paper": {"optimizer": "sgd", "momentum": 0.0, "iou_loss_weight": 0.0,
+              "loss_output": "hq", "dense_mode": "replace", "click_share": 0.0},
+}
+
+
+def with_recipe(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` with every unset flag of the recipe filled in."""
+    for name, value in RECIPES[args.recipe].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
 
 
 def _splits(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -96,10 +136,12 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from talk2sam.build import build_model, default_device, load_checkpoint
+    from talk2sam.configs import get_config
     from talk2sam.evaluation import evaluate
     from talk2sam.features import FeatureCache, LazyExamples
     from talk2sam.train import TrainConfig, Trainer
 
+    args = with_recipe(args)
     if not 0.0 <= args.click_share <= 1.0:
         raise SystemExit(f"error: --click-share must be in [0, 1], got {args.click_share}")
     if args.threads:
@@ -112,8 +154,16 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: need training and validation items; got {len(train_items)} "
                          f"and {len(val_items)} from {args.data}")
     use_text = not args.box_only
-    model = (load_checkpoint(args.checkpoint, args.weights_dir) if args.checkpoint
-             else build_model(args.config, args.weights_dir, use_text=use_text)).to(device)
+    if args.checkpoint:
+        model = load_checkpoint(args.checkpoint, args.weights_dir)
+        if model.cfg.dense_mode != args.dense_mode:
+            print(f"note: {args.checkpoint} was trained with dense_mode={model.cfg.dense_mode}, "
+                  f"which it keeps (--dense-mode/--recipe ask for {args.dense_mode})",
+                  file=sys.stderr)
+    else:
+        model = build_model(get_config(args.config).with_changes(dense_mode=args.dense_mode),
+                            args.weights_dir, use_text=use_text)
+    model = model.to(device)
     kind = "samhq" if args.box_only else "talk2sam"
     print(f"{kind} {model.cfg.name} on {device}: {len(train_items)} training, {len(val_items)} "
           f"validation items from {args.data} ({args.format})", file=sys.stderr)
@@ -126,8 +176,9 @@ def run(args: argparse.Namespace) -> int:
     train = LazyExamples.cached(model, train_items, cache, desc="training features")
     val = LazyExamples.cached(model, val_items, cache, desc="validation features")
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                         optimizer=args.optimizer, clip_mode=args.clip,
-                         num_points=args.loss_points, seed=args.seed,
+                         optimizer=args.optimizer, momentum=args.momentum,
+                         iou_loss_weight=args.iou_loss_weight, loss_output=args.loss_output,
+                         clip_mode=args.clip, num_points=args.loss_points, seed=args.seed,
                          save_every_steps=args.save_every, num_workers=args.workers,
                          click_share=args.click_share)
     version = f"{kind}-{model.cfg.name}-{out.name}"
@@ -147,6 +198,10 @@ def run(args: argparse.Namespace) -> int:
     summary = evaluate(best, val, dataset="val", box_margin_px=config.box_margin_px
                        ).summary()["val"]
     results = {"version": best.version, "config": model.cfg.name, "box_only": args.box_only,
+               "recipe": args.recipe, "dense_mode": model.cfg.dense_mode,
+               "train_config": {k: getattr(config, k) for k in (
+                   "optimizer", "momentum", "lr", "iou_loss_weight", "loss_output",
+                   "click_share")},
                "device": device, "train_items": len(train_items) // (args.augment + 1),
                "train_examples": len(train), "val_items": len(val_items),
                "best_epoch": trainer.best["epoch"] if trainer.best else None,

@@ -88,6 +88,38 @@ def test_train_runs_on_every_layout(layouts, fmt, tmp_path):
     assert "| model | epochs | best epoch | val mIoU |" in out
 
 
+def test_each_recipe_fills_the_flags_left_unset():
+    from talk2sam.cli import build_parser
+    from talk2sam.train_command import with_recipe
+
+    def parsed(*flags: str):
+        return with_recipe(build_parser().parse_args(["train", "--data", "d", "--out", "o",
+                                                      *flags]))
+
+    ours, paper = parsed(), parsed("--recipe", "paper")
+    assert (ours.momentum, ours.iou_loss_weight, ours.click_share, ours.loss_output,
+            ours.dense_mode) == (0.9, 5.0, 0.5, "sam+hq", "residual")
+    assert (paper.optimizer, paper.momentum, paper.iou_loss_weight, paper.click_share,
+            paper.loss_output, paper.dense_mode) == ("sgd", 0.0, 0.0, 0.0, "hq", "replace")
+    assert parsed("--recipe", "paper", "--click-share", "0.25").click_share == 0.25
+    assert parsed("--iou-loss-weight", "0").iou_loss_weight == 0.0  # switched off alone
+
+
+def test_the_papers_recipe_trains_as_written(layouts, tmp_path):
+    root, _, _ = layouts["big"]
+    finished(talk2sam("train", "--data", str(root), "--format", "big", "--recipe", "paper",
+                      "--momentum", "0.5", "--config", "tiny", "--epochs", "1",
+                      "--batch-size", "2", "--loss-points", "256", "--threads", "1",
+                      "--workers", "1", "--out", str(tmp_path / "paper")))
+    results = json.loads((tmp_path / "paper" / "results.json").read_text())
+    assert results["recipe"] == "paper" and results["dense_mode"] == "replace"
+    assert results["train_config"] == {"optimizer": "sgd", "momentum": 0.5, "lr": 1e-3,
+                                       "iou_loss_weight": 0.0, "loss_output": "hq",
+                                       "click_share": 0.0}
+    saved = torch.load(tmp_path / "paper" / "best.pt", weights_only=True)
+    assert saved["config"]["dense_mode"] == "replace"  # served as it was trained
+
+
 def test_kill_mid_epoch_resume_and_evaluate(layouts, tmp_path):
     root, train_args, eval_args = layouts["thinobject5k"]
     run = tmp_path / "run"
