@@ -169,10 +169,12 @@ class TrainingRun:
         m = summary["metrics"]
         log.info("training job %s: %s %s for project %s in %.0f s: held-out mIoU %.4f (serving "
                  "%s %.4f, box-only SAM-HQ %.4f) on %d objects from %d tasks; gain over serving "
-                 "%s%s", self.job_id[:8], summary["status"], name, req.scope or "-",
-                 time.time() - started, m["new"]["miou"], parent.name, m["old"]["miou"],
-                 m["baseline"]["miou"], m["heldout_objects"], m["heldout_tasks"],
-                 m["gain_interval"], f"; {summary['reason']}" if summary.get("reason") else "")
+                 "%s; the word changes %s of its mask pixels%s", self.job_id[:8],
+                 summary["status"], name, req.scope or "-", time.time() - started,
+                 m["new"]["miou"], parent.name, m["old"]["miou"], m["baseline"]["miou"],
+                 m["heldout_objects"], m["heldout_tasks"], m["gain_interval"],
+                 _percent(m["new"].get("word_effect")),
+                 f"; {summary['reason']}" if summary.get("reason") else "")
         return summary
 
     def _serving_model(self, scope: str | None) -> tuple[Any, VersionRecord]:
@@ -276,7 +278,7 @@ class TrainingRun:
     def _train(self, req: TrainRequest, model: Any, record: VersionRecord,
                run_dir: Any) -> dict[str, Any]:
         from talk2sam.build import default_device
-        from talk2sam.evaluation import evaluate
+        from talk2sam.evaluation import evaluate, word_effect
         from talk2sam.features import FeatureCache, prepare
         from talk2sam.train import TrainConfig, Trainer
 
@@ -312,6 +314,7 @@ class TrainingRun:
         margin = s.box_margin_px  # as served
         self.progress(state="evaluating", stage="old")
         old = _scores(evaluate(model, held_ex, box_margin_px=margin))
+        old["word_effect"] = word_effect(model, held_ex, margin)
         self.progress(state="evaluating", stage="baseline")
         baseline = _scores(evaluate(_box_only_baseline(model, s.model_dir), held_ex,
                                     box_margin_px=margin))
@@ -326,6 +329,7 @@ class TrainingRun:
         history = trainer.fit(train_ex, resume=False)
         self.progress(state="evaluating", stage="new")
         new = _scores(evaluate(model, held_ex, box_margin_px=margin))
+        new["word_effect"] = word_effect(model, held_ex, margin)
         new_ious, old_ious, baseline_ious = (m.pop("ious") for m in (new, old, baseline))
         tasks = [item["task_id"] for item in held_items]
         over_serving = paired_gain(new_ious, old_ious, s.promote_confidence, tasks)
@@ -378,6 +382,10 @@ def _box_only_baseline(model: Any, model_dir: str | None) -> Any:
     from talk2sam.build import build_model
 
     return build_model(model.cfg, model_dir, use_text=False)
+
+
+def _percent(share: float | None) -> str:
+    return "-" if share is None else f"{100 * share:.1f} %"
 
 
 def _scores(aggregator: Any) -> dict[str, float | None]:

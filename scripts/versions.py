@@ -43,6 +43,8 @@ def _fmt_metrics(metrics: dict) -> str:
     return (f"mIoU {old['miou']:.4f} -> {new['miou']:.4f}, "
             f"mBIoU {old['mbiou']:.4f} -> {new['mbiou']:.4f}"
             + (f", box-only SAM-HQ mIoU {baseline['miou']:.4f}" if baseline else "")
+            + (f", the word changes {100 * new['word_effect']:.1f} % of mask pixels"
+               if isinstance(new.get("word_effect"), float) else "")
             + (f"; judged on {metrics['heldout_objects']} objects from "
                f"{metrics.get('heldout_tasks', '?')} tasks" if "heldout_objects" in metrics else ""))
 

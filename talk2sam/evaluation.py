@@ -127,6 +127,28 @@ def evaluate(model: Talk2Sam, examples: Sequence[Example], dataset: str = "data"
     return agg
 
 
+WEAK_WORD_EFFECT = 0.01  # below this share of changed mask pixels, the word does little
+
+
+@torch.no_grad()
+def word_effect(model: Talk2Sam, examples: Sequence[Example],
+                box_margin_px: float | None = None) -> float | None:
+    """How much the word changes the served masks: over the examples, the share of the pixels
+    in either mask (with the word, without it) that differ between the two, a mean over the
+    examples. 0.0: the word does nothing (an untrained residual text branch); None: a model
+    without a text branch."""
+    if not model.uses_text or not examples:
+        return None
+    model.eval()
+    shares = []
+    for ex in examples:
+        with_word, _, _ = predict_example(model, ex, box_margin_px=box_margin_px)
+        without, _, _ = predict_example(model, ex, use_text=False, box_margin_px=box_margin_px)
+        union = np.count_nonzero(with_word | without)
+        shares.append(np.count_nonzero(with_word ^ without) / union if union else 0.0)
+    return float(np.mean(shares))
+
+
 @torch.no_grad()
 def click_miou(model: Talk2Sam, examples: Sequence[Example], rounds: Sequence[int] = (0, 1, 3),
                box_margin_px: float | None = 0.0) -> dict[int, float]:

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,6 +31,7 @@ from talk2sam.build import (
     read_checkpoint,
     save_checkpoint,
     set_trainable,
+    trainable_modules,
     trained_state,
 )
 from talk2sam.clicks import ClickTraining
@@ -62,6 +64,10 @@ class TrainConfig(ClickTraining):
     # the decoder output the mask loss is taken on: "sam+hq" (what is served) or "hq" (SAM-HQ's
     # own training: the HQ token's mask)
     loss_output: str = "sam+hq"
+    # the text branch (psi, mask-prompt encoder, gate) learns at lr x this: the residual gate
+    # starts at zero, so at the paper's SGD rate the word's effect grows slowly (measured in
+    # docs/LEARNING_CHECK.md); 1: one rate for every part, as in the paper
+    text_lr_scale: float = 1.0
     # served masks are cut to their box grown by this margin (the backend's MASK_BOX_MARGIN_PX);
     # None: not cut. The IoU head learns the IoU of the mask as served.
     box_margin_px: float | None = 0.0
@@ -77,13 +83,28 @@ class TrainConfig(ClickTraining):
             raise ValueError("epochs, batch_size and lr must be positive")
         if self.loss_output not in ("sam+hq", "hq"):
             raise ValueError(f"loss_output must be 'sam+hq' or 'hq', got {self.loss_output!r}")
-        if self.momentum < 0 or self.iou_loss_weight < 0:
-            raise ValueError("momentum and iou_loss_weight must not be negative")
+        if self.momentum < 0 or self.iou_loss_weight < 0 or not self.text_lr_scale > 0:
+            raise ValueError("momentum and iou_loss_weight must not be negative, text_lr_scale "
+                             "must be positive")
         self.validate_clicks()
 
 
 # settings a resumed run must share with the run it continues (epochs may grow)
 RUN_DEFINING = ("batch_size", "seed", "clip_mode", "optimizer")
+
+
+def param_groups(model: Talk2Sam, params: Sequence[torch.nn.Parameter], lr: float,
+                 text_lr_scale: float) -> list[dict[str, Any]]:
+    """The optimiser's groups: the text branch (psi, mask-prompt encoder, gate) at
+    ``lr * text_lr_scale``, everything else at ``lr``."""
+    text = {id(p) for name, m in trainable_modules(model).items() if name != "sam.mask_decoder"
+            for p in m.parameters()}
+    rest = [p for p in params if id(p) not in text]
+    branch = [p for p in params if id(p) in text]
+    groups = [{"params": rest, "lr": lr}]
+    if branch:
+        groups.append({"params": branch, "lr": lr * text_lr_scale})
+    return groups
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -109,12 +130,13 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.progress = progress  # called after every step with epoch/step/loss/eta
         self.params = set_trainable(model, config.clip_mode)
+        groups = param_groups(model, self.params, config.lr, config.text_lr_scale)
         if config.optimizer == "sgd":
             self.optimizer: torch.optim.Optimizer = torch.optim.SGD(
-                self.params, lr=config.lr, momentum=config.momentum,
+                groups, lr=config.lr, momentum=config.momentum,
                 weight_decay=config.weight_decay)
         else:
-            self.optimizer = torch.optim.AdamW(self.params, lr=config.lr,
+            self.optimizer = torch.optim.AdamW(groups, lr=config.lr,
                                                weight_decay=config.weight_decay)
         self._click_rng = np.random.default_rng(config.seed)  # which examples get clicks, where
         self.epoch = 0

@@ -136,6 +136,7 @@ def test_a_projects_fine_tune_serves_that_project_only(
         assert gain["mean"] == pytest.approx(scores["new"]["miou"] - scores["old"]["miou"],
                                              abs=1e-4)
         assert str(gain["objects"]) + " objects" in scores["gain_interval"]
+        assert 0.0 <= scores["new"]["word_effect"] <= 1.0  # the word's share of mask pixels
         registry = VersionRegistry(clean_redis, keys, tmp_path / "versions")
         assert registry.serving().name == DEMO  # the base serves every other project
         own = registry.get(registry.project_version(SCOPE_A).name)

@@ -98,7 +98,7 @@ def test_each_recipe_fills_the_flags_left_unset():
 
     ours, paper = parsed(), parsed("--recipe", "paper")
     assert (ours.momentum, ours.iou_loss_weight, ours.click_share, ours.loss_output,
-            ours.dense_mode) == (0.9, 5.0, 0.5, "sam+hq", "residual")
+            ours.dense_mode, ours.text_lr_scale) == (0.9, 5.0, 0.5, "sam+hq", "residual", 10.0)
     assert (paper.optimizer, paper.momentum, paper.iou_loss_weight, paper.click_share,
             paper.loss_output, paper.dense_mode) == ("sgd", 0.0, 0.0, 0.0, "hq", "replace")
     assert parsed("--recipe", "paper", "--click-share", "0.25").click_share == 0.25
@@ -115,7 +115,8 @@ def test_the_papers_recipe_trains_as_written(layouts, tmp_path):
     assert results["recipe"] == "paper" and results["dense_mode"] == "replace"
     assert results["train_config"] == {"optimizer": "sgd", "momentum": 0.5, "lr": 1e-3,
                                        "iou_loss_weight": 0.0, "loss_output": "hq",
-                                       "click_share": 0.0}
+                                       "click_share": 0.0, "text_lr_scale": 1.0}
+    assert 0.0 <= results["val_word_effect"] <= 1.0
     saved = torch.load(tmp_path / "paper" / "best.pt", weights_only=True)
     assert saved["config"]["dense_mode"] == "replace"  # served as it was trained
 
