@@ -107,8 +107,12 @@ def load_clip_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """OpenAI's CLIP files are TorchScript archives; plain state dicts are accepted too."""
     try:
         state = torch.jit.load(path, map_location="cpu").state_dict()
-    except RuntimeError:
-        state = load_file(path)
+    except RuntimeError as jit_error:
+        try:
+            state = load_file(path)
+        except WeightsError:  # neither: say what the TorchScript reader found
+            raise WeightsError(f"cannot read {path} as OpenAI's TorchScript CLIP file nor as a "
+                               f"state dict: {str(jit_error).splitlines()[0][:300]}") from None
     return {k: v for k, v in state.items() if k not in _CLIP_NON_WEIGHT_KEYS}
 
 

@@ -133,10 +133,12 @@ WEAK_WORD_EFFECT = 0.01  # below this share of changed mask pixels, the word doe
 @torch.no_grad()
 def word_effect(model: Talk2Sam, examples: Sequence[Example],
                 box_margin_px: float | None = None) -> float | None:
-    """How much the word changes the served masks: over the examples, the share of the pixels
-    in either mask (with the word, without it) that differ between the two, a mean over the
-    examples. 0.0: the word does nothing (an untrained residual text branch); None: a model
-    without a text branch."""
+    """How much the word changes the served masks: per example, the share of the pixels in
+    either mask (with the word, without it) that differ between the two, averaged over the
+    examples (each object weighs the same). 0.0: the word does nothing (an untrained residual
+    text branch); None: a model without a text branch. In ``dense_mode="replace"`` the mask
+    without the word uses SAM's "no mask" embedding, which such a model was not trained with:
+    the figure then also holds that difference."""
     if not model.uses_text or not examples:
         return None
     model.eval()

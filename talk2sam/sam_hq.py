@@ -74,7 +74,7 @@ def preprocess(sam: Sam, rgb: torch.Tensor, long_side: int) -> torch.Tensor:
     from segment_anything_hq.utils.transforms import ResizeLongestSide
 
     resized = ResizeLongestSide(long_side).apply_image(rgb.cpu().numpy())
-    x = torch.as_tensor(resized, device=rgb.device).permute(2, 0, 1)[None].float()
+    x = torch.as_tensor(resized, device=sam.pixel_mean.device).permute(2, 0, 1)[None].float()
     return sam.preprocess(x)
 
 

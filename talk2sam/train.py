@@ -44,8 +44,10 @@ from talk2sam.model import Talk2Sam
 
 @dataclass
 class TrainConfig(ClickTraining):
-    """Defaults are the paper's (section 3.1); `optimizer` and `momentum` are not in the paper,
-    nor are the simulated clicks (`ClickTraining`'s fields)."""
+    """The paper's schedule (section 3.1: SGD lr 1e-3, batch 4, 30 epochs, BCE + Dice) with the
+    backend's departures: momentum 0.9, the IoU head's MSE, simulated clicks (`ClickTraining`'s
+    fields), the loss on the served SAM + HQ logits. `talk2sam train --recipe` sets them, and
+    `text_lr_scale`, as each recipe has them (talk2sam/train_command.py)."""
 
     epochs: int = 30
     batch_size: int = 4
@@ -83,6 +85,9 @@ class TrainConfig(ClickTraining):
             raise ValueError("epochs, batch_size and lr must be positive")
         if self.loss_output not in ("sam+hq", "hq"):
             raise ValueError(f"loss_output must be 'sam+hq' or 'hq', got {self.loss_output!r}")
+        if self.loss_output != "sam+hq" and self.iou_loss_weight:
+            raise ValueError("the IoU head learns the IoU of the served (sam+hq) mask: train it "
+                             "with loss_output 'sam+hq', or set iou_loss_weight 0")
         if self.momentum < 0 or self.iou_loss_weight < 0 or not self.text_lr_scale > 0:
             raise ValueError("momentum and iou_loss_weight must not be negative, text_lr_scale "
                              "must be positive")
@@ -90,13 +95,15 @@ class TrainConfig(ClickTraining):
 
 
 # settings a resumed run must share with the run it continues (epochs may grow)
-RUN_DEFINING = ("batch_size", "seed", "clip_mode", "optimizer")
+RUN_DEFINING = ("batch_size", "seed", "clip_mode", "optimizer", "lr", "momentum",
+                "text_lr_scale", "loss_output", "iou_loss_weight", "click_share")
 
 
 def param_groups(model: Talk2Sam, params: Sequence[torch.nn.Parameter], lr: float,
                  text_lr_scale: float) -> list[dict[str, Any]]:
     """The optimiser's groups: the text branch (psi, mask-prompt encoder, gate) at
-    ``lr * text_lr_scale``, everything else at ``lr``."""
+    ``lr * text_lr_scale``, everything else (the decoder; CLIP's last layers with
+    ``clip_mode="partial"``) at ``lr``."""
     text = {id(p) for name, m in trainable_modules(model).items() if name != "sam.mask_decoder"
             for p in m.parameters()}
     rest = [p for p in params if id(p) not in text]
@@ -179,6 +186,17 @@ class Trainer:
             raise ConfigError(
                 f"{self.state_path} holds another run's trained parts (differing: {differ}); "
                 f"use another run directory or delete it to start over")
+        # a run continues with the settings it was started with (checked before anything loads;
+        # a setting a state file predates counts as its default)
+        defaults = TrainConfig()
+        changed = [k for k in RUN_DEFINING if state["config"].get(k, getattr(defaults, k))
+                   != getattr(self.config, k)]
+        saved_groups = len(state["optimizer"]["param_groups"])
+        if changed or saved_groups != len(self.optimizer.param_groups):
+            raise ConfigError(
+                f"{self.state_path} was trained with other "
+                f"{changed or ['optimizer parameter groups (a run of an older release)']}; "
+                f"resume with the same settings, or use another run directory")
         self.model.load_state_dict(state["trained"], strict=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch, self.history = state["epoch"], state["history"]
@@ -187,10 +205,6 @@ class Trainer:
         self._examples = state.get("examples")
         if "click_rng" in state:
             self._click_rng.bit_generator.state = state["click_rng"]
-        changed = [k for k in RUN_DEFINING if state["config"].get(k) != getattr(self.config, k)]
-        if changed:
-            raise ConfigError(f"{self.state_path} was trained with other {changed}; resume "
-                              f"with the same settings, or use another run directory")
         if self.best_path.exists():  # best.pt is written before the state: it may be newer
             saved = read_checkpoint(self.best_path)["metrics"]
             if self.best is None or saved.get("epoch", -1) > self.best["epoch"]:

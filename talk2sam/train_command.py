@@ -7,14 +7,16 @@ Two recipes, each a set of defaults that any flag overrides:
   mask's true IoU (MSE x5: prediction scores that rank masks); half the examples with 1-3
   simulated clicks (the decoder learns to follow them); the loss on the SAM + HQ logits (what is
   served); the residual dense mode (an untrained text branch is box-only SAM-HQ exactly), its
-  text branch learning at 10x the rate (the gate starts closed: at the paper's rate the word
-  changed 0.9 % of the held-out mask pixels after 30 steps, at 10x 10.8 %).
+  text branch learning at 10x the rate (the gate starts closed: at the paper's learning rate,
+  with momentum 0.9, the word changed 0.9 % of the held-out mask pixels after 30 steps, at 10x
+  10.8 %; one seed, 8 synthetic images: docs/LEARNING_CHECK.md).
 - ``--recipe paper``: the paper's recipe as written: SGD lr 1e-3 without momentum (the paper
   gives none), BCE + Dice only, no clicks, the loss on the HQ token's mask (SAM-HQ's training),
   the map replacing SAM's "no mask" embedding (``dense_mode=replace``), one rate for all parts.
 
-Every run reports the word's effect: the share of the validation mask pixels that change with
-the word against without it (``val_word_effect`` in results.json); near 0 the word does nothing.
+Every run reports the word's effect: per validation object, the share of the pixels of either
+mask (with the word, without it) that differ, averaged (``val_word_effect`` in results.json);
+near 0 the word does nothing.
 
 The frozen encoders run once per image into a feature cache on disk (float16 by default); training
 streams examples from it through a DataLoader, so memory does not grow with the dataset. A
@@ -229,8 +231,9 @@ def run(args: argparse.Namespace) -> int:
           f"{summary.mbiou:.3f} | {rho} |")
     if effect is not None:
         print(f"\nthe word changes {100 * effect:.1f} % of the validation mask pixels (with it "
-              f"vs without)" + (": it does little yet; train longer, or with a higher --lr"
-                                if effect < WEAK_WORD_EFFECT else ""))
+              f"vs without, mean over objects)" + (
+                  ": it does little yet; give the text branch a higher rate (--text-lr-scale)"
+                  if effect < WEAK_WORD_EFFECT else ""))
     print(f"\nbest checkpoint {trainer.best_path}; serve it with MODEL_CHECKPOINT="
           f"{trainer.best_path.resolve()}")
     return 0

@@ -4,8 +4,8 @@ checksum-verified downloader for users with internet access.
 A file is judged by what it holds, not by its bytes: a registered size that differs (a copy
 re-saved by another torch, a float16 copy, an older release of the same weights) is a warning
 naming both sizes; loading it strictly (every key, every shape) decides. Users point at their own
-copies with MODEL_WEIGHT_FILES (``name=path`` pairs, comma-separated), or put them in the
-weights directory under the registered names."""
+copies with MODEL_WEIGHT_FILES (``name=path`` pairs, comma-separated: a path may hold ``=`` but
+not ``,``), or put them in the weights directory under the registered names."""
 
 from __future__ import annotations
 
@@ -99,6 +99,10 @@ def own_files(env: Mapping[str, str] | None = None) -> dict[str, Path]:
             raise WeightsError(f"{OWN_FILES_ENV} entry {entry!r} is not name=path, e.g. "
                                f"sam_hq_vit_b.pth=/data/weights/my_sam_hq_b.pth")
         files[name.strip()] = Path(path.strip()).expanduser()
+    unknown = sorted(set(files) - set(WEIGHT_FILES))
+    if unknown:  # a config of one's own may name other files; a typo is said here
+        log.warning("%s names %s, which no built-in config uses (known: %s)", OWN_FILES_ENV,
+                    ", ".join(unknown), ", ".join(sorted(WEIGHT_FILES)))
     return files
 
 

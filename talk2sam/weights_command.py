@@ -10,7 +10,9 @@ by building the config: every key and shape of every file, strictly, which is wh
 from __future__ import annotations
 
 import argparse
+import functools
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from talk2sam import weights
@@ -36,7 +38,7 @@ def file_state(name: str, directory: str | None, hash_files: bool = True) -> Fil
                          + (" (talk2sam download-weights)" if entry and entry.url else ""))
     size = path.stat().st_size
     if entry is not None and entry.sha256 and hash_files:
-        ok = weights.sha256_of(path) == entry.sha256
+        ok = _sha256(path, size, path.stat().st_mtime_ns) == entry.sha256
         return FileState(name, str(path), True, f"{size:,} bytes, SHA-256 "
                          + ("matches the published one" if ok else "differs from the published "
                             "one (not the official bytes; loading decides)"))
@@ -46,6 +48,12 @@ def file_state(name: str, directory: str | None, hash_files: bool = True) -> Fil
         return FileState(name, str(path), True, f"{size:,} bytes, the official file "
                          f"{entry.size_bytes:,} (another copy: loading decides)")
     return FileState(name, str(path), True, f"{size:,} bytes (no registered size)")
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256(path: Path, size: int, mtime_ns: int) -> str:
+    """A file's SHA-256, once per run (every real config shares the CLIP file)."""
+    return weights.sha256_of(path)
 
 
 def config_files(config: str | ModelConfig) -> list[str]:

@@ -95,4 +95,24 @@ def test_resuming_with_other_data_or_settings_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="batch_size"):
         Trainer(model, TrainConfig(**{**vars(more), "batch_size": 2}), tmp_path / "run").fit(
             examples)
+    with pytest.raises(ConfigError, match="text_lr_scale"):  # refused before anything loads
+        Trainer(model, TrainConfig(**{**vars(more), "text_lr_scale": 10.0}),
+                tmp_path / "run").fit(examples)
     assert len(Trainer(model, more, tmp_path / "run").fit(examples)) == 2  # same run: goes on
+
+
+def test_a_state_of_an_older_release_with_one_parameter_group_is_refused_clearly(tmp_path):
+    from talk2sam.errors import ConfigError
+
+    model = build_model("tiny")
+    examples = prepare(model, SyntheticThinDataset(2, seed=3), FeatureCache(model))
+    config = TrainConfig(epochs=1, batch_size=1, lr=3e-3, optimizer="adamw", num_points=256)
+    trainer = Trainer(model, config, tmp_path / "run")
+    trainer.fit(examples)
+    state = torch.load(trainer.state_path, weights_only=False)
+    groups = state["optimizer"]["param_groups"]
+    groups[0]["params"] += groups.pop()["params"]  # what the release before this one saved
+    torch.save(state, trainer.state_path)
+    with pytest.raises(ConfigError, match="optimizer parameter groups"):
+        Trainer(model, TrainConfig(**{**vars(config), "epochs": 2}), tmp_path / "run").fit(
+            examples)

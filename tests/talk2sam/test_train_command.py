@@ -119,6 +119,10 @@ def test_the_papers_recipe_trains_as_written(layouts, tmp_path):
     assert 0.0 <= results["val_word_effect"] <= 1.0
     saved = torch.load(tmp_path / "paper" / "best.pt", weights_only=True)
     assert saved["config"]["dense_mode"] == "replace"  # served as it was trained
+    state = torch.load(tmp_path / "paper" / "train_state.pt", weights_only=False)
+    assert [(g["lr"], g["momentum"]) for g in state["optimizer"]["param_groups"]] == \
+        [(1e-3, 0.5), (1e-3, 0.5)]  # what the optimiser ran with: one rate, momentum 0.5
+    assert state["config"]["loss_output"] == "hq" and state["config"]["iou_loss_weight"] == 0
 
 
 def test_kill_mid_epoch_resume_and_evaluate(layouts, tmp_path):

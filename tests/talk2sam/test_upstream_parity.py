@@ -42,8 +42,8 @@ def test_box_only_equals_samhq_predictor_on_the_same_weights(variant, tmp_path):
     answer = ours.predict(box[None], None, return_logits=True)
 
     logits = np.asarray(answer.logits).reshape(low_res.shape)
-    assert np.abs(logits - low_res).max() < 1e-3
-    assert (answer.masks[0] == (masks[0] > 0)).mean() >= 0.999
+    assert np.abs(logits - low_res).max() < 1e-4  # 1.9e-6 measured (vit_b, vit_tiny)
+    assert (answer.masks[0] == (masks[0] > 0)).mean() >= 0.9999
     assert answer.masks[0].any()
 
 
