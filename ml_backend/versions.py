@@ -103,22 +103,14 @@ def utc_now() -> str:
 
 def read_serving(redis: Redis, keys: RedisKeys) -> ServingVersion | None:
     """The version workers must serve, or None when none was ever promoted (one GET)."""
-    raw = redis.get(keys.serving)
-    if raw is None:
-        return None
-    data = json.loads(raw)
-    return ServingVersion(name=data["name"], checkpoint=data.get("checkpoint"))
+    return _pointed(redis.get(keys.serving))
 
 
 def read_project_serving(redis: Redis, keys: RedisKeys, scope: str | None
                          ) -> ServingVersion | None:
     """The version fine-tuned for ``scope`` and serving it, or None: the base serves (one
     HGET)."""
-    raw = redis.hget(keys.project_serving, scope) if scope else None
-    if raw is None:
-        return None
-    data = json.loads(raw)
-    return ServingVersion(name=data["name"], checkpoint=data.get("checkpoint"))
+    return _pointed(redis.hget(keys.project_serving, scope) if scope else None)
 
 
 def read_project_pointers(redis: Redis, keys: RedisKeys) -> dict[str, str]:
@@ -128,7 +120,15 @@ def read_project_pointers(redis: Redis, keys: RedisKeys) -> dict[str, str]:
 
 
 def _pointer(record: VersionRecord) -> str:
+    """What a serving key holds (read back by :func:`_pointed`)."""
     return json.dumps({"name": record.name, "checkpoint": record.checkpoint})
+
+
+def _pointed(raw: bytes | None) -> ServingVersion | None:
+    if raw is None:
+        return None
+    data = json.loads(raw)
+    return ServingVersion(name=data["name"], checkpoint=data.get("checkpoint"))
 
 
 def _same_file(a: str | None, b: str | None) -> bool:
@@ -217,7 +217,7 @@ class VersionRegistry:
         with self._locked():
             self._restore_locked()
             self._check_file()
-            self.redis.hset(self.keys.versions, record.name, json.dumps(record.to_dict()))
+            self._store(self.redis, record)
             self._mirror()
         return record
 
@@ -334,8 +334,7 @@ class VersionRegistry:
             own = read_project_serving(self.redis, self.keys, scope)
             pipe = self.redis.pipeline(transaction=True)
             if own is not None and (previous := self.get(own.name)) is not None:
-                pipe.hset(self.keys.versions, previous.name,
-                          json.dumps(replace(previous, status="retired").to_dict()))
+                self._store(pipe, replace(previous, status="retired"))
             pipe.hdel(self.keys.project_serving, scope)
             pipe.execute()
             self._mirror()
@@ -348,7 +347,7 @@ class VersionRegistry:
             failed = [replace(r, status="failed", reason=reason) for r in self.list()
                       if r.status == "training" and r.job_id == job_id]
             for r in failed:
-                self.redis.hset(self.keys.versions, r.name, json.dumps(r.to_dict()))
+                self._store(self.redis, r)
             if failed:
                 self._mirror()
             return failed
@@ -361,30 +360,34 @@ class VersionRegistry:
         stale = [own for own in (self.get(n) for n in read_project_pointers(
             self.redis, self.keys).values()) if own is not None
             and not self.descends_from(own, root.checkpoint, root.config)]
-        pipe = self.redis.pipeline(transaction=True)
-        if previous is not None and previous.name != record.name:
-            pipe.hset(self.keys.versions, previous.name,
-                      json.dumps(replace(previous, status="retired").to_dict()))
+        pipe = self._replacing(record, previous)
         for own in stale:
             log.warning("project %s: its version %s was fine-tuned from another base than %s; "
                         "the base serves it now", own.scope, own.name, record.name)
-            pipe.hset(self.keys.versions, own.name, json.dumps(replace(
-                own, status="retired", reason=f"its base no longer serves ({record.name} "
-                                               f"does)").to_dict()))
+            self._store(pipe, replace(own, status="retired", reason=f"its base no longer "
+                                                                     f"serves ({record.name} does)"))
             pipe.hdel(self.keys.project_serving, own.scope)
-        pipe.hset(self.keys.versions, record.name, json.dumps(record.to_dict()))
         pipe.set(self.keys.serving, _pointer(record))
         pipe.execute()
 
     def _set_project_serving(self, record: VersionRecord, previous: VersionRecord | None
                              ) -> None:
-        pipe = self.redis.pipeline(transaction=True)
-        if previous is not None and previous.name != record.name:
-            pipe.hset(self.keys.versions, previous.name,
-                      json.dumps(replace(previous, status="retired").to_dict()))
-        pipe.hset(self.keys.versions, record.name, json.dumps(record.to_dict()))
+        pipe = self._replacing(record, previous)
         pipe.hset(self.keys.project_serving, record.scope, _pointer(record))
         pipe.execute()
+
+    def _replacing(self, record: VersionRecord, previous: VersionRecord | None) -> Any:
+        """A transaction that stores ``record`` and retires ``previous``, the version it
+        replaces; the caller adds the pointer and executes it."""
+        pipe = self.redis.pipeline(transaction=True)
+        if previous is not None and previous.name != record.name:
+            self._store(pipe, replace(previous, status="retired"))
+        self._store(pipe, record)
+        return pipe
+
+    def _store(self, pipe: Any, record: VersionRecord) -> None:
+        """Write ``record`` through ``pipe`` (a pipeline, or the connection itself)."""
+        pipe.hset(self.keys.versions, record.name, json.dumps(record.to_dict()))
 
     # ------------------------------------------------------------ disk mirror
 

@@ -32,7 +32,7 @@ from ml_backend.projects import ProjectStore
 from ml_backend.schemas import RedisKeys, project_scope
 from ml_backend.settings import settings_for_command
 from ml_backend.training_queue import TrainingQueue, TrainRequest
-from ml_backend.versions import VersionError, VersionRegistry, utc_now
+from ml_backend.versions import VersionError, VersionRecord, VersionRegistry, utc_now
 
 
 def _fmt_metrics(metrics: dict) -> str:
@@ -79,8 +79,12 @@ def training_scope(redis: Redis, settings: Any, project: int | None) -> str | No
                          project)
 
 
-def cmd_list(registry: VersionRegistry, scope: str | None) -> int:
-    records = [r for r in registry.list() if scope is None or r.scope in (scope, None)]
+def listed(registry: VersionRegistry, scope: str | None) -> list[VersionRecord]:
+    """Every version, or a project's own and the bases."""
+    return [r for r in registry.list() if scope is None or r.scope in (scope, None)]
+
+
+def cmd_list(records: list[VersionRecord]) -> int:
     if not records:
         print("no versions recorded yet")
     for r in records:
@@ -161,10 +165,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
     if args.command == "list":
         if args.json:
-            print(json.dumps([r.to_dict() for r in registry.list()
-                              if scope is None or r.scope in (scope, None)], indent=1))
+            print(json.dumps([r.to_dict() for r in listed(registry, scope)], indent=1))
             return 0
-        return cmd_list(registry, scope)
+        return cmd_list(listed(registry, scope))
     if args.command == "status":
         if args.json:
             print(json.dumps(queue.status(), indent=1))
